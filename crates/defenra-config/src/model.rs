@@ -1,0 +1,407 @@
+//! The compiled, validated and immutable configuration every service reads.
+//!
+//! Names are normalised once here: lower case, fully qualified, without the trailing dot
+//! (`www.example.com`). IPs are parsed, certificates are rustls `CertifiedKey`s, and
+//! nothing in this module refers to Core's JSON names.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::sign::CertifiedKey;
+
+/// One complete, validated configuration. Services never see a half-applied update:
+/// the whole snapshot is swapped through one pointer.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Increases with every published snapshot, also across restarts (it is at least the
+    /// publish time in Unix seconds), so it can serve as the SOA serial.
+    pub version: u64,
+    /// When this snapshot was compiled.
+    pub created_at: SystemTime,
+    /// Served zones, in document order.
+    pub domains: Vec<Arc<Domain>>,
+    /// Enabled TCP/UDP forwards; disabled entries are left out.
+    pub proxies: Vec<L4Proxy>,
+    /// Edge agents of the network, the candidates for nearest-agent GeoDNS answers.
+    pub agents: Vec<Agent>,
+}
+
+impl Snapshot {
+    /// An empty snapshot (no domains, no proxies) with version 0.
+    pub fn empty() -> Self {
+        Snapshot {
+            version: 0,
+            created_at: SystemTime::now(),
+            domains: Vec::new(),
+            proxies: Vec::new(),
+            agents: Vec::new(),
+        }
+    }
+
+    /// Number of DNS records over all domains (GeoDNS entries not included).
+    pub fn n_records(&self) -> usize {
+        self.domains.iter().map(|domain| domain.records.len()).sum()
+    }
+
+    /// The served domain whose name is `name` exactly (normalised form).
+    pub fn domain(&self, name: &str) -> Option<&Arc<Domain>> {
+        self.domains.iter().find(|domain| domain.name == name)
+    }
+}
+
+/// A customer domain: one DNS zone and its HTTP proxy settings.
+#[derive(Debug, Clone)]
+pub struct Domain {
+    /// Core's id, for logs.
+    pub id: Option<String>,
+    /// The zone apex, normalised (`example.com`).
+    pub name: String,
+    /// Host records (GeoDNS entries are in `geo`). Names are fully qualified and
+    /// normalised; a wildcard record is named `*.example.com`.
+    pub records: Vec<Record>,
+    pub geo: GeoSettings,
+    pub http_proxy: HttpProxy,
+    /// The domain's certificate and key, when `ssl.enabled` and both parsed.
+    pub tls: Option<Tls>,
+    pub encryption_mode: EncryptionMode,
+    /// `ssl.httpRedirectToHttps`: plain HTTP requests get a 301 to https.
+    pub redirect_to_https: bool,
+    pub acme_challenge: Option<AcmeChallenge>,
+    /// The WAF script, untouched. `defenra-waf` compiles it.
+    pub lua_code: Option<Arc<str>>,
+}
+
+impl Domain {
+    /// True when this domain has any GeoDNS data (map, fallback map, pools or location
+    /// records), which makes its apex answer with an edge agent's address.
+    pub fn has_geo(&self) -> bool {
+        !self.geo.is_empty()
+    }
+
+    /// Whether `name` (normalised) is this zone's apex or below it.
+    pub fn contains(&self, name: &str) -> bool {
+        is_in_zone(name, &self.name)
+    }
+}
+
+/// One DNS resource record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Fully qualified, lower case, no trailing dot.
+    pub name: String,
+    pub ttl: u32,
+    pub data: RecordData,
+    /// The record's `httpProxyEnabled`: DNS answers with an edge agent, HTTP proxies to
+    /// this record's value.
+    pub http_proxy: bool,
+}
+
+impl Record {
+    pub fn record_type(&self) -> RecordType {
+        self.data.record_type()
+    }
+}
+
+/// The typed value of a record. Target names are normalised like record names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordData {
+    A(Ipv4Addr),
+    Aaaa(Ipv6Addr),
+    Cname(String),
+    Mx {
+        preference: u16,
+        exchange: String,
+    },
+    /// The full text; the DNS server splits it into 255-byte strings.
+    Txt(String),
+    Ns(String),
+    Srv {
+        priority: u16,
+        weight: u16,
+        port: u16,
+        target: String,
+    },
+    Caa {
+        flags: u8,
+        tag: String,
+        value: String,
+    },
+    Soa(Soa),
+}
+
+impl RecordData {
+    pub fn record_type(&self) -> RecordType {
+        match self {
+            RecordData::A(_) => RecordType::A,
+            RecordData::Aaaa(_) => RecordType::Aaaa,
+            RecordData::Cname(_) => RecordType::Cname,
+            RecordData::Mx { .. } => RecordType::Mx,
+            RecordData::Txt(_) => RecordType::Txt,
+            RecordData::Ns(_) => RecordType::Ns,
+            RecordData::Srv { .. } => RecordType::Srv,
+            RecordData::Caa { .. } => RecordType::Caa,
+            RecordData::Soa(_) => RecordType::Soa,
+        }
+    }
+}
+
+/// A configured SOA (`mname rname serial refresh retry expire minimum`). When a zone has
+/// none, the DNS server synthesises one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Soa {
+    pub mname: String,
+    pub rname: String,
+    pub serial: u32,
+    pub refresh: u32,
+    pub retry: u32,
+    pub expire: u32,
+    pub minimum: u32,
+}
+
+/// The record types the agent serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RecordType {
+    A,
+    Aaaa,
+    Cname,
+    Mx,
+    Txt,
+    Ns,
+    Srv,
+    Caa,
+    Soa,
+}
+
+impl RecordType {
+    /// Parses Core's `type` field, case-insensitively.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text.trim().to_ascii_uppercase().as_str() {
+            "A" => RecordType::A,
+            "AAAA" => RecordType::Aaaa,
+            "CNAME" => RecordType::Cname,
+            "MX" => RecordType::Mx,
+            "TXT" => RecordType::Txt,
+            "NS" => RecordType::Ns,
+            "SRV" => RecordType::Srv,
+            "CAA" => RecordType::Caa,
+            "SOA" => RecordType::Soa,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordType::A => "A",
+            RecordType::Aaaa => "AAAA",
+            RecordType::Cname => "CNAME",
+            RecordType::Mx => "MX",
+            RecordType::Txt => "TXT",
+            RecordType::Ns => "NS",
+            RecordType::Srv => "SRV",
+            RecordType::Caa => "CAA",
+            RecordType::Soa => "SOA",
+        }
+    }
+}
+
+impl fmt::Display for RecordType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// GeoDNS data of one domain. Keys are lower case: ISO country codes (`us`), continent
+/// names as Core spells them (`europe`, `north-america`), or `default`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GeoSettings {
+    /// `geoDnsMap` plus every record with a `locationCode` (several addresses, v4 and v6,
+    /// may share a key).
+    pub map: BTreeMap<String, Vec<IpAddr>>,
+    /// `geoDnsFallbackMap`.
+    pub fallback: BTreeMap<String, Vec<IpAddr>>,
+    /// `geoDnsAgentPools`: weighted agents per location.
+    pub pools: BTreeMap<String, Vec<PoolAgent>>,
+    /// `geoDnsLocations`, for information and for location subdomains.
+    pub locations: Vec<GeoLocation>,
+}
+
+impl GeoSettings {
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty() && self.fallback.is_empty() && self.pools.is_empty()
+    }
+}
+
+/// One weighted member of a GeoDNS pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolAgent {
+    pub ip: IpAddr,
+    /// Relative weight, > 0.
+    pub weight: f64,
+    /// Core's load score (0-100); agents above the selection threshold are skipped.
+    pub load_score: Option<f64>,
+    pub agent_id: Option<String>,
+}
+
+/// A named location from `geoDnsLocations`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeoLocation {
+    pub code: String,
+    pub name: Option<String>,
+    /// `continent`, `country`, ... as Core says.
+    pub kind: Option<String>,
+    pub subdomain: Option<String>,
+}
+
+/// Whether and where the domain is proxied over HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpProxy {
+    /// `httpProxy.enabled`: every host of the domain is proxied (otherwise only records
+    /// with `httpProxyEnabled`).
+    pub enabled: bool,
+    pub listeners: ProxyListeners,
+}
+
+impl Default for HttpProxy {
+    fn default() -> Self {
+        HttpProxy {
+            enabled: false,
+            listeners: ProxyListeners::Both,
+        }
+    }
+}
+
+/// `httpProxy.type`: which listeners serve the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyListeners {
+    Http,
+    Https,
+    Both,
+}
+
+impl ProxyListeners {
+    pub fn serves_http(self) -> bool {
+        matches!(self, ProxyListeners::Http | ProxyListeners::Both)
+    }
+    pub fn serves_https(self) -> bool {
+        matches!(self, ProxyListeners::Https | ProxyListeners::Both)
+    }
+}
+
+/// The domain's certificate, parsed and checked against its key at compile time.
+#[derive(Clone)]
+pub struct Tls {
+    pub certified_key: Arc<CertifiedKey>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("chain_len", &self.certified_key.cert.len())
+            .finish()
+    }
+}
+
+/// `ssl.encryptionMode`: how the agent reaches the origin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EncryptionMode {
+    /// Plain HTTP to the origin (`off`, or absent).
+    #[default]
+    Off,
+    /// HTTPS to the client, plain HTTP to the origin.
+    Flexible,
+    /// HTTPS to the origin without certificate verification.
+    Full,
+    /// HTTPS to the origin, certificate verified against the host name.
+    FullStrict,
+}
+
+/// An ACME HTTP-01 answer: `GET /.well-known/acme-challenge/{token}` → `key_authorization`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeChallenge {
+    pub token: String,
+    pub key_authorization: String,
+}
+
+/// One enabled TCP or UDP forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L4Proxy {
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub protocol: L4Protocol,
+    /// Port to listen on (on `--l4-bind`).
+    pub listen_port: u16,
+    /// Host name or IP literal of the destination.
+    pub destination_host: String,
+    pub destination_port: u16,
+    /// Send a PROXY protocol v2 header to the destination (TCP only).
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum L4Protocol {
+    Tcp,
+    Udp,
+}
+
+impl L4Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            L4Protocol::Tcp => "tcp",
+            L4Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for L4Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An edge agent of the network (`agents`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub ip: IpAddr,
+    /// ISO 3166 alpha-2, lower case.
+    pub country: Option<String>,
+    pub load_score: Option<f64>,
+}
+
+/// Whether `name` equals `zone` or lies below it (both normalised).
+pub fn is_in_zone(name: &str, zone: &str) -> bool {
+    name == zone
+        || (name.len() > zone.len()
+            && name.ends_with(zone)
+            && name.as_bytes()[name.len() - zone.len() - 1] == b'.')
+}
+
+/// Lower-cases `name` and strips one trailing dot. Does not validate.
+pub fn normalize_name(name: &str) -> String {
+    let trimmed = name.trim();
+    let trimmed = trimmed.strip_suffix('.').unwrap_or(trimmed);
+    trimmed.to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zone_membership_respects_label_boundaries() {
+        assert!(is_in_zone("example.com", "example.com"));
+        assert!(is_in_zone("www.example.com", "example.com"));
+        assert!(!is_in_zone("badexample.com", "example.com"));
+        assert!(!is_in_zone("com", "example.com"));
+    }
+
+    #[test]
+    fn names_are_lower_cased_without_trailing_dot() {
+        assert_eq!(normalize_name("WWW.Example.COM."), "www.example.com");
+        assert_eq!(normalize_name("mail.example.com"), "mail.example.com");
+    }
+}
