@@ -787,16 +787,22 @@ fn parse_certified_key(
         )
     })?;
     let provider = rustls::crypto::ring::default_provider();
-    CertifiedKey::from_der(chain, key, &provider).map_err(|error| match error {
-        rustls::Error::InconsistentKeys(_) => (
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|error| ("privateKey", format!("private key unusable: {error}")))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        // Some key types cannot report their public key; rustls treats that as unknown.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(certified)
+        }
+        Err(rustls::Error::InconsistentKeys(_)) => Err((
             "privateKey",
             "the private key does not match the certificate".to_owned(),
-        ),
-        other => (
-            "certificate",
-            format!("certificate or key unusable: {other}"),
-        ),
-    })
+        )),
+        Err(other) => Err(("certificate", format!("certificate unusable: {other}"))),
+    }
 }
 
 fn compile_proxies(raw: &[Item<wire::Proxy>], issues: &mut Vec<Issue>) -> Vec<L4Proxy> {
