@@ -30,7 +30,7 @@ use arc_swap::ArcSwapOption;
 
 pub use compile::{Compiled, compile};
 pub use model::*;
-pub use runner::{ConfigLoop, ConfigStats, IntervalPolicy};
+pub use runner::{ConfigLoop, ConfigStats, IntervalPolicy, PollOutcome};
 pub use source::{ConfigSource, CoreSource, CoreSourceOptions, FileSource, SourceError};
 pub use state::StateDir;
 

@@ -1,0 +1,7 @@
+//! Integration tests of the config pipeline: Core polling against a fake Core, file
+//! reloads, the state dir, and the config loop's timing.
+
+mod core;
+mod file;
+mod support;
+mod timing;
