@@ -334,10 +334,10 @@ impl ConfigLoop {
         *self.stats.origin.lock() = origin;
         self.stats.version.store(snapshot.version, Relaxed);
         self.stats.snapshots_published_total.fetch_add(1, Relaxed);
-        if let (Some(state), Some(doc)) = (&self.state, doc) {
-            if let Err(error) = state.save(&doc) {
-                warn!(path = %state.last_good_path().display(), %error, "cannot save the last good config");
-            }
+        if let (Some(state), Some(doc)) = (&self.state, doc)
+            && let Err(error) = state.save(&doc)
+        {
+            warn!(path = %state.last_good_path().display(), %error, "cannot save the last good config");
         }
     }
 
