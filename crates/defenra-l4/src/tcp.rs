@@ -1,0 +1,236 @@
+//! TCP forwarding: the accept loop of one proxy and the life of one connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::proxy_protocol;
+use crate::relay::{RelayEnd, relay};
+use crate::resolve::Target;
+use crate::stats::GaugeGuard;
+use crate::supervisor::{ListenerContext, bind_with_retry};
+
+/// Accepts on the proxy's port until `stop`, forwarding each connection to the current
+/// target. A target change starts a new generation: new connections go to the new target
+/// while the old generation's connections drain for `drain_grace`.
+pub(crate) async fn run(
+    context: ListenerContext,
+    mut targets: watch::Receiver<Arc<Target>>,
+    stop: CancellationToken,
+) {
+    let Some(listener) = bind_with_retry(&context, &stop, bind).await else {
+        return;
+    };
+    let mut generation = Generation::new(Arc::clone(&targets.borrow_and_update()));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            changed = targets.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let next = Generation::new(Arc::clone(&targets.borrow_and_update()));
+                std::mem::replace(&mut generation, next).retire(&context);
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => accept_one(&context, &generation, stream, peer),
+                Err(error) => {
+                    tracing::warn!(port = context.stats.port, %error, "tcp accept failed");
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            },
+        }
+    }
+    // Close the port before draining, so a replacement listener can bind it at once.
+    drop(listener);
+    generation.retire(&context);
+}
+
+/// Connections that share one target. Retiring a generation lets its connections finish
+/// on their own for `drain_grace`, then cancels the rest.
+struct Generation {
+    target: Arc<Target>,
+    connections: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Generation {
+    fn new(target: Arc<Target>) -> Self {
+        Generation {
+            target,
+            connections: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn retire(self, context: &ListenerContext) {
+        let Generation {
+            connections,
+            cancel,
+            ..
+        } = self;
+        connections.close();
+        let grace = context.options.drain_grace;
+        context.drains.spawn(async move {
+            tokio::select! {
+                () = connections.wait() => {}
+                () = tokio::time::sleep(grace) => {
+                    cancel.cancel();
+                    connections.wait().await;
+                }
+            }
+        });
+    }
+}
+
+fn accept_one(
+    context: &ListenerContext,
+    generation: &Generation,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    let stats = Arc::clone(&context.stats);
+    stats.connections_total.fetch_add(1, Relaxed);
+    let active = stats.connections_active.fetch_add(1, Relaxed) + 1;
+    if active > context.options.max_connections_per_proxy as u64 {
+        stats.connections_active.fetch_sub(1, Relaxed);
+        stats.connections_rejected_total.fetch_add(1, Relaxed);
+        tracing::debug!(%peer, port = stats.port, "tcp connection over the proxy's cap; closed");
+        return;
+    }
+    let target = Arc::clone(&generation.target);
+    let cancel = generation.cancel.clone();
+    let options = Arc::clone(&context.options);
+    generation.connections.spawn(async move {
+        let _active = GaugeGuard(&stats.connections_active);
+        let connection = Connection {
+            peer,
+            target: &target,
+            options: &options,
+            stats: &stats,
+        };
+        tokio::select! {
+            () = cancel.cancelled() => {
+                tracing::debug!(%peer, port = stats.port, "tcp connection closed after the drain grace");
+            }
+            result = connection.forward(client) => match result {
+                Ok(RelayEnd::Closed) => {}
+                Ok(RelayEnd::Idle) => {
+                    stats.idle_timeouts_total.fetch_add(1, Relaxed);
+                    tracing::debug!(%peer, port = stats.port, "tcp connection idle; closed");
+                }
+                Err(ForwardError::Connect(error)) => {
+                    stats.connect_errors_total.fetch_add(1, Relaxed);
+                    tracing::warn!(%peer, port = stats.port, %error, "tcp destination unreachable");
+                }
+                Err(ForwardError::Relay(error)) => {
+                    tracing::debug!(%peer, port = stats.port, %error, "tcp connection ended with an error");
+                }
+            },
+        }
+    });
+}
+
+enum ForwardError {
+    /// Resolving or connecting to the destination failed or timed out.
+    Connect(io::Error),
+    /// Reading or writing either side failed after the connection was set up.
+    Relay(io::Error),
+}
+
+struct Connection<'a> {
+    peer: SocketAddr,
+    target: &'a Target,
+    options: &'a crate::L4Options,
+    stats: &'a crate::stats::ProxyStats,
+}
+
+impl Connection<'_> {
+    async fn forward(&self, mut client: TcpStream) -> Result<RelayEnd, ForwardError> {
+        // Small writes (interactive protocols, TLS handshakes) must not wait for Nagle.
+        let _ = client.set_nodelay(true);
+        let deadline = Instant::now() + self.options.connect_timeout;
+        let mut upstream = connect(self.target, deadline)
+            .await
+            .map_err(ForwardError::Connect)?;
+        let _ = upstream.set_nodelay(true);
+        if self.target.proxy_protocol {
+            let local = client.local_addr().map_err(ForwardError::Relay)?;
+            let header = proxy_protocol::header_v2(self.peer, local);
+            upstream
+                .write_all(&header)
+                .await
+                .map_err(ForwardError::Relay)?;
+        }
+        relay(
+            &mut client,
+            &mut upstream,
+            self.options.tcp_buffer_size,
+            self.options.idle_timeout,
+            &self.stats.bytes_from_client_total,
+            &self.stats.bytes_to_client_total,
+        )
+        .await
+        .map_err(ForwardError::Relay)
+    }
+}
+
+/// Tries each of the destination's addresses in turn until one accepts or `deadline`
+/// passes (resolution included).
+async fn connect(target: &Target, deadline: Instant) -> io::Result<TcpStream> {
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+    let addresses = tokio::time::timeout_at(deadline, target.addresses())
+        .await
+        .map_err(|_| timed_out())??;
+    let mut last_error = None;
+    for address in addresses.iter() {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(address)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(error)) => {
+                last_error = Some(io::Error::new(error.kind(), format!("{address}: {error}")));
+            }
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{address}: connect timed out"),
+                ));
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| io::Error::other("destination has no addresses")))
+}
+
+/// A listening socket with `SO_REUSEADDR` (so a restarted proxy rebinds while old
+/// connections sit in TIME_WAIT) and a deep accept backlog for connection bursts.
+fn bind(address: SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        // `::` accepts IPv4 clients too.
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(4096)?;
+    let listener = TcpListener::from_std(socket.into())?;
+    let local_addr = listener.local_addr()?;
+    Ok((listener, local_addr))
+}
