@@ -1,1 +1,78 @@
-fn main() {}
+//! `cargo xtask`: the project's own automation, plain Rust over `std::process::Command`.
+//!
+//! - `ci`: the checks CI runs (fmt, clippy, tests, tidy, and cargo-deny when installed);
+//! - `demo`: runs the agent on `examples/demo.json` on unprivileged loopback ports;
+//! - `bench <dns|http|waf|l4>`: the agent beside its peer (knot, nginx, nginx+lua, HAProxy);
+//! - `tidy`: checks that every crate root and module opens with a `//!` doc comment.
+
+mod bench;
+mod ci;
+mod demo;
+mod tidy;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        print_usage();
+        return Ok(());
+    };
+    match command.as_str() {
+        "ci" => ci::run(rest),
+        "demo" => demo::run(rest),
+        "bench" => bench::run(rest),
+        "tidy" => tidy::run(),
+        "help" | "--help" | "-h" => {
+            print_usage();
+            Ok(())
+        }
+        other => {
+            print_usage();
+            anyhow::bail!("unknown xtask command {other:?}")
+        }
+    }
+}
+
+fn print_usage() {
+    println!(
+        "usage: cargo xtask <command>\n\n\
+         commands:\n  \
+         ci                 fmt check, clippy -D warnings, tests, tidy (+ cargo-deny when installed)\n  \
+         demo               run the agent on examples/demo.json on loopback ports\n  \
+         bench <area>       benchmark against the peer: dns (knot), http (nginx), waf (nginx+lua), l4 (haproxy)\n  \
+         tidy               check doc comments on crate roots and modules"
+    );
+}
+
+/// The workspace root (the parent of `xtask/`).
+pub(crate) fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the root")
+        .to_path_buf()
+}
+
+/// Runs `program args...` in the project root, failing if it exits non-zero.
+pub(crate) fn run_command(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("$ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(project_root())
+        .status()
+        .with_context(|| format!("cannot start {program}"))?;
+    anyhow::ensure!(
+        status.success(),
+        "`{program} {}` failed with {status}",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// The cargo that runs this xtask (respects rustup's toolchain choice).
+pub(crate) fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}

@@ -1,0 +1,19 @@
+//! `cargo xtask bench <area>`: runs the agent beside its peer under the same load.
+
+mod dns;
+mod http;
+mod l4;
+mod waf;
+
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    let Some((area, rest)) = args.split_first() else {
+        anyhow::bail!("usage: cargo xtask bench <dns|http|waf|l4> [options]");
+    };
+    match area.as_str() {
+        "dns" => dns::run(rest),
+        "http" => http::run(rest),
+        "waf" => waf::run(rest),
+        "l4" => l4::run(rest),
+        other => anyhow::bail!("unknown bench area {other:?}: expected dns, http, waf or l4"),
+    }
+}
