@@ -101,7 +101,7 @@ async fn port_in_use_is_reported_and_retried() {
         echo.address,
     );
     let healthy = proxy(L4Protocol::Tcp, free_port(L4Protocol::Tcp), echo.address);
-    let agent = Agent::start(&[healthy.clone()], options()).await;
+    let agent = Agent::start(std::slice::from_ref(&healthy), options()).await;
     agent.reload(&[healthy.clone(), busy.clone()]);
 
     eventually("bind failure reported", || {
