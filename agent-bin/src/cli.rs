@@ -1,0 +1,287 @@
+//! Command-line flags; every flag also reads the environment variable the original Go agent used.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Defenra edge agent: GeoDNS, HTTP/HTTPS reverse proxy with a Lua WAF, and TCP/UDP
+/// forwarding, configured live from Defenra Core or a file.
+#[derive(Debug, Parser)]
+#[command(name = "defenra-agent", version, about, long_about = None)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Check a config file like `nginx -t`: print every problem with its JSON path; exit 1
+    /// if there is any.
+    CheckConfig {
+        /// A Core-format JSON document.
+        file: PathBuf,
+    },
+    /// Print the version and exit.
+    Version,
+}
+
+/// Flags of the agent itself (the default command).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct RunArgs {
+    /// Serve the config in this JSON file (Core's format) instead of polling Core.
+    /// Re-read when it changes and on SIGHUP.
+    #[arg(long, env = "DEFENRA_CONFIG", value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+
+    /// Base URL of Defenra Core, e.g. https://core.example.net.
+    #[arg(long, env = "CORE_URL", value_name = "URL")]
+    pub(crate) core_url: Option<String>,
+
+    /// This agent's id at Core.
+    #[arg(long, env = "AGENT_ID")]
+    pub(crate) agent_id: Option<String>,
+
+    /// This agent's key at Core (sent only to CORE_URL, as a Bearer token).
+    #[arg(long, env = "AGENT_KEY", hide_env_values = true)]
+    pub(crate) agent_key: Option<String>,
+
+    /// Seconds between polls of Core. When not set, Core's `nextPollInterval` decides
+    /// (default 60).
+    #[arg(long, env = "POLLING_INTERVAL", value_name = "SECONDS", value_parser = parse_poll_interval)]
+    pub(crate) poll_interval: Option<u64>,
+
+    /// DNS listener (UDP and TCP), or `off`.
+    #[arg(long, env = "DNS_LISTEN", default_value = "0.0.0.0:53")]
+    pub(crate) dns_listen: Listen,
+
+    /// Plain HTTP listener, or `off`.
+    #[arg(long, env = "HTTP_LISTEN", default_value = "0.0.0.0:80")]
+    pub(crate) http_listen: Listen,
+
+    /// HTTPS listener, or `off`.
+    #[arg(long, env = "HTTPS_LISTEN", default_value = "0.0.0.0:443")]
+    pub(crate) https_listen: Listen,
+
+    /// Health, stats and metrics endpoint (/health, /stats, /metrics), or `off`.
+    #[arg(long, env = "HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
+    pub(crate) health_listen: Listen,
+
+    /// Address the TCP/UDP forwards listen on.
+    #[arg(long, env = "L4_BIND", default_value = "0.0.0.0")]
+    pub(crate) l4_bind: IpAddr,
+
+    /// MaxMind-format GeoIP database (GeoLite2/GeoIP2 City or Country, DB-IP lite).
+    /// Without it, GeoDNS answers with each domain's `default` location.
+    #[arg(long, env = "GEOIP_DB", value_name = "FILE")]
+    pub(crate) geoip_db: Option<PathBuf>,
+
+    /// Directory for the last good config, served at startup when Core is unreachable.
+    #[arg(long, env = "STATE_DIR", value_name = "DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+
+    /// This agent's public IP: the GeoDNS answer of last resort.
+    #[arg(long, env = "AGENT_IP")]
+    pub(crate) agent_ip: Option<IpAddr>,
+
+    /// Origin port for plain HTTP (encryption mode off/flexible).
+    #[arg(long, env = "ORIGIN_HTTP_PORT", default_value_t = 80)]
+    pub(crate) origin_http_port: u16,
+
+    /// Origin port for HTTPS (encryption mode full/full_strict).
+    #[arg(long, env = "ORIGIN_HTTPS_PORT", default_value_t = 443)]
+    pub(crate) origin_https_port: u16,
+
+    /// How long to wait for an origin's response headers before answering 504
+    /// (`60`, `60s`, `500ms`, `2m`).
+    #[arg(long, env = "ORIGIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub(crate) origin_timeout: Duration,
+
+    /// Answer 503 when a WAF script fails, instead of letting the request through.
+    #[arg(long, env = "WAF_FAIL_CLOSED")]
+    pub(crate) waf_fail_closed: bool,
+
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub(crate) log_level: String,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+
+    /// How long in-flight work may run after SIGTERM/SIGINT before the agent exits.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A listen address, or `off` to disable the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listen {
+    Off,
+    On(SocketAddr),
+}
+
+impl FromStr for Listen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("off") || text.is_empty() {
+            return Ok(Listen::Off);
+        }
+        // The Go agent accepted ":53" for all interfaces.
+        let full = if text.starts_with(':') {
+            format!("0.0.0.0{text}")
+        } else {
+            text.to_owned()
+        };
+        full.parse().map(Listen::On).map_err(|_| {
+            format!("{text:?} is not an address like 0.0.0.0:53, [::]:53, :53 or `off`")
+        })
+    }
+}
+
+/// Which config source the flags select.
+pub(crate) enum SourceChoice {
+    File(PathBuf),
+    Core {
+        url: String,
+        agent_id: String,
+        agent_key: String,
+    },
+}
+
+impl RunArgs {
+    /// `--config`, or all three Core settings.
+    ///
+    /// # Errors
+    ///
+    /// A usage message when neither is complete.
+    pub(crate) fn source(&self) -> Result<SourceChoice, String> {
+        if let Some(path) = &self.config {
+            return Ok(SourceChoice::File(path.clone()));
+        }
+        let non_empty = |value: &Option<String>| {
+            value
+                .as_deref()
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        match (
+            non_empty(&self.core_url),
+            non_empty(&self.agent_id),
+            non_empty(&self.agent_key),
+        ) {
+            (Some(url), Some(agent_id), Some(agent_key)) => Ok(SourceChoice::Core {
+                url,
+                agent_id,
+                agent_key,
+            }),
+            (url, id, key) => {
+                let missing: Vec<&str> = [
+                    (url.is_none(), "--core-url/CORE_URL"),
+                    (id.is_none(), "--agent-id/AGENT_ID"),
+                    (key.is_none(), "--agent-key/AGENT_KEY"),
+                ]
+                .into_iter()
+                .filter_map(|(is_missing, name)| is_missing.then_some(name))
+                .collect();
+                Err(format!(
+                    "no configuration source: pass --config FILE (DEFENRA_CONFIG), or all of \
+                     --core-url, --agent-id and --agent-key (missing: {})",
+                    missing.join(", ")
+                ))
+            }
+        }
+    }
+}
+
+fn parse_poll_interval(text: &str) -> Result<u64, String> {
+    let seconds = parse_duration(text)?.as_secs();
+    if (1..=86_400).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err(format!("{text:?} must be between 1 and 86400 seconds"))
+    }
+}
+
+/// `60`, `60s`, `500ms`, `2m`, `1h`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 60s or 500ms"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a valid duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn listen_accepts_off_and_go_style_ports() {
+        assert_eq!("off".parse::<Listen>(), Ok(Listen::Off));
+        assert_eq!(
+            ":53".parse::<Listen>(),
+            Ok(Listen::On("0.0.0.0:53".parse().unwrap()))
+        );
+        assert_eq!(
+            "[::1]:8080".parse::<Listen>(),
+            Ok(Listen::On("[::1]:8080".parse().unwrap()))
+        );
+        assert!("53".parse::<Listen>().is_err());
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_poll_interval("0").is_err());
+    }
+
+    #[test]
+    fn a_source_is_required() {
+        let args = Cli::try_parse_from(["defenra-agent", "--core-url", "https://core"]).unwrap();
+        let error = args.run.source().err().unwrap();
+        assert!(
+            error.contains("--agent-id/AGENT_ID") && error.contains("--agent-key/AGENT_KEY"),
+            "{error}"
+        );
+        let args = Cli::try_parse_from(["defenra-agent", "--config", "x.json"]).unwrap();
+        assert!(matches!(args.run.source(), Ok(SourceChoice::File(_))));
+    }
+}

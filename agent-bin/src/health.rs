@@ -1,0 +1,314 @@
+//! The health, stats and metrics endpoint: `GET /health`, `/stats` and `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use bytes::Bytes;
+use defenra_config::stats::{Metric, MetricKind, StatsSource};
+use defenra_config::{ConfigStats, SnapshotCell};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Everything the endpoint reports on. Reads atomics and the snapshot pointer only.
+pub(crate) struct Observability {
+    started: Instant,
+    cell: Arc<SnapshotCell>,
+    config: Arc<ConfigStats>,
+    /// Per-service counters, in `/stats` order.
+    services: Vec<Arc<dyn StatsSource>>,
+}
+
+impl Observability {
+    pub(crate) fn new(
+        cell: Arc<SnapshotCell>,
+        config: Arc<ConfigStats>,
+        services: Vec<Arc<dyn StatsSource>>,
+    ) -> Self {
+        Observability {
+            started: Instant::now(),
+            cell,
+            config,
+            services,
+        }
+    }
+
+    /// `GET /health`: 200 once a config is loaded, 503 `starting` before.
+    pub(crate) fn health(&self) -> (StatusCode, Value) {
+        let snapshot = self.cell.load();
+        let last_poll = self.config.last_success_unix.load(Relaxed);
+        let body = json!({
+            "status": if snapshot.is_some() { "ok" } else { "starting" },
+            "uptime_s": self.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "config_version": snapshot.as_ref().map(|snapshot| snapshot.version),
+            "config_source": self.config.origin(),
+            "last_poll": (last_poll > 0).then_some(last_poll),
+            "last_error": self.config.last_error(),
+            "domains": snapshot.as_ref().map_or(0, |snapshot| snapshot.domains.len()),
+        });
+        let status = if snapshot.is_some() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (status, body)
+    }
+
+    /// `GET /stats`: `config` plus one object per service.
+    pub(crate) fn stats(&self) -> Value {
+        let mut root = Map::new();
+        root.insert("uptime_s".into(), json!(self.started.elapsed().as_secs()));
+        let config: &dyn StatsSource = self.config.as_ref();
+        for source in
+            std::iter::once(config).chain(self.services.iter().map(|source| source.as_ref()))
+        {
+            let mut metrics = Vec::new();
+            source.collect(&mut metrics);
+            let mut object = match source.details() {
+                Value::Object(details) => details,
+                Value::Null => Map::new(),
+                other => Map::from_iter([("details".to_owned(), other)]),
+            };
+            for metric in metrics {
+                let value = json_number(metric.value);
+                if metric.labels.is_empty() {
+                    object.entry(metric.name).or_insert(value);
+                } else {
+                    let mut sample: Map<String, Value> = metric
+                        .labels
+                        .into_iter()
+                        .map(|(key, label)| (key.to_owned(), Value::String(label)))
+                        .collect();
+                    sample.insert("value".into(), value);
+                    let entry = object
+                        .entry(metric.name)
+                        .or_insert_with(|| Value::Array(Vec::new()));
+                    if let Value::Array(samples) = entry {
+                        samples.push(Value::Object(sample));
+                    }
+                }
+            }
+            root.insert(source.service().to_owned(), Value::Object(object));
+        }
+        Value::Object(root)
+    }
+
+    /// `GET /metrics`: Prometheus text exposition of the same counters.
+    pub(crate) fn metrics(self: &Arc<Self>) -> String {
+        let mut registry = Registry::with_prefix("defenra");
+        registry.register_collector(Box::new(MetricsCollector(Arc::clone(self))));
+        let mut text = String::new();
+        match prometheus_client::encoding::text::encode(&mut text, &registry) {
+            Ok(()) => text,
+            Err(error) => format!("# encoding failed: {error}\n"),
+        }
+    }
+
+    fn all_metrics(&self) -> Vec<(&'static str, Metric)> {
+        let mut all = Vec::new();
+        let config: &dyn StatsSource = self.config.as_ref();
+        let process = ProcessStats;
+        let sources = std::iter::once(config)
+            .chain(std::iter::once(&process as &dyn StatsSource))
+            .chain(self.services.iter().map(|source| source.as_ref()));
+        for source in sources {
+            let mut metrics = Vec::new();
+            source.collect(&mut metrics);
+            all.extend(metrics.into_iter().map(|metric| (source.service(), metric)));
+        }
+        all
+    }
+}
+
+fn json_number(value: f64) -> Value {
+    if value.fract() == 0.0 && value.abs() < 9.0e15 {
+        json!(value as i64)
+    } else {
+        json!(value)
+    }
+}
+
+/// Renders the services' metrics on each scrape; nothing is registered per request.
+#[derive(Debug)]
+struct MetricsCollector(Arc<Observability>);
+
+impl std::fmt::Debug for Observability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observability").finish_non_exhaustive()
+    }
+}
+
+impl Collector for MetricsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let metrics = self.0.all_metrics();
+        // One descriptor per family; samples of a family may be spread over the list.
+        let mut families: Vec<(String, &Metric, Vec<&Metric>)> = Vec::new();
+        for (service, metric) in &metrics {
+            // prometheus-client appends `_total` to counters itself.
+            let base = metric.name.strip_suffix("_total").unwrap_or(metric.name);
+            let name = format!("{service}_{base}");
+            match families.iter_mut().find(|(family, ..)| *family == name) {
+                Some((_, _, samples)) => samples.push(metric),
+                None => families.push((name, metric, vec![metric])),
+            }
+        }
+        for (name, first, samples) in families {
+            match first.kind {
+                MetricKind::Counter => {
+                    let metric_type = ConstCounter::new(0u64).metric_type();
+                    let mut family =
+                        encoder.encode_descriptor(&name, first.help, None, metric_type)?;
+                    for sample in samples {
+                        let labels: Vec<(&str, &str)> = sample
+                            .labels
+                            .iter()
+                            .map(|(key, value)| (*key, value.as_str()))
+                            .collect();
+                        ConstCounter::new(sample.value).encode(family.encode_family(&labels)?)?;
+                    }
+                }
+                MetricKind::Gauge => {
+                    let metric_type = ConstGauge::new(0i64).metric_type();
+                    let mut family =
+                        encoder.encode_descriptor(&name, first.help, None, metric_type)?;
+                    for sample in samples {
+                        let labels: Vec<(&str, &str)> = sample
+                            .labels
+                            .iter()
+                            .map(|(key, value)| (*key, value.as_str()))
+                            .collect();
+                        ConstGauge::new(sample.value).encode(family.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resident memory and open descriptors of this process, read from /proc on each scrape.
+struct ProcessStats;
+
+impl StatsSource for ProcessStats {
+    fn service(&self) -> &'static str {
+        "process"
+    }
+
+    fn collect(&self, out: &mut Vec<Metric>) {
+        if let Some(rss) = resident_bytes() {
+            out.push(Metric::gauge(
+                "resident_memory_bytes",
+                "Resident set size.",
+                rss as f64,
+            ));
+        }
+        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+            out.push(Metric::gauge(
+                "open_fds",
+                "Open file descriptors.",
+                entries.count() as f64,
+            ));
+        }
+    }
+}
+
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Serves the endpoint until `shutdown`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    observability: Arc<Observability>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    debug!(%error, "health accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let observability = Arc::clone(&observability);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let observability = Arc::clone(&observability);
+                async move { Ok::<_, Infallible>(route(&observability, &request)) }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                result = connection => if let Err(error) = result {
+                    debug!(%peer, %error, "health connection ended with an error");
+                },
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn route(observability: &Arc<Observability>, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match request.uri().path() {
+        "/health" | "/healthz" => {
+            let (status, body) = observability.health();
+            json_response(status, &body)
+        }
+        "/stats" => json_response(StatusCode::OK, &observability.stats()),
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(observability.metrics())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
+        _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_vec_pretty(body).unwrap_or_default();
+    text.push(b'\n');
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response
+}

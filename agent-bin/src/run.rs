@@ -1,0 +1,275 @@
+//! The agent's life: bind, load config, serve, reload on change and SIGHUP, drain on SIGTERM.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use defenra_config::stats::StatsSource;
+use defenra_config::{
+    ConfigLoop, ConfigSource, CoreSource, CoreSourceOptions, FileSource, IntervalPolicy,
+    SnapshotCell, StateDir,
+};
+
+use defenra_geo::MaxMindGeo;
+use defenra_http::{HttpOptions, HttpService};
+use defenra_l4::{L4Options, L4Service};
+use defenra_waf::{WafEngine, WafOptions};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Listen, LogFormat, RunArgs, SourceChoice};
+use crate::health::{self, Observability};
+
+/// How often a file source is checked for changes.
+const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Poll interval when neither the flag nor Core sets one.
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Sets up the global tracing subscriber (text or JSON lines on stderr).
+///
+/// # Errors
+///
+/// When `--log-level` is not a valid filter.
+pub(crate) fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("--log-level {:?} is not a valid filter", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Runs the agent until SIGTERM or SIGINT.
+///
+/// # Errors
+///
+/// A listener that cannot be bound, or a GeoIP database that cannot be opened.
+pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let cell = Arc::new(SnapshotCell::new());
+
+    // Services first, so the config loop can reload them from the first snapshot on.
+    let _geo: Option<Arc<MaxMindGeo>> = match &args.geoip_db {
+        Some(path) => Some(Arc::new(MaxMindGeo::open(path).with_context(|| {
+            format!("cannot open the GeoIP database {}", path.display())
+        })?)),
+        None => {
+            info!("no --geoip-db: GeoDNS answers with each domain's default location");
+            None
+        }
+    };
+
+    let waf = Arc::new(WafEngine::new(WafOptions {
+        fail_closed: args.waf_fail_closed,
+        ..WafOptions::default()
+    }));
+    let http = Arc::new(HttpService::new(
+        Arc::clone(&waf),
+        HttpOptions {
+            origin_http_port: args.origin_http_port,
+            origin_https_port: args.origin_https_port,
+            origin_timeout: args.origin_timeout,
+            ..HttpOptions::default()
+        },
+    ));
+    let l4 = Arc::new(L4Service::new(L4Options {
+        bind_ip: args.l4_bind,
+        ..L4Options::default()
+    }));
+
+    // Bind every listener before loading config: a port we cannot have is fatal at once.
+    let dns_sockets = match args.dns_listen {
+        Listen::On(addr) => {
+            let sockets = tokio::net::UdpSocket::bind(addr)
+                .await
+                .with_context(|| bind_hint("DNS", addr))?;
+            info!(service = "dns", addr = %sockets.local_addr()?, "listening");
+            Some(sockets)
+        }
+        Listen::Off => None,
+    };
+    let http_listener = bind_tcp("HTTP", args.http_listen).await?;
+    let https_listener = bind_tcp("HTTPS", args.https_listen).await?;
+    let health_listener = bind_tcp("health", args.health_listen).await?;
+
+    let source: Box<dyn ConfigSource> = match &source_choice {
+        SourceChoice::File(path) => Box::new(FileSource::new(path.clone())),
+        SourceChoice::Core {
+            url,
+            agent_id,
+            agent_key,
+        } => Box::new(CoreSource::new(CoreSourceOptions::new(
+            url.clone(),
+            agent_id.clone(),
+            agent_key.clone(),
+        ))),
+    };
+    let policy = match (&source_choice, args.poll_interval) {
+        (SourceChoice::File(_), _) => IntervalPolicy::Fixed(FILE_CHECK_INTERVAL),
+        (SourceChoice::Core { .. }, Some(seconds)) => {
+            IntervalPolicy::Fixed(Duration::from_secs(seconds))
+        }
+        (SourceChoice::Core { .. }, None) => IntervalPolicy::CoreDecides {
+            default: DEFAULT_POLL_INTERVAL,
+        },
+    };
+    let mut config = ConfigLoop::new(source, Arc::clone(&cell), policy)
+        .with_service(waf.clone())
+        .with_service(http.clone())
+        .with_service(l4.clone());
+    if let Some(dir) = &args.state_dir {
+        config = config.with_state_dir(StateDir::new(dir.clone()));
+    }
+    let reload = config.reload_handle();
+    let config_stats = config.stats();
+
+    let observability = Arc::new(Observability::new(
+        Arc::clone(&cell),
+        Arc::clone(&config_stats),
+        vec![
+            http.stats() as Arc<dyn StatsSource>,
+            waf.stats() as Arc<dyn StatsSource>,
+            l4.stats() as Arc<dyn StatsSource>,
+        ],
+    ));
+
+    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    let mut spawn = |name: &'static str, future: ServiceFuture| {
+        tasks.spawn(async move { (name, future.await) });
+    };
+    if let Some(listener) = health_listener {
+        spawn(
+            "health",
+            Box::pin(
+                health::serve(listener, Arc::clone(&observability), shutdown.clone()).map_ok(),
+            ),
+        );
+    }
+
+    // The first config before the data plane starts answering, so the first queries see it.
+    if config.start().await {
+        info!(
+            version = cell.load().map_or(0, |snapshot| snapshot.version),
+            "config loaded"
+        );
+    } else {
+        warn!("no config yet: serving nothing until the first successful fetch");
+    }
+
+    if let Some(sockets) = dns_sockets {
+        let _ = sockets;
+    }
+    if let Some(listener) = http_listener {
+        let (http, token) = (Arc::clone(&http), shutdown.clone());
+        spawn(
+            "http",
+            Box::pin(async move {
+                http.serve_http(listener, token)
+                    .await
+                    .context("HTTP service failed")
+            }),
+        );
+    }
+    if let Some(listener) = https_listener {
+        let (http, token) = (Arc::clone(&http), shutdown.clone());
+        spawn(
+            "https",
+            Box::pin(async move {
+                http.serve_https(listener, token)
+                    .await
+                    .context("HTTPS service failed")
+            }),
+        );
+    }
+    {
+        let (l4, token) = (Arc::clone(&l4), shutdown.clone());
+        spawn(
+            "l4",
+            Box::pin(async move { l4.serve(token).await.context("L4 service failed") }),
+        );
+    }
+    let config_task = tokio::spawn(config.run(shutdown.clone()));
+
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    info!("agent running");
+    let failure = loop {
+        tokio::select! {
+            _ = terminate.recv() => { info!("SIGTERM: shutting down"); break None; }
+            _ = interrupt.recv() => { info!("SIGINT: shutting down"); break None; }
+            _ = hangup.recv() => { info!("SIGHUP: reloading config"); reload.notify_one(); }
+            Some(joined) = tasks.join_next() => match joined {
+                Ok((name, Ok(()))) => info!(service = name, "service stopped"),
+                Ok((name, Err(error))) => break Some(error.context(format!("{name} stopped"))),
+                Err(error) => break Some(anyhow::anyhow!("a service task panicked: {error}")),
+            },
+        }
+    };
+
+    // Stop accepting; in-flight work gets the grace period.
+    shutdown.cancel();
+    let drained = tokio::time::timeout(args.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(grace = ?args.shutdown_grace, "grace period over; exiting with work still in flight");
+    }
+    config_task.abort();
+    match failure {
+        Some(error) => Err(error),
+        None => {
+            info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+trait MapOk {
+    fn map_ok(self) -> ServiceFuture;
+}
+
+impl<F: Future<Output = ()> + Send + 'static> MapOk for F {
+    fn map_ok(self) -> ServiceFuture {
+        Box::pin(async move {
+            self.await;
+            Ok(())
+        })
+    }
+}
+
+async fn bind_tcp(name: &'static str, listen: Listen) -> anyhow::Result<Option<TcpListener>> {
+    let Listen::On(addr) = listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| bind_hint(name, addr))?;
+    let local = listener.local_addr().unwrap_or(addr);
+    info!(service = name, addr = %local, "listening");
+    Ok(Some(listener))
+}
+
+fn bind_hint(name: &str, addr: SocketAddr) -> String {
+    let hint = if addr.port() < 1024 {
+        " (ports below 1024 need root or CAP_NET_BIND_SERVICE; another server may also hold the port)"
+    } else {
+        ""
+    };
+    format!("cannot listen for {name} on {addr}{hint}")
+}

@@ -1,0 +1,132 @@
+//! The running agent: readiness, stats, metrics, reloads, shutdown, bind failures.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::support::{Agent, BINARY, doc, eventually, get, get_json, write};
+
+#[test]
+fn health_turns_ok_once_config_loads_and_stats_show_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    let agent = Agent::start(&["--config", path.to_str().unwrap()]);
+    let health = agent.addr("health");
+
+    let (status, body) = get_json(health, "/health");
+    assert_eq!(status, 503, "no config file yet: {body}");
+    assert_eq!(body["status"], "starting");
+
+    write(&path, &doc("192.0.2.1"));
+    eventually("health becomes ok", || get_json(health, "/health").0 == 200);
+    let (_, body) = get_json(health, "/health");
+    assert_eq!(body["status"], "ok");
+    assert!(body["config_version"].as_u64().unwrap() > 0);
+    assert!(body["uptime_s"].is_u64());
+
+    let (status, stats) = get_json(health, "/stats");
+    assert_eq!(status, 200);
+    assert_eq!(stats["config"]["domains"], 1);
+    assert_eq!(stats["config"]["records"], 1);
+    assert_eq!(stats["config"]["source"], "file");
+    assert_eq!(
+        stats["config"]["rejected_items"][0]["path"],
+        "domains[0].dnsRecords[1].value"
+    );
+    for service in ["dns", "http", "waf", "l4"] {
+        assert!(stats[service].is_object(), "/stats has {service}: {stats}");
+    }
+
+    let (status, metrics) = get(health, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("# TYPE defenra_config_polls counter"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("defenra_config_domains 1"), "{metrics}");
+    assert!(
+        metrics.contains("defenra_process_resident_memory_bytes"),
+        "{metrics}"
+    );
+    assert!(metrics.trim_end().ends_with("# EOF"));
+    assert_eq!(get(health, "/nope").0, 404);
+}
+
+#[test]
+fn sighup_rereads_the_file_and_sigterm_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    write(&path, &doc("192.0.2.1"));
+    let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let mut agent = Agent::start(&["--config", path.to_str().unwrap()]);
+    let health = agent.addr("health");
+    eventually("config loads", || get_json(health, "/health").0 == 200);
+    let first = get_json(health, "/health").1["config_version"]
+        .as_u64()
+        .unwrap();
+
+    // Same length and modification time: only SIGHUP's forced re-read can see the edit.
+    write(&path, &doc("192.0.2.9"));
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    agent.signal("HUP");
+    eventually("SIGHUP publishes the edit", || {
+        get_json(health, "/health").1["config_version"]
+            .as_u64()
+            .unwrap()
+            > first
+    });
+
+    // An invalid edit keeps the last good config.
+    write(&path, "{ broken");
+    agent.signal("HUP");
+    eventually("the failure is reported", || {
+        !get_json(health, "/health").1["last_error"].is_null()
+    });
+    assert_eq!(get_json(health, "/health").0, 200);
+
+    let start = Instant::now();
+    agent.signal("TERM");
+    let status = loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(12),
+            "SIGTERM must end the agent within the grace period"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_fatal_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = Command::new(BINARY)
+        .args([
+            "--config",
+            "/nonexistent.json",
+            "--dns-listen",
+            "off",
+            "--https-listen",
+            "off",
+        ])
+        .args(["--health-listen", "off", "--http-listen", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen for HTTP on {addr}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("in use"),
+        "the OS reason is shown: {stderr}"
+    );
+}

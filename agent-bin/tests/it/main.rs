@@ -1,0 +1,6 @@
+//! Black-box tests of the `defenra-agent` binary: flags, check-config, health/stats/metrics,
+//! SIGHUP and SIGTERM. Every listener is on 127.0.0.1:0; ports come from the JSON logs.
+
+mod check_config;
+mod lifecycle;
+mod support;
