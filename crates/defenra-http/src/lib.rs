@@ -1,1 +1,174 @@
-//! defenra-http
+//! The HTTP/HTTPS reverse proxy of the edge agent: host routing, TLS termination with SNI,
+//! ACME HTTP-01 answers, redirects to HTTPS, the WAF hook and streaming proxying to origins.
+//!
+//! This crate owns the listeners' connection handling (hyper 1 server, HTTP/1.1 and HTTP/2),
+//! the per-snapshot [`RouteTable`] and certificate table, and the pooled clients to origins.
+//! It never reads files, flags or env vars, never binds sockets itself (the caller hands it
+//! bound listeners) and never buffers a whole body.
+//!
+//! Start reading at [`HttpService`]; a request's life is in `proxy.rs` (`Conn::handle`), and
+//! every failure becomes a status in one place, [`ProxyError::status`].
+
+mod body;
+mod headers;
+mod origin;
+mod proxy;
+mod route;
+mod server;
+mod stats;
+mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use defenra_config::{Issue, Reload, Snapshot};
+use defenra_waf::WafEngine;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use proxy::{ErrorSource, ProxyError};
+pub use route::RouteTable;
+pub use stats::HttpStats;
+
+/// Limits and origin settings of the proxy. `Default` gives the production values.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// Origin port for `off` and `flexible` domains (plain HTTP to the origin).
+    pub origin_http_port: u16,
+    /// Origin port for `full` and `full_strict` domains (HTTPS to the origin).
+    pub origin_https_port: u16,
+    /// How long the origin may take to send its response headers, connect included,
+    /// before the client gets 504.
+    pub origin_timeout: Duration,
+    /// How long a TCP (and TLS) connect to an origin may take before the client gets 502.
+    pub origin_connect_timeout: Duration,
+    /// Largest request body passed to an origin; larger ones get 413.
+    pub max_request_body: u64,
+    /// Time a client has to send a complete request head (and to finish the TLS
+    /// handshake) before the connection is closed: the slowloris guard.
+    pub header_read_timeout: Duration,
+    /// An idle connection (no byte either way for this long) is closed gracefully.
+    pub keepalive_timeout: Duration,
+    /// Largest request head (request line plus headers); larger ones get 431. Values below
+    /// 8 KiB are raised to 8 KiB, hyper's smallest read buffer.
+    pub max_header_bytes: usize,
+    /// Concurrent client connections per listener; further clients wait in the accept
+    /// backlog until one closes.
+    pub max_connections: usize,
+    /// An idle pooled origin connection is closed after this long.
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per origin (address and, for HTTPS, server name).
+    pub pool_max_idle_per_origin: usize,
+    /// Longest time a CNAME origin's addresses are cached. The system resolver exposes no
+    /// TTL, so the cache time is the CNAME record's TTL capped by this value.
+    pub origin_dns_max_ttl: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            origin_http_port: 80,
+            origin_https_port: 443,
+            origin_timeout: Duration::from_secs(60),
+            origin_connect_timeout: Duration::from_secs(10),
+            max_request_body: 100 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(75),
+            max_header_bytes: 32 * 1024,
+            max_connections: 16 * 1024,
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_origin: 256,
+            origin_dns_max_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Why a listener stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpError {
+    #[error("cannot read the local address of the {listener} listener: {source}")]
+    LocalAddr {
+        listener: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot build the TLS server configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The reverse proxy. One per agent, shared by the HTTP and HTTPS listeners; `reload`
+/// swaps in the routes and certificates of each new snapshot.
+pub struct HttpService {
+    waf: Arc<WafEngine>,
+    options: HttpOptions,
+    /// The routes (and through them the certificates) of the current snapshot. Requests
+    /// and TLS handshakes load it once; `reload` replaces it whole.
+    routes: Arc<ArcSwap<RouteTable>>,
+    origins: origin::OriginClients,
+    tls_acceptor: tokio_rustls::TlsAcceptor,
+    stats: Arc<HttpStats>,
+}
+
+impl HttpService {
+    /// A proxy with no routes: every host answers 404 and every TLS handshake is refused
+    /// until the first `reload`.
+    pub fn new(waf: Arc<WafEngine>, options: HttpOptions) -> Self {
+        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+        let origins = origin::OriginClients::new(&options, Arc::clone(&routes));
+        let tls_acceptor = tls::acceptor(Arc::clone(&routes));
+        HttpService {
+            waf,
+            options,
+            routes,
+            origins,
+            tls_acceptor,
+            stats: Arc::new(HttpStats::default()),
+        }
+    }
+
+    /// Serves plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge) on `listener` until
+    /// `shutdown` is cancelled, then waits for in-flight connections to finish their
+    /// current exchange. The caller bounds that wait with a timeout.
+    ///
+    /// # Errors
+    /// Only when the listener's local address cannot be read; accept errors are logged and
+    /// retried.
+    pub async fn serve_http(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), HttpError> {
+        server::serve(self, listener, server::Listener::Http, shutdown).await
+    }
+
+    /// Serves HTTPS on `listener`: TLS 1.2/1.3 with the certificate picked by SNI from the
+    /// current snapshot, ALPN `h2` and `http/1.1`. Shuts down like [`Self::serve_http`].
+    ///
+    /// # Errors
+    /// As [`Self::serve_http`].
+    pub async fn serve_https(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), HttpError> {
+        server::serve(self, listener, server::Listener::Https, shutdown).await
+    }
+
+    /// The proxy's counters, for `/stats` and `/metrics`.
+    pub fn stats(&self) -> Arc<HttpStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The current route table.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.routes.load_full()
+    }
+}
+
+impl Reload for HttpService {
+    fn reload(&self, snapshot: &Arc<Snapshot>, issues: &mut Vec<Issue>) {
+        let table = RouteTable::build(snapshot, &self.options, issues);
+        self.routes.store(Arc::new(table));
+    }
+}

@@ -1,0 +1,79 @@
+//! Body types: the client's request body streamed to the origin under a size limit, and
+//! the response body (the origin's, streamed, or a short local page).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+/// What the proxy answers with: the origin's body as it arrives, or a local page.
+pub(crate) type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// A local response body.
+pub(crate) fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    Either::Right(Full::new(bytes.into()))
+}
+
+/// The client's request body on its way to the origin. Frames pass through one by one, so
+/// the origin's reading paces the client (backpressure); past `limit` bytes the stream
+/// fails with [`BodyError::TooLarge`], which ends the origin request.
+pub(crate) struct RequestBody {
+    inner: Incoming,
+    remaining: u64,
+}
+
+impl RequestBody {
+    pub(crate) fn new(inner: Incoming, limit: u64) -> Self {
+        RequestBody {
+            inner,
+            remaining: limit,
+        }
+    }
+}
+
+/// Why the request body stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    #[error("request body is larger than the limit")]
+    TooLarge,
+    #[error("reading the request body failed: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let size = data.len() as u64;
+                    if size > this.remaining {
+                        this.remaining = 0;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                    }
+                    this.remaining -= size;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(BodyError::Client(error)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

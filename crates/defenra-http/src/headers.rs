@@ -1,0 +1,193 @@
+//! Header rules between client and origin: hop-by-hop removal and the forwarding headers.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), plus the non-standard `Keep-Alive`; any header
+/// whose name starts with `proxy-` is removed too.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers: the fixed list, `Keep-Alive`, every `Proxy-*` header and
+/// every header named in `Connection` (RFC 9110 §7.6.1). Used in both directions.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Names listed in Connection are per-hop too; collect them before Connection goes.
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(text) = value.to_str() else { continue };
+        for token in text.split(',') {
+            let token = token.trim();
+            if token.is_empty() {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                listed.push(name);
+            }
+        }
+    }
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    if headers
+        .keys()
+        .any(|name| name.as_str().starts_with("proxy-"))
+    {
+        let proxy_names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in proxy_names {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Whether the request asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
+pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|value| {
+            value.to_str().is_ok_and(|text| {
+                text.split(',')
+                    .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Adds the forwarding headers: appends the client to `X-Forwarded-For` (keeping the
+/// chain the client sent, every value in order), and sets `X-Real-IP`,
+/// `X-Forwarded-Proto` and `X-Forwarded-Host`.
+pub(crate) fn add_forwarding(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    scheme: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    let ip_text = client_ip.to_string();
+    let mut chain: Vec<u8> = Vec::new();
+    for value in headers.get_all(&X_FORWARDED_FOR) {
+        let value = value.as_bytes().trim_ascii();
+        if value.is_empty() {
+            continue;
+        }
+        chain.extend_from_slice(value);
+        chain.extend_from_slice(b", ");
+    }
+    chain.extend_from_slice(ip_text.as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&chain) {
+        headers.insert(&X_FORWARDED_FOR, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&ip_text) {
+        headers.insert(&X_REAL_IP, value);
+    }
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+    match host {
+        Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+}
+
+/// Joins the `cookie` fields an HTTP/2 client may send separately into one field for an
+/// HTTP/1.1 origin (RFC 9113 §8.2.3).
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("proxy-authorization", "basic"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-kept", "a"),
+            ("x-kept", "b"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-kept"]);
+        let kept: Vec<&[u8]> = headers
+            .get_all("x-kept")
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        assert_eq!(kept, [b"a".as_slice(), b"b"]);
+    }
+
+    #[test]
+    fn forwarded_for_keeps_the_chain_and_appends_the_client() {
+        let mut headers = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+        ]);
+        add_forwarding(
+            &mut headers,
+            "10.0.0.9".parse().unwrap(),
+            "https",
+            Some(&HeaderValue::from_static("www.example.com")),
+        );
+        assert_eq!(headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
+        assert_eq!(headers["x-real-ip"], "10.0.0.9");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-host"], "www.example.com");
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        assert!(wants_upgrade(&map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket")
+        ])));
+        assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn http2_cookie_fields_are_joined() {
+        let mut headers = map(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        join_cookies(&mut headers);
+        assert_eq!(headers["cookie"], "a=1; b=2");
+    }
+}

@@ -1,0 +1,317 @@
+//! The host table built from each snapshot: which domain a host belongs to, whether it is
+//! proxied and where its origin is.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use defenra_config::{Domain, EncryptionMode, Issue, Record, RecordData, Snapshot};
+use http::uri::Authority;
+
+use crate::HttpOptions;
+
+/// Longest host name accepted (RFC 1035 §2.3.4: 253 characters in text form).
+const MAX_HOST_LEN: usize = 253;
+
+/// How many CNAME records inside the served zones are followed to find an origin address.
+const MAX_CNAME_CHAIN: usize = 8;
+
+/// Every host the proxy answers for, compiled from one snapshot: the apex and every record
+/// name of every domain, wildcard records included. Immutable; `reload` builds a new one.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    /// Exact host names (lower case, no trailing dot).
+    exact: HashMap<Box<str>, Arc<Route>>,
+    /// Wildcard records keyed by their parent: `*.example.com` is stored as `example.com`.
+    wildcard: HashMap<Box<str>, Arc<Route>>,
+    /// CNAME origins outside the served zones and how long their resolved addresses may
+    /// be cached (the record's TTL, capped by the options).
+    cname_ttls: HashMap<Box<str>, Duration>,
+}
+
+/// One host (or wildcard) of one domain.
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub(crate) domain: Arc<Domain>,
+    /// The host has a record with `httpProxyEnabled`, or its domain has `httpProxy.enabled`.
+    pub(crate) proxied: bool,
+    /// Where requests go; `None` when no usable A, AAAA or CNAME record was found.
+    pub(crate) origin: Option<Origin>,
+}
+
+/// The origin of a route, fixed when the table is built.
+#[derive(Debug, Clone)]
+pub(crate) struct Origin {
+    pub(crate) kind: OriginKind,
+    /// `address:port` to dial: an IP literal or a name for the system resolver.
+    pub(crate) address: Authority,
+    /// For HTTPS origins of exact hosts: `host@address:port`, the client pool key that
+    /// also carries the server name to send and verify. Wildcard hosts build it per request.
+    pub(crate) tls_authority: Option<Authority>,
+}
+
+/// How the agent talks to an origin, from the domain's `ssl.encryptionMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OriginKind {
+    /// Plain HTTP (`off`, `flexible`).
+    Http,
+    /// HTTPS without certificate verification (`full`).
+    HttpsUnverified,
+    /// HTTPS verifying the certificate against the host name with the webpki roots
+    /// (`full_strict`).
+    HttpsVerified,
+}
+
+impl RouteTable {
+    /// Compiles the routes of `snapshot`. A host that appears in two domains belongs to the
+    /// more specific zone (`a.sub.example.com` to `sub.example.com`); the other is reported.
+    pub fn build(snapshot: &Snapshot, options: &HttpOptions, issues: &mut Vec<Issue>) -> Self {
+        let mut domains: Vec<(usize, &Arc<Domain>)> = snapshot.domains.iter().enumerate().collect();
+        // Most specific zone first, so it claims its names before a parent zone does.
+        domains.sort_by_key(|(_, domain)| std::cmp::Reverse(domain.name.len()));
+
+        // First pass: each host's own origin target, before CNAMEs are followed.
+        let mut hosts: HashMap<String, HostEntry> = HashMap::new();
+        for (index, domain) in domains {
+            let mut names: Vec<&str> = vec![domain.name.as_str()];
+            for record in &domain.records {
+                if !names.contains(&record.name.as_str()) {
+                    names.push(record.name.as_str());
+                }
+            }
+            for name in names {
+                if hosts.contains_key(name) {
+                    issues.push(Issue::new(
+                        format!("domains[{index}]"),
+                        format!("host {name} already belongs to a more specific domain; skipped"),
+                    ));
+                    continue;
+                }
+                let entry = HostEntry::new(domain, name);
+                hosts.insert(name.to_owned(), entry);
+            }
+        }
+
+        let mut table = RouteTable::default();
+        for (name, entry) in &hosts {
+            let target = resolve_target(&hosts, entry.target.clone());
+            let origin = target.and_then(|target| {
+                let (address, kind) = origin_address(&entry.domain, &target, options)?;
+                if let Target::Name { name, ttl } = &target {
+                    let ttl = Duration::from_secs(u64::from(*ttl)).min(options.origin_dns_max_ttl);
+                    table.cname_ttls.insert(name.as_str().into(), ttl);
+                }
+                let tls_authority = match kind {
+                    OriginKind::Http => None,
+                    _ if name.starts_with("*.") => None,
+                    _ => Authority::try_from(format!("{name}@{address}")).ok(),
+                };
+                Some(Origin {
+                    kind,
+                    address,
+                    tls_authority,
+                })
+            });
+            let route = Arc::new(Route {
+                domain: Arc::clone(&entry.domain),
+                proxied: entry.proxied,
+                origin,
+            });
+            match name.strip_prefix("*.") {
+                Some(parent) => table.wildcard.insert(parent.into(), route),
+                None => table.exact.insert(name.as_str().into(), route),
+            };
+        }
+        table
+    }
+
+    /// Number of hosts (wildcards included).
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `host` (any case, no port) has a route.
+    pub fn contains(&self, host: &str) -> bool {
+        with_lower_host(host, |host| self.find(host).is_some()).unwrap_or(false)
+    }
+
+    /// The route of `host` given in any case, without port: the exact name first, then the
+    /// nearest wildcard (`*.b.example.com`, then `*.example.com` for `a.b.example.com`).
+    pub(crate) fn lookup(&self, host: &str) -> Option<&Arc<Route>> {
+        with_lower_host(host, |host| self.find(host)).flatten()
+    }
+
+    /// The CNAME targets resolved by the system resolver and their cache time.
+    pub(crate) fn cname_ttl(&self, name: &str) -> Option<Duration> {
+        self.cname_ttls.get(name).copied()
+    }
+
+    fn find(&self, host: &str) -> Option<&Arc<Route>> {
+        if let Some(route) = self.exact.get(host) {
+            return Some(route);
+        }
+        let mut rest = host;
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(route) = self.wildcard.get(parent) {
+                return Some(route);
+            }
+            rest = parent;
+        }
+        None
+    }
+}
+
+/// Calls `f` with `host` lower-cased and without a trailing dot, using a stack buffer so
+/// that a lookup never allocates. `None` when the name is too long or not UTF-8.
+pub(crate) fn with_lower_host<T>(host: &str, f: impl FnOnce(&str) -> T) -> Option<T> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.len() > MAX_HOST_LEN || host.is_empty() {
+        return None;
+    }
+    if !host.bytes().any(|byte| byte.is_ascii_uppercase()) {
+        return Some(f(host));
+    }
+    let mut buffer = [0u8; MAX_HOST_LEN];
+    let lower = &mut buffer[..host.len()];
+    lower.copy_from_slice(host.as_bytes());
+    lower.make_ascii_lowercase();
+    std::str::from_utf8(lower).ok().map(f)
+}
+
+/// Splits the port off a Host header or `:authority` value (`example.com:8080`,
+/// `[2001:db8::1]:443`).
+pub(crate) fn strip_port(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest
+            .split_once(']')
+            .map_or(authority, |(literal, _)| literal);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|byte| byte.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// A host during table building.
+struct HostEntry {
+    domain: Arc<Domain>,
+    proxied: bool,
+    target: Option<Target>,
+}
+
+/// An origin before ports and schemes are applied.
+#[derive(Debug, Clone)]
+enum Target {
+    Ip(IpAddr),
+    /// A CNAME target; `ttl` is the CNAME record's.
+    Name {
+        name: String,
+        ttl: u32,
+    },
+}
+
+impl HostEntry {
+    fn new(domain: &Arc<Domain>, name: &str) -> Self {
+        let own: Vec<&Record> = domain.records.iter().filter(|r| r.name == name).collect();
+        let apex: Vec<&Record> = domain
+            .records
+            .iter()
+            .filter(|r| r.name == domain.name)
+            .collect();
+        let enabled = domain.http_proxy.enabled;
+        let proxied = enabled || own.iter().any(|record| record.http_proxy);
+        // The host's flagged record, then (for a domain proxied as a whole) any of its
+        // address records, then the same at the apex.
+        let target = pick(&own, true)
+            .or_else(|| enabled.then(|| pick(&own, false)).flatten())
+            .or_else(|| pick(&apex, true))
+            .or_else(|| enabled.then(|| pick(&apex, false)).flatten());
+        HostEntry {
+            domain: Arc::clone(domain),
+            proxied,
+            target,
+        }
+    }
+}
+
+fn pick(records: &[&Record], flagged_only: bool) -> Option<Target> {
+    records
+        .iter()
+        .filter(|record| record.http_proxy || !flagged_only)
+        .find_map(|record| match &record.data {
+            RecordData::A(ip) => Some(Target::Ip(IpAddr::V4(*ip))),
+            RecordData::Aaaa(ip) => Some(Target::Ip(IpAddr::V6(*ip))),
+            RecordData::Cname(name) => Some(Target::Name {
+                name: name.clone(),
+                ttl: record.ttl,
+            }),
+            _ => None,
+        })
+}
+
+/// Follows CNAMEs that point at hosts of the served zones (the system resolver would answer
+/// with this agent's own address for a proxied host, and the request would loop).
+fn resolve_target(hosts: &HashMap<String, HostEntry>, target: Option<Target>) -> Option<Target> {
+    let mut target = target?;
+    for _ in 0..MAX_CNAME_CHAIN {
+        let Target::Name { name, .. } = &target else {
+            return Some(target);
+        };
+        match hosts.get(name) {
+            Some(entry) => target = entry.target.clone()?,
+            None => return Some(target),
+        }
+    }
+    // A loop of CNAMEs inside the served zones has no origin.
+    None
+}
+
+fn origin_address(
+    domain: &Domain,
+    target: &Target,
+    options: &HttpOptions,
+) -> Option<(Authority, OriginKind)> {
+    let (kind, port) = match domain.encryption_mode {
+        EncryptionMode::Off | EncryptionMode::Flexible => {
+            (OriginKind::Http, options.origin_http_port)
+        }
+        EncryptionMode::Full => (OriginKind::HttpsUnverified, options.origin_https_port),
+        EncryptionMode::FullStrict => (OriginKind::HttpsVerified, options.origin_https_port),
+    };
+    let text = match target {
+        Target::Ip(IpAddr::V4(ip)) => format!("{ip}:{port}"),
+        Target::Ip(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        Target::Name { name, .. } => format!("{name}:{port}"),
+    };
+    Authority::try_from(text)
+        .ok()
+        .map(|address| (address, kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_names_and_ipv6_literals() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[2001:db8::1]:443"), "2001:db8::1");
+        assert_eq!(strip_port("[2001:db8::1]"), "2001:db8::1");
+    }
+
+    #[test]
+    fn hosts_are_lower_cased_without_allocating_and_long_names_refused() {
+        assert_eq!(
+            with_lower_host("WWW.Example.COM.", str::to_owned).as_deref(),
+            Some("www.example.com")
+        );
+        assert_eq!(with_lower_host(&"a".repeat(300), |_| ()), None);
+        assert_eq!(with_lower_host("", |_| ()), None);
+    }
+}

@@ -1,0 +1,283 @@
+//! Listener loops: accept under a connection limit, TLS handshake, hyper connection with
+//! slow-client timeouts, idle close and graceful shutdown.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::rt::{Read, Write};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::proxy::Conn;
+use crate::stats::{Event, ListenerStats};
+use crate::{HttpError, HttpOptions, HttpService};
+
+/// hyper refuses read buffers smaller than this.
+const MIN_HEADER_BUFFER: usize = 8 * 1024;
+
+/// Pause after an accept error (out of file descriptors, say) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Which listener a connection arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listener {
+    Http,
+    Https,
+}
+
+impl Listener {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Listener::Http => "http",
+            Listener::Https => "https",
+        }
+    }
+
+    /// The scheme clients used, for `X-Forwarded-Proto` and the WAF.
+    pub(crate) fn scheme(self) -> &'static str {
+        self.name()
+    }
+}
+
+/// Accepts connections until `shutdown`, then waits for every connection and tunnel.
+pub(crate) async fn serve(
+    service: Arc<HttpService>,
+    listener: TcpListener,
+    kind: Listener,
+    shutdown: CancellationToken,
+) -> Result<(), HttpError> {
+    let local = listener
+        .local_addr()
+        .map_err(|source| HttpError::LocalAddr {
+            listener: kind.name(),
+            source,
+        })?;
+    let builder = Arc::new(server_builder(&service.options));
+    let limit = Arc::new(Semaphore::new(service.options.max_connections.max(1)));
+    let tracker = TaskTracker::new();
+    tracing::info!(listener = kind.name(), address = %local, "listening");
+    loop {
+        // Waiting for a permit before accepting leaves excess clients in the kernel's
+        // backlog instead of accepting and dropping them.
+        let permit = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            permit = Arc::clone(&limit).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break, // never closed
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    service.stats.count(Event::AcceptError);
+                    tracing::warn!(listener = kind.name(), %error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(Conn {
+            service: Arc::clone(&service),
+            peer,
+            listener: kind,
+            local_port: local.port(),
+            tunnels: tracker.clone(),
+            shutdown: shutdown.clone(),
+        });
+        tracker.spawn(serve_connection(conn, stream, Arc::clone(&builder), permit));
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!(listener = kind.name(), address = %local, "stopped");
+    Ok(())
+}
+
+fn server_builder(options: &HttpOptions) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        // The slowloris guard: a request head must arrive whole within this time. hyper
+        // starts the timer when it waits for a head, so it also bounds keep-alive idle time.
+        .header_read_timeout(options.header_read_timeout)
+        // A head that does not fit this buffer is answered with 431.
+        .max_buf_size(options.max_header_bytes.max(MIN_HEADER_BUFFER));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    builder
+}
+
+async fn serve_connection(
+    conn: Arc<Conn>,
+    stream: TcpStream,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let stats = Arc::clone(&conn.service.stats);
+    let listener_stats = stats.listener(conn.listener);
+    listener_stats.connection_opened();
+    let meter = Arc::new(Meter::default());
+    let io = Metered {
+        inner: stream,
+        meter: Arc::clone(&meter),
+    };
+    match conn.listener {
+        Listener::Http => drive(&conn, TokioIo::new(io), &builder, &meter).await,
+        Listener::Https => {
+            let timeout = conn.service.options.header_read_timeout;
+            let handshake = conn.service.tls_acceptor.accept(io);
+            match tokio::time::timeout(timeout, handshake).await {
+                Ok(Ok(tls)) => drive(&conn, TokioIo::new(tls), &builder, &meter).await,
+                Ok(Err(error)) => {
+                    stats.count(Event::TlsHandshakeFailure);
+                    tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed");
+                }
+                Err(_) => {
+                    stats.count(Event::TlsHandshakeFailure);
+                    tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
+                }
+            }
+        }
+    }
+    meter.flush_into(listener_stats);
+    listener_stats.connection_closed();
+}
+
+/// Runs hyper on one connection. Closes it gracefully when the listener shuts down or when
+/// no byte moved for a whole keep-alive period (an in-flight exchange finishes first).
+async fn drive<I>(conn: &Arc<Conn>, io: I, builder: &auto::Builder<TokioExecutor>, meter: &Meter)
+where
+    I: Read + Write + Unpin + Send + 'static,
+{
+    let service = {
+        let conn = Arc::clone(conn);
+        service_fn(move |request| Arc::clone(&conn).handle(request))
+    };
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    let listener_stats = conn.service.stats.listener(conn.listener);
+    let period = conn.service.options.keepalive_timeout;
+    let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(peer = %conn.peer, %error, "connection ended with an error");
+                }
+                break;
+            }
+            () = conn.shutdown.cancelled(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = idle_check.tick(), if !closing => {
+                if !meter.flush_into(listener_stats) {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Bytes moved on one connection since the last flush into the listener's counters.
+/// Only this connection's task touches it, so the atomics are never contended.
+#[derive(Debug, Default)]
+struct Meter {
+    received: AtomicU64,
+    sent: AtomicU64,
+}
+
+impl Meter {
+    /// Adds the bytes moved since the last call to `stats`; false when none moved.
+    fn flush_into(&self, stats: &ListenerStats) -> bool {
+        let received = self.received.swap(0, Relaxed);
+        let sent = self.sent.swap(0, Relaxed);
+        stats.add_bytes(received, sent);
+        received > 0 || sent > 0
+    }
+}
+
+/// A client socket that counts the bytes it moves.
+struct Metered {
+    inner: TcpStream,
+    meter: Arc<Meter>,
+}
+
+impl AsyncRead for Metered {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let read = buf.filled().len().saturating_sub(before);
+        if read > 0 {
+            this.meter.received.fetch_add(read as u64, Relaxed);
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Metered {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = &poll {
+            this.meter.sent.fetch_add(*written as u64, Relaxed);
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(written)) = &poll {
+            this.meter.sent.fetch_add(*written as u64, Relaxed);
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
