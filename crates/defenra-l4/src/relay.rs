@@ -1,14 +1,18 @@
 //! Bidirectional byte copy between client and destination, with half-close and idle timeout.
+//!
+//! Each direction starts with a small userspace buffer. On Linux, once one read fills that
+//! buffer (a bulk transfer), the direction switches to `splice(2)` through a pipe, which
+//! measured 35-55% less CPU per byte than userspace copying (docs/l4.md). Short
+//! request/response connections never pay for the pipe.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// How a relay ended when it did not end with both sides closing cleanly.
+/// How a relay ended without an I/O error.
 #[derive(Debug)]
 pub(crate) enum RelayEnd {
     /// Both directions reached EOF and were shut down.
@@ -17,42 +21,32 @@ pub(crate) enum RelayEnd {
     Idle,
 }
 
+/// How the bytes of one direction are copied.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CopyMode {
+    /// Userspace buffer size, per direction.
+    pub(crate) buffer_size: usize,
+    /// Switch to `splice(2)` once a read fills the buffer (Linux only; ignored elsewhere).
+    pub(crate) splice: bool,
+}
+
 /// Copies both ways until both directions have seen EOF, one fails, or nothing moves for
 /// `idle_timeout`. On EOF from one side the other side's write half is shut down and the
 /// opposite direction keeps flowing (TCP half-close).
-///
-/// Userspace copy with one `buffer_size` buffer per direction; see docs/l4.md for why this
-/// is not `splice`.
 pub(crate) async fn relay(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
-    buffer_size: usize,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    mode: CopyMode,
     idle_timeout: Duration,
     from_client: &AtomicU64,
     to_client: &AtomicU64,
 ) -> io::Result<RelayEnd> {
-    let start = Instant::now();
-    // Milliseconds since `start` of the last byte moved. Both directions run in this task,
-    // an atomic only because the future must be `Send`.
-    let last_activity = AtomicU64::new(0);
-    let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
-    let upstream_bound = copy_until_eof(
-        &mut client_read,
-        &mut upstream_write,
-        buffer_size,
-        from_client,
-        &last_activity,
-        start,
-    );
-    let client_bound = copy_until_eof(
-        &mut upstream_read,
-        &mut client_write,
-        buffer_size,
-        to_client,
-        &last_activity,
-        start,
-    );
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
+    let upstream_bound = pump(client, upstream, mode, from_client, &activity);
+    let client_bound = pump(upstream, client, mode, to_client, &activity);
     tokio::pin!(upstream_bound, client_bound);
     let mut upstream_done = false;
     let mut client_done = false;
@@ -69,10 +63,9 @@ pub(crate) async fn relay(
                 client_done = true;
             }
             () = &mut idle => {
-                // Re-arm from the last activity instead of resetting the timer on every
-                // read: the timer fires at most once per idle period.
-                let last = start + Duration::from_millis(last_activity.load(Relaxed));
-                let deadline = last + idle_timeout;
+                // Re-armed from the last activity instead of reset on every read: the timer
+                // fires at most once per idle period.
+                let deadline = activity.last() + idle_timeout;
                 if deadline <= Instant::now() {
                     return Ok(RelayEnd::Idle);
                 }
@@ -83,28 +76,86 @@ pub(crate) async fn relay(
     Ok(RelayEnd::Closed)
 }
 
-async fn copy_until_eof<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    buffer_size: usize,
-    counter: &AtomicU64,
-    last_activity: &AtomicU64,
+/// When a byte last moved. Both directions run in one task; the atomic is only there
+/// because the future must be `Send`.
+pub(crate) struct Activity {
     start: Instant,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin + ?Sized,
-    W: AsyncWrite + Unpin + ?Sized,
-{
-    let mut buffer = vec![0u8; buffer_size.max(1024)];
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Relaxed))
+    }
+}
+
+/// One direction: `from` → `to` until EOF, then shut down `to`'s write side.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    mode: CopyMode,
+    counter: &AtomicU64,
+    activity: &Activity,
+) -> io::Result<()> {
+    let mut buffer = vec![0u8; mode.buffer_size.max(1024)];
     loop {
-        let n = reader.read(&mut buffer).await?;
+        let n = read(from, &mut buffer).await?;
         if n == 0 {
-            // EOF from this side: pass the FIN on and leave the other direction open.
-            writer.shutdown().await?;
-            return Ok(());
+            return shutdown_write(to);
         }
-        writer.write_all(&buffer[..n]).await?;
+        write_all(to, &buffer[..n]).await?;
         counter.fetch_add(n as u64, Relaxed);
-        last_activity.store(start.elapsed().as_millis() as u64, Relaxed);
+        activity.touch();
+        #[cfg(target_os = "linux")]
+        if mode.splice && n == buffer.len() {
+            // A full buffer means bulk data: move the rest through the kernel. If no pipe
+            // can be had (out of file descriptors), keep copying here.
+            match crate::splice::Pipe::new() {
+                Ok(pipe) => {
+                    drop(buffer);
+                    return crate::splice::pump(from, to, pipe, counter, activity).await;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "no pipe for splice; copying in userspace");
+                }
+            }
+        }
+    }
+}
+
+async fn read(stream: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read(buffer) {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return result,
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+/// Sends FIN to `stream`'s peer; reading from it stays possible.
+pub(crate) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+        // The peer already closed both ways; nothing left to tell it.
+        Err(error) if error.kind() == io::ErrorKind::NotConnected => Ok(()),
+        result => result,
     }
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::proxy_protocol;
-use crate::relay::{RelayEnd, relay};
+use crate::relay::{CopyMode, RelayEnd, relay};
 use crate::resolve::Target;
 use crate::stats::GaugeGuard;
 use crate::supervisor::{ListenerContext, bind_with_retry};
@@ -160,7 +160,7 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
-    async fn forward(&self, mut client: TcpStream) -> Result<RelayEnd, ForwardError> {
+    async fn forward(&self, client: TcpStream) -> Result<RelayEnd, ForwardError> {
         // Small writes (interactive protocols, TLS handshakes) must not wait for Nagle.
         let _ = client.set_nodelay(true);
         let deadline = Instant::now() + self.options.connect_timeout;
@@ -176,10 +176,14 @@ impl Connection<'_> {
                 .await
                 .map_err(ForwardError::Relay)?;
         }
+        let mode = CopyMode {
+            buffer_size: self.options.tcp_buffer_size,
+            splice: self.options.splice,
+        };
         relay(
-            &mut client,
-            &mut upstream,
-            self.options.tcp_buffer_size,
+            &client,
+            &upstream,
+            mode,
             self.options.idle_timeout,
             &self.stats.bytes_from_client_total,
             &self.stats.bytes_to_client_total,

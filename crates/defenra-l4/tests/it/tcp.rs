@@ -33,9 +33,22 @@ fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_of_16_mib_each_way_arrives_intact() {
+    bulk_echo(options()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_of_16_mib_each_way_arrives_intact_without_splice() {
+    bulk_echo(L4Options {
+        splice: false,
+        ..options()
+    })
+    .await;
+}
+
+async fn bulk_echo(options: L4Options) {
     let echo = EchoServer::start(None).await;
     let entry = proxy(L4Protocol::Tcp, free_port(L4Protocol::Tcp), echo.address);
-    let agent = Agent::start(std::slice::from_ref(&entry), options()).await;
+    let agent = Agent::start(std::slice::from_ref(&entry), options).await;
 
     const SIZE: usize = 16 << 20;
     let data = pattern(SIZE, 0x9e37_79b9_7f4a_7c15);
