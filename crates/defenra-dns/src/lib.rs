@@ -1,1 +1,163 @@
-//! defenra-dns
+//! The Defenra agent's authoritative DNS server with GeoDNS answers.
+//!
+//! This crate owns the UDP and TCP listeners on `--dns-listen`, the [`ZoneIndex`] (every
+//! served name with its answers precompiled to wire bytes, rebuilt on each config
+//! snapshot) and the query handler. It must never recurse or forward, never read config
+//! files or flags, and never allocate, lock or do I/O beyond the client socket while
+//! answering a query.
+//!
+//! Start reading at [`DnsService`]: [`Reload`](defenra_config::Reload) builds the index,
+//! [`DnsService::serve`] runs the socket loops, and `answer.rs` turns one packet into one
+//! response.
+
+mod answer;
+mod server;
+mod stats;
+mod wire;
+mod zone;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use defenra_config::{Issue, Reload, Snapshot};
+use defenra_geo::GeoLookup;
+
+pub use answer::Transport;
+pub use server::DnsSockets;
+pub use stats::DnsStats;
+pub use zone::{GEO_TTL, ZoneIndex};
+
+/// Tunables of the DNS service. `DnsOptions::default()` is what the agent runs with.
+#[derive(Debug, Clone)]
+pub struct DnsOptions {
+    /// This agent's public address: the last resort of GeoDNS answers, and the address of
+    /// the synthesised `ns1.<zone>` when a zone has no NS records.
+    pub agent_ip: Option<IpAddr>,
+    /// The largest UDP response we send, whatever the client's EDNS buffer says. 1232
+    /// avoids IP fragmentation (DNS Flag Day 2020).
+    pub udp_payload_limit: u16,
+    /// A TCP connection with no query for this long is closed (RFC 7766 §6.2.3).
+    pub tcp_idle_timeout: Duration,
+    /// At most this many TCP connections at once; more are closed when accepted.
+    pub tcp_max_connections: usize,
+}
+
+impl Default for DnsOptions {
+    fn default() -> Self {
+        DnsOptions {
+            agent_ip: None,
+            udp_payload_limit: 1232,
+            tcp_idle_timeout: Duration::from_secs(10),
+            tcp_max_connections: 1024,
+        }
+    }
+}
+
+/// The authoritative DNS service. Construct it, hand it snapshots through
+/// [`Reload::reload`], and run [`DnsService::serve`] on sockets from [`DnsSockets::bind`].
+/// Before the first reload every query is REFUSED (no zone is served).
+pub struct DnsService {
+    /// The current index; each query does one load.
+    zones: ArcSwap<ZoneIndex>,
+    geo: Option<Arc<dyn GeoLookup>>,
+    options: DnsOptions,
+    stats: Arc<DnsStats>,
+}
+
+impl DnsService {
+    /// `geo` locates clients for GeoDNS; without it every GeoDNS answer comes from the
+    /// `default` key or `agent_ip`.
+    pub fn new(geo: Option<Arc<dyn GeoLookup>>, options: DnsOptions) -> Self {
+        DnsService {
+            zones: ArcSwap::from_pointee(ZoneIndex::default()),
+            geo,
+            options,
+            stats: Arc::new(DnsStats::default()),
+        }
+    }
+
+    /// The service's counters; `DnsStats` implements
+    /// [`StatsSource`](defenra_config::stats::StatsSource) as service `dns`.
+    pub fn stats(&self) -> Arc<DnsStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The options the service was built with.
+    pub fn options(&self) -> &DnsOptions {
+        &self.options
+    }
+
+    /// The current zone index.
+    pub fn zones(&self) -> Arc<ZoneIndex> {
+        self.zones.load_full()
+    }
+
+    /// Answers one query message as the socket loops do, writing the response into `out`
+    /// (cleared first). Returns false when the packet gets no response (too short to be a
+    /// query, or a response itself). Never panics, whatever `packet` holds.
+    pub fn answer(
+        &self,
+        packet: &[u8],
+        source: IpAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.subsec_nanos());
+        self.answer_with(
+            packet,
+            source,
+            transport,
+            u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            out,
+        )
+    }
+
+    fn answer_with(
+        &self,
+        packet: &[u8],
+        source: IpAddr,
+        transport: Transport,
+        random: u64,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let index = self.zones.load();
+        let context = answer::Context {
+            index: &index,
+            geo: self.geo.as_deref(),
+            stats: &self.stats,
+            udp_payload_limit: self.options.udp_payload_limit,
+        };
+        answer::handle(&context, packet, source, transport, random, out)
+    }
+}
+
+impl Reload for DnsService {
+    fn reload(&self, snapshot: &Arc<Snapshot>, issues: &mut Vec<Issue>) {
+        let index = ZoneIndex::build(snapshot, self.options.agent_ip, issues);
+        self.stats.reloaded(index.n_zones(), index.n_records());
+        self.zones.store(Arc::new(index));
+    }
+}
+
+/// Why the DNS service could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DnsError {
+    #[error("cannot bind dns {protocol} socket on {addr}: {source}")]
+    Bind {
+        protocol: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dns socket on {addr} failed: {source}")]
+    Io {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,359 @@
+//! The query handler: one packet in, one response (or nothing) out, written into a reused
+//! buffer. No allocation, no lock, no I/O.
+
+use std::net::IpAddr;
+
+use defenra_geo::GeoLookup;
+
+use crate::stats::DnsStats;
+use crate::wire::{
+    self, CLASS_ANY, CLASS_IN, ParseError, Query, Rcode, ResponseFlags, TYPE_A, TYPE_AAAA,
+    TYPE_ANY, TYPE_AXFR, TYPE_CNAME, TYPE_IXFR, TYPE_MAILA, TYPE_MAILB, TYPE_OPT,
+};
+use crate::zone::{RrSet, ZoneIndex, push_address_tail};
+
+/// Longest CNAME chain followed inside served zones.
+const MAX_CHAIN: usize = 8;
+/// Smallest UDP payload every client accepts (RFC 1035 §4.2.1).
+const MIN_UDP_PAYLOAD: u16 = 512;
+/// ECS scope of GeoDNS answers: the granularity of the GeoIP cache.
+const GEO_SCOPE_V4: u8 = 24;
+const GEO_SCOPE_V6: u8 = 56;
+
+/// How the query arrived; UDP responses are limited in size, TCP ones are not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What a handler needs besides the packet.
+pub(crate) struct Context<'a> {
+    pub(crate) index: &'a ZoneIndex,
+    pub(crate) geo: Option<&'a dyn GeoLookup>,
+    pub(crate) stats: &'a DnsStats,
+    /// The largest UDP payload we send, whatever the client offers (EDNS clamp).
+    pub(crate) udp_payload_limit: u16,
+}
+
+/// Answers `packet` from `source` into `out` (cleared first). Returns false when nothing
+/// is to be sent. `random` drives weighted pool choices.
+pub(crate) fn handle(
+    ctx: &Context<'_>,
+    packet: &[u8],
+    source: IpAddr,
+    transport: Transport,
+    random: u64,
+    out: &mut Vec<u8>,
+) -> bool {
+    out.clear();
+    ctx.stats.count_query(transport);
+    let query = match Query::parse(packet) {
+        Ok(query) => query,
+        Err(ParseError::Drop) => {
+            ctx.stats.count_dropped();
+            return false;
+        }
+        Err(ParseError::Reply(rcode)) => {
+            // Parse guarantees a 12-byte header when it asks for a reply.
+            let flags = u16::from_be_bytes([packet[2], packet[3]]);
+            out.resize(12, 0);
+            wire::write_header(
+                out,
+                u16::from_be_bytes([packet[0], packet[1]]),
+                &ResponseFlags {
+                    opcode: ((flags >> 11) & 0xf) as u8,
+                    authoritative: false,
+                    truncated: false,
+                    recursion_desired: flags & 0x0100 != 0,
+                    checking_disabled: flags & 0x0010 != 0,
+                    rcode,
+                },
+                [0; 4],
+            );
+            if rcode == Rcode::FormErr {
+                ctx.stats.count_malformed();
+            }
+            ctx.stats.count_rcode(rcode);
+            return true;
+        }
+    };
+
+    out.extend_from_slice(&packet[..query.question_end]);
+    let limit = match (transport, &query.edns) {
+        (Transport::Tcp, _) => usize::from(u16::MAX),
+        (Transport::Udp, None) => usize::from(MIN_UDP_PAYLOAD),
+        (Transport::Udp, Some(edns)) => usize::from(
+            edns.udp_size
+                .min(ctx.udp_payload_limit)
+                .max(MIN_UDP_PAYLOAD),
+        ),
+    };
+    let subnet = query.edns.and_then(|edns| edns.client_subnet);
+    if subnet.is_some() {
+        ctx.stats.count_ecs();
+    }
+
+    let answer = if query.edns.is_some_and(|edns| edns.version > 0) {
+        // RFC 6891 §6.1.3: BADVERS, answered with an OPT of the version we speak.
+        Answer::bare(Rcode::BadVers)
+    } else if query.qclass != CLASS_IN && query.qclass != CLASS_ANY {
+        Answer::bare(Rcode::Refused)
+    } else {
+        match query.qtype {
+            TYPE_OPT => Answer::bare(Rcode::FormErr),
+            // No zone transfers; old mail meta-types are not implemented.
+            TYPE_AXFR | TYPE_IXFR => Answer::bare(Rcode::Refused),
+            TYPE_MAILA | TYPE_MAILB => Answer::bare(Rcode::NotImp),
+            _ => {
+                let client = match subnet {
+                    // RFC 7871 §7.1.2: a /0 source asks us not to use the address.
+                    Some(subnet) if subnet.source_prefix > 0 => subnet.address,
+                    _ => source,
+                };
+                resolve(ctx, &query, client, random, out)
+            }
+        }
+    };
+
+    let scope = match (answer.geo, &subnet) {
+        (true, Some(subnet)) if subnet.family == 1 => GEO_SCOPE_V4,
+        (true, Some(_)) => GEO_SCOPE_V6,
+        _ => 0,
+    };
+    let mut counts = [1, answer.n_answers, answer.n_authority, 0];
+    let mut truncated = false;
+    if out.len() + query.edns.map_or(0, |_| wire::opt_len(subnet.as_ref())) > limit {
+        // RFC 2181 §9: set TC and send what fits; we send the question alone, and the
+        // client retries over TCP.
+        out.truncate(query.question_end);
+        counts[1] = 0;
+        counts[2] = 0;
+        truncated = true;
+        ctx.stats.count_truncated();
+    }
+    if let Some(edns) = query.edns {
+        counts[3] = 1;
+        wire::write_opt(
+            out,
+            ctx.udp_payload_limit.max(MIN_UDP_PAYLOAD),
+            answer.rcode,
+            edns.dnssec_ok,
+            subnet.as_ref().map(|subnet| (subnet, scope)),
+        );
+    }
+    wire::write_header(
+        out,
+        query.id,
+        &ResponseFlags {
+            opcode: query.opcode,
+            authoritative: answer.authoritative,
+            truncated,
+            recursion_desired: query.recursion_desired,
+            checking_disabled: query.checking_disabled,
+            rcode: answer.rcode,
+        },
+        counts,
+    );
+    ctx.stats.count_rcode(answer.rcode);
+    if answer.geo {
+        ctx.stats.count_geo();
+    }
+    if answer.rcode == Rcode::NoError && answer.n_answers == 0 && answer.authoritative {
+        ctx.stats.count_nodata();
+    }
+    true
+}
+
+/// What [`resolve`] wrote after the question.
+struct Answer {
+    rcode: Rcode,
+    authoritative: bool,
+    n_answers: u16,
+    n_authority: u16,
+    /// The answer came from the GeoDNS plan (its ECS scope is not 0).
+    geo: bool,
+}
+
+impl Answer {
+    fn bare(rcode: Rcode) -> Answer {
+        Answer {
+            rcode,
+            authoritative: false,
+            n_answers: 0,
+            n_authority: 0,
+            geo: false,
+        }
+    }
+}
+
+/// Where a name stands in the served zones.
+enum Lookup {
+    /// A node: the name itself, or the wildcard that synthesises it (RFC 4592).
+    Found(u32),
+    /// Inside zone `.0` but nonexistent.
+    NxDomain(u32),
+    /// In no served zone.
+    NotServed,
+}
+
+/// Exact match, else the closest encloser and its `*` child; the closest encloser also
+/// gives the zone, so the longest served zone always wins.
+fn find(index: &ZoneIndex, name: &[u8]) -> Lookup {
+    if let Some((id, _)) = index.node_by_name(name) {
+        return Lookup::Found(id);
+    }
+    let mut rest = name;
+    while let Some(dot) = rest.iter().position(|&byte| byte == b'.') {
+        rest = &rest[dot + 1..];
+        if let Some((_, encloser)) = index.node_by_name(rest) {
+            return match encloser.wildcard {
+                Some(wildcard) => Lookup::Found(wildcard),
+                None => Lookup::NxDomain(encloser.zone),
+            };
+        }
+    }
+    Lookup::NotServed
+}
+
+/// The owner name of records being written.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    /// The question's name, as a compression pointer to offset 12 (so it keeps the
+    /// client's case).
+    Question,
+    /// A name in wire form (a CNAME target).
+    Wire(&'a [u8]),
+}
+
+impl Owner<'_> {
+    fn write(self, out: &mut Vec<u8>) {
+        match self {
+            Owner::Question => out.extend_from_slice(&[0xc0, 0x0c]),
+            Owner::Wire(name) => out.extend_from_slice(name),
+        }
+    }
+}
+
+fn resolve(
+    ctx: &Context<'_>,
+    query: &Query,
+    client: IpAddr,
+    random: u64,
+    out: &mut Vec<u8>,
+) -> Answer {
+    let index = ctx.index;
+    let mut answer = Answer {
+        rcode: Rcode::NoError,
+        authoritative: true,
+        n_answers: 0,
+        n_authority: 0,
+        geo: false,
+    };
+    let mut node_id = match find(index, query.name()) {
+        Lookup::Found(id) => id,
+        Lookup::NxDomain(zone) => {
+            answer.rcode = Rcode::NxDomain;
+            push_soa(index, zone, out, &mut answer);
+            return answer;
+        }
+        Lookup::NotServed => {
+            // RFC 1035 §4.1.1 REFUSED: not our zone, and we do not recurse.
+            return Answer::bare(Rcode::Refused);
+        }
+    };
+    let qtype = query.qtype;
+    let mut owner = Owner::Question;
+    let mut visited = [u32::MAX; MAX_CHAIN];
+    for depth in 0..=MAX_CHAIN {
+        let node = index.node(node_id);
+
+        if let Some(ttl) = node.geo_ttl
+            && matches!(qtype, TYPE_A | TYPE_AAAA | TYPE_ANY)
+        {
+            let plan = index.zone(node.zone).plan.as_ref();
+            let place = ctx.geo.and_then(|geo| geo.place(client));
+            match plan.and_then(|plan| plan.choose(qtype != TYPE_AAAA, place, random)) {
+                Some(selection) => {
+                    for ip in selection.addresses {
+                        owner.write(out);
+                        push_address_tail(out, *ip, ttl);
+                    }
+                    answer.n_answers += selection.addresses.len() as u16;
+                    answer.geo = true;
+                }
+                None => push_soa(index, node.zone, out, &mut answer),
+            }
+            return answer;
+        }
+
+        if let Some(cname) = &node.cname
+            && qtype != TYPE_CNAME
+        {
+            push_rrset(out, owner, &cname.rrset);
+            answer.n_answers += 1;
+            if depth == MAX_CHAIN {
+                return answer;
+            }
+            visited[depth] = node_id;
+            // RFC 1034 §4.3.2 step 3a: restart at the target when it is ours.
+            match find(index, &cname.target) {
+                Lookup::Found(next) if !visited.contains(&next) => {
+                    node_id = next;
+                    owner = Owner::Wire(&cname.target_wire);
+                    continue;
+                }
+                // A loop: stop with what we have.
+                Lookup::Found(_) | Lookup::NotServed => return answer,
+                Lookup::NxDomain(zone) => {
+                    // RFC 6604 §3: the rcode describes the last name in the chain.
+                    answer.rcode = Rcode::NxDomain;
+                    push_soa(index, zone, out, &mut answer);
+                    return answer;
+                }
+            }
+        }
+
+        let rrset = if qtype == TYPE_ANY {
+            // RFC 8482 §4.1: answer ANY with one RRset.
+            node.rrsets.first()
+        } else {
+            node.rrsets.iter().find(|rrset| rrset.rtype == qtype)
+        };
+        match rrset {
+            Some(rrset) => {
+                push_rrset(out, owner, rrset);
+                answer.n_answers += rrset.count;
+            }
+            None if qtype == TYPE_CNAME && node.cname.is_some() => {
+                if let Some(cname) = &node.cname {
+                    push_rrset(out, owner, &cname.rrset);
+                    answer.n_answers += 1;
+                }
+            }
+            // NODATA (RFC 2308 §2.2): the name exists, the type does not.
+            None => push_soa(index, node.zone, out, &mut answer),
+        }
+        return answer;
+    }
+    answer
+}
+
+/// Appends the zone's SOA to the authority section.
+fn push_soa(index: &ZoneIndex, zone: u32, out: &mut Vec<u8>, answer: &mut Answer) {
+    let zone = index.zone(zone);
+    push_rrset(out, Owner::Wire(&zone.apex_wire), &zone.negative_soa);
+    answer.n_authority += 1;
+}
+
+/// Appends every record of `rrset` under `owner`.
+fn push_rrset(out: &mut Vec<u8>, owner: Owner<'_>, rrset: &RrSet) {
+    let mut rest: &[u8] = &rrset.bytes;
+    while rest.len() >= 10 {
+        let rdlength = usize::from(u16::from_be_bytes([rest[8], rest[9]]));
+        let end = (10 + rdlength).min(rest.len());
+        owner.write(out);
+        out.extend_from_slice(&rest[..end]);
+        rest = &rest[end..];
+    }
+}

@@ -1,0 +1,234 @@
+//! Authoritative semantics: REFUSED, NXDOMAIN and NODATA with SOA, zone cuts between served
+//! zones, CNAME chasing, wildcards, empty non-terminals, case, ANY.
+
+use hickory_proto::rr::RecordType;
+
+use crate::support::{TestServer, ZONE, query};
+
+const SOA: &str = "example.com. 60 SOA ns1.example.com. hostmaster.example.com.";
+
+async fn check_prefix(server: &TestServer, question: &str, expected_prefix: &str) {
+    let response = server.udp(&crate::support::query_text(question)).await;
+    let rendered = crate::support::render(&response);
+    assert!(
+        rendered.starts_with(expected_prefix),
+        "question {question}\n  got: {rendered}\n want: {expected_prefix}..."
+    );
+}
+
+#[tokio::test]
+async fn names_outside_served_zones_are_refused_without_aa() {
+    let server = TestServer::start(ZONE).await;
+    server.check("example.org. A", "REFUSED").await;
+    server.check("com. NS", "REFUSED").await;
+    server.check(". NS", "REFUSED").await;
+    server.check("badexample.com. A", "REFUSED").await;
+}
+
+#[tokio::test]
+async fn missing_names_are_nxdomain_and_missing_types_nodata_with_soa() {
+    let server = TestServer::start(ZONE).await;
+    check_prefix(
+        &server,
+        "nope.example.com. A",
+        &format!("NXDOMAIN aa | authority: {SOA}"),
+    )
+    .await;
+    check_prefix(
+        &server,
+        "www.example.com. MX",
+        &format!("NOERROR aa | authority: {SOA}"),
+    )
+    .await;
+    // An empty non-terminal exists (RFC 8020): NODATA, not NXDOMAIN.
+    check_prefix(
+        &server,
+        "b.deep.example.com. A",
+        &format!("NOERROR aa | authority: {SOA}"),
+    )
+    .await;
+    check_prefix(
+        &server,
+        "deep.example.com. A",
+        &format!("NOERROR aa | authority: {SOA}"),
+    )
+    .await;
+    // Unknown types are NODATA too.
+    check_prefix(
+        &server,
+        "www.example.com. HINFO",
+        &format!("NOERROR aa | authority: {SOA}"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_longest_served_zone_wins() {
+    let server = TestServer::start(ZONE).await;
+    server
+        .check(
+            "shop.example.com. A",
+            "NOERROR aa | answer: shop.example.com. 300 A 198.51.100.1",
+        )
+        .await;
+    // `in.shop` configured in example.com lies inside shop.example.com: shop's record wins.
+    server
+        .check(
+            "in.shop.example.com. A",
+            "NOERROR aa | answer: in.shop.example.com. 300 A 198.51.100.2",
+        )
+        .await;
+    check_prefix(
+        &server,
+        "nope.shop.example.com. A",
+        "NXDOMAIN aa | authority: shop.example.com. 60 SOA ns1.shop.example.com.",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_record_inside_another_served_zone_is_reported() {
+    let server = TestServer::start(ZONE).await;
+    let issues = server.load(ZONE);
+    assert!(
+        issues
+            .iter()
+            .any(|issue| issue.message.contains("in.shop.example.com")),
+        "{issues:?}"
+    );
+}
+
+#[tokio::test]
+async fn cname_answers_any_type_and_is_chased_inside_served_zones() {
+    let server = TestServer::start(ZONE).await;
+    server
+        .check(
+            "alias.example.com. A",
+            "NOERROR aa | answer: alias.example.com. 300 CNAME www.example.com.; \
+             www.example.com. 120 A 192.0.2.10; www.example.com. 120 A 192.0.2.11",
+        )
+        .await;
+    server
+        .check(
+            "alias2.example.com. A",
+            "NOERROR aa | answer: alias2.example.com. 300 CNAME alias.example.com.; \
+             alias.example.com. 300 CNAME www.example.com.; \
+             www.example.com. 120 A 192.0.2.10; www.example.com. 120 A 192.0.2.11",
+        )
+        .await;
+    // The CNAME itself when asked for.
+    server
+        .check(
+            "alias.example.com. CNAME",
+            "NOERROR aa | answer: alias.example.com. 300 CNAME www.example.com.",
+        )
+        .await;
+    // Chased target without the type: NODATA with the target zone's SOA.
+    check_prefix(
+        &server,
+        "alias.example.com. MX",
+        &format!(
+            "NOERROR aa | answer: alias.example.com. 300 CNAME www.example.com. | authority: {SOA}"
+        ),
+    )
+    .await;
+    // A target outside every served zone is left to the resolver.
+    server
+        .check(
+            "outside.example.com. A",
+            "NOERROR aa | answer: outside.example.com. 300 CNAME target.example.net.",
+        )
+        .await;
+    // A missing in-zone target: NXDOMAIN for the last name (RFC 6604).
+    check_prefix(
+        &server,
+        "dangling.example.com. A",
+        &format!(
+            "NXDOMAIN aa | answer: dangling.example.com. 300 CNAME missing.example.com. | authority: {SOA}"
+        ),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cname_loops_stop() {
+    let server = TestServer::start(ZONE).await;
+    server
+        .check(
+            "loop1.example.com. A",
+            "NOERROR aa | answer: loop1.example.com. 300 CNAME loop2.example.com.; \
+             loop2.example.com. 300 CNAME loop1.example.com.",
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn wildcards_synthesise_only_where_no_name_exists() {
+    let server = TestServer::start(ZONE).await;
+    server
+        .check(
+            "anything.wild.example.com. A",
+            "NOERROR aa | answer: anything.wild.example.com. 300 A 192.0.2.30",
+        )
+        .await;
+    // RFC 4592 §2.2.1: the wildcard covers one level below its closest encloser only
+    // when nothing closer exists; x.anything.wild has closest encloser wild too.
+    server
+        .check(
+            "x.anything.wild.example.com. A",
+            "NOERROR aa | answer: x.anything.wild.example.com. 300 A 192.0.2.30",
+        )
+        .await;
+    // An existing name is not covered by the wildcard, even for a type it lacks.
+    check_prefix(
+        &server,
+        "host.wild.example.com. A",
+        &format!("NOERROR aa | authority: {SOA}"),
+    )
+    .await;
+    // Below an existing name with no wildcard of its own: NXDOMAIN.
+    check_prefix(
+        &server,
+        "a.host.wild.example.com. A",
+        &format!("NXDOMAIN aa | authority: {SOA}"),
+    )
+    .await;
+    // The wildcard type check: NODATA for a type the wildcard lacks.
+    check_prefix(
+        &server,
+        "other.wild.example.com. MX",
+        &format!("NOERROR aa | authority: {SOA}"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn names_are_case_insensitive_and_the_question_is_echoed_as_sent() {
+    let server = TestServer::start(ZONE).await;
+    let response = server.udp(&query("WwW.ExAmPlE.cOm.", RecordType::A)).await;
+    assert_eq!(response.queries[0].name().to_string(), "WwW.ExAmPlE.cOm.");
+    assert_eq!(response.answers.len(), 2);
+    assert!(response.metadata.authoritative);
+    assert_eq!(response.metadata.id, 0x5eed);
+    assert!(response.metadata.recursion_desired);
+    assert!(!response.metadata.recursion_available);
+}
+
+#[tokio::test]
+async fn any_gets_a_minimal_answer() {
+    let server = TestServer::start(ZONE).await;
+    let response = server.udp(&query("example.com.", RecordType::ANY)).await;
+    assert_eq!(response.answers.len(), 1, "{:?}", response.answers);
+    let types: std::collections::BTreeSet<_> = response
+        .answers
+        .iter()
+        .map(|record| record.record_type())
+        .collect();
+    assert_eq!(types.len(), 1);
+}
+
+#[tokio::test]
+async fn before_the_first_config_everything_is_refused() {
+    let server = TestServer::start(r#"{"domains":[]}"#).await;
+    server.check("example.com. A", "REFUSED").await;
+}
