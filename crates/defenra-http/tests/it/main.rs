@@ -1,0 +1,9 @@
+//! Integration tests: a real proxy on loopback listeners in front of a real test origin.
+
+mod bodies;
+mod headers;
+mod limits;
+mod protocols;
+mod routing;
+mod support;
+mod tls;
