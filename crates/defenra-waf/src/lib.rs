@@ -1,22 +1,68 @@
 //! Per-domain Lua firewall rules with an OpenResty-compatible `ngx` API.
 //!
-//! SKELETON: the public API below is the contract `defenra-http` calls; the engine itself
-//! (mlua sandbox, ngx API, shared dicts, budgets) is being built under issue 5. Until then
-//! every request is allowed.
+//! This crate owns the WAF: it compiles each domain's `luaCode` when a snapshot arrives,
+//! runs it for every request of that domain in a sandboxed LuaJIT state, and answers with a
+//! [`Verdict`] the HTTP proxy acts on without knowing Lua. It also owns the `ngx.shared`
+//! dictionaries, which outlive reloads.
+//!
+//! It must never let a script hurt the agent: no file, process, network or environment
+//! access, no `load`, no `debug`, no JIT (so the instruction budget always applies), a
+//! memory cap per state, and no state shared between requests except the dictionaries.
+//! It never does I/O on the request path and never prints.
+//!
+//! Start reading at [`WafEngine::check`] (engine.rs), then `sandbox.rs` and `sandbox.lua`
+//! for the sandbox, and `api.rs` for the `ngx` functions. `docs/waf.md` lists the API.
+
+mod api;
+mod clock;
+mod dict;
+mod engine;
+mod limit;
+mod re;
+mod sandbox;
+mod stats;
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use defenra_config::stats::{Metric, StatsSource};
-use defenra_config::{Issue, Reload, Snapshot};
 use http::{HeaderMap, Method, StatusCode, Uri};
 
-/// Engine settings.
-#[derive(Debug, Clone, Default)]
+pub use clock::Clock;
+pub use engine::{WafEngine, check_scripts};
+pub use stats::{DomainCounters, WafStats};
+
+/// Engine settings. `Default` gives the production values.
+#[derive(Debug, Clone)]
 pub struct WafOptions {
     /// Answer 503 instead of letting the request through when a script fails.
     pub fail_closed: bool,
+    /// VM instructions one run may execute before it is aborted (checked every 1000).
+    pub instruction_budget: u64,
+    /// Wall time one run may take before it is aborted (checked every 1000 instructions).
+    pub time_budget: Duration,
+    /// Memory cap of each Lua state (one per worker thread), in bytes.
+    pub memory_limit: usize,
+    /// Byte cap of each `ngx.shared` dictionary; least recently used entries go first.
+    pub dict_capacity: usize,
+    /// Most dictionaries scripts may create (a dict exists once a script names it).
+    pub max_dicts: usize,
+    /// Time source for dictionary TTLs and `ngx.time`/`ngx.now`.
+    pub clock: Clock,
+}
+
+impl Default for WafOptions {
+    fn default() -> Self {
+        WafOptions {
+            fail_closed: false,
+            instruction_budget: 10_000_000,
+            time_budget: Duration::from_millis(50),
+            memory_limit: 64 << 20,
+            dict_capacity: 16 << 20,
+            max_dicts: 32,
+            clock: Clock::system(),
+        }
+    }
 }
 
 /// What the HTTP proxy knows about a request when it asks the WAF.
@@ -50,57 +96,5 @@ pub enum Verdict {
     },
 }
 
-/// The Lua WAF. One per agent; `reload` compiles every domain's script.
-#[derive(Default)]
-pub struct WafEngine {
-    options: WafOptions,
-    stats: Arc<WafStats>,
-}
-
-impl WafEngine {
-    pub fn new(options: WafOptions) -> Self {
-        WafEngine {
-            options,
-            stats: Arc::default(),
-        }
-    }
-
-    /// Whether `domain` has a script; requests of other domains need no WAF call.
-    pub fn has_script(&self, _domain: &str) -> bool {
-        let _ = &self.options;
-        false
-    }
-
-    /// Runs `request.domain`'s script. Synchronous and bounded by the per-request budget.
-    pub fn check(&self, _request: &RequestInfo<'_>) -> Verdict {
-        Verdict::Allow {
-            extra_headers: HeaderMap::new(),
-        }
-    }
-
-    pub fn stats(&self) -> Arc<WafStats> {
-        Arc::clone(&self.stats)
-    }
-}
-
-/// Compiles every script in `snapshot` without installing anything, for
-/// `defenra-agent check-config`: syntax errors come back with the domain's JSON path.
-pub fn check_scripts(_snapshot: &Snapshot) -> Vec<Issue> {
-    Vec::new()
-}
-
-impl Reload for WafEngine {
-    fn reload(&self, _snapshot: &Arc<Snapshot>, _issues: &mut Vec<Issue>) {}
-}
-
-/// WAF counters.
-#[derive(Debug, Default)]
-pub struct WafStats {}
-
-impl StatsSource for WafStats {
-    fn service(&self) -> &'static str {
-        "waf"
-    }
-
-    fn collect(&self, _out: &mut Vec<Metric>) {}
-}
+#[cfg(test)]
+mod tests;

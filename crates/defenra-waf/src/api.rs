@@ -1,0 +1,1097 @@
+//! The Rust half of the `ngx` API and the legacy `request` table: per-request context and
+//! the host functions `sandbox.lua` wires into read-only tables.
+
+use std::cell::{Cell, RefCell};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine as _;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Uri};
+use md5::Digest as _;
+use mlua::{IntoLuaMulti as _, Lua, MultiValue, Table, Value, Variadic};
+use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_decode};
+
+use crate::RequestInfo;
+use crate::clock::{Clock, utc_parts};
+use crate::dict::{DictHandle, SharedDicts};
+use crate::limit::LogLimiter;
+use crate::re::RegexCache;
+
+/// Largest body `ngx.say`/`ngx.print` may build; the memory is outside the Lua cap.
+const MAX_BODY: usize = 1 << 20;
+/// Most response headers a script may set.
+const MAX_HEADERS: usize = 100;
+
+/// `ngx.*` constants as OpenResty defines them.
+pub(crate) const CONSTANTS: &[(&str, i64)] = &[
+    ("OK", 0),
+    ("ERROR", -1),
+    ("AGAIN", -2),
+    ("DONE", -4),
+    ("DECLINED", -5),
+    ("HTTP_CONTINUE", 100),
+    ("HTTP_SWITCHING_PROTOCOLS", 101),
+    ("HTTP_OK", 200),
+    ("HTTP_CREATED", 201),
+    ("HTTP_ACCEPTED", 202),
+    ("HTTP_NO_CONTENT", 204),
+    ("HTTP_PARTIAL_CONTENT", 206),
+    ("HTTP_SPECIAL_RESPONSE", 300),
+    ("HTTP_MOVED_PERMANENTLY", 301),
+    ("HTTP_MOVED_TEMPORARILY", 302),
+    ("HTTP_SEE_OTHER", 303),
+    ("HTTP_NOT_MODIFIED", 304),
+    ("HTTP_TEMPORARY_REDIRECT", 307),
+    ("HTTP_PERMANENT_REDIRECT", 308),
+    ("HTTP_BAD_REQUEST", 400),
+    ("HTTP_UNAUTHORIZED", 401),
+    ("HTTP_PAYMENT_REQUIRED", 402),
+    ("HTTP_FORBIDDEN", 403),
+    ("HTTP_NOT_FOUND", 404),
+    ("HTTP_NOT_ALLOWED", 405),
+    ("HTTP_NOT_ACCEPTABLE", 406),
+    ("HTTP_REQUEST_TIMEOUT", 408),
+    ("HTTP_CONFLICT", 409),
+    ("HTTP_GONE", 410),
+    ("HTTP_UPGRADE_REQUIRED", 426),
+    ("HTTP_TOO_MANY_REQUESTS", 429),
+    ("HTTP_CLOSE", 444),
+    ("HTTP_ILLEGAL", 451),
+    ("HTTP_INTERNAL_SERVER_ERROR", 500),
+    ("HTTP_METHOD_NOT_IMPLEMENTED", 501),
+    ("HTTP_BAD_GATEWAY", 502),
+    ("HTTP_SERVICE_UNAVAILABLE", 503),
+    ("HTTP_GATEWAY_TIMEOUT", 504),
+    ("HTTP_VERSION_NOT_SUPPORTED", 505),
+    ("HTTP_INSUFFICIENT_STORAGE", 507),
+    ("HTTP_GET", 2),
+    ("HTTP_HEAD", 4),
+    ("HTTP_POST", 8),
+    ("HTTP_PUT", 16),
+    ("HTTP_DELETE", 32),
+    ("HTTP_MKCOL", 64),
+    ("HTTP_COPY", 128),
+    ("HTTP_MOVE", 256),
+    ("HTTP_OPTIONS", 512),
+    ("HTTP_PROPFIND", 1024),
+    ("HTTP_PROPPATCH", 2048),
+    ("HTTP_LOCK", 4096),
+    ("HTTP_UNLOCK", 8192),
+    ("HTTP_PATCH", 16384),
+    ("HTTP_TRACE", 32768),
+    ("STDERR", 0),
+    ("EMERG", 1),
+    ("ALERT", 2),
+    ("CRIT", 3),
+    ("ERR", 4),
+    ("WARN", 5),
+    ("NOTICE", 6),
+    ("INFO", 7),
+    ("DEBUG", 8),
+];
+
+/// Why a run was stopped from outside the script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Abort {
+    /// More VM instructions than the budget allows.
+    Instructions,
+    /// Longer than the time budget.
+    Time,
+}
+
+/// Everything the host functions of one Lua state share: the current request, the response
+/// being built, and the run's budget. One per worker state, refilled for every request.
+pub(crate) struct Ctx {
+    pub(crate) request: RefCell<RequestData>,
+    pub(crate) response: RefCell<ResponseData>,
+    /// Set by `ngx.exit` (and `ngx.redirect`): the run is over with this code.
+    pub(crate) exit: Cell<Option<i64>>,
+    /// Set by the instruction hook when the budget ran out.
+    pub(crate) abort: Cell<Option<Abort>>,
+    /// Hook calls left before the instruction budget is exhausted.
+    hooks_left: Cell<u64>,
+    deadline: Cell<Instant>,
+    pub(crate) clock: Clock,
+    pub(crate) regexes: RefCell<RegexCache>,
+    pub(crate) script_logs: Arc<LogLimiter>,
+}
+
+impl Ctx {
+    pub(crate) fn new(clock: Clock, script_logs: Arc<LogLimiter>) -> Self {
+        Ctx {
+            request: RefCell::new(RequestData::default()),
+            response: RefCell::new(ResponseData::default()),
+            exit: Cell::new(None),
+            abort: Cell::new(None),
+            hooks_left: Cell::new(u64::MAX),
+            deadline: Cell::new(Instant::now() + std::time::Duration::from_secs(3600)),
+            clock,
+            regexes: RefCell::new(RegexCache::new()),
+            script_logs,
+        }
+    }
+
+    /// Resets the per-request state for a new run.
+    pub(crate) fn begin(&self, request: &RequestInfo<'_>, hooks: u64, deadline: Instant) {
+        self.request
+            .borrow_mut()
+            .fill(request, self.clock.unix_ms());
+        self.response.borrow_mut().clear();
+        self.exit.set(None);
+        self.abort.set(None);
+        self.hooks_left.set(hooks);
+        self.deadline.set(deadline);
+    }
+
+    /// Called by the instruction hook; `Err` aborts the run.
+    pub(crate) fn tick(&self) -> Result<(), Abort> {
+        if let Some(abort) = self.abort.get() {
+            return Err(abort);
+        }
+        let left = self.hooks_left.get();
+        let abort = if left == 0 {
+            Abort::Instructions
+        } else if Instant::now() >= self.deadline.get() {
+            Abort::Time
+        } else {
+            self.hooks_left.set(left - 1);
+            return Ok(());
+        };
+        self.abort.set(Some(abort));
+        Err(abort)
+    }
+
+    fn stopping(&self) -> bool {
+        self.exit.get().is_some() || self.abort.get().is_some()
+    }
+}
+
+/// The request as the script sees it: an owned copy, so the Lua state can outlive the
+/// borrowed [`RequestInfo`]. Buffers are reused between requests.
+pub(crate) struct RequestData {
+    pub(crate) domain: String,
+    host: String,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    remote_addr: IpAddr,
+    scheme: &'static str,
+    server_port: u16,
+    start_unix_ms: u64,
+    /// `ngx.var.uri`, decoded and normalised on first use.
+    normalized_path: Option<Vec<u8>>,
+}
+
+impl Default for RequestData {
+    fn default() -> Self {
+        RequestData {
+            domain: String::new(),
+            host: String::new(),
+            method: Method::GET,
+            uri: Uri::default(),
+            headers: HeaderMap::new(),
+            remote_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            scheme: "http",
+            server_port: 0,
+            start_unix_ms: 0,
+            normalized_path: None,
+        }
+    }
+}
+
+impl RequestData {
+    fn fill(&mut self, request: &RequestInfo<'_>, now_unix_ms: u64) {
+        self.domain.clear();
+        self.domain.push_str(request.domain);
+        self.host.clear();
+        self.host.push_str(request.host);
+        self.method.clone_from(request.method);
+        self.uri.clone_from(request.uri);
+        self.headers.clone_from(request.headers);
+        self.remote_addr = request.remote_addr;
+        self.scheme = request.scheme;
+        self.server_port = request.server_port;
+        self.start_unix_ms = now_unix_ms;
+        self.normalized_path = None;
+    }
+
+    fn request_uri(&self) -> &str {
+        self.uri.path_and_query().map_or("/", |pq| pq.as_str())
+    }
+
+    fn normalized_path(&mut self) -> &[u8] {
+        let path = self.uri.path();
+        self.normalized_path
+            .get_or_insert_with(|| normalize_path(path))
+    }
+}
+
+/// What the script asked to send back.
+#[derive(Default)]
+pub(crate) struct ResponseData {
+    /// `ngx.status`, when the script set it.
+    pub(crate) status: Option<u16>,
+    /// `ngx.header[...]`.
+    pub(crate) headers: HeaderMap,
+    /// `ngx.say`/`ngx.print` output.
+    pub(crate) body: Vec<u8>,
+}
+
+impl ResponseData {
+    fn clear(&mut self) {
+        self.status = None;
+        self.headers.clear();
+        self.body.clear();
+    }
+}
+
+/// Creates the `host` table of Rust functions that `sandbox.lua` builds the API from.
+pub(crate) fn host_table(
+    lua: &Lua,
+    ctx: &Rc<Ctx>,
+    dicts: &Arc<SharedDicts>,
+) -> mlua::Result<Table> {
+    let host = lua.create_table()?;
+
+    let constants = lua.create_table()?;
+    for &(name, value) in CONSTANTS {
+        constants.raw_set(name, value)?;
+    }
+    host.raw_set("constants", constants)?;
+    host.raw_set("null", Value::NULL)?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "stopping",
+        lua.create_function(move |_, ()| Ok(c.stopping()))?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "var",
+        lua.create_function(move |lua, (_proxy, name): (Value, Value)| {
+            let Value::String(name) = name else {
+                return Ok(Value::Nil);
+            };
+            let mut request = c.request.borrow_mut();
+            var(lua, &mut request, &name.as_bytes())
+        })?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "legacy",
+        lua.create_function(move |lua, (_table, key): (Value, Value)| {
+            let Value::String(key) = key else {
+                return Ok(Value::Nil);
+            };
+            let request = c.request.borrow();
+            let text = match &*key.as_bytes() {
+                b"method" => request.method.as_str().to_owned(),
+                b"uri" => request.request_uri().to_owned(),
+                b"host" => request.host.clone(),
+                b"remote_addr" => request.remote_addr.to_string(),
+                b"scheme" => request.scheme.to_owned(),
+                _ => return Ok(Value::Nil),
+            };
+            lua.create_string(text).map(Value::String)
+        })?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "legacy_header",
+        lua.create_function(move |lua, (_proxy, name): (Value, Value)| {
+            let Value::String(name) = name else {
+                return Ok(Value::Nil);
+            };
+            let request = c.request.borrow();
+            match request.headers.get(&*name.to_string_lossy()) {
+                Some(value) => lua.create_string(value.as_bytes()).map(Value::String),
+                None => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    let headers_mt = lua.create_table()?;
+    host.raw_set("headers_mt", headers_mt.clone())?;
+    host.raw_set(
+        "get_headers",
+        lua.create_function(move |lua, (max, _raw): (Option<usize>, Option<bool>)| {
+            let request = c.request.borrow();
+            let max = max.unwrap_or(100);
+            let table = lua.create_table()?;
+            let mut count = 0;
+            let mut truncated = false;
+            'names: for name in request.headers.keys() {
+                let mut values = request.headers.get_all(name).iter();
+                let Some(first) = values.next() else {
+                    continue;
+                };
+                let mut all = vec![first];
+                all.extend(values);
+                let mut strings = Vec::with_capacity(all.len());
+                for value in all {
+                    if max != 0 && count >= max {
+                        truncated = true;
+                        if strings.is_empty() {
+                            break 'names;
+                        }
+                        break;
+                    }
+                    count += 1;
+                    strings.push(lua.create_string(value.as_bytes())?);
+                }
+                if strings.len() == 1 {
+                    table.raw_set(name.as_str(), strings.pop())?;
+                } else {
+                    table.raw_set(name.as_str(), lua.create_sequence_from(strings)?)?;
+                }
+                if truncated {
+                    break;
+                }
+            }
+            table.set_metatable(Some(headers_mt.clone()))?;
+            if truncated {
+                (table, "truncated").into_lua_multi(lua)
+            } else {
+                (table,).into_lua_multi(lua)
+            }
+        })?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "get_method",
+        lua.create_function(move |_, ()| Ok(c.request.borrow().method.as_str().to_owned()))?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "get_uri_args",
+        lua.create_function(move |lua, max: Option<usize>| {
+            let request = c.request.borrow();
+            let query = request.uri.query().unwrap_or("");
+            decode_args(lua, query.as_bytes(), max.unwrap_or(100))
+        })?,
+    )?;
+    host.raw_set(
+        "decode_args",
+        lua.create_function(|lua, (text, max): (mlua::LuaString, Option<usize>)| {
+            decode_args(lua, &text.as_bytes(), max.unwrap_or(100))
+        })?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "start_time",
+        lua.create_function(move |_, ()| Ok(c.request.borrow().start_unix_ms as f64 / 1000.0))?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "status_get",
+        lua.create_function(move |_, ()| Ok(c.response.borrow().status.unwrap_or(0)))?,
+    )?;
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "status_set",
+        lua.create_function(move |_, status: Value| {
+            let code = integer(&status)
+                .filter(|code| (0..=999).contains(code))
+                .ok_or_else(|| mlua::Error::runtime("ngx.status must be a status code"))?;
+            c.response.borrow_mut().status = (code != 0).then_some(code as u16);
+            Ok(())
+        })?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "header_get",
+        lua.create_function(move |lua, (_proxy, name): (Value, mlua::LuaString)| {
+            let name = response_header_name(&name.as_bytes())?;
+            let response = c.response.borrow();
+            let mut values = response.headers.get_all(&name).iter();
+            let Some(first) = values.next() else {
+                return Ok(Value::Nil);
+            };
+            let rest: Vec<&HeaderValue> = values.collect();
+            if rest.is_empty() {
+                return lua.create_string(first.as_bytes()).map(Value::String);
+            }
+            let table = lua.create_table()?;
+            table.raw_push(lua.create_string(first.as_bytes())?)?;
+            for value in rest {
+                table.raw_push(lua.create_string(value.as_bytes())?)?;
+            }
+            Ok(Value::Table(table))
+        })?,
+    )?;
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "header_set",
+        lua.create_function(
+            move |_, (_proxy, name, value): (Value, mlua::LuaString, Value)| {
+                let name = response_header_name(&name.as_bytes())?;
+                let mut response = c.response.borrow_mut();
+                let headers = &mut response.headers;
+                let values = match &value {
+                    Value::Nil => Vec::new(),
+                    Value::Table(list) => {
+                        let mut values = Vec::new();
+                        for item in list.sequence_values::<Value>() {
+                            values.push(header_value(&item?)?);
+                        }
+                        values
+                    }
+                    single => vec![header_value(single)?],
+                };
+                headers.remove(&name);
+                if headers.len() + values.len() > MAX_HEADERS {
+                    return Err(mlua::Error::runtime("too many response headers"));
+                }
+                for value in values {
+                    headers.append(name.clone(), value);
+                }
+                Ok(())
+            },
+        )?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "exit",
+        lua.create_function(move |_, status: Value| -> mlua::Result<()> {
+            let code = integer(&status)
+                .filter(|code| matches!(code, -5..=0 | 100..=999))
+                .ok_or_else(|| mlua::Error::runtime("ngx.exit: bad status code"))?;
+            c.exit.set(Some(code));
+            Err(mlua::Error::runtime("ngx.exit"))
+        })?,
+    )?;
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "redirect",
+        lua.create_function(
+            move |_, (uri, status): (mlua::LuaString, Option<i64>)| -> mlua::Result<()> {
+                let status = status.unwrap_or(302);
+                if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+                    return Err(mlua::Error::runtime("ngx.redirect: bad status code"));
+                }
+                let location = HeaderValue::from_bytes(&uri.as_bytes())
+                    .map_err(|_| mlua::Error::runtime("ngx.redirect: bad uri"))?;
+                c.response
+                    .borrow_mut()
+                    .headers
+                    .insert(http::header::LOCATION, location);
+                c.exit.set(Some(status));
+                Err(mlua::Error::runtime("ngx.exit"))
+            },
+        )?,
+    )?;
+
+    for (name, newline) in [("say", true), ("print", false)] {
+        let c = Rc::clone(ctx);
+        host.raw_set(
+            name,
+            lua.create_function(move |_, args: Variadic<Value>| {
+                let mut response = c.response.borrow_mut();
+                for arg in args.iter() {
+                    append_value(&mut response.body, arg, 0)?;
+                }
+                if newline {
+                    response.body.push(b'\n');
+                }
+                if response.body.len() > MAX_BODY {
+                    return Err(mlua::Error::runtime("response body too large"));
+                }
+                Ok(1)
+            })?,
+        )?;
+    }
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "log",
+        lua.create_function(move |_, (level, args): (Value, Variadic<Value>)| {
+            let level = integer(&level)
+                .filter(|level| (0..=8).contains(level))
+                .ok_or_else(|| mlua::Error::runtime("ngx.log: bad log level"))?;
+            let Some(suppressed) = c.script_logs.allow(c.clock.unix_ms() / 1000) else {
+                return Ok(());
+            };
+            let mut message = Vec::new();
+            for arg in args.iter() {
+                append_value(&mut message, arg, 0)?;
+            }
+            let message = String::from_utf8_lossy(&message);
+            let request = c.request.borrow();
+            let domain = request.domain.as_str();
+            match level {
+                0..=4 => tracing::error!(domain, suppressed, "waf script: {message}"),
+                5 => tracing::warn!(domain, suppressed, "waf script: {message}"),
+                6 | 7 => tracing::info!(domain, suppressed, "waf script: {message}"),
+                _ => tracing::debug!(domain, suppressed, "waf script: {message}"),
+            }
+            Ok(())
+        })?,
+    )?;
+
+    let clock = ctx.clock.clone();
+    host.raw_set(
+        "time",
+        lua.create_function(move |_, ()| Ok((clock.unix_ms() / 1000) as f64))?,
+    )?;
+    let clock = ctx.clock.clone();
+    host.raw_set(
+        "now",
+        lua.create_function(move |_, ()| Ok(clock.unix_ms() as f64 / 1000.0))?,
+    )?;
+    let clock = ctx.clock.clone();
+    host.raw_set(
+        "today",
+        lua.create_function(move |_, ()| {
+            let (year, month, day, ..) = utc_parts((clock.unix_ms() / 1000) as i64);
+            Ok(format!("{year:04}-{month:02}-{day:02}"))
+        })?,
+    )?;
+    for name in ["localtime", "utctime"] {
+        let clock = ctx.clock.clone();
+        host.raw_set(
+            name,
+            lua.create_function(move |_, ()| {
+                let (year, month, day, hour, minute, second, _) =
+                    utc_parts((clock.unix_ms() / 1000) as i64);
+                Ok(format!(
+                    "{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02}"
+                ))
+            })?,
+        )?;
+    }
+    host.raw_set(
+        "http_time",
+        lua.create_function(|_, seconds: f64| Ok(http_time(seconds as i64, false)))?,
+    )?;
+    host.raw_set(
+        "cookie_time",
+        lua.create_function(|_, seconds: f64| Ok(http_time(seconds as i64, true)))?,
+    )?;
+
+    host.raw_set(
+        "md5",
+        lua.create_function(|_, text: mlua::LuaString| {
+            let digest = md5::Md5::digest(&*text.as_bytes());
+            let mut hex = String::with_capacity(32);
+            for byte in digest.iter() {
+                let _ = write!(hex, "{byte:02x}");
+            }
+            Ok(hex)
+        })?,
+    )?;
+    host.raw_set(
+        "md5_bin",
+        lua.create_function(|lua, text: mlua::LuaString| {
+            let digest = md5::Md5::digest(&*text.as_bytes());
+            lua.create_string(digest.as_slice())
+        })?,
+    )?;
+    host.raw_set(
+        "encode_base64",
+        lua.create_function(|_, (text, no_padding): (mlua::LuaString, Option<bool>)| {
+            let bytes = text.as_bytes();
+            Ok(if no_padding.unwrap_or(false) {
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(&*bytes)
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(&*bytes)
+            })
+        })?,
+    )?;
+    host.raw_set(
+        "decode_base64",
+        lua.create_function(|lua, text: mlua::LuaString| {
+            match base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT
+                .decode(&*text.as_bytes())
+            {
+                Ok(bytes) => lua.create_string(bytes).map(Value::String),
+                Err(_) => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    host.raw_set(
+        "escape_uri",
+        lua.create_function(|_, (text, kind): (mlua::LuaString, Option<i64>)| {
+            let set = if kind == Some(0) { URI } else { URI_COMPONENT };
+            Ok(percent_encoding::percent_encode(&text.as_bytes(), set).to_string())
+        })?,
+    )?;
+    host.raw_set(
+        "unescape_uri",
+        lua.create_function(|lua, text: mlua::LuaString| {
+            lua.create_string(unescape(&text.as_bytes()))
+        })?,
+    )?;
+    host.raw_set(
+        "encode_args",
+        lua.create_function(|_, args: Table| encode_args(&args))?,
+    )?;
+    host.raw_set(
+        "quote_sql_str",
+        lua.create_function(|lua, text: mlua::LuaString| {
+            lua.create_string(quote_sql(&text.as_bytes()))
+        })?,
+    )?;
+
+    let dicts = Arc::clone(dicts);
+    host.raw_set(
+        "dict",
+        lua.create_function(move |lua, name: Value| {
+            let Value::String(name) = name else {
+                return Ok(Value::Nil);
+            };
+            let Ok(name) = name.to_str() else {
+                return Ok(Value::Nil);
+            };
+            match dicts.get_or_create(&name) {
+                Some(dict) => lua.create_userdata(DictHandle(dict)).map(Value::UserData),
+                None => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+
+    crate::re::install(lua, &host, ctx)?;
+    Ok(host)
+}
+
+/// `ngx.var.<name>`. Values are strings (as in nginx), `nil` when unknown or absent.
+fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Result<Value> {
+    let string = |text: &[u8]| lua.create_string(text).map(Value::String);
+    match name {
+        b"remote_addr" => string(request.remote_addr.to_string().as_bytes()),
+        b"binary_remote_addr" => match request.remote_addr {
+            IpAddr::V4(ip) => string(&ip.octets()),
+            IpAddr::V6(ip) => string(&ip.octets()),
+        },
+        b"uri" | b"document_uri" => {
+            let path = request.normalized_path();
+            lua.create_string(path).map(Value::String)
+        }
+        b"request_uri" => string(request.request_uri().as_bytes()),
+        b"host" | b"server_name" => string(request.host.as_bytes()),
+        b"request_method" => string(request.method.as_str().as_bytes()),
+        b"args" | b"query_string" => match request.uri.query() {
+            Some(query) => string(query.as_bytes()),
+            None => Ok(Value::Nil),
+        },
+        b"is_args" => string(if request.uri.query().is_some() {
+            b"?"
+        } else {
+            b""
+        }),
+        b"scheme" => string(request.scheme.as_bytes()),
+        b"https" => string(if request.scheme == "https" {
+            b"on"
+        } else {
+            b""
+        }),
+        b"server_port" => string(request.server_port.to_string().as_bytes()),
+        b"content_type" => header_var(lua, &request.headers, b"content-type"),
+        b"content_length" => header_var(lua, &request.headers, b"content-length"),
+        _ => {
+            if let Some(header) = name.strip_prefix(b"http_") {
+                let header: Vec<u8> = header
+                    .iter()
+                    .map(|&b| {
+                        if b == b'_' {
+                            b'-'
+                        } else {
+                            b.to_ascii_lowercase()
+                        }
+                    })
+                    .collect();
+                header_var(lua, &request.headers, &header)
+            } else if let Some(cookie) = name.strip_prefix(b"cookie_") {
+                match find_cookie(&request.headers, cookie) {
+                    Some(value) => string(&value),
+                    None => Ok(Value::Nil),
+                }
+            } else if let Some(arg) = name.strip_prefix(b"arg_") {
+                let query = request.uri.query().unwrap_or("");
+                match find_arg(query.as_bytes(), arg) {
+                    Some(value) => string(value),
+                    None => Ok(Value::Nil),
+                }
+            } else {
+                Ok(Value::Nil)
+            }
+        }
+    }
+}
+
+/// `$http_<name>`: repeated headers joined with ", " (cookies with "; ").
+fn header_var(lua: &Lua, headers: &HeaderMap, name: &[u8]) -> mlua::Result<Value> {
+    let Ok(name) = HeaderName::from_bytes(name) else {
+        return Ok(Value::Nil);
+    };
+    let mut values = headers.get_all(&name).iter();
+    let Some(first) = values.next() else {
+        return Ok(Value::Nil);
+    };
+    let separator: &[u8] = if name == http::header::COOKIE {
+        b"; "
+    } else {
+        b", "
+    };
+    let mut joined: Option<Vec<u8>> = None;
+    for value in values {
+        let buffer = joined.get_or_insert_with(|| first.as_bytes().to_vec());
+        buffer.extend_from_slice(separator);
+        buffer.extend_from_slice(value.as_bytes());
+    }
+    match joined {
+        Some(joined) => lua.create_string(joined).map(Value::String),
+        None => lua.create_string(first.as_bytes()).map(Value::String),
+    }
+}
+
+fn find_cookie(headers: &HeaderMap, name: &[u8]) -> Option<Vec<u8>> {
+    for header in headers.get_all(http::header::COOKIE) {
+        for pair in header.as_bytes().split(|&b| b == b';') {
+            let pair = pair.trim_ascii();
+            let (key, value) = match pair.iter().position(|&b| b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => continue,
+            };
+            if key.trim_ascii() == name {
+                return Some(value.trim_ascii().to_vec());
+            }
+        }
+    }
+    None
+}
+
+/// `$arg_<name>`: the first raw (still escaped) value, name matched case-insensitively.
+fn find_arg<'a>(query: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    query.split(|&b| b == b'&').find_map(|pair| {
+        let (key, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(at) => (&pair[..at], &pair[at + 1..]),
+            None => (pair, &pair[pair.len()..]),
+        };
+        key.eq_ignore_ascii_case(name).then_some(value)
+    })
+}
+
+/// `ngx.decode_args` / `ngx.req.get_uri_args`: `a=1&b&a=2` → `{a = {"1", "2"}, b = true}`.
+fn decode_args(lua: &Lua, query: &[u8], max: usize) -> mlua::Result<MultiValue> {
+    let table = lua.create_table()?;
+    let mut count = 0;
+    let mut truncated = false;
+    for pair in query.split(|&b| b == b'&') {
+        if pair.is_empty() {
+            continue;
+        }
+        if max != 0 && count >= max {
+            truncated = true;
+            break;
+        }
+        count += 1;
+        let (key, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(at) => (
+                &pair[..at],
+                Value::String(lua.create_string(unescape(&pair[at + 1..]))?),
+            ),
+            None => (pair, Value::Boolean(true)),
+        };
+        let key = unescape(key);
+        if key.is_empty() {
+            continue;
+        }
+        let key = lua.create_string(key)?;
+        match table.raw_get::<Value>(&key)? {
+            Value::Nil => table.raw_set(key, value)?,
+            Value::Table(list) => list.raw_push(value)?,
+            previous => table.raw_set(key, lua.create_sequence_from([previous, value])?)?,
+        }
+    }
+    if truncated {
+        (table, "truncated").into_lua_multi(lua)
+    } else {
+        (table,).into_lua_multi(lua)
+    }
+}
+
+fn encode_args(args: &Table) -> mlua::Result<String> {
+    let mut pairs: Vec<(Vec<u8>, Value)> = Vec::new();
+    for pair in args.pairs::<Value, Value>() {
+        let (key, value) = pair?;
+        let key = match key {
+            Value::String(key) => key.as_bytes().to_vec(),
+            Value::Integer(number) => number.to_string().into_bytes(),
+            Value::Number(number) => number_to_string(number).into_bytes(),
+            _ => return Err(mlua::Error::runtime("ngx.encode_args: bad key type")),
+        };
+        pairs.push((key, value));
+    }
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = String::new();
+    let mut push = |key: &[u8], value: Option<&[u8]>| {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        out.extend(percent_encoding::percent_encode(key, URI_COMPONENT));
+        if let Some(value) = value {
+            out.push('=');
+            out.extend(percent_encoding::percent_encode(value, URI_COMPONENT));
+        }
+    };
+    for (key, value) in &pairs {
+        let values = match value {
+            Value::Table(list) => list
+                .sequence_values::<Value>()
+                .collect::<mlua::Result<Vec<_>>>()?,
+            other => vec![other.clone()],
+        };
+        for value in values {
+            match value {
+                Value::Boolean(true) => push(key, None),
+                Value::Boolean(false) => {}
+                Value::String(text) => push(key, Some(&text.as_bytes())),
+                Value::Integer(number) => push(key, Some(number.to_string().as_bytes())),
+                Value::Number(number) => push(key, Some(number_to_string(number).as_bytes())),
+                _ => return Err(mlua::Error::runtime("ngx.encode_args: bad value type")),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `ngx.escape_uri(s)`: everything but alphanumerics and `-._~`.
+const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+/// `ngx.escape_uri(s, 0)`: only what cannot appear in a URI.
+const URI: &AsciiSet = &CONTROLS.add(b' ').add(b'#').add(b'%').add(b'?');
+
+/// `ngx.unescape_uri`: `%XX` decoded and `+` turned into a space; bad escapes kept as is.
+pub(crate) fn unescape(text: &[u8]) -> Vec<u8> {
+    if !text.contains(&b'+') {
+        return percent_decode(text).collect();
+    }
+    let spaced: Vec<u8> = text
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    percent_decode(&spaced).collect()
+}
+
+fn quote_sql(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + 2);
+    out.push(b'\'');
+    for &byte in text {
+        match byte {
+            0 => out.extend_from_slice(b"\\0"),
+            b'\x08' => out.extend_from_slice(b"\\b"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x1a => out.extend_from_slice(b"\\Z"),
+            b'\\' | b'\'' | b'"' => {
+                out.push(b'\\');
+                out.push(byte);
+            }
+            _ => out.push(byte),
+        }
+    }
+    out.push(b'\'');
+    out
+}
+
+/// nginx's `$uri`: percent-decoded, duplicate slashes merged, `.` and `..` resolved (never
+/// above the root).
+pub(crate) fn normalize_path(path: &str) -> Vec<u8> {
+    let decoded: Vec<u8> = percent_decode(path.as_bytes()).collect();
+    let mut segments: Vec<&[u8]> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in decoded.split(|&b| b == b'/') {
+        trailing_slash = false;
+        match segment {
+            b"" | b"." => trailing_slash = true,
+            b".." => {
+                segments.pop();
+                trailing_slash = true;
+            }
+            _ => segments.push(segment),
+        }
+    }
+    let mut out = Vec::with_capacity(decoded.len() + 1);
+    for segment in &segments {
+        out.push(b'/');
+        out.extend_from_slice(segment);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push(b'/');
+    }
+    out
+}
+
+fn http_time(unix_secs: i64, cookie: bool) -> String {
+    const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (year, month, day, hour, minute, second, weekday) = utc_parts(unix_secs);
+    let month = MONTHS[(month - 1) as usize];
+    let weekday = DAYS[weekday as usize];
+    if cookie {
+        format!(
+            "{weekday}, {day:02}-{month}-{:02} {hour:02}:{minute:02}:{second:02} GMT",
+            year % 100
+        )
+    } else {
+        format!("{weekday}, {day:02} {month} {year} {hour:02}:{minute:02}:{second:02} GMT")
+    }
+}
+
+fn response_header_name(name: &[u8]) -> mlua::Result<HeaderName> {
+    // OpenResty turns `ngx.header.content_type` into `Content-Type`.
+    let name: Vec<u8> = name
+        .iter()
+        .map(|&b| if b == b'_' { b'-' } else { b })
+        .collect();
+    HeaderName::from_bytes(&name).map_err(|_| mlua::Error::runtime("invalid header name"))
+}
+
+fn header_value(value: &Value) -> mlua::Result<HeaderValue> {
+    let bytes = match value {
+        Value::String(text) => text.as_bytes().to_vec(),
+        Value::Integer(number) => number.to_string().into_bytes(),
+        Value::Number(number) => number_to_string(*number).into_bytes(),
+        _ => return Err(mlua::Error::runtime("bad header value type")),
+    };
+    HeaderValue::from_bytes(&bytes).map_err(|_| mlua::Error::runtime("invalid header value"))
+}
+
+/// Appends a `ngx.say` argument: strings, numbers, booleans, nil, `ngx.null`, or arrays of
+/// those.
+fn append_value(out: &mut Vec<u8>, value: &Value, depth: usize) -> mlua::Result<()> {
+    match value {
+        Value::String(text) => out.extend_from_slice(&text.as_bytes()),
+        Value::Integer(number) => out.extend_from_slice(number.to_string().as_bytes()),
+        Value::Number(number) => out.extend_from_slice(number_to_string(*number).as_bytes()),
+        Value::Boolean(flag) => out.extend_from_slice(if *flag { b"true" } else { b"false" }),
+        Value::Nil => out.extend_from_slice(b"nil"),
+        Value::LightUserData(data) if data.0.is_null() => out.extend_from_slice(b"null"),
+        Value::Table(list) if depth < 16 => {
+            for item in list.sequence_values::<Value>() {
+                append_value(out, &item?, depth + 1)?;
+            }
+        }
+        _ => return Err(mlua::Error::runtime("bad argument type")),
+    }
+    if out.len() > MAX_BODY {
+        return Err(mlua::Error::runtime("output too large"));
+    }
+    Ok(())
+}
+
+/// An integer from a Lua number (or numeric string), as `luaL_checkinteger` would take it.
+fn integer(value: &Value) -> Option<i64> {
+    match value {
+        Value::Integer(number) => Some(*number),
+        Value::Number(number) if number.fract() == 0.0 && number.abs() < 1e15 => {
+            Some(*number as i64)
+        }
+        Value::String(text) => text.to_str().ok()?.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Formats a number the way Lua's `tostring` does (`%.14g`).
+pub(crate) fn number_to_string(number: f64) -> String {
+    if number.is_nan() {
+        return if number.is_sign_negative() {
+            "-nan"
+        } else {
+            "nan"
+        }
+        .to_owned();
+    }
+    if number.is_infinite() {
+        return if number > 0.0 { "inf" } else { "-inf" }.to_owned();
+    }
+    if number.fract() == 0.0 && number.abs() < 1e15 {
+        return format!("{}", number as i64);
+    }
+    // %.14g: 14 significant digits, scientific outside 1e-4 ..= 1e14.
+    let scientific = format!("{number:.13e}");
+    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    if !(-4..14).contains(&exponent) {
+        let mantissa = trim_zeros(mantissa);
+        let sign = if exponent < 0 { '-' } else { '+' };
+        return format!("{mantissa}e{sign}{:02}", exponent.abs());
+    }
+    let decimals = (13 - exponent).max(0) as usize;
+    trim_zeros(&format!("{number:.decimals$}")).to_owned()
+}
+
+fn trim_zeros(text: &str) -> &str {
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_decoded_and_normalised_like_nginx() {
+        let cases = [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a//b/", "/a/b/"),
+            ("/a/./b/../c", "/a/c"),
+            ("/../../etc/passwd", "/etc/passwd"),
+            ("/a%20b/%2e%2e/c", "/c"),
+            ("/x/..", "/"),
+        ];
+        for (raw, expected) in cases {
+            assert_eq!(
+                String::from_utf8(normalize_path(raw)).unwrap(),
+                expected,
+                "{raw}"
+            );
+        }
+    }
+
+    #[test]
+    fn numbers_format_like_lua() {
+        assert_eq!(number_to_string(1.0), "1");
+        assert_eq!(number_to_string(-3.0), "-3");
+        assert_eq!(number_to_string(0.5), "0.5");
+        assert_eq!(number_to_string(1.0 / 3.0), "0.33333333333333");
+        assert_eq!(number_to_string(1e20), "1e+20");
+        assert_eq!(number_to_string(1.5e-7), "1.5e-07");
+    }
+
+    #[test]
+    fn http_time_formats() {
+        assert_eq!(
+            http_time(1_290_079_655, false),
+            "Thu, 18 Nov 2010 11:27:35 GMT"
+        );
+        assert_eq!(
+            http_time(1_290_079_655, true),
+            "Thu, 18-Nov-10 11:27:35 GMT"
+        );
+    }
+}

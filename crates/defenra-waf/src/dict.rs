@@ -1,0 +1,795 @@
+//! `ngx.shared.<name>`: size-capped LRU dictionaries with TTLs, shared by every worker thread.
+//!
+//! The dictionaries live in Rust, not in any Lua state, so all threads see the same counters
+//! and they survive config reloads. Each dictionary is one `parking_lot::Mutex` around an LRU
+//! list; every operation is a hash lookup plus a few index updates, so the lock is held for
+//! well under a microsecond and never across Lua code.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mlua::{UserData, UserDataMethods, Value};
+use parking_lot::{Mutex, RwLock};
+
+use crate::clock::Clock;
+
+/// Bytes charged per entry on top of its key and value (slot, map entry, list links).
+const ENTRY_OVERHEAD: usize = 96;
+/// Longest key accepted, as in OpenResty.
+const MAX_KEY_LEN: usize = 65_535;
+
+/// Every dictionary of one engine, created on first use.
+pub(crate) struct SharedDicts {
+    dicts: RwLock<HashMap<Box<str>, Arc<Dict>>>,
+    max_dicts: usize,
+    capacity_bytes: usize,
+    clock: Clock,
+}
+
+impl SharedDicts {
+    pub(crate) fn new(max_dicts: usize, capacity_bytes: usize, clock: Clock) -> Self {
+        SharedDicts {
+            dicts: RwLock::new(HashMap::new()),
+            max_dicts,
+            capacity_bytes,
+            clock,
+        }
+    }
+
+    /// The dictionary called `name`, created empty on first use. `None` once `max_dicts`
+    /// dictionaries exist, so a script cannot grow memory by inventing names.
+    pub(crate) fn get_or_create(&self, name: &str) -> Option<Arc<Dict>> {
+        if let Some(dict) = self.dicts.read().get(name) {
+            return Some(Arc::clone(dict));
+        }
+        let mut dicts = self.dicts.write();
+        if let Some(dict) = dicts.get(name) {
+            return Some(Arc::clone(dict));
+        }
+        if dicts.len() >= self.max_dicts {
+            return None;
+        }
+        let dict = Arc::new(Dict::new(self.capacity_bytes, self.clock.clone()));
+        dicts.insert(name.into(), Arc::clone(&dict));
+        Some(dict)
+    }
+
+    /// `(name, entries, bytes, evictions)` of every dictionary, for /stats.
+    pub(crate) fn summary(&self) -> Vec<(String, usize, usize, u64)> {
+        let dicts = self.dicts.read();
+        let mut out: Vec<_> = dicts
+            .iter()
+            .map(|(name, dict)| {
+                let (entries, bytes) = dict.usage();
+                (name.to_string(), entries, bytes, dict.evictions())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// A value stored in a dictionary.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum DictValue {
+    Number(f64),
+    Bool(bool),
+    Str(Box<[u8]>),
+}
+
+impl DictValue {
+    fn size(&self) -> usize {
+        match self {
+            DictValue::Str(bytes) => bytes.len(),
+            DictValue::Number(_) | DictValue::Bool(_) => 8,
+        }
+    }
+}
+
+/// Why a dictionary operation did nothing. The messages are OpenResty's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DictError {
+    NotFound,
+    Exists,
+    NotANumber,
+    NoMemory,
+    EmptyKey,
+    KeyTooLong,
+}
+
+impl DictError {
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            DictError::NotFound => "not found",
+            DictError::Exists => "exists",
+            DictError::NotANumber => "not a number",
+            DictError::NoMemory => "no memory",
+            DictError::EmptyKey => "empty key",
+            DictError::KeyTooLong => "key too long",
+        }
+    }
+}
+
+/// How `set`-like operations behave when the key exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// `set`: always write.
+    Always,
+    /// `add`: only when absent (or expired).
+    IfAbsent,
+    /// `replace`: only when present.
+    IfPresent,
+}
+
+/// One dictionary: an LRU list with a byte cap.
+pub(crate) struct Dict {
+    lru: Mutex<Lru>,
+    capacity_bytes: usize,
+    clock: Clock,
+    evictions: AtomicU64,
+}
+
+impl Dict {
+    pub(crate) fn new(capacity_bytes: usize, clock: Clock) -> Self {
+        Dict {
+            lru: Mutex::new(Lru::default()),
+            capacity_bytes,
+            clock,
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    /// The live value of `key`; marks it most recently used.
+    pub(crate) fn get(&self, key: &[u8]) -> Option<DictValue> {
+        let now = self.clock.monotonic_ms();
+        let mut lru = self.lru.lock();
+        let slot = lru.live_slot(key, now)?;
+        lru.touch(slot);
+        Some(lru.slots[slot].value.clone())
+    }
+
+    /// `set`: stores `value` (or deletes on `None`) with `ttl_ms` (0 = never expires).
+    /// Returns whether live entries were evicted to make room ("forcible").
+    pub(crate) fn set(
+        &self,
+        key: &[u8],
+        value: Option<DictValue>,
+        ttl_ms: u64,
+    ) -> Result<bool, DictError> {
+        match value {
+            Some(value) => self.write(key, value, ttl_ms, Write::Always),
+            None => {
+                check_key(key)?;
+                self.delete(key);
+                Ok(false)
+            }
+        }
+    }
+
+    /// `add`: like `set` but fails with `Exists` when the key is live.
+    pub(crate) fn add(&self, key: &[u8], value: DictValue, ttl_ms: u64) -> Result<bool, DictError> {
+        self.write(key, value, ttl_ms, Write::IfAbsent)
+    }
+
+    /// `replace`: like `set` but fails with `NotFound` when the key is absent.
+    pub(crate) fn replace(
+        &self,
+        key: &[u8],
+        value: DictValue,
+        ttl_ms: u64,
+    ) -> Result<bool, DictError> {
+        self.write(key, value, ttl_ms, Write::IfPresent)
+    }
+
+    /// `incr`: adds `delta` to a number and keeps its TTL. An absent key fails with
+    /// `NotFound` unless `init` is given; then it is created as `init + delta` with
+    /// `init_ttl_ms`. Returns the new value and "forcible".
+    pub(crate) fn incr(
+        &self,
+        key: &[u8],
+        delta: f64,
+        init: Option<f64>,
+        init_ttl_ms: u64,
+    ) -> Result<(f64, bool), DictError> {
+        check_key(key)?;
+        let now = self.clock.monotonic_ms();
+        let mut lru = self.lru.lock();
+        if let Some(slot) = lru.live_slot(key, now) {
+            let DictValue::Number(current) = lru.slots[slot].value else {
+                return Err(DictError::NotANumber);
+            };
+            let next = current + delta;
+            lru.slots[slot].value = DictValue::Number(next);
+            lru.touch(slot);
+            return Ok((next, false));
+        }
+        let Some(init) = init else {
+            return Err(DictError::NotFound);
+        };
+        let next = init + delta;
+        let forcible = self.insert_locked(
+            &mut lru,
+            key,
+            DictValue::Number(next),
+            expiry(now, init_ttl_ms),
+            now,
+        )?;
+        Ok((next, forcible))
+    }
+
+    pub(crate) fn delete(&self, key: &[u8]) {
+        let mut lru = self.lru.lock();
+        if let Some(&slot) = lru.map.get(key) {
+            lru.remove(slot);
+        }
+    }
+
+    /// `flush_all`: every entry is dropped.
+    pub(crate) fn flush_all(&self) {
+        *self.lru.lock() = Lru::default();
+    }
+
+    /// `flush_expired`: drops up to `max` expired entries (0 = all), returns how many.
+    pub(crate) fn flush_expired(&self, max: usize) -> usize {
+        let now = self.clock.monotonic_ms();
+        let mut lru = self.lru.lock();
+        let expired: Vec<usize> = lru
+            .map
+            .values()
+            .copied()
+            .filter(|&slot| lru.slots[slot].is_expired(now))
+            .take(if max == 0 { usize::MAX } else { max })
+            .collect();
+        for &slot in &expired {
+            lru.remove(slot);
+        }
+        expired.len()
+    }
+
+    /// `ttl`: remaining lifetime in milliseconds, `Some(0)` for no expiry.
+    pub(crate) fn ttl_ms(&self, key: &[u8]) -> Result<u64, DictError> {
+        let now = self.clock.monotonic_ms();
+        let mut lru = self.lru.lock();
+        let slot = lru.live_slot(key, now).ok_or(DictError::NotFound)?;
+        Ok(match lru.slots[slot].expires_ms {
+            0 => 0,
+            at => at.saturating_sub(now).max(1),
+        })
+    }
+
+    /// `expire`: sets a new TTL on a live key (0 = never expires).
+    pub(crate) fn expire(&self, key: &[u8], ttl_ms: u64) -> Result<(), DictError> {
+        let now = self.clock.monotonic_ms();
+        let mut lru = self.lru.lock();
+        let slot = lru.live_slot(key, now).ok_or(DictError::NotFound)?;
+        lru.slots[slot].expires_ms = expiry(now, ttl_ms);
+        Ok(())
+    }
+
+    /// `get_keys`: up to `max` live keys (0 = all), most recently used first.
+    pub(crate) fn keys(&self, max: usize) -> Vec<Box<[u8]>> {
+        let now = self.clock.monotonic_ms();
+        let lru = self.lru.lock();
+        let mut out = Vec::new();
+        let mut slot = lru.head;
+        while slot != NIL && (max == 0 || out.len() < max) {
+            let entry = &lru.slots[slot];
+            if !entry.is_expired(now) {
+                out.push(entry.key.clone());
+            }
+            slot = entry.next;
+        }
+        out
+    }
+
+    /// `(entries, bytes)` currently held, expired ones included until they are dropped.
+    pub(crate) fn usage(&self) -> (usize, usize) {
+        let lru = self.lru.lock();
+        (lru.map.len(), lru.bytes)
+    }
+
+    pub(crate) fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    fn write(
+        &self,
+        key: &[u8],
+        value: DictValue,
+        ttl_ms: u64,
+        mode: Write,
+    ) -> Result<bool, DictError> {
+        check_key(key)?;
+        let now = self.clock.monotonic_ms();
+        let mut lru = self.lru.lock();
+        let live = lru.live_slot(key, now);
+        match (mode, live) {
+            (Write::IfAbsent, Some(_)) => return Err(DictError::Exists),
+            (Write::IfPresent, None) => return Err(DictError::NotFound),
+            _ => {}
+        }
+        if let Some(slot) = live {
+            lru.remove(slot);
+        }
+        self.insert_locked(&mut lru, key, value, expiry(now, ttl_ms), now)
+    }
+
+    /// Inserts a key known to be absent, evicting from the cold end until it fits.
+    fn insert_locked(
+        &self,
+        lru: &mut Lru,
+        key: &[u8],
+        value: DictValue,
+        expires_ms: u64,
+        now: u64,
+    ) -> Result<bool, DictError> {
+        let weight = entry_weight(key, &value);
+        if weight > self.capacity_bytes {
+            return Err(DictError::NoMemory);
+        }
+        let mut forcible = false;
+        while lru.bytes + weight > self.capacity_bytes && lru.tail != NIL {
+            let victim = lru.tail;
+            if !lru.slots[victim].is_expired(now) {
+                forcible = true;
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+            lru.remove(victim);
+        }
+        lru.insert(key.into(), value, expires_ms, weight);
+        Ok(forcible)
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), DictError> {
+    if key.is_empty() {
+        Err(DictError::EmptyKey)
+    } else if key.len() > MAX_KEY_LEN {
+        Err(DictError::KeyTooLong)
+    } else {
+        Ok(())
+    }
+}
+
+fn expiry(now: u64, ttl_ms: u64) -> u64 {
+    if ttl_ms == 0 { 0 } else { now + ttl_ms }
+}
+
+fn entry_weight(key: &[u8], value: &DictValue) -> usize {
+    // The key is stored twice: as the map key and in the slot, for eviction.
+    2 * key.len() + value.size() + ENTRY_OVERHEAD
+}
+
+const NIL: usize = usize::MAX;
+
+/// A doubly linked list over a slab, most recently used at `head`.
+struct Lru {
+    map: HashMap<Box<[u8]>, usize>,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    head: usize,
+    tail: usize,
+    bytes: usize,
+}
+
+impl Default for Lru {
+    fn default() -> Self {
+        Lru {
+            map: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            bytes: 0,
+        }
+    }
+}
+
+struct Slot {
+    key: Box<[u8]>,
+    value: DictValue,
+    /// Monotonic milliseconds after which the entry is dead; 0 = never.
+    expires_ms: u64,
+    weight: usize,
+    prev: usize,
+    next: usize,
+}
+
+impl Slot {
+    fn is_expired(&self, now: u64) -> bool {
+        self.expires_ms != 0 && self.expires_ms <= now
+    }
+}
+
+impl Lru {
+    /// The slot of `key` if present and not expired; an expired entry is dropped.
+    fn live_slot(&mut self, key: &[u8], now: u64) -> Option<usize> {
+        let slot = *self.map.get(key)?;
+        if self.slots[slot].is_expired(now) {
+            self.remove(slot);
+            return None;
+        }
+        Some(slot)
+    }
+
+    fn insert(&mut self, key: Box<[u8]>, value: DictValue, expires_ms: u64, weight: usize) {
+        let entry = Slot {
+            key: key.clone(),
+            value,
+            expires_ms,
+            weight,
+            prev: NIL,
+            next: NIL,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = entry;
+                slot
+            }
+            None => {
+                self.slots.push(entry);
+                self.slots.len() - 1
+            }
+        };
+        self.map.insert(key, slot);
+        self.bytes += weight;
+        self.push_front(slot);
+    }
+
+    fn remove(&mut self, slot: usize) {
+        self.unlink(slot);
+        let entry = &mut self.slots[slot];
+        let key = std::mem::take(&mut entry.key);
+        entry.value = DictValue::Bool(false);
+        self.bytes -= entry.weight;
+        self.map.remove(&key);
+        self.free.push(slot);
+    }
+
+    fn touch(&mut self, slot: usize) {
+        if self.head != slot {
+            self.unlink(slot);
+            self.push_front(slot);
+        }
+    }
+
+    fn push_front(&mut self, slot: usize) {
+        self.slots[slot].prev = NIL;
+        self.slots[slot].next = self.head;
+        if self.head != NIL {
+            self.slots[self.head].prev = slot;
+        }
+        self.head = slot;
+        if self.tail == NIL {
+            self.tail = slot;
+        }
+    }
+
+    fn unlink(&mut self, slot: usize) {
+        let (prev, next) = (self.slots[slot].prev, self.slots[slot].next);
+        if prev == NIL {
+            self.head = next;
+        } else {
+            self.slots[prev].next = next;
+        }
+        if next == NIL {
+            self.tail = prev;
+        } else {
+            self.slots[next].prev = prev;
+        }
+        self.slots[slot].prev = NIL;
+        self.slots[slot].next = NIL;
+    }
+}
+
+/// The Lua face of a dictionary: `ngx.shared.cache:get(key)` and friends, with OpenResty's
+/// return conventions (`nil, "not found"`, `ok, err, forcible`).
+pub(crate) struct DictHandle(pub(crate) Arc<Dict>);
+
+impl UserData for DictHandle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("get", |lua, this, key: Value| {
+            let key = match key_bytes(&key) {
+                Ok(key) => key,
+                Err(message) => return (Value::Nil, message).into_lua_multi_ok(lua),
+            };
+            match this.0.get(&key) {
+                Some(value) => (to_lua(lua, &value)?,).into_lua_multi_ok(lua),
+                None => (Value::Nil,).into_lua_multi_ok(lua),
+            }
+        });
+        // Stale values are not kept, so `get_stale` is `get`.
+        methods.add_method("get_stale", |lua, this, key: Value| {
+            let key = match key_bytes(&key) {
+                Ok(key) => key,
+                Err(message) => return (Value::Nil, message).into_lua_multi_ok(lua),
+            };
+            match this.0.get(&key) {
+                Some(value) => (to_lua(lua, &value)?, Value::Nil, false).into_lua_multi_ok(lua),
+                None => (Value::Nil,).into_lua_multi_ok(lua),
+            }
+        });
+        for (name, mode) in [
+            ("set", Write::Always),
+            ("safe_set", Write::Always),
+            ("add", Write::IfAbsent),
+            ("safe_add", Write::IfAbsent),
+            ("replace", Write::IfPresent),
+        ] {
+            methods.add_method(
+                name,
+                move |lua, this, (key, value, exptime): (Value, Value, Option<f64>)| {
+                    let key = match key_bytes(&key) {
+                        Ok(key) => key,
+                        Err(message) => return (false, message, false).into_lua_multi_ok(lua),
+                    };
+                    let value = match from_lua(&value) {
+                        Ok(value) => value,
+                        Err(message) => return (false, message, false).into_lua_multi_ok(lua),
+                    };
+                    let ttl_ms = seconds_to_ms(exptime);
+                    let result = match (mode, value) {
+                        (Write::Always, value) => this.0.set(&key, value, ttl_ms),
+                        (_, None) => {
+                            // `add`/`replace` with nil: OpenResty treats it as a delete.
+                            this.0.delete(&key);
+                            Ok(false)
+                        }
+                        (Write::IfAbsent, Some(value)) => this.0.add(&key, value, ttl_ms),
+                        (Write::IfPresent, Some(value)) => this.0.replace(&key, value, ttl_ms),
+                    };
+                    match result {
+                        Ok(forcible) => (true, Value::Nil, forcible).into_lua_multi_ok(lua),
+                        Err(error) => (false, error.message(), false).into_lua_multi_ok(lua),
+                    }
+                },
+            );
+        }
+        methods.add_method(
+            "incr",
+            |lua, this, (key, delta, init, init_ttl): (Value, f64, Option<f64>, Option<f64>)| {
+                let key = match key_bytes(&key) {
+                    Ok(key) => key,
+                    Err(message) => return (Value::Nil, message).into_lua_multi_ok(lua),
+                };
+                match this.0.incr(&key, delta, init, seconds_to_ms(init_ttl)) {
+                    Ok((value, forcible)) => (value, Value::Nil, forcible).into_lua_multi_ok(lua),
+                    Err(error) => (Value::Nil, error.message()).into_lua_multi_ok(lua),
+                }
+            },
+        );
+        methods.add_method("delete", |_, this, key: Value| {
+            if let Ok(key) = key_bytes(&key) {
+                this.0.delete(&key);
+            }
+            Ok(())
+        });
+        methods.add_method("flush_all", |_, this, ()| {
+            this.0.flush_all();
+            Ok(())
+        });
+        methods.add_method("flush_expired", |_, this, max: Option<usize>| {
+            Ok(this.0.flush_expired(max.unwrap_or(0)))
+        });
+        methods.add_method("ttl", |lua, this, key: Value| {
+            let key = match key_bytes(&key) {
+                Ok(key) => key,
+                Err(message) => return (Value::Nil, message).into_lua_multi_ok(lua),
+            };
+            match this.0.ttl_ms(&key) {
+                Ok(ms) => (ms as f64 / 1000.0,).into_lua_multi_ok(lua),
+                Err(error) => (Value::Nil, error.message()).into_lua_multi_ok(lua),
+            }
+        });
+        methods.add_method("expire", |lua, this, (key, exptime): (Value, f64)| {
+            let key = match key_bytes(&key) {
+                Ok(key) => key,
+                Err(message) => return (Value::Nil, message).into_lua_multi_ok(lua),
+            };
+            match this.0.expire(&key, seconds_to_ms(Some(exptime))) {
+                Ok(()) => (true,).into_lua_multi_ok(lua),
+                Err(error) => (Value::Nil, error.message()).into_lua_multi_ok(lua),
+            }
+        });
+        methods.add_method("get_keys", |lua, this, max: Option<usize>| {
+            let keys = this.0.keys(max.unwrap_or(1024));
+            let table = lua.create_table_with_capacity(keys.len(), 0)?;
+            for (index, key) in keys.iter().enumerate() {
+                table.raw_set(index + 1, lua.create_string(key)?)?;
+            }
+            Ok(table)
+        });
+        methods.add_method("capacity", |_, this, ()| Ok(this.0.capacity_bytes));
+        methods.add_method("free_space", |_, this, ()| {
+            let (_, bytes) = this.0.usage();
+            Ok(this.0.capacity_bytes.saturating_sub(bytes))
+        });
+    }
+}
+
+/// Shorthand for building a callback's multiple return values.
+trait IntoLuaMultiOk {
+    fn into_lua_multi_ok(self, lua: &mlua::Lua) -> mlua::Result<mlua::MultiValue>;
+}
+
+impl<T: mlua::IntoLuaMulti> IntoLuaMultiOk for T {
+    fn into_lua_multi_ok(self, lua: &mlua::Lua) -> mlua::Result<mlua::MultiValue> {
+        self.into_lua_multi(lua)
+    }
+}
+
+/// Keys are strings; numbers are converted as Lua would. Errors are OpenResty's messages.
+fn key_bytes(key: &Value) -> Result<Vec<u8>, &'static str> {
+    let bytes = match key {
+        Value::String(text) => text.as_bytes().to_vec(),
+        Value::Integer(number) => number.to_string().into_bytes(),
+        Value::Number(number) => crate::api::number_to_string(*number).into_bytes(),
+        Value::Nil => return Err("nil key"),
+        _ => return Err("bad key type"),
+    };
+    if bytes.is_empty() {
+        return Err("empty key");
+    }
+    Ok(bytes)
+}
+
+fn from_lua(value: &Value) -> Result<Option<DictValue>, &'static str> {
+    Ok(Some(match value {
+        Value::Nil => return Ok(None),
+        Value::Boolean(flag) => DictValue::Bool(*flag),
+        Value::Integer(number) => DictValue::Number(*number as f64),
+        Value::Number(number) => DictValue::Number(*number),
+        Value::String(text) => DictValue::Str(text.as_bytes().to_vec().into_boxed_slice()),
+        _ => return Err("bad value type"),
+    }))
+}
+
+fn to_lua(lua: &mlua::Lua, value: &DictValue) -> mlua::Result<Value> {
+    Ok(match value {
+        DictValue::Number(number) => Value::Number(*number),
+        DictValue::Bool(flag) => Value::Boolean(*flag),
+        DictValue::Str(bytes) => Value::String(lua.create_string(bytes)?),
+    })
+}
+
+/// OpenResty TTLs are seconds with millisecond resolution; 0 or less means no expiry.
+fn seconds_to_ms(seconds: Option<f64>) -> u64 {
+    match seconds {
+        Some(seconds) if seconds > 0.0 => ((seconds * 1000.0).ceil() as u64).max(1),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn dict(capacity_bytes: usize) -> (Dict, Clock) {
+        let clock = Clock::manual(0);
+        (Dict::new(capacity_bytes, clock.clone()), clock)
+    }
+
+    fn num(value: f64) -> DictValue {
+        DictValue::Number(value)
+    }
+
+    #[test]
+    fn set_get_delete_round_trip() {
+        let (dict, _) = dict(1 << 20);
+        assert_eq!(dict.set(b"a", Some(num(1.0)), 0), Ok(false));
+        dict.set(b"s", Some(DictValue::Str(b"x".to_vec().into())), 0)
+            .unwrap();
+        dict.set(b"b", Some(DictValue::Bool(true)), 0).unwrap();
+        assert_eq!(dict.get(b"a"), Some(num(1.0)));
+        assert_eq!(dict.get(b"s"), Some(DictValue::Str(b"x".to_vec().into())));
+        assert_eq!(dict.get(b"b"), Some(DictValue::Bool(true)));
+        dict.delete(b"a");
+        assert_eq!(dict.get(b"a"), None);
+        dict.set(b"s", None, 0).unwrap();
+        assert_eq!(dict.get(b"s"), None);
+        assert_eq!(dict.set(b"", Some(num(1.0)), 0), Err(DictError::EmptyKey));
+    }
+
+    #[test]
+    fn entries_expire_after_their_ttl() {
+        let (dict, clock) = dict(1 << 20);
+        dict.set(b"k", Some(num(1.0)), 2000).unwrap();
+        dict.set(b"forever", Some(num(2.0)), 0).unwrap();
+        clock.advance(Duration::from_millis(1500));
+        assert_eq!(dict.get(b"k"), Some(num(1.0)));
+        assert_eq!(dict.ttl_ms(b"k"), Ok(500));
+        assert_eq!(dict.ttl_ms(b"forever"), Ok(0));
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(dict.get(b"k"), None);
+        assert_eq!(dict.ttl_ms(b"k"), Err(DictError::NotFound));
+        assert_eq!(dict.get(b"forever"), Some(num(2.0)));
+    }
+
+    #[test]
+    fn add_and_replace_respect_presence_and_expiry() {
+        let (dict, clock) = dict(1 << 20);
+        assert_eq!(dict.replace(b"k", num(1.0), 0), Err(DictError::NotFound));
+        assert_eq!(dict.add(b"k", num(1.0), 1000), Ok(false));
+        assert_eq!(dict.add(b"k", num(2.0), 0), Err(DictError::Exists));
+        assert_eq!(dict.replace(b"k", num(3.0), 0), Ok(false));
+        assert_eq!(dict.get(b"k"), Some(num(3.0)));
+        dict.expire(b"k", 1000).unwrap();
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(
+            dict.add(b"k", num(4.0), 0),
+            Ok(false),
+            "expired key counts as absent"
+        );
+    }
+
+    #[test]
+    fn incr_initialises_keeps_ttl_and_rejects_strings() {
+        let (dict, clock) = dict(1 << 20);
+        assert_eq!(dict.incr(b"n", 1.0, None, 0), Err(DictError::NotFound));
+        assert_eq!(dict.incr(b"n", 1.0, Some(0.0), 10_000), Ok((1.0, false)));
+        assert_eq!(dict.incr(b"n", 5.0, Some(100.0), 0), Ok((6.0, false)));
+        clock.advance(Duration::from_secs(9));
+        assert_eq!(dict.incr(b"n", 1.0, Some(0.0), 10_000), Ok((7.0, false)));
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(
+            dict.incr(b"n", 1.0, Some(0.0), 0),
+            Ok((1.0, false)),
+            "the original TTL still applied, so the counter restarted"
+        );
+        dict.set(b"s", Some(DictValue::Str(b"x".to_vec().into())), 0)
+            .unwrap();
+        assert_eq!(dict.incr(b"s", 1.0, None, 0), Err(DictError::NotANumber));
+    }
+
+    #[test]
+    fn least_recently_used_entries_are_evicted_at_the_cap() {
+        let weight = entry_weight(b"k0", &num(0.0));
+        let (dict, _) = dict(weight * 3);
+        for key in [b"k0", b"k1", b"k2"] {
+            assert_eq!(dict.set(key, Some(num(0.0)), 0), Ok(false));
+        }
+        // k0 is used again, so k1 is now the least recently used.
+        assert!(dict.get(b"k0").is_some());
+        assert_eq!(dict.set(b"k3", Some(num(0.0)), 0), Ok(true), "forcible");
+        assert_eq!(dict.get(b"k1"), None);
+        assert!(dict.get(b"k0").is_some());
+        assert!(dict.get(b"k2").is_some());
+        assert!(dict.get(b"k3").is_some());
+        assert_eq!(dict.usage(), (3, weight * 3));
+        assert_eq!(dict.evictions(), 1);
+        let huge = DictValue::Str(vec![0; weight * 4].into());
+        assert_eq!(dict.set(b"big", Some(huge), 0), Err(DictError::NoMemory));
+    }
+
+    #[test]
+    fn flush_and_keys() {
+        let (dict, clock) = dict(1 << 20);
+        dict.set(b"a", Some(num(1.0)), 1000).unwrap();
+        dict.set(b"b", Some(num(1.0)), 0).unwrap();
+        assert_eq!(
+            dict.keys(0),
+            vec![Box::from(&b"b"[..]), Box::from(&b"a"[..])]
+        );
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(dict.keys(0), vec![Box::from(&b"b"[..])]);
+        assert_eq!(dict.flush_expired(0), 1);
+        assert_eq!(dict.usage().0, 1);
+        dict.flush_all();
+        assert_eq!(dict.usage(), (0, 0));
+        assert_eq!(dict.get(b"b"), None);
+    }
+
+    #[test]
+    fn dictionaries_are_shared_and_capped_in_number() {
+        let dicts = SharedDicts::new(2, 1 << 20, Clock::manual(0));
+        let first = dicts.get_or_create("cache").unwrap();
+        first.set(b"k", Some(num(1.0)), 0).unwrap();
+        let again = dicts.get_or_create("cache").unwrap();
+        assert_eq!(again.get(b"k"), Some(num(1.0)));
+        assert!(dicts.get_or_create("other").is_some());
+        assert!(dicts.get_or_create("third").is_none());
+    }
+}

@@ -1,0 +1,403 @@
+//! `WafEngine`: the compiled view of every domain's script, the per-thread Lua states, and
+//! how a run's outcome becomes a [`Verdict`].
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use defenra_config::{Issue, Reload, Snapshot};
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use mlua::{Lua, LuaOptions, StdLib};
+
+use crate::api::Abort;
+use crate::dict::SharedDicts;
+use crate::limit::LogLimiter;
+use crate::sandbox::{self, Chunk, Limits, Outcome, Sandbox};
+use crate::stats::{DomainCounters, WafStats};
+use crate::{RequestInfo, Verdict, WafOptions};
+
+/// Error log lines per second for failing scripts, over all domains.
+const ERROR_LOGS_PER_SECOND: u64 = 10;
+/// `ngx.log` lines per second, over all domains.
+const SCRIPT_LOGS_PER_SECOND: u64 = 100;
+
+/// The Lua WAF. One per agent; `reload` compiles every domain's script.
+pub struct WafEngine {
+    shared: Arc<Shared>,
+}
+
+/// What worker threads need from the engine. Workers hold a `Weak` to it, which also
+/// identifies the engine their Lua state belongs to.
+struct Shared {
+    options: WafOptions,
+    limits: Limits,
+    view: ArcSwap<View>,
+    generation: AtomicU64,
+    dicts: Arc<SharedDicts>,
+    stats: Arc<WafStats>,
+    error_logs: LogLimiter,
+    script_logs: Arc<LogLimiter>,
+}
+
+/// The scripts of one snapshot, keyed by domain name.
+#[derive(Default)]
+struct View {
+    generation: u64,
+    scripts: HashMap<String, Arc<Script>>,
+}
+
+struct Script {
+    source: Arc<str>,
+    /// The syntax error, when the script does not compile; every request then counts as a
+    /// script error and gets the fail-open/fail-closed answer.
+    compile_error: Option<String>,
+    counters: Arc<DomainCounters>,
+}
+
+thread_local! {
+    /// The Lua states of this thread, one per live engine (normally exactly one).
+    ///
+    /// A Lua state is single-threaded: sharing one between tokio workers would need the
+    /// `send` feature and a lock around every call, which doubled the cost of a trivial
+    /// call in measurements and would serialise all requests. Instead each worker thread
+    /// builds its own state on its first WAF call and keeps it. Chunks are loaded into a
+    /// state lazily, the first time the thread runs that domain's script after a reload
+    /// (the generation check in `Worker::sync`), so a reload does no Lua work on request
+    /// threads beyond that one load.
+    static WORKERS: RefCell<Vec<Worker>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Worker {
+    engine: Weak<Shared>,
+    sandbox: Sandbox,
+    generation: u64,
+    chunks: HashMap<String, LoadedChunk>,
+}
+
+struct LoadedChunk {
+    /// The source it was loaded from, compared by pointer to spot a changed script.
+    source: Arc<str>,
+    chunk: Result<Chunk, String>,
+}
+
+impl WafEngine {
+    /// An engine with no scripts; `reload` installs them.
+    pub fn new(options: WafOptions) -> Self {
+        let dicts = Arc::new(SharedDicts::new(
+            options.max_dicts,
+            options.dict_capacity,
+            options.clock.clone(),
+        ));
+        let limits = Limits {
+            instructions: options.instruction_budget,
+            time: options.time_budget,
+            memory: options.memory_limit,
+        };
+        WafEngine {
+            shared: Arc::new(Shared {
+                limits,
+                view: ArcSwap::from_pointee(View::default()),
+                generation: AtomicU64::new(0),
+                stats: Arc::new(WafStats::new(Arc::clone(&dicts))),
+                dicts,
+                error_logs: LogLimiter::new(ERROR_LOGS_PER_SECOND),
+                script_logs: Arc::new(LogLimiter::new(SCRIPT_LOGS_PER_SECOND)),
+                options,
+            }),
+        }
+    }
+
+    /// Whether `domain` has a script; requests of other domains need no WAF call.
+    pub fn has_script(&self, domain: &str) -> bool {
+        self.shared.view.load().scripts.contains_key(domain)
+    }
+
+    /// Runs `request.domain`'s script and says what to do with the request. Synchronous and
+    /// bounded by the per-request budget; a domain without a script is allowed at once.
+    ///
+    /// A script error or an abort never reaches the caller: it is counted and logged
+    /// (rate-limited), and the answer is `Allow` (fail open) or a 503 `Block` (fail closed).
+    pub fn check(&self, request: &RequestInfo<'_>) -> Verdict {
+        let view = self.shared.view.load();
+        let Some(script) = view.scripts.get(request.domain) else {
+            return allow();
+        };
+        script.counters.checks.fetch_add(1, Ordering::Relaxed);
+        if let Some(error) = &script.compile_error {
+            return self.failed(request.domain, script, Failure::Error(error.clone()));
+        }
+        let result = WORKERS.try_with(|workers| {
+            let Ok(mut workers) = workers.try_borrow_mut() else {
+                return Err(Failure::Error(
+                    "waf re-entered on the same thread".to_owned(),
+                ));
+            };
+            let worker = self.worker(&mut workers)?;
+            worker.sync(&view);
+            let chunk = load_chunk(&worker.sandbox, &mut worker.chunks, request.domain, script)?;
+            match worker.sandbox.run(chunk, request) {
+                Outcome::Finished { exit } => Ok(finish(exit, &mut worker.sandbox.response())),
+                Outcome::Error(message) => Err(Failure::Error(message)),
+                Outcome::Aborted(abort) => Err(Failure::Aborted(abort)),
+                Outcome::OutOfMemory => Err(Failure::OutOfMemory),
+            }
+        });
+        match result {
+            Ok(Ok(verdict)) => {
+                if matches!(verdict, Verdict::Block { .. }) {
+                    script.counters.blocks.fetch_add(1, Ordering::Relaxed);
+                }
+                verdict
+            }
+            Ok(Err(failure)) => self.failed(request.domain, script, failure),
+            Err(_) => self.failed(
+                request.domain,
+                script,
+                Failure::Error("thread is shutting down".to_owned()),
+            ),
+        }
+    }
+
+    /// The engine's counters, for /stats and /metrics.
+    pub fn stats(&self) -> Arc<WafStats> {
+        Arc::clone(&self.shared.stats)
+    }
+
+    /// This thread's worker for this engine, built on first use.
+    fn worker<'w>(&self, workers: &'w mut Vec<Worker>) -> Result<&'w mut Worker, Failure> {
+        let me = Arc::downgrade(&self.shared);
+        if let Some(index) = workers.iter().position(|worker| worker.engine.ptr_eq(&me)) {
+            return Ok(&mut workers[index]);
+        }
+        // States of dropped engines (tests, mostly) are freed here.
+        workers.retain(|worker| worker.engine.strong_count() > 0);
+        let sandbox = Sandbox::new(
+            self.shared.limits,
+            &self.shared.dicts,
+            self.shared.options.clock.clone(),
+            Arc::clone(&self.shared.script_logs),
+        )
+        .map_err(|error| Failure::Error(format!("cannot create a Lua state: {error}")))?;
+        workers.push(Worker {
+            engine: me,
+            sandbox,
+            generation: u64::MAX,
+            chunks: HashMap::new(),
+        });
+        let last = workers.len() - 1;
+        Ok(&mut workers[last])
+    }
+
+    fn failed(&self, domain: &str, script: &Script, failure: Failure) -> Verdict {
+        let counters = &script.counters;
+        let (counter, message) = match &failure {
+            Failure::Error(message) => (&counters.errors, message.as_str()),
+            Failure::Aborted(Abort::Instructions) => {
+                (&counters.aborts_budget, "instruction budget exceeded")
+            }
+            Failure::Aborted(Abort::Time) => (&counters.aborts_budget, "time budget exceeded"),
+            Failure::OutOfMemory => (&counters.aborts_memory, "memory limit exceeded"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let fail_closed = self.shared.options.fail_closed;
+        let now = self.shared.options.clock.unix_ms() / 1000;
+        if let Some(suppressed) = self.shared.error_logs.allow(now) {
+            tracing::warn!(
+                domain,
+                error = message,
+                suppressed,
+                action = if fail_closed { "503" } else { "allow" },
+                "waf script failed"
+            );
+        }
+        if fail_closed {
+            respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                HeaderMap::new(),
+                Vec::new(),
+            )
+        } else {
+            allow()
+        }
+    }
+}
+
+impl Default for WafEngine {
+    fn default() -> Self {
+        WafEngine::new(WafOptions::default())
+    }
+}
+
+impl Reload for WafEngine {
+    fn reload(&self, snapshot: &Arc<Snapshot>, issues: &mut Vec<Issue>) {
+        let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let stats = &self.shared.stats;
+        let mut scripts = HashMap::new();
+        for (domain, source, compile_error) in compile_all(snapshot, issues) {
+            let counters = stats.domain(&domain);
+            scripts.insert(
+                domain,
+                Arc::new(Script {
+                    source,
+                    compile_error,
+                    counters,
+                }),
+            );
+        }
+        stats.retain(|domain| scripts.contains_key(domain));
+        self.shared.view.store(Arc::new(View {
+            generation,
+            scripts,
+        }));
+    }
+}
+
+/// Compiles every script in `snapshot` without installing anything, for
+/// `defenra-agent check-config`: syntax errors come back with the domain's JSON path.
+pub fn check_scripts(snapshot: &Snapshot) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    compile_all(snapshot, &mut issues);
+    issues
+}
+
+/// `(domain, source, syntax error)` for every domain with a script; syntax errors are also
+/// pushed to `issues` as `domains[i].luaCode`, where `i` is the domain's position in
+/// `snapshot.domains` (document order minus domains the compiler skipped).
+fn compile_all(
+    snapshot: &Snapshot,
+    issues: &mut Vec<Issue>,
+) -> Vec<(String, Arc<str>, Option<String>)> {
+    let scratch = Lua::new_with(StdLib::NONE, LuaOptions::new());
+    let mut out = Vec::new();
+    for (index, domain) in snapshot.domains.iter().enumerate() {
+        let Some(source) = &domain.lua_code else {
+            continue;
+        };
+        let result = match &scratch {
+            Ok(lua) => sandbox::syntax_check(lua, &domain.name, source),
+            Err(error) => Err(format!("cannot create a Lua state: {error}")),
+        };
+        let compile_error = result.err();
+        if let Some(message) = &compile_error {
+            issues.push(Issue::new(
+                format!("domains[{index}].luaCode"),
+                format!("lua script does not compile: {message}"),
+            ));
+        }
+        out.push((domain.name.clone(), Arc::clone(source), compile_error));
+    }
+    out
+}
+
+impl Worker {
+    /// Drops chunks whose script changed or went away since the last snapshot this thread saw.
+    fn sync(&mut self, view: &View) {
+        if self.generation == view.generation {
+            return;
+        }
+        self.chunks
+            .retain(|domain, loaded| match view.scripts.get(domain) {
+                Some(script) if *script.source == *loaded.source => {
+                    loaded.source = Arc::clone(&script.source);
+                    true
+                }
+                _ => false,
+            });
+        self.generation = view.generation;
+    }
+}
+
+/// `domain`'s chunk in this thread's state, loaded on first use after a change.
+fn load_chunk<'c>(
+    sandbox: &Sandbox,
+    chunks: &'c mut HashMap<String, LoadedChunk>,
+    domain: &str,
+    script: &Script,
+) -> Result<&'c Chunk, Failure> {
+    let stale = chunks
+        .get(domain)
+        .is_none_or(|loaded| !Arc::ptr_eq(&loaded.source, &script.source));
+    if stale {
+        let chunk = sandbox.load(domain, &script.source);
+        chunks.insert(
+            domain.to_owned(),
+            LoadedChunk {
+                source: Arc::clone(&script.source),
+                chunk,
+            },
+        );
+    }
+    match chunks.get(domain).map(|loaded| &loaded.chunk) {
+        Some(Ok(chunk)) => Ok(chunk),
+        Some(Err(message)) => Err(Failure::Error(message.clone())),
+        None => Err(Failure::Error("chunk vanished".to_owned())),
+    }
+}
+
+/// Why a run produced no verdict of its own.
+enum Failure {
+    Error(String),
+    Aborted(Abort),
+    OutOfMemory,
+}
+
+fn allow() -> Verdict {
+    Verdict::Allow {
+        extra_headers: HeaderMap::new(),
+    }
+}
+
+/// Turns a finished run into a verdict.
+///
+/// - `ngx.exit(status)` with a status of 200 or more answers with that status, the headers
+///   the script set and its `ngx.say` output (nginx's error page when there is none and the
+///   status is an error).
+/// - `ngx.exit(ngx.ERROR)` answers 500.
+/// - Otherwise (no exit, `ngx.OK`, `ngx.DONE`, `ngx.DECLINED`), a script that printed a
+///   body answers with it and `ngx.status` (default 200); one that did not lets the request
+///   through, adding `ngx.header` values to the proxied response.
+fn finish(exit: Option<i64>, response: &mut crate::api::ResponseData) -> Verdict {
+    let headers = std::mem::take(&mut response.headers);
+    let body = std::mem::take(&mut response.body);
+    let status = match exit {
+        Some(code) if code >= 200 => code as u16,
+        Some(-1) => 500,
+        _ if !body.is_empty() => response.status.unwrap_or(200),
+        _ => {
+            return Verdict::Allow {
+                extra_headers: headers,
+            };
+        }
+    };
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    respond(status, headers, body)
+}
+
+fn respond(status: StatusCode, mut headers: HeaderMap, body: Vec<u8>) -> Verdict {
+    let body = if body.is_empty() && status.as_u16() >= 400 {
+        if !headers.contains_key(CONTENT_TYPE) {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        }
+        let reason = status.canonical_reason().unwrap_or("");
+        let code = status.as_u16();
+        Bytes::from(format!(
+            "<html>\r\n<head><title>{code} {reason}</title></head>\r\n<body>\r\n\
+             <center><h1>{code} {reason}</h1></center>\r\n<hr><center>defenra</center>\r\n\
+             </body>\r\n</html>\r\n"
+        ))
+    } else {
+        if !body.is_empty() && !headers.contains_key(CONTENT_TYPE) {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        Bytes::from(body)
+    };
+    Verdict::Block {
+        status,
+        headers,
+        body,
+    }
+}

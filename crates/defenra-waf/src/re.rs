@@ -1,0 +1,402 @@
+//! `ngx.re.*` on the `regex` crate, with a bounded per-thread cache of compiled patterns.
+//!
+//! The regex crate runs in linear time (no backtracking), so a hostile pattern or subject
+//! cannot stall a worker; the price is that PCRE-only syntax (look-around, backreferences)
+//! fails to compile and the call returns `nil, err`, as OpenResty does for a bad pattern.
+
+use std::cell::Cell;
+use std::hash::Hash;
+use std::rc::Rc;
+
+use mlua::{IntoLuaMulti as _, Lua, Table, Value};
+use quick_cache::Equivalent;
+use regex::bytes::{Captures, Regex, RegexBuilder};
+
+use crate::api::Ctx;
+
+/// Compiled patterns kept per worker thread.
+const CACHE_CAPACITY: usize = 512;
+/// Compiled-program size cap per pattern, so one pattern cannot take much memory.
+const SIZE_LIMIT: usize = 2 << 20;
+
+const CASELESS: u16 = 1;
+const MULTILINE: u16 = 1 << 1;
+const DOTALL: u16 = 1 << 2;
+const EXTENDED: u16 = 1 << 3;
+const UNICODE: u16 = 1 << 4;
+const ANCHORED: u16 = 1 << 5;
+const UNGREEDY: u16 = 1 << 6;
+
+/// Compiled patterns keyed by `(pattern, flags)`; the least useful are evicted when full.
+pub(crate) struct RegexCache {
+    cache: quick_cache::unsync::Cache<Key, Regex>,
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct Key {
+    pattern: Box<[u8]>,
+    flags: u16,
+}
+
+/// A borrowed [`Key`], so a cache hit allocates nothing. Hashes exactly like `Key`.
+#[derive(Hash)]
+struct KeyRef<'a> {
+    pattern: &'a [u8],
+    flags: u16,
+}
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.flags == key.flags && *self.pattern == *key.pattern
+    }
+}
+
+impl RegexCache {
+    pub(crate) fn new() -> Self {
+        RegexCache {
+            cache: quick_cache::unsync::Cache::new(CACHE_CAPACITY),
+        }
+    }
+
+    /// The compiled `pattern` under OpenResty `options` (`"ijo"`), or an error message.
+    pub(crate) fn compile(&mut self, pattern: &[u8], options: &[u8]) -> Result<Regex, String> {
+        let flags = parse_flags(options)?;
+        let key = KeyRef { pattern, flags };
+        if let Some(regex) = self.cache.get(&key) {
+            return Ok(regex.clone());
+        }
+        let text = std::str::from_utf8(pattern)
+            .map_err(|_| "failed to compile regex: pattern is not UTF-8".to_owned())?;
+        let anchored;
+        let text = if flags & ANCHORED != 0 {
+            anchored = format!(r"\A(?:{text})");
+            anchored.as_str()
+        } else {
+            text
+        };
+        let regex = RegexBuilder::new(text)
+            .case_insensitive(flags & CASELESS != 0)
+            .multi_line(flags & MULTILINE != 0)
+            .dot_matches_new_line(flags & DOTALL != 0)
+            .ignore_whitespace(flags & EXTENDED != 0)
+            .unicode(flags & UNICODE != 0)
+            .swap_greed(flags & UNGREEDY != 0)
+            .size_limit(SIZE_LIMIT)
+            .build()
+            .map_err(|error| format!("failed to compile regex \"{text}\": {error}"))?;
+        self.cache.insert(
+            Key {
+                pattern: pattern.into(),
+                flags,
+            },
+            regex.clone(),
+        );
+        Ok(regex)
+    }
+}
+
+/// OpenResty's option letters. Those that only tune PCRE (`j`, `o`, `d`, `D`, `J`) are
+/// accepted and ignored.
+fn parse_flags(options: &[u8]) -> Result<u16, String> {
+    let mut flags = 0;
+    for &option in options {
+        flags |= match option {
+            b'i' => CASELESS,
+            b'm' => MULTILINE,
+            b's' => DOTALL,
+            b'x' => EXTENDED,
+            b'u' => UNICODE,
+            b'a' => ANCHORED,
+            b'U' => UNGREEDY,
+            b'j' | b'o' | b'd' | b'D' | b'J' => 0,
+            other => return Err(format!("unknown flag \"{}\"", other as char)),
+        };
+    }
+    Ok(flags)
+}
+
+/// Adds `re_match`, `re_find`, `re_gmatch`, `re_sub` and `re_gsub` to the host table.
+pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()> {
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "re_match",
+        lua.create_function(
+            move |lua,
+                  (subject, pattern, options, pos_ctx): (
+                mlua::LuaString,
+                mlua::LuaString,
+                Option<mlua::LuaString>,
+                Option<Table>,
+            )| {
+                let regex = match compile(&c, &pattern, options.as_ref()) {
+                    Ok(regex) => regex,
+                    Err(message) => return (Value::Nil, message).into_lua_multi(lua),
+                };
+                let subject = subject.as_bytes();
+                let Some(start) = start_position(pos_ctx.as_ref(), subject.len())? else {
+                    return (Value::Nil,).into_lua_multi(lua);
+                };
+                match regex.captures_at(&subject, start) {
+                    Some(captures) => {
+                        if let Some(pos_ctx) = &pos_ctx {
+                            let end = captures.get(0).map_or(start, |m| m.end());
+                            pos_ctx.raw_set("pos", end + 1)?;
+                        }
+                        (captures_table(lua, &regex, &captures)?,).into_lua_multi(lua)
+                    }
+                    None => (Value::Nil,).into_lua_multi(lua),
+                }
+            },
+        )?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "re_find",
+        lua.create_function(
+            move |lua,
+                  (subject, pattern, options, pos_ctx, nth): (
+                mlua::LuaString,
+                mlua::LuaString,
+                Option<mlua::LuaString>,
+                Option<Table>,
+                Option<usize>,
+            )| {
+                let regex = match compile(&c, &pattern, options.as_ref()) {
+                    Ok(regex) => regex,
+                    Err(message) => return (Value::Nil, Value::Nil, message).into_lua_multi(lua),
+                };
+                let subject = subject.as_bytes();
+                let Some(start) = start_position(pos_ctx.as_ref(), subject.len())? else {
+                    return (Value::Nil,).into_lua_multi(lua);
+                };
+                let Some(captures) = regex.captures_at(&subject, start) else {
+                    return (Value::Nil,).into_lua_multi(lua);
+                };
+                if let Some(pos_ctx) = &pos_ctx {
+                    let end = captures.get(0).map_or(start, |m| m.end());
+                    pos_ctx.raw_set("pos", end + 1)?;
+                }
+                match captures.get(nth.unwrap_or(0)) {
+                    // 1-based, inclusive, as string.find returns.
+                    Some(found) => (found.start() + 1, found.end()).into_lua_multi(lua),
+                    None => (Value::Nil,).into_lua_multi(lua),
+                }
+            },
+        )?,
+    )?;
+
+    let c = Rc::clone(ctx);
+    host.raw_set(
+        "re_gmatch",
+        lua.create_function(
+            move |lua,
+                  (subject, pattern, options): (
+                mlua::LuaString,
+                mlua::LuaString,
+                Option<mlua::LuaString>,
+            )| {
+                let regex = match compile(&c, &pattern, options.as_ref()) {
+                    Ok(regex) => regex,
+                    Err(message) => return (Value::Nil, message).into_lua_multi(lua),
+                };
+                let subject = subject.as_bytes().to_vec();
+                let position = Cell::new(Some(0usize));
+                let iterator = lua.create_function(move |lua, ()| {
+                    let Some(start) = position.get() else {
+                        return Ok(Value::Nil);
+                    };
+                    let Some(captures) = regex.captures_at(&subject, start) else {
+                        position.set(None);
+                        return Ok(Value::Nil);
+                    };
+                    let whole = captures.get(0).map_or(start..start, |m| m.range());
+                    // An empty match must still move forward, or the loop never ends.
+                    let next = if whole.is_empty() {
+                        whole.end + 1
+                    } else {
+                        whole.end
+                    };
+                    position.set((next <= subject.len()).then_some(next));
+                    captures_table(lua, &regex, &captures).map(Value::Table)
+                })?;
+                (iterator,).into_lua_multi(lua)
+            },
+        )?,
+    )?;
+
+    for (name, global) in [("re_sub", false), ("re_gsub", true)] {
+        let c = Rc::clone(ctx);
+        host.raw_set(
+            name,
+            lua.create_function(
+                move |lua,
+                      (subject, pattern, replace, options): (
+                    mlua::LuaString,
+                    mlua::LuaString,
+                    Value,
+                    Option<mlua::LuaString>,
+                )| {
+                    let regex = match compile(&c, &pattern, options.as_ref()) {
+                        Ok(regex) => regex,
+                        Err(message) => {
+                            return (Value::Nil, Value::Nil, message).into_lua_multi(lua);
+                        }
+                    };
+                    let template = match &replace {
+                        Value::String(text) => Some(text.as_bytes().to_vec()),
+                        Value::Integer(number) => Some(number.to_string().into_bytes()),
+                        Value::Number(number) => {
+                            Some(crate::api::number_to_string(*number).into_bytes())
+                        }
+                        Value::Function(_) => None,
+                        _ => return Err(mlua::Error::runtime("bad replace argument")),
+                    };
+                    let subject = subject.as_bytes().to_vec();
+                    let mut out = Vec::with_capacity(subject.len());
+                    let mut last = 0;
+                    let mut count = 0;
+                    for captures in regex.captures_iter(&subject) {
+                        let Some(whole) = captures.get(0) else {
+                            continue;
+                        };
+                        out.extend_from_slice(&subject[last..whole.start()]);
+                        match (&template, &replace) {
+                            (Some(template), _) => {
+                                if let Err(message) = expand(template, &regex, &captures, &mut out)
+                                {
+                                    return (Value::Nil, Value::Nil, message).into_lua_multi(lua);
+                                }
+                            }
+                            (None, Value::Function(function)) => {
+                                let table = captures_table(lua, &regex, &captures)?;
+                                match function.call::<Value>(table)? {
+                                    Value::String(text) => out.extend_from_slice(&text.as_bytes()),
+                                    Value::Integer(number) => {
+                                        out.extend_from_slice(number.to_string().as_bytes())
+                                    }
+                                    Value::Number(number) => out.extend_from_slice(
+                                        crate::api::number_to_string(number).as_bytes(),
+                                    ),
+                                    _ => {
+                                        return Err(mlua::Error::runtime(
+                                            "replace function must return a string",
+                                        ));
+                                    }
+                                }
+                            }
+                            (None, _) => return Err(mlua::Error::runtime("bad replace argument")),
+                        }
+                        last = whole.end();
+                        count += 1;
+                        if !global {
+                            break;
+                        }
+                    }
+                    out.extend_from_slice(&subject[last..]);
+                    (lua.create_string(out)?, count).into_lua_multi(lua)
+                },
+            )?,
+        )?;
+    }
+    Ok(())
+}
+
+fn compile(
+    ctx: &Ctx,
+    pattern: &mlua::LuaString,
+    options: Option<&mlua::LuaString>,
+) -> Result<Regex, String> {
+    let options = options
+        .map(|options| options.as_bytes().to_vec())
+        .unwrap_or_default();
+    ctx.regexes
+        .borrow_mut()
+        .compile(&pattern.as_bytes(), &options)
+}
+
+/// The 0-based byte offset to search from: `ctx.pos` (1-based) when given. `None` when it
+/// lies past the end of the subject.
+fn start_position(pos_ctx: Option<&Table>, len: usize) -> mlua::Result<Option<usize>> {
+    let Some(pos_ctx) = pos_ctx else {
+        return Ok(Some(0));
+    };
+    let pos = pos_ctx.raw_get::<Option<f64>>("pos")?.unwrap_or(1.0);
+    let start = if pos < 1.0 { 0 } else { pos as usize - 1 };
+    Ok((start <= len).then_some(start))
+}
+
+/// `m[0]` is the whole match, `m[n]` the groups (`false` when a group did not take part),
+/// and named groups are also keyed by name.
+fn captures_table(lua: &Lua, regex: &Regex, captures: &Captures<'_>) -> mlua::Result<Table> {
+    let table = lua.create_table_with_capacity(captures.len(), 0)?;
+    for (index, name) in regex.capture_names().enumerate() {
+        let value = match captures.get(index) {
+            Some(found) => Value::String(lua.create_string(found.as_bytes())?),
+            None => Value::Boolean(false),
+        };
+        if let Some(name) = name {
+            table.raw_set(name, value.clone())?;
+        }
+        table.raw_set(index, value)?;
+    }
+    Ok(table)
+}
+
+/// Expands a `ngx.re.sub` template: `$0`, `$1`, `${1}`, `${name}`, and `$$` for a dollar.
+fn expand(
+    template: &[u8],
+    regex: &Regex,
+    captures: &Captures<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let group = |name: &[u8]| -> Result<Option<&[u8]>, String> {
+        let text = std::str::from_utf8(name).map_err(|_| "bad template".to_owned())?;
+        let found = match text.parse::<usize>() {
+            Ok(index) => captures.get(index),
+            Err(_) => {
+                if regex.capture_names().flatten().all(|known| known != text) {
+                    return Err(format!("unknown variable \"{text}\" in template"));
+                }
+                captures.name(text)
+            }
+        };
+        Ok(found.map(|m| m.as_bytes()))
+    };
+    let mut index = 0;
+    while index < template.len() {
+        let byte = template[index];
+        if byte != b'$' {
+            out.push(byte);
+            index += 1;
+            continue;
+        }
+        match template.get(index + 1) {
+            Some(b'$') => {
+                out.push(b'$');
+                index += 2;
+            }
+            Some(b'{') => {
+                let rest = &template[index + 2..];
+                let close = rest
+                    .iter()
+                    .position(|&b| b == b'}')
+                    .ok_or_else(|| "bad template: missing \"}\"".to_owned())?;
+                out.extend_from_slice(group(&rest[..close])?.unwrap_or_default());
+                index += 3 + close;
+            }
+            Some(digit) if digit.is_ascii_digit() => {
+                let digits = template[index + 1..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
+                out.extend_from_slice(
+                    group(&template[index + 1..index + 1 + digits])?.unwrap_or_default(),
+                );
+                index += 1 + digits;
+            }
+            _ => return Err("bad template: lone \"$\"".to_owned()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,274 @@
+-- Builds the sandbox once per Lua state (see sandbox.rs). Runs in the state's real globals,
+-- which scripts never see: every script runs in its own environment table whose __index is
+-- the `sandbox` table returned here.
+--
+-- Everything a script can reach that is shared between requests or domains (string, table,
+-- math, os, bit, ngx and its sub-tables, request) is a read-only userdata proxy made with
+-- newproxy: rawset, table.insert and setmetatable all refuse userdata, and `__metatable`
+-- hides the real table behind it.
+
+local host = ...
+
+local error, getmetatable, newproxy, pcall, xpcall, select, setmetatable, tostring, type =
+    error, getmetatable, newproxy, pcall, xpcall, select, setmetatable, tostring, type
+local collectgarbage = collectgarbage
+
+local function readonly(real, name)
+    local proxy = newproxy(true)
+    local mt = getmetatable(proxy)
+    mt.__index = real
+    mt.__newindex = function(_, key)
+        error("attempt to modify read-only table '" .. name .. "' (field '" .. tostring(key) .. "')", 2)
+    end
+    mt.__metatable = false
+    mt.__tostring = function() return name end
+    return proxy
+end
+
+-- The string metatable gives `("x"):rep(3)` access to the real string table: hide it.
+string.dump = nil
+getmetatable("").__metatable = false
+
+-- pcall/xpcall must not swallow ngx.exit or a budget abort: both are Lua errors underneath,
+-- so a failed protected call re-raises when the host says the run is stopping.
+local stopping = host.stopping
+local function pass(ok, ...)
+    if not ok and stopping() then
+        error((...), 0)
+    end
+    return ok, ...
+end
+local function safe_pcall(f, ...)
+    return pass(pcall(f, ...))
+end
+local function safe_xpcall(f, handler, ...)
+    return pass(xpcall(f, handler, ...))
+end
+
+-- Per-request slots (ngx.ctx); the host clears this table before every run.
+local slots = {}
+
+local ngx_req = {
+    get_headers = host.get_headers,
+    get_method = host.get_method,
+    get_uri_args = host.get_uri_args,
+    start_time = host.start_time,
+    -- The proxy streams bodies and never buffers one for the WAF.
+    read_body = function() end,
+    discard_body = function() end,
+    get_body_data = function() return nil end,
+    get_body_file = function() return nil end,
+    get_post_args = function() return nil, "request body is not available to the WAF" end,
+    http_version = function() return 1.1 end,
+    is_internal = function() return false end,
+}
+
+local ngx_re = {
+    match = host.re_match,
+    find = host.re_find,
+    gmatch = host.re_gmatch,
+    sub = host.re_sub,
+    gsub = host.re_gsub,
+}
+
+local var = newproxy(true)
+do
+    local mt = getmetatable(var)
+    mt.__index = host.var
+    mt.__newindex = function(_, key)
+        error("variable \"" .. tostring(key) .. "\" not changeable", 2)
+    end
+    mt.__metatable = false
+end
+
+local header = newproxy(true)
+do
+    local mt = getmetatable(header)
+    mt.__index = host.header_get
+    mt.__newindex = host.header_set
+    mt.__metatable = false
+end
+
+local dicts = {}
+local shared = newproxy(true)
+do
+    local make = host.dict
+    local mt = getmetatable(shared)
+    mt.__index = function(_, name)
+        local dict = dicts[name]
+        if dict == nil then
+            dict = make(name)
+            if dict ~= nil then
+                dicts[name] = dict
+            end
+        end
+        return dict
+    end
+    mt.__newindex = function() error("attempt to modify ngx.shared", 2) end
+    mt.__metatable = false
+end
+
+local ngx = {
+    var = var,
+    header = header,
+    shared = shared,
+    req = readonly(ngx_req, "ngx.req"),
+    re = readonly(ngx_re, "ngx.re"),
+    exit = host.exit,
+    redirect = host.redirect,
+    say = host.say,
+    print = host.print,
+    flush = function() return 1 end,
+    eof = function() return 1 end,
+    log = host.log,
+    time = host.time,
+    now = host.now,
+    today = host.today,
+    localtime = host.localtime,
+    utctime = host.utctime,
+    http_time = host.http_time,
+    cookie_time = host.cookie_time,
+    update_time = function() end,
+    md5 = host.md5,
+    md5_bin = host.md5_bin,
+    encode_base64 = host.encode_base64,
+    decode_base64 = host.decode_base64,
+    escape_uri = host.escape_uri,
+    unescape_uri = host.unescape_uri,
+    encode_args = host.encode_args,
+    decode_args = host.decode_args,
+    quote_sql_str = host.quote_sql_str,
+    sleep = function() error("ngx.sleep is not available in the WAF", 2) end,
+    get_phase = function() return "access" end,
+    null = host.null,
+    is_subrequest = false,
+    headers_sent = false,
+    worker = readonly({
+        id = function() return 0 end,
+        count = function() return 1 end,
+        pid = function() return 0 end,
+        exiting = function() return false end,
+    }, "ngx.worker"),
+    config = readonly({
+        subsystem = "http",
+        debug = false,
+        nginx_version = 1026000,
+        ngx_lua_version = 10026,
+        prefix = function() return "" end,
+        nginx_configure = function() return "" end,
+    }, "ngx.config"),
+}
+for name, value in pairs(host.constants) do
+    ngx[name] = value
+end
+
+-- ngx.status and ngx.ctx are per request: read through a metatable behind the static fields.
+local get_status = host.status_get
+setmetatable(ngx, {
+    __index = function(_, key)
+        if key == "status" then
+            return get_status()
+        elseif key == "ctx" then
+            local ctx = slots.ctx
+            if ctx == nil then
+                ctx = {}
+                slots.ctx = ctx
+            end
+            return ctx
+        end
+        return nil
+    end,
+})
+
+local ngx_proxy = newproxy(true)
+do
+    local set_status = host.status_set
+    local mt = getmetatable(ngx_proxy)
+    mt.__index = ngx
+    mt.__newindex = function(_, key, value)
+        if key == "status" then
+            set_status(value)
+        elseif key == "ctx" then
+            if type(value) ~= "table" then
+                error("ngx.ctx must be a table", 2)
+            end
+            slots.ctx = value
+        else
+            error("attempt to modify read-only table 'ngx' (field '" .. tostring(key) .. "')", 2)
+        end
+    end
+    mt.__metatable = false
+    mt.__tostring = function() return "ngx" end
+end
+
+-- The original agent's `request` table: method, uri (with query), host, remote_addr, and
+-- headers indexed case-insensitively.
+local request_headers = newproxy(true)
+do
+    local mt = getmetatable(request_headers)
+    mt.__index = host.legacy_header
+    mt.__newindex = function() error("attempt to modify request.headers", 2) end
+    mt.__metatable = false
+end
+local request = readonly(setmetatable({ headers = request_headers }, { __index = host.legacy }), "request")
+
+local safe_os = { time = os.time, date = os.date, clock = os.clock }
+
+local sandbox = {
+    _VERSION = _VERSION,
+    assert = assert,
+    error = error,
+    ipairs = ipairs,
+    next = next,
+    pairs = pairs,
+    pcall = safe_pcall,
+    xpcall = safe_xpcall,
+    select = select,
+    tonumber = tonumber,
+    tostring = tostring,
+    type = type,
+    unpack = unpack,
+    rawequal = rawequal,
+    rawget = rawget,
+    rawset = rawset,
+    setmetatable = setmetatable,
+    getmetatable = getmetatable,
+    collectgarbage = function(option)
+        if option == "count" then
+            return collectgarbage("count")
+        end
+        error("collectgarbage: only \"count\" is allowed in the WAF", 2)
+    end,
+    print = function(...)
+        return host.log(host.constants.NOTICE, ...)
+    end,
+    string = readonly(string, "string"),
+    table = readonly(table, "table"),
+    math = readonly(math, "math"),
+    os = readonly(safe_os, "os"),
+    bit = readonly(bit, "bit"),
+    ngx = ngx_proxy,
+    request = request,
+}
+
+-- Scripts index `headers["User-Agent"]` or `headers.user_agent` on get_headers() results;
+-- the host sets this metatable on every table get_headers returns.
+local headers_mt = host.headers_mt
+headers_mt.__index = function(t, key)
+    if type(key) == "string" then
+        local normal = key:lower():gsub("_", "-")
+        if normal ~= key then
+            return rawget(t, normal)
+        end
+    end
+    return nil
+end
+headers_mt.__metatable = false
+
+-- A fresh environment for one chunk: globals land here and are cleared between requests.
+local env_mt = { __index = sandbox, __metatable = false }
+local function new_env()
+    return setmetatable({}, env_mt)
+end
+
+return new_env, slots

@@ -1,0 +1,182 @@
+//! One sandboxed LuaJIT state: safe libraries only, JIT off, instruction hook, memory cap,
+//! and a fresh-per-request global environment for every domain's chunk.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, VmState};
+
+use crate::RequestInfo;
+use crate::api::{self, Abort, Ctx, ResponseData};
+use crate::clock::Clock;
+use crate::dict::SharedDicts;
+use crate::limit::LogLimiter;
+
+/// VM instructions between two budget checks. Each check costs one `Instant::now()`, so at
+/// this interval the hook adds well under 5% to a busy loop, and a runaway loop is caught
+/// within a few microseconds of the budget running out.
+pub(crate) const HOOK_INTERVAL: u32 = 1000;
+
+const PRELUDE: &str = include_str!("sandbox.lua");
+
+/// Per-run limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) instructions: u64,
+    pub(crate) time: Duration,
+    pub(crate) memory: usize,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The script returned or called `ngx.exit`; `exit` is the code it passed.
+    Finished { exit: Option<i64> },
+    /// A Lua error.
+    Error(String),
+    /// Stopped by the instruction or time budget.
+    Aborted(Abort),
+    /// Stopped by the memory cap.
+    OutOfMemory,
+}
+
+/// A loaded script: its function and the environment table its globals go to.
+pub(crate) struct Chunk {
+    function: Function,
+    env: Table,
+}
+
+/// A Lua state with the `ngx` API installed.
+pub(crate) struct Sandbox {
+    lua: Lua,
+    ctx: Rc<Ctx>,
+    /// `sandbox.lua`'s environment constructor.
+    new_env: Function,
+    /// Per-request Lua-side slots (`ngx.ctx`), cleared before each run.
+    slots: Table,
+    limits: Limits,
+}
+
+impl Sandbox {
+    /// Builds a state. Costs about a millisecond; done once per worker thread.
+    pub(crate) fn new(
+        limits: Limits,
+        dicts: &Arc<SharedDicts>,
+        clock: Clock,
+        script_logs: Arc<LogLimiter>,
+    ) -> mlua::Result<Self> {
+        let libs =
+            StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::OS | StdLib::BIT | StdLib::JIT;
+        let lua = Lua::new_with(libs, LuaOptions::new())?;
+        // Count hooks never fire inside JIT-compiled traces, so a hot `while true do end`
+        // would escape the budget. The interpreter alone is still fast enough here.
+        lua.load("jit.off()").set_name("=jit").exec()?;
+        lua.globals().raw_remove("jit")?;
+        lua.set_memory_limit(limits.memory)?;
+
+        let ctx = Rc::new(Ctx::new(clock, script_logs));
+        let hook_ctx = Rc::clone(&ctx);
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(HOOK_INTERVAL),
+            move |_, _| match hook_ctx.tick() {
+                Ok(()) => Ok(VmState::Continue),
+                Err(Abort::Instructions) => {
+                    Err(mlua::Error::runtime("waf instruction budget exceeded"))
+                }
+                Err(Abort::Time) => Err(mlua::Error::runtime("waf time budget exceeded")),
+            },
+        )?;
+
+        let host = api::host_table(&lua, &ctx, dicts)?;
+        let (new_env, slots): (Function, Table) =
+            lua.load(PRELUDE).set_name("=sandbox").call(host)?;
+        Ok(Sandbox {
+            lua,
+            ctx,
+            new_env,
+            slots,
+            limits,
+        })
+    }
+
+    /// Compiles `source` into a chunk with its own environment. `Err` carries Lua's message.
+    pub(crate) fn load(&self, domain: &str, source: &str) -> Result<Chunk, String> {
+        let env: Table = self.new_env.call(()).map_err(|error| error.to_string())?;
+        let function = self
+            .lua
+            .load(source)
+            .set_name(format!("={domain}"))
+            .set_environment(env.clone())
+            .into_function()
+            .map_err(|error| first_line(&error))?;
+        Ok(Chunk { function, env })
+    }
+
+    /// Runs `chunk` for `request` within the limits.
+    pub(crate) fn run(&self, chunk: &Chunk, request: &RequestInfo<'_>) -> Outcome {
+        let hooks = self.limits.instructions.div_ceil(u64::from(HOOK_INTERVAL));
+        self.ctx
+            .begin(request, hooks, Instant::now() + self.limits.time);
+        // Globals the previous request set must not leak into this one.
+        let reset = chunk
+            .env
+            .clear()
+            .and_then(|()| chunk.env.raw_set("_G", &chunk.env))
+            .and_then(|()| self.slots.clear());
+        let result = reset.and_then(|()| chunk.function.call::<()>(()));
+        let exit = self.ctx.exit.get();
+        if exit.is_some() {
+            return Outcome::Finished { exit };
+        }
+        if let Some(abort) = self.ctx.abort.get() {
+            return Outcome::Aborted(abort);
+        }
+        match result {
+            Ok(()) => Outcome::Finished { exit: None },
+            Err(error) if is_memory_error(&error) => {
+                // The state stays usable once the garbage is gone.
+                let _ = self.lua.gc_collect();
+                Outcome::OutOfMemory
+            }
+            Err(error) => Outcome::Error(first_line(&error)),
+        }
+    }
+
+    /// The response the last run built.
+    pub(crate) fn response(&self) -> std::cell::RefMut<'_, ResponseData> {
+        self.ctx.response.borrow_mut()
+    }
+}
+
+fn is_memory_error(error: &mlua::Error) -> bool {
+    match error {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        _ => false,
+    }
+}
+
+/// The message without mlua's traceback, at most 300 bytes, for logs.
+fn first_line(error: &mlua::Error) -> String {
+    let text = match error {
+        mlua::Error::CallbackError { cause, .. } => return first_line(cause),
+        mlua::Error::SyntaxError { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    let line = text.lines().next().unwrap_or_default();
+    let mut end = line.len().min(300);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line[..end].to_owned()
+}
+
+/// Checks that `source` compiles, without running it. `Err` carries Lua's message.
+pub(crate) fn syntax_check(lua: &Lua, domain: &str, source: &str) -> Result<(), String> {
+    lua.load(source)
+        .set_name(format!("={domain}"))
+        .into_function()
+        .map(drop)
+        .map_err(|error| first_line(&error))
+}

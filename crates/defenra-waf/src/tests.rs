@@ -1,0 +1,960 @@
+//! Engine-level tests: scripts run through `WafEngine::check` as the proxy would call it.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use defenra_config::stats::StatsSource;
+use defenra_config::{Issue, Reload};
+use http::{HeaderMap, Method, Uri};
+
+use crate::{Clock, RequestInfo, Verdict, WafEngine, WafOptions, check_scripts};
+
+const DOMAIN: &str = "example.com";
+
+/// A request as the proxy would describe it; tweak the fields a test cares about.
+struct Request {
+    domain: &'static str,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    remote_addr: IpAddr,
+}
+
+fn request(uri: &str) -> Request {
+    let mut headers = HeaderMap::new();
+    headers.insert("host", "www.example.com".parse().unwrap());
+    headers.insert("user-agent", "Mozilla/5.0".parse().unwrap());
+    Request {
+        domain: DOMAIN,
+        method: Method::GET,
+        uri: uri.parse().unwrap(),
+        headers,
+        remote_addr: "192.0.2.7".parse().unwrap(),
+    }
+}
+
+impl Request {
+    fn header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.append(name, value.parse().unwrap());
+        self
+    }
+
+    fn from(mut self, ip: &str) -> Self {
+        self.remote_addr = ip.parse().unwrap();
+        self
+    }
+
+    fn method(mut self, method: Method) -> Self {
+        self.method = method;
+        self
+    }
+
+    fn check(&self, engine: &WafEngine) -> Verdict {
+        engine.check(&RequestInfo {
+            domain: self.domain,
+            host: "www.example.com",
+            method: &self.method,
+            uri: &self.uri,
+            headers: &self.headers,
+            remote_addr: self.remote_addr,
+            scheme: "https",
+            server_port: 443,
+        })
+    }
+}
+
+fn config(scripts: &[(&str, &str)]) -> (Arc<defenra_config::Snapshot>, Vec<Issue>) {
+    let domains: Vec<_> = scripts
+        .iter()
+        .map(|(domain, code)| serde_json::json!({ "domain": domain, "luaCode": code }))
+        .collect();
+    let doc = serde_json::json!({ "success": true, "domains": domains }).to_string();
+    let compiled = defenra_config::compile(doc.as_bytes()).expect("test config compiles");
+    (Arc::new(compiled.snapshot), compiled.issues)
+}
+
+fn engine_with(options: WafOptions, script: &str) -> WafEngine {
+    let engine = WafEngine::new(options);
+    let (snapshot, _) = config(&[(DOMAIN, script)]);
+    let mut issues = Vec::new();
+    engine.reload(&snapshot, &mut issues);
+    assert_eq!(issues, vec![], "script should compile");
+    engine
+}
+
+fn engine(script: &str) -> WafEngine {
+    engine_with(WafOptions::default(), script)
+}
+
+/// A compact rendering of a verdict: `allow` or the status, then the headers the script
+/// set, then the body (`<page>` for the built-in error page).
+fn render(verdict: &Verdict) -> String {
+    let (mut out, headers, body) = match verdict {
+        Verdict::Allow { extra_headers } => ("allow".to_owned(), extra_headers, None),
+        Verdict::Block {
+            status,
+            headers,
+            body,
+        } => (status.as_u16().to_string(), headers, Some(body)),
+    };
+    for (name, value) in headers {
+        out.push_str(&format!(" | {name}: {}", value.to_str().unwrap()));
+    }
+    if let Some(body) = body {
+        let body = String::from_utf8_lossy(body);
+        if body.starts_with("<html>") {
+            out.push_str(" | <page>");
+        } else if !body.is_empty() {
+            out.push_str(&format!(" | {body:?}"));
+        }
+    }
+    out
+}
+
+/// Runs `script` once for `GET /` and renders the verdict.
+fn check(script: &str, expected: &str) {
+    let engine = engine(script);
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        expected,
+        "script: {script}"
+    );
+}
+
+/// Runs `script` once for `req` and returns what it printed with `ngx.say`/`ngx.print`.
+fn output_for(script: &str, req: Request) -> String {
+    let engine = engine(script);
+    match req.check(&engine) {
+        Verdict::Block { status, body, .. } if status == 200 => {
+            String::from_utf8(body.to_vec()).unwrap()
+        }
+        other => panic!("script did not print: {}", render(&other)),
+    }
+}
+
+fn output(script: &str) -> String {
+    output_for(script, request("/"))
+}
+
+// ---- verdicts -------------------------------------------------------------------------
+
+#[test]
+fn domains_without_a_script_are_allowed_without_lua() {
+    let engine = engine("return ngx.exit(403)");
+    assert!(engine.has_script(DOMAIN));
+    assert!(!engine.has_script("other.com"));
+    let mut req = request("/");
+    req.domain = "other.com";
+    assert_eq!(render(&req.check(&engine)), "allow");
+}
+
+#[test]
+fn exit_with_an_error_status_blocks_with_nginx_page() {
+    check(
+        "return ngx.exit(ngx.HTTP_FORBIDDEN)",
+        "403 | content-type: text/html | <page>",
+    );
+    check("ngx.exit(429)", "429 | content-type: text/html | <page>");
+}
+
+#[test]
+fn exit_stops_the_script() {
+    check(
+        "ngx.exit(ngx.OK) ngx.header['X-After'] = '1' ngx.exit(403)",
+        "allow",
+    );
+    check(
+        "ngx.exit(403) ngx.exit(200)",
+        "403 | content-type: text/html | <page>",
+    );
+}
+
+#[test]
+fn exit_inside_pcall_still_stops_the_script() {
+    check(
+        "pcall(ngx.exit, 403) ngx.exit(200)",
+        "403 | content-type: text/html | <page>",
+    );
+    check(
+        "local ok = pcall(function() ngx.exit(401) end) if not ok then ngx.exit(200) end",
+        "401 | content-type: text/html | <page>",
+    );
+    check(
+        "xpcall(function() ngx.exit(402) end, function(e) return e end) ngx.exit(200)",
+        "402 | content-type: text/html | <page>",
+    );
+}
+
+#[test]
+fn say_builds_a_custom_response() {
+    check(
+        "ngx.say('hello')",
+        "200 | content-type: text/plain | \"hello\\n\"",
+    );
+    check(
+        "ngx.status = 418 ngx.print('tea', 1, true, nil, {'x', 2})",
+        "418 | content-type: text/plain | \"tea1truenilx2\"",
+    );
+    check(
+        "ngx.header['Content-Type'] = 'application/json' ngx.say('{}') return ngx.exit(403)",
+        "403 | content-type: application/json | \"{}\\n\"",
+    );
+    check(
+        "ngx.say('ok') return ngx.exit(ngx.HTTP_OK)",
+        "200 | content-type: text/plain | \"ok\\n\"",
+    );
+}
+
+#[test]
+fn other_exit_codes() {
+    check(
+        "ngx.exit(ngx.ERROR)",
+        "500 | content-type: text/html | <page>",
+    );
+    check("ngx.exit(204)", "204");
+    check("ngx.exit(ngx.DECLINED)", "allow");
+    check("ngx.redirect('/login')", "302 | location: /login");
+    check(
+        "ngx.redirect('https://example.com/', ngx.HTTP_MOVED_PERMANENTLY)",
+        "301 | location: https://example.com/",
+    );
+}
+
+#[test]
+fn headers_are_added_to_the_proxied_response() {
+    check(
+        r#"
+        ngx.header["X-Frame-Options"] = "DENY"
+        ngx.header.x_content_type_options = "nosniff"
+        ngx.header["Set-Cookie"] = {"a=1", "b=2"}
+        ngx.header["X-Gone"] = "soon"
+        ngx.header["X-Gone"] = nil
+        ngx.header["X-Num"] = 42
+        "#,
+        "allow | x-frame-options: DENY | x-content-type-options: nosniff | set-cookie: a=1 \
+         | set-cookie: b=2 | x-num: 42",
+    );
+    assert_eq!(
+        output(
+            "ngx.header['X-A'] = {'1', '2'} ngx.header.x_b = 'v' local a = ngx.header['x-a'] \
+                ngx.say(a[1], a[2], ngx.header.X_B, tostring(ngx.header.missing))"
+        ),
+        "12vnil\n"
+    );
+}
+
+#[test]
+fn bad_header_values_are_script_errors() {
+    let engine = engine_with(
+        WafOptions {
+            fail_closed: true,
+            ..WafOptions::default()
+        },
+        "ngx.header['X-Bad'] = 'a\\r\\nb'",
+    );
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "503 | content-type: text/html | <page>"
+    );
+}
+
+// ---- failures -------------------------------------------------------------------------
+
+#[test]
+fn script_errors_fail_open_by_default_and_are_counted() {
+    let engine = engine("error('boom')");
+    assert_eq!(render(&request("/").check(&engine)), "allow");
+    assert_eq!(engine.stats().domain_totals(DOMAIN), Some((1, 0, 1, 0)));
+}
+
+#[test]
+fn script_errors_fail_closed_when_asked() {
+    let engine = engine_with(
+        WafOptions {
+            fail_closed: true,
+            ..WafOptions::default()
+        },
+        "local x = nil; x.y = 1",
+    );
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "503 | content-type: text/html | <page>"
+    );
+}
+
+#[test]
+fn syntax_errors_are_config_issues_with_the_domain_path() {
+    let (snapshot, _) = config(&[("ok.com", "return"), ("bad.com", "if then")]);
+    let issues = check_scripts(&snapshot);
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_eq!(issues[0].path, "domains[1].luaCode");
+    assert!(
+        issues[0].message.contains("bad.com:1:"),
+        "{}",
+        issues[0].message
+    );
+
+    let engine = WafEngine::default();
+    let mut reload_issues = Vec::new();
+    engine.reload(&snapshot, &mut reload_issues);
+    assert_eq!(reload_issues, issues);
+    let mut req = request("/");
+    req.domain = "bad.com";
+    assert_eq!(render(&req.check(&engine)), "allow");
+    assert_eq!(engine.stats().domain_totals("bad.com"), Some((1, 0, 1, 0)));
+}
+
+#[test]
+fn runaway_loops_are_aborted_within_100ms() {
+    for script in [
+        "while true do end",
+        "while true do pcall(function() while true do end end) end",
+        "local function f() return f() end f()",
+        "for i = 1, 1e12 do local s = 'x' .. i end",
+    ] {
+        let engine = engine(script);
+        let started = Instant::now();
+        assert_eq!(render(&request("/").check(&engine)), "allow", "{script}");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_millis(100),
+            "{script}: took {elapsed:?}"
+        );
+        assert_eq!(
+            engine.stats().domain_totals(DOMAIN),
+            Some((1, 0, 0, 1)),
+            "{script}"
+        );
+    }
+}
+
+#[test]
+fn time_budget_applies_even_with_a_large_instruction_budget() {
+    let engine = engine_with(
+        WafOptions {
+            instruction_budget: u64::MAX,
+            time_budget: Duration::from_millis(20),
+            ..WafOptions::default()
+        },
+        "while true do end",
+    );
+    let started = Instant::now();
+    assert_eq!(render(&request("/").check(&engine)), "allow");
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(engine.stats().domain_totals(DOMAIN), Some((1, 0, 0, 1)));
+}
+
+#[test]
+fn the_state_is_usable_after_an_abort() {
+    let engine = WafEngine::default();
+    let (snapshot, _) = config(&[("loop.com", "while true do end"), (DOMAIN, "ngx.exit(403)")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    let mut looping = request("/");
+    looping.domain = "loop.com";
+    assert_eq!(render(&looping.check(&engine)), "allow");
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "403 | content-type: text/html | <page>"
+    );
+}
+
+#[test]
+fn memory_cap_stops_a_greedy_script_and_the_state_recovers() {
+    let options = WafOptions {
+        memory_limit: 8 << 20,
+        fail_closed: true,
+        ..WafOptions::default()
+    };
+    let engine = WafEngine::new(options);
+    let (snapshot, _) = config(&[
+        (
+            "greedy.com",
+            "local t = {} for i = 1, 1e7 do t[i] = string.rep('x', 100) .. i end",
+        ),
+        (DOMAIN, "local s = string.rep('y', 1000000) ngx.say(#s)"),
+    ]);
+    engine.reload(&snapshot, &mut Vec::new());
+    let mut greedy = request("/");
+    greedy.domain = "greedy.com";
+    assert_eq!(
+        render(&greedy.check(&engine)),
+        "503 | content-type: text/html | <page>"
+    );
+    assert_eq!(
+        engine.stats().domain_totals("greedy.com"),
+        Some((1, 0, 0, 1))
+    );
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "200 | content-type: text/plain | \"1000000\\n\""
+    );
+}
+
+// ---- sandbox --------------------------------------------------------------------------
+
+#[test]
+fn forbidden_functions_really_fail() {
+    let engine_for = |script: &str| {
+        engine_with(
+            WafOptions {
+                fail_closed: true,
+                ..WafOptions::default()
+            },
+            script,
+        )
+    };
+    for call in [
+        "io.open('/etc/passwd')",
+        "io.write('x')",
+        "os.execute('true')",
+        "os.remove('/tmp/x')",
+        "os.rename('/tmp/x', '/tmp/y')",
+        "os.getenv('HOME')",
+        "os.exit(1)",
+        "os.tmpname()",
+        "os.setlocale('C')",
+        "load('return 1')",
+        "loadstring('return 1')",
+        "loadfile('/etc/passwd')",
+        "dofile('/etc/passwd')",
+        "require('os')",
+        "module('x')",
+        "package.loadlib('x', 'y')",
+        "debug.getinfo(1)",
+        "string.dump(function() end)",
+        "('x').dump(function() end)",
+        "collectgarbage()",
+        "collectgarbage('collect')",
+        "collectgarbage('stop')",
+        "jit.on()",
+        "ffi.cdef('int x;')",
+        "getfenv(1)",
+        "setfenv(1, {})",
+        "newproxy(true)",
+        "coroutine.create(function() end)",
+        "gcinfo()",
+        "ngx.sleep(1)",
+    ] {
+        let engine = engine_for(call);
+        assert_eq!(
+            render(&request("/").check(&engine)),
+            "503 | content-type: text/html | <page>",
+            "{call} should fail"
+        );
+        assert_eq!(
+            engine.stats().domain_totals(DOMAIN),
+            Some((1, 0, 1, 0)),
+            "{call}"
+        );
+    }
+}
+
+#[test]
+fn shared_tables_cannot_be_modified() {
+    for write in [
+        "string.upper = nil",
+        "string.x = 1",
+        "table.insert = nil",
+        "math.pi = 3",
+        "os.time = nil",
+        "ngx.var = {}",
+        "ngx.say = print",
+        "ngx.foo = 1",
+        "ngx.req.get_method = nil",
+        "ngx.re.match = nil",
+        "ngx.shared.cache = 1",
+        "ngx.var.uri = '/x'",
+        "request.method = 'POST'",
+        "request.headers['User-Agent'] = 'x'",
+        "rawset(string, 'x', 1)",
+        "rawset(ngx, 'x', 1)",
+        "table.insert(ngx, 1)",
+        "setmetatable(ngx, {})",
+        "getmetatable('').__index = {}",
+        "getmetatable(ngx).__index = {}",
+        "getmetatable(_G).__index = {}",
+        "local h = ngx.req.get_headers() getmetatable(h).__index = nil",
+    ] {
+        let engine = engine_with(
+            WafOptions {
+                fail_closed: true,
+                ..WafOptions::default()
+            },
+            write,
+        );
+        assert_eq!(
+            render(&request("/").check(&engine)),
+            "503 | content-type: text/html | <page>",
+            "{write} should fail"
+        );
+    }
+}
+
+#[test]
+fn allowed_libraries_work() {
+    assert_eq!(
+        output(
+            r##"
+            ngx.say(string.upper("a"), ("b"):rep(2), string.format("%03d", 7))
+            local t = {3, 1, 2} table.sort(t) ngx.say(table.concat(t, ","))
+            ngx.say(math.floor(2.5), math.max(1, 9), bit.band(6, 3))
+            ngx.say(type(os.time()), type(os.clock()), os.date("!%Y", 0))
+            ngx.say(select("#", 1, 2), tonumber("10"), tostring(nil), type(collectgarbage("count")))
+            local ok, err = pcall(error, "e", 0) ngx.say(ok, err)
+            ngx.say(unpack({1, 2}))
+            ngx.say(next({}) == nil, rawequal(1, 1), rawget({a = 1}, "a"))
+            local mt = setmetatable({}, {__index = function() return 5 end}) ngx.say(mt.x)
+            "##
+        ),
+        "Abb007\n1,2,3\n292\nnumbernumber1970\n210nilnumber\nfalsee\n12\ntruetrue1\n5\n"
+    );
+}
+
+#[test]
+fn globals_do_not_leak_between_requests() {
+    let engine = engine(
+        r#"
+        if seen or rawget(_G, "also_seen") or ngx.ctx.seen then return ngx.exit(500) end
+        seen = true
+        _G.also_seen = true
+        ngx.ctx.seen = true
+        "#,
+    );
+    for _ in 0..3 {
+        assert_eq!(render(&request("/").check(&engine)), "allow");
+    }
+    assert_eq!(engine.stats().domain_totals(DOMAIN), Some((3, 0, 0, 0)));
+}
+
+#[test]
+fn domains_do_not_share_globals() {
+    let engine = WafEngine::default();
+    let (snapshot, _) = config(&[
+        ("a.com", "marker = 'a'"),
+        (
+            DOMAIN,
+            "if marker then ngx.exit(500) end ngx.say(type(marker))",
+        ),
+    ]);
+    engine.reload(&snapshot, &mut Vec::new());
+    let mut a = request("/");
+    a.domain = "a.com";
+    assert_eq!(render(&a.check(&engine)), "allow");
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "200 | content-type: text/plain | \"nil\\n\""
+    );
+}
+
+#[test]
+fn reload_replaces_scripts_and_keeps_dicts() {
+    let engine = engine("ngx.shared.cache:incr('n', 1, 0) ngx.exit(403)");
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "403 | content-type: text/html | <page>"
+    );
+    let (snapshot, _) = config(&[(DOMAIN, "ngx.say(ngx.shared.cache:get('n'))")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "200 | content-type: text/plain | \"1\\n\""
+    );
+    let (snapshot, _) = config(&[("other.com", "return")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert!(!engine.has_script(DOMAIN));
+    assert_eq!(engine.stats().domain_totals(DOMAIN), None);
+}
+
+#[test]
+fn every_thread_gets_its_own_state_and_shares_the_dicts() {
+    let engine = Arc::new(engine(
+        "local n = ngx.shared.cache:incr('hits', 1, 0) if n > 40 then ngx.exit(429) end",
+    ));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let engine = Arc::clone(&engine);
+            std::thread::spawn(move || {
+                (0..10)
+                    .filter(|_| matches!(request("/").check(&engine), Verdict::Allow { .. }))
+                    .count()
+            })
+        })
+        .collect();
+    let allowed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(allowed, 40);
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "429 | content-type: text/html | <page>"
+    );
+}
+
+// ---- ngx.var, ngx.req, request ---------------------------------------------------------
+
+#[test]
+fn ngx_var_exposes_the_request() {
+    let req = request("/a//b/../c%20d?x=1&id=42&ID=7")
+        .header("x-forwarded-for", "1.1.1.1")
+        .header("x-forwarded-for", "2.2.2.2")
+        .header("cookie", "session=abc; theme=dark")
+        .header("content-type", "text/html")
+        .method(Method::POST);
+    let script = r#"
+        local v = ngx.var
+        ngx.say(v.remote_addr)
+        ngx.say(v.uri, " ", v.document_uri)
+        ngx.say(v.request_uri)
+        ngx.say(v.host, " ", v.server_name)
+        ngx.say(v.request_method)
+        ngx.say(v.args, " ", v.query_string, " ", v.is_args)
+        ngx.say(v.scheme, " ", v.https, " ", v.server_port, " ", type(v.server_port))
+        ngx.say(v.http_user_agent, " | ", v.http_x_forwarded_for)
+        ngx.say(v.cookie_session, " ", v.cookie_theme, " ", tostring(v.cookie_none))
+        ngx.say(v.arg_id, " ", v.arg_x, " ", tostring(v.arg_none))
+        ngx.say(v.content_type, " ", #v.binary_remote_addr, " ", tostring(v.nonexistent))
+    "#;
+    assert_eq!(
+        output_for(script, req),
+        "192.0.2.7\n/a/c d /a/c d\n/a//b/../c%20d?x=1&id=42&ID=7\nwww.example.com www.example.com\n\
+         POST\nx=1&id=42&ID=7 x=1&id=42&ID=7 ?\nhttps on 443 string\n\
+         Mozilla/5.0 | 1.1.1.1, 2.2.2.2\nabc dark nil\n42 1 nil\ntext/html 4 nil\n"
+    );
+    assert_eq!(
+        output("ngx.say(tostring(ngx.var.args), ngx.var.is_args, '|', ngx.var.uri)"),
+        "nil|/\n"
+    );
+}
+
+#[test]
+fn req_functions() {
+    let req = request("/?a=1&b=%20x+y&a=2&flag&=skip&c=")
+        .header("x-multi", "one")
+        .header("x-multi", "two")
+        .method(Method::PUT);
+    let script = r#"
+        local h = ngx.req.get_headers()
+        ngx.say(h["User-Agent"], " ", h.user_agent, " ", h["user-agent"])
+        ngx.say(h["X-Multi"][1], ",", h.x_multi[2])
+        ngx.say(ngx.req.get_method())
+        local args = ngx.req.get_uri_args()
+        ngx.say(args.a[1], args.a[2], "[", args.b, "]", tostring(args.flag), "[", args.c, "]")
+        local _, err = ngx.req.get_headers(1)
+        ngx.say(err)
+        ngx.req.read_body()
+        ngx.say(tostring(ngx.req.get_body_data()))
+    "#;
+    assert_eq!(
+        output_for(script, req),
+        "Mozilla/5.0 Mozilla/5.0 Mozilla/5.0\none,two\nPUT\n12[ x y]true[]\ntruncated\nnil\n"
+    );
+}
+
+#[test]
+fn legacy_request_table() {
+    let req = request("/search?q=1").header("x-api-key", "secret");
+    let script = r#"
+        ngx.say(request.method, " ", request.uri, " ", request.host, " ", request.remote_addr)
+        ngx.say(request.headers["User-Agent"], " ", request.headers["X-API-Key"], " ",
+                request.headers["x-api-key"], " ", tostring(request.headers["Missing"]))
+    "#;
+    assert_eq!(
+        output_for(script, req),
+        "GET /search?q=1 www.example.com 192.0.2.7\nMozilla/5.0 secret secret nil\n"
+    );
+}
+
+#[test]
+fn ngx_status_ctx_and_constants() {
+    assert_eq!(
+        output(
+            r#"
+            ngx.say(ngx.status)
+            ngx.status = 201
+            ngx.ctx.a = 1
+            local ctx = ngx.ctx
+            ngx.say(ngx.status, " ", ctx.a, " ", ngx.OK, " ", ngx.HTTP_FORBIDDEN, " ",
+                    ngx.HTTP_TOO_MANY_REQUESTS, " ", ngx.ERR, " ", ngx.WARN, " ", ngx.INFO)
+            ngx.status = 200
+            ngx.say(ngx.get_phase(), " ", ngx.null, " ", ngx.worker.id())
+            "#
+        ),
+        "0\n201 1 0 403 429 4 5 7\naccess null 0\n"
+    );
+}
+
+#[test]
+fn ngx_log_accepts_levels_and_rejects_bad_ones() {
+    assert_eq!(
+        output(
+            "ngx.log(ngx.ERR, 'a', 1, nil, true) ngx.log(ngx.INFO, 'x') print('p') ngx.say('ok')"
+        ),
+        "ok\n"
+    );
+    check("ngx.log(99, 'x')", "allow");
+}
+
+// ---- ngx.shared -----------------------------------------------------------------------
+
+#[test]
+fn shared_dict_api() {
+    let script = r#"
+        local d = ngx.shared.cache
+        ngx.say(tostring(d:get("k")))
+        ngx.say(d:set("k", "v"), " ", d:get("k"))
+        ngx.say(d:add("k", "w"))
+        ngx.say(d:replace("k", "w"), " ", d:get("k"))
+        ngx.say(d:replace("none", 1))
+        ngx.say(d:incr("n", 1))
+        ngx.say(d:incr("n", 2, 10), " ", d:incr("n", 1))
+        ngx.say(d:incr("k", 1))
+        d:set("b", false)
+        ngx.say(d:get("b"), " ", d:get(1) == nil)
+        d:delete("k")
+        ngx.say(tostring(d:get("k")))
+        d:set("t", 1, 10)
+        ngx.say(d:ttl("t"), " ", d:ttl("n"), " ", tostring(d:ttl("none")))
+        ngx.say(d:expire("n", 5), " ", d:ttl("n"))
+        ngx.say(#d:get_keys(), " ", d:set("x", {}))
+        ngx.say(d:get(nil))
+        d:flush_all()
+        ngx.say(#d:get_keys())
+        ngx.say(ngx.shared.other:set("k", 1), " ", tostring(ngx.shared.other:get("missing")))
+    "#;
+    assert_eq!(
+        output(script),
+        "nil\ntrue v\nfalseexistsfalse\ntrue w\nfalsenot foundfalse\n\
+         nilnot found\n12 13nilfalse\nnilnot a number\nfalse true\nnil\n\
+         10 0 nil\ntrue 5\n3 falsebad value typefalse\nnilnil key\n0\ntrue nil\n"
+    );
+}
+
+#[test]
+fn shared_dict_ttls_follow_the_clock() {
+    let clock = Clock::manual(1_700_000_000_000);
+    let engine = engine_with(
+        WafOptions {
+            clock: clock.clone(),
+            ..WafOptions::default()
+        },
+        r#"
+        local d = ngx.shared.cache
+        if ngx.var.arg_set then d:set("k", "v", 2) d:incr("n", 1, 0, 1) end
+        ngx.say(tostring(d:get("k")), " ", tostring(d:get("n")), " ", ngx.time())
+        "#,
+    );
+    let run = |uri: &str| render(&request(uri).check(&engine));
+    assert_eq!(
+        run("/?set=1"),
+        "200 | content-type: text/plain | \"v 1 1700000000\\n\""
+    );
+    clock.advance(Duration::from_millis(1500));
+    assert_eq!(
+        run("/"),
+        "200 | content-type: text/plain | \"v nil 1700000001\\n\""
+    );
+    clock.advance(Duration::from_millis(500));
+    assert_eq!(
+        run("/"),
+        "200 | content-type: text/plain | \"nil nil 1700000002\\n\""
+    );
+}
+
+#[test]
+fn rate_limit_example_answers_429_after_the_limit() {
+    let clock = Clock::manual(0);
+    let engine = engine_with(
+        WafOptions {
+            clock: clock.clone(),
+            ..WafOptions::default()
+        },
+        r#"
+        local key = "rate:" .. ngx.var.remote_addr
+        local count = ngx.shared.cache:get(key) or 0
+        if count >= 5 then return ngx.exit(ngx.HTTP_TOO_MANY_REQUESTS) end
+        ngx.shared.cache:incr(key, 1, 0, 60)
+        "#,
+    );
+    let statuses: Vec<String> = (0..7)
+        .map(|_| render(&request("/").check(&engine)))
+        .collect();
+    assert_eq!(&statuses[..5], &["allow"; 5]);
+    assert!(statuses[5].starts_with("429"), "{statuses:?}");
+    assert_eq!(
+        render(&request("/").from("192.0.2.8").check(&engine)),
+        "allow"
+    );
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(render(&request("/").check(&engine)), "allow");
+}
+
+#[test]
+fn dicts_are_capped_and_evict_the_least_recently_used() {
+    let engine = engine_with(
+        WafOptions {
+            dict_capacity: 10 * 120,
+            max_dicts: 2,
+            ..WafOptions::default()
+        },
+        r#"
+        local d = ngx.shared.cache
+        local forced = false
+        for i = 1, 50 do
+            local ok, err, forcible = d:set("key" .. i, i)
+            forced = forced or forcible
+        end
+        ngx.say(#d:get_keys(0), " ", tostring(d:get("key1")), " ", d:get("key50"), " ", forced)
+        ngx.say(tostring(ngx.shared.second), " ", tostring(ngx.shared.third))
+        "#,
+    );
+    let text = match request("/").check(&engine) {
+        Verdict::Block { body, .. } => String::from_utf8(body.to_vec()).unwrap(),
+        other => panic!("{}", render(&other)),
+    };
+    let mut lines = text.lines();
+    let first: Vec<&str> = lines.next().unwrap().split(' ').collect();
+    let kept: usize = first[0].parse().unwrap();
+    assert!((5..=10).contains(&kept), "{text}");
+    assert_eq!(&first[1..], &["nil", "50", "true"]);
+    let second = lines.next().unwrap();
+    assert!(
+        second.ends_with(" nil"),
+        "a third dict is refused: {second}"
+    );
+}
+
+// ---- ngx.re ---------------------------------------------------------------------------
+
+#[test]
+fn regex_functions() {
+    let script = r#"
+        local m = ngx.re.match("hello 1234 world", [[(\d+) (?P<w>\w+)]])
+        ngx.say(m[0], "|", m[1], "|", m[2], "|", m.w)
+        ngx.say(tostring(ngx.re.match("abc", "x")))
+        local m2 = ngx.re.match("UNION select", "union\\s+select", "ijo")
+        ngx.say(m2[0])
+        local m3 = ngx.re.match("ab", "(a)(x)?b")
+        ngx.say(m3[1], tostring(m3[2]))
+        local from, to = ngx.re.find("hello world", "wor")
+        ngx.say(from, " ", to)
+        local f2, t2 = ngx.re.find("k=v", "(\\w)=(\\w)", "", nil, 2)
+        ngx.say(f2, " ", t2)
+        local s, n = ngx.re.gsub("a1b22c333", "\\d+", "<$0>")
+        ngx.say(s, " ", n)
+        local s2, n2 = ngx.re.sub("a1b2", "(\\d)", "[${1}$$]")
+        ngx.say(s2, " ", n2)
+        local s3 = ngx.re.gsub("abc", "[ac]", function(m) return m[0]:upper() end)
+        ngx.say(s3)
+        local out = {}
+        for m in ngx.re.gmatch("a=1, b=2", "(\\w)=(\\d)") do out[#out + 1] = m[1] .. m[2] end
+        ngx.say(table.concat(out, ","))
+        local ctx = {pos = 1}
+        ngx.re.match("aXbX", "X", "", ctx)
+        ngx.say(ctx.pos)
+        local bad, err = ngx.re.match("a", "(")
+        ngx.say(tostring(bad), " ", err ~= nil)
+        local lookahead, err2 = ngx.re.match("a", "a(?=b)")
+        ngx.say(tostring(lookahead), " ", err2 ~= nil)
+        local _, err3 = ngx.re.match("a", "a", "z")
+        ngx.say(err3)
+        ngx.say(ngx.re.find("xAy", "a", "i"))
+        ngx.say(tostring(ngx.re.match("ba", "a", "a")))
+    "#;
+    assert_eq!(
+        output(script),
+        "1234 world|1234|world|world\nnil\nUNION select\nafalse\n7 9\n3 3\na<1>b<22>c<333> 3\n\
+         a[1$]b2 1\nAbC\na1,b2\n3\nnil true\nnil true\nunknown flag \"z\"\n22\nnil\n"
+    );
+}
+
+#[test]
+fn sqli_and_xss_patterns_block() {
+    let engine = engine(
+        r#"
+        local target = ngx.var.request_uri
+        for _, pattern in ipairs({[[union\s+select]], [[<script]], [[javascript:]]}) do
+            if ngx.re.find(ngx.unescape_uri(target), pattern, "ijo") then
+                return ngx.exit(ngx.HTTP_FORBIDDEN)
+            end
+        end
+        "#,
+    );
+    assert!(render(&request("/?id=1%20UNION%20SELECT%201").check(&engine)).starts_with("403"));
+    assert!(render(&request("/?q=%3Cscript%3Ealert(1)").check(&engine)).starts_with("403"));
+    assert_eq!(render(&request("/?q=union").check(&engine)), "allow");
+}
+
+// ---- codecs and time ------------------------------------------------------------------
+
+#[test]
+fn codec_functions() {
+    let script = r#"
+        ngx.say(ngx.md5("abc"), " ", #ngx.md5_bin("abc"))
+        ngx.say(ngx.encode_base64("hello?"), " ", ngx.encode_base64("a", true))
+        ngx.say(ngx.decode_base64("aGVsbG8/"), " ", ngx.decode_base64("YQ"), " ",
+                tostring(ngx.decode_base64("!!")))
+        ngx.say(ngx.escape_uri("a b/c?d=é"), " ", ngx.escape_uri("a b/c?", 0))
+        ngx.say(ngx.unescape_uri("a%20b+c%zz"))
+        ngx.say(ngx.encode_args({b = "x y", a = 1, c = true, d = false, e = {"1", "2"}}))
+        local args = ngx.decode_args("a=1&b=2&a=3")
+        ngx.say(args.a[2], args.b)
+        ngx.say(ngx.quote_sql_str("it's \"x\"\n"))
+    "#;
+    assert_eq!(
+        output(script),
+        "900150983cd24fb0d6963f7d28e17f72 16\naGVsbG8/ YQ\nhello? a nil\n\
+         a%20b%2Fc%3Fd%3D%C3%A9 a%20b/c%3F\na b c%zz\na=1&b=x%20y&c&e=1&e=2\n32\n\
+         'it\\'s \\\"x\\\"\\n'\n"
+    );
+}
+
+#[test]
+fn time_functions_follow_the_clock() {
+    let engine = engine_with(
+        WafOptions {
+            clock: Clock::manual(1_290_079_655_250),
+            ..WafOptions::default()
+        },
+        r#"
+        ngx.say(ngx.time(), " ", ngx.now(), " ", ngx.req.start_time())
+        ngx.say(ngx.today(), " ", ngx.utctime(), " ", ngx.localtime())
+        ngx.say(ngx.http_time(1290079655), " | ", ngx.cookie_time(1290079655))
+        "#,
+    );
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "200 | content-type: text/plain | \"1290079655 1290079655.25 1290079655.25\\n\
+         2010-11-18 2010-11-18 11:27:35 2010-11-18 11:27:35\\n\
+         Thu, 18 Nov 2010 11:27:35 GMT | Thu, 18-Nov-10 11:27:35 GMT\\n\""
+    );
+}
+
+// ---- stats ----------------------------------------------------------------------------
+
+#[test]
+fn stats_report_per_domain_counters_and_dicts() {
+    let engine = engine("ngx.shared.cache:set('a', 1) if ngx.var.arg_block then ngx.exit(403) end");
+    request("/").check(&engine);
+    request("/?block=1").check(&engine);
+    let stats = engine.stats();
+    assert_eq!(stats.service(), "waf");
+    let mut metrics = Vec::new();
+    stats.collect(&mut metrics);
+    let find = |name: &str| {
+        metrics
+            .iter()
+            .find(|metric| metric.name == name)
+            .map(|metric| (metric.labels.clone(), metric.value))
+    };
+    assert_eq!(
+        find("checks_total"),
+        Some((vec![("domain", DOMAIN.to_owned())], 2.0))
+    );
+    assert_eq!(
+        find("blocks_total"),
+        Some((vec![("domain", DOMAIN.to_owned())], 1.0))
+    );
+    assert_eq!(
+        find("dict_entries"),
+        Some((vec![("dict", "cache".to_owned())], 1.0))
+    );
+}
