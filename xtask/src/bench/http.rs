@@ -1,5 +1,677 @@
-//! `cargo xtask bench http`: placeholder until the http benchmark is written.
+//! `cargo xtask bench http`: the agent's reverse proxy against nginx (`proxy_pass` with
+//! upstream keep-alive), both in front of the same nginx origin serving a 1 KiB file, driven
+//! by wrk over HTTP and HTTPS on loopback.
+//!
+//! Options: `--duration SECS` (15) per run, `--connections N` (100), `--threads N` (2),
+//! `--rounds N` (1, the best round is kept), `--rss-connections N` (1000), `--skip-build`.
 
-pub(crate) fn run(_args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("the http benchmark is not built yet")
+use std::fmt::Write as _;
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::{cargo, project_root, run_command};
+
+/// The name both proxies serve. It is in `/etc/hosts` everywhere, so wrk's URL resolves to
+/// 127.0.0.1 and wrk sends it as SNI.
+const HOST: &str = "localhost";
+
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    let settings = Settings::parse(args)?;
+    ensure_tools()?;
+    if !settings.skip_build {
+        run_command(&cargo(), &["build", "--release", "-p", "defenra-agent"])?;
+    }
+    let agent_binary = project_root().join("target/release/defenra-agent");
+    anyhow::ensure!(
+        agent_binary.exists(),
+        "{} is missing",
+        agent_binary.display()
+    );
+
+    let dir = std::env::temp_dir().join(format!("defenra-bench-http-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("www"))?;
+    fs::write(dir.join("www/index.html"), vec![b'x'; 1024])?;
+    make_certificate(&dir)?;
+
+    let origin_port = free_port()?;
+    let nginx_http = free_port()?;
+    let nginx_https = free_port()?;
+    let agent_http = free_port()?;
+    let agent_https = free_port()?;
+
+    let origin = Nginx::start(&dir, "origin", &origin_conf(&dir, origin_port))?;
+    let nginx = Nginx::start(
+        &dir,
+        "proxy",
+        &proxy_conf(&dir, origin_port, nginx_http, nginx_https),
+    )?;
+    let agent = start_agent(&dir, &agent_binary, origin_port, agent_http, agent_https)?;
+    for port in [
+        origin_port,
+        nginx_http,
+        nginx_https,
+        agent_http,
+        agent_https,
+    ] {
+        wait_for_port(port)?;
+    }
+    // Both proxies must answer the same body before anything is measured.
+    for (name, url) in [
+        ("nginx", format!("http://{HOST}:{nginx_http}/index.html")),
+        ("agent", format!("http://{HOST}:{agent_http}/index.html")),
+        ("nginx", format!("https://{HOST}:{nginx_https}/index.html")),
+        ("agent", format!("https://{HOST}:{agent_https}/index.html")),
+    ] {
+        let probe = wrk(&url, 1, 1, Duration::from_secs(1))?;
+        anyhow::ensure!(
+            probe.requests_per_second > 0.0 && probe.errors == 0,
+            "{name} does not serve {url}: {}",
+            probe.raw
+        );
+    }
+
+    let mut rows = Vec::new();
+    for (scheme, nginx_port, agent_port) in [
+        ("http", nginx_http, agent_http),
+        ("https", nginx_https, agent_https),
+    ] {
+        let nginx_url = format!("{scheme}://{HOST}:{nginx_port}/index.html");
+        let agent_url = format!("{scheme}://{HOST}:{agent_port}/index.html");
+        let mut best_nginx: Option<WrkResult> = None;
+        let mut best_agent: Option<WrkResult> = None;
+        for round in 0..settings.rounds {
+            eprintln!("{scheme} round {}/{}", round + 1, settings.rounds);
+            // Warm both pools and caches, then measure, alternating the two.
+            wrk(
+                &nginx_url,
+                settings.threads,
+                settings.connections,
+                Duration::from_secs(2),
+            )?;
+            let result = wrk(
+                &nginx_url,
+                settings.threads,
+                settings.connections,
+                settings.duration,
+            )?;
+            best_nginx = Some(better(best_nginx, result));
+            wrk(
+                &agent_url,
+                settings.threads,
+                settings.connections,
+                Duration::from_secs(2),
+            )?;
+            let result = wrk(
+                &agent_url,
+                settings.threads,
+                settings.connections,
+                settings.duration,
+            )?;
+            best_agent = Some(better(best_agent, result));
+        }
+        if let (Some(nginx_result), Some(agent_result)) = (best_nginx, best_agent) {
+            rows.push((scheme, nginx_result, agent_result));
+        }
+    }
+
+    // Memory with many keep-alive clients: sample RSS while wrk holds the connections open.
+    let rss_duration = Duration::from_secs(8);
+    let nginx_rss = rss_under_load(
+        &format!("http://{HOST}:{nginx_http}/index.html"),
+        &settings,
+        rss_duration,
+        || nginx.rss_kib(),
+    )?;
+    let agent_rss = rss_under_load(
+        &format!("http://{HOST}:{agent_http}/index.html"),
+        &settings,
+        rss_duration,
+        || process_tree_rss_kib(agent.id()),
+    )?;
+
+    let report = render(&rows, nginx_rss, agent_rss, &settings);
+    println!("{report}");
+    drop(agent);
+    drop(nginx);
+    drop(origin);
+    let _ = fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+struct Settings {
+    duration: Duration,
+    connections: u32,
+    threads: u32,
+    rounds: u32,
+    rss_connections: u32,
+    skip_build: bool,
+}
+
+impl Settings {
+    fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let mut settings = Settings {
+            duration: Duration::from_secs(15),
+            connections: 100,
+            threads: 2,
+            rounds: 1,
+            rss_connections: 1000,
+            skip_build: false,
+        };
+        let mut args = args.iter();
+        while let Some(flag) = args.next() {
+            if flag == "--skip-build" {
+                settings.skip_build = true;
+                continue;
+            }
+            let value = args
+                .next()
+                .with_context(|| format!("{flag} needs a value"))?;
+            let number: u32 = value
+                .parse()
+                .with_context(|| format!("{flag} {value:?} is not a number"))?;
+            anyhow::ensure!(number > 0, "{flag} must be positive");
+            match flag.as_str() {
+                "--duration" => settings.duration = Duration::from_secs(u64::from(number.min(60))),
+                "--connections" => settings.connections = number,
+                "--threads" => settings.threads = number,
+                "--rounds" => settings.rounds = number.min(5),
+                "--rss-connections" => settings.rss_connections = number,
+                other => anyhow::bail!("unknown option {other:?}"),
+            }
+        }
+        Ok(settings)
+    }
+}
+
+/// Installs nginx, wrk and openssl from Debian packages when missing.
+fn ensure_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = [
+        ("nginx", "nginx-light"),
+        ("wrk", "wrk"),
+        ("openssl", "openssl"),
+    ]
+    .into_iter()
+    .filter(|(binary, _)| !on_path(binary))
+    .map(|(_, package)| package)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run_command("apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(missing);
+    run_command("apt-get", &args)
+}
+
+fn on_path(binary: &str) -> bool {
+    ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"]
+        .iter()
+        .any(|dir| Path::new(dir).join(binary).exists())
+}
+
+fn nginx_binary() -> &'static str {
+    if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    }
+}
+
+/// A P-256 certificate for `localhost`, used by both proxies.
+fn make_certificate(dir: &Path) -> anyhow::Result<()> {
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={HOST}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{HOST}")])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("cannot run openssl")?;
+    anyhow::ensure!(status.success(), "openssl req failed with {status}");
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("nothing listens on 127.0.0.1:{port} after 10 s")
+}
+
+fn common_conf(dir: &Path, name: &str, workers: &str) -> String {
+    let dir = dir.display();
+    format!(
+        "daemon off;\nmaster_process on;\nuser root;\nworker_processes {workers};\n\
+         worker_rlimit_nofile 65535;\npid {dir}/{name}.pid;\n\
+         error_log {dir}/{name}-error.log warn;\n\
+         events {{ worker_connections 16384; multi_accept on; }}\n"
+    )
+}
+
+fn http_common(dir: &Path, name: &str) -> String {
+    let dir = dir.display();
+    format!(
+        "access_log off;\nkeepalive_requests 1000000;\nkeepalive_timeout 75s;\n\
+         client_body_temp_path {dir}/{name}-body;\nproxy_temp_path {dir}/{name}-proxy;\n\
+         fastcgi_temp_path {dir}/{name}-fastcgi;\nuwsgi_temp_path {dir}/{name}-uwsgi;\n\
+         scgi_temp_path {dir}/{name}-scgi;\n"
+    )
+}
+
+/// The origin: one worker serving `www/index.html` (1 KiB).
+fn origin_conf(dir: &Path, port: u16) -> String {
+    format!(
+        "{}http {{\n{}server {{ listen 127.0.0.1:{port} reuseport; root {}/www; }}\n}}\n",
+        common_conf(dir, "origin", "1"),
+        http_common(dir, "origin"),
+        dir.display()
+    )
+}
+
+/// nginx as the reverse proxy, configured like the agent: HTTP/1.1 upstream keep-alive,
+/// the same forwarding headers, TLS 1.2/1.3 with session tickets.
+fn proxy_conf(dir: &Path, origin: u16, http: u16, https: u16) -> String {
+    let path = dir.display();
+    format!(
+        "{common}http {{\n{http_common}\
+         upstream origin {{ server 127.0.0.1:{origin}; keepalive 256; }}\n\
+         server {{\n\
+           listen 127.0.0.1:{http};\n\
+           listen 127.0.0.1:{https} ssl http2;\n\
+           server_name {HOST};\n\
+           ssl_certificate {path}/cert.pem;\n\
+           ssl_certificate_key {path}/key.pem;\n\
+           ssl_protocols TLSv1.2 TLSv1.3;\n\
+           ssl_session_tickets on;\n\
+           location / {{\n\
+             proxy_pass http://origin;\n\
+             proxy_http_version 1.1;\n\
+             proxy_set_header Connection \"\";\n\
+             proxy_set_header Host $http_host;\n\
+             proxy_set_header X-Real-IP $remote_addr;\n\
+             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+             proxy_set_header X-Forwarded-Proto $scheme;\n\
+             proxy_set_header X-Forwarded-Host $http_host;\n\
+           }}\n\
+         }}\n}}\n",
+        common = common_conf(dir, "proxy", "auto"),
+        http_common = http_common(dir, "proxy"),
+    )
+}
+
+/// An nginx master started with `daemon off`; stopped with SIGQUIT on drop.
+struct Nginx {
+    child: Child,
+}
+
+impl Nginx {
+    fn start(dir: &Path, name: &str, conf: &str) -> anyhow::Result<Self> {
+        let conf_path = dir.join(format!("{name}.conf"));
+        fs::write(&conf_path, conf)?;
+        let child = Command::new(nginx_binary())
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start nginx")?;
+        Ok(Nginx { child })
+    }
+
+    /// Master plus workers.
+    fn rss_kib(&self) -> u64 {
+        process_tree_rss_kib(self.child.id())
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        stop(&mut self.child, "-QUIT");
+    }
+}
+
+/// The agent on the generated config; stopped with SIGTERM on drop.
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        stop(&mut self.child, "-TERM");
+    }
+}
+
+fn stop(child: &mut Child, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(signal)
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn start_agent(
+    dir: &Path,
+    binary: &Path,
+    origin_port: u16,
+    http: u16,
+    https: u16,
+) -> anyhow::Result<Agent> {
+    let certificate = fs::read_to_string(dir.join("cert.pem"))?;
+    let key = fs::read_to_string(dir.join("key.pem"))?;
+    let config = format!(
+        r#"{{"success": true, "domains": [{{
+            "domain": "{HOST}",
+            "httpProxy": {{ "enabled": true, "type": "both" }},
+            "dnsRecords": [{{ "name": "@", "type": "A", "value": "127.0.0.1", "ttl": 300, "httpProxyEnabled": true }}],
+            "ssl": {{ "enabled": true, "certificate": {}, "privateKey": {}, "encryptionMode": "off" }}
+        }}]}}"#,
+        json_string(&certificate),
+        json_string(&key)
+    );
+    let config_path = dir.join("agent.json");
+    fs::write(&config_path, config)?;
+    let state_dir: PathBuf = dir.join("agent-state");
+    fs::create_dir_all(&state_dir)?;
+    let child = Command::new(binary)
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--dns-listen", "off", "--health-listen", "off"])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        .args(["--https-listen", &format!("127.0.0.1:{https}")])
+        .args(["--origin-http-port", &origin_port.to_string()])
+        .args(["--log-level", "warn"])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    Ok(Agent { child })
+}
+
+fn json_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for ch in text.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => {}
+            other => out.push(other),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Sum of `VmRSS` of `pid` and its direct children, in KiB.
+fn process_tree_rss_kib(pid: u32) -> u64 {
+    let mut total = rss_kib(pid);
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            // Field 4 (after the parenthesised command) is the parent pid.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|ppid| ppid.parse::<u32>().ok());
+            if parent == Some(pid) {
+                total += rss_kib(child);
+            }
+        }
+    }
+    total
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|value| value.split_whitespace().next())
+                .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Runs wrk with `rss_connections` connections and returns the highest RSS seen.
+fn rss_under_load(
+    url: &str,
+    settings: &Settings,
+    duration: Duration,
+    sample: impl Fn() -> u64,
+) -> anyhow::Result<(u64, WrkResult)> {
+    let url = url.to_owned();
+    let (threads, connections) = (settings.threads, settings.rss_connections);
+    let load = thread::spawn(move || wrk(&url, threads, connections, duration));
+    let mut peak = 0;
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(500));
+        peak = peak.max(sample());
+    }
+    let result = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+    Ok((peak, result))
+}
+
+#[derive(Debug, Clone)]
+struct WrkResult {
+    requests_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    raw: String,
+}
+
+fn better(best: Option<WrkResult>, candidate: WrkResult) -> WrkResult {
+    match best {
+        Some(best) if best.requests_per_second >= candidate.requests_per_second => best,
+        _ => candidate,
+    }
+}
+
+fn wrk(url: &str, threads: u32, connections: u32, duration: Duration) -> anyhow::Result<WrkResult> {
+    let output = Command::new("wrk")
+        .args([
+            "--latency",
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+        ])
+        .args(["-d", &format!("{}s", duration.as_secs().max(1))])
+        .args(["--timeout", "5s"])
+        .arg(url)
+        .output()
+        .context("cannot run wrk")?;
+    let raw = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "wrk {url} failed: {raw}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_wrk(&raw).with_context(|| format!("cannot read wrk's output:\n{raw}"))
+}
+
+fn parse_wrk(raw: &str) -> Option<WrkResult> {
+    let mut requests_per_second = None;
+    let mut p50_ms = None;
+    let mut p99_ms = None;
+    let mut errors = 0;
+    for line in raw.lines() {
+        let line = line.trim();
+        if let Some(value) = line.strip_prefix("Requests/sec:") {
+            requests_per_second = value.trim().parse::<f64>().ok();
+        } else if let Some(value) = line.strip_prefix("50%") {
+            p50_ms = duration_ms(value.trim());
+        } else if let Some(value) = line.strip_prefix("99%") {
+            p99_ms = duration_ms(value.trim());
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            errors += rest
+                .split(',')
+                .filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    Some(WrkResult {
+        requests_per_second: requests_per_second?,
+        p50_ms: p50_ms?,
+        p99_ms: p99_ms?,
+        errors,
+        raw: raw.to_owned(),
+    })
+}
+
+/// `812.00us`, `1.23ms`, `2.00s` → milliseconds.
+fn duration_ms(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        "m" => number * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn render(
+    rows: &[(&str, WrkResult, WrkResult)],
+    nginx_rss: (u64, WrkResult),
+    agent_rss: (u64, WrkResult),
+    settings: &Settings,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nwrk -t{} -c{} -d{}s, 1 KiB body from an nginx origin, best of {} round(s)\n",
+        settings.threads,
+        settings.connections,
+        settings.duration.as_secs(),
+        settings.rounds
+    );
+    let _ = writeln!(
+        out,
+        "| listener | proxy | RPS | p50 ms | p99 ms | errors | RPS ratio (agent/nginx) | p99 ratio |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for (scheme, nginx, agent) in rows {
+        let _ = writeln!(
+            out,
+            "| {scheme} | nginx | {:.0} | {:.3} | {:.3} | {} | | |",
+            nginx.requests_per_second, nginx.p50_ms, nginx.p99_ms, nginx.errors
+        );
+        let _ = writeln!(
+            out,
+            "| {scheme} | agent | {:.0} | {:.3} | {:.3} | {} | {:.2} | {:.2} |",
+            agent.requests_per_second,
+            agent.p50_ms,
+            agent.p99_ms,
+            agent.errors,
+            agent.requests_per_second / nginx.requests_per_second.max(1.0),
+            agent.p99_ms / nginx.p99_ms.max(0.001)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nRSS with {} keep-alive connections over HTTP (peak while wrk runs):\n",
+        settings.rss_connections
+    );
+    let _ = writeln!(out, "| proxy | RSS MiB | RPS at that load | errors |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: |");
+    for (name, (rss, result)) in [
+        ("nginx (master + workers)", nginx_rss),
+        ("agent", agent_rss),
+    ] {
+        let _ = writeln!(
+            out,
+            "| {name} | {:.1} | {:.0} | {} |",
+            rss as f64 / 1024.0,
+            result.requests_per_second,
+            result.errors
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_is_parsed() {
+        let raw = "Running 1s test @ http://localhost:1/\n  2 threads and 10 connections\n\
+                   \x20 Latency Distribution\n     50%  812.00us\n     75%    1.00ms\n\
+                   \x20    99%    2.50ms\n  Socket errors: connect 0, read 2, write 0, timeout 1\n\
+                   Requests/sec:  12345.67\nTransfer/sec:      1.00MB\n";
+        let result = parse_wrk(raw).unwrap();
+        assert_eq!(result.requests_per_second, 12345.67);
+        assert!((result.p50_ms - 0.812).abs() < 1e-9);
+        assert_eq!(result.p99_ms, 2.5);
+        assert_eq!(result.errors, 3);
+    }
 }
