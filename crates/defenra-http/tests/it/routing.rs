@@ -247,3 +247,40 @@ async fn shutdown_returns_after_connections_finish() {
     }
     assert!(tokio::net::TcpStream::connect(proxy.http).await.is_err());
 }
+
+#[tokio::test]
+async fn waf_blocks_before_the_origin_and_adds_allowed_headers() {
+    let origin = Origin::start().await;
+    let mut domain = proxied_domain("example.com");
+    domain["luaCode"] = json!(
+        r#"
+        if ngx.var.uri == "/admin" then
+            return ngx.exit(403)
+        end
+        ngx.header["X-Waf"] = "passed"
+        "#
+    );
+    let mut redirected = proxied_domain("example.org");
+    redirected["luaCode"] = json!("return ngx.exit(403)");
+    redirected["ssl"] = json!({
+        "httpRedirectToHttps": true,
+        "acmeHttpChallenge": { "token": "t0k", "keyAuthorization": "t0k.key" },
+    });
+    let proxy = Proxy::start(&config(vec![domain, redirected]), origin.addr.port()).await;
+
+    let reply = get(proxy.http, "www.example.com", "/admin").await;
+    assert_eq!(reply.status, 403);
+    assert!(
+        reply.header("x-echo-method").is_empty(),
+        "origin was contacted"
+    );
+    let reply = get(proxy.http, "www.example.com", "/page").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-waf"), "passed");
+    assert_eq!(reply.header("x-echo-path"), "/page");
+
+    // ACME and the redirect come before the WAF.
+    let reply = get(proxy.http, "example.org", "/.well-known/acme-challenge/t0k").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(get(proxy.http, "example.org", "/x").await.status, 301);
+}

@@ -225,6 +225,7 @@ pub(crate) struct Proxy {
     pub(crate) service: Arc<HttpService>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: Vec<tokio::task::JoinHandle<Result<(), defenra_http::HttpError>>>,
+    waf: Arc<WafEngine>,
     cell: SnapshotCell,
 }
 
@@ -242,7 +243,7 @@ impl Proxy {
 
     pub(crate) async fn start_with(config: &Value, options: HttpOptions) -> Proxy {
         let waf = Arc::new(WafEngine::new(WafOptions::default()));
-        let service = Arc::new(HttpService::new(waf, options));
+        let service = Arc::new(HttpService::new(Arc::clone(&waf), options));
         let proxy_http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_https = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = proxy_http.local_addr().unwrap();
@@ -257,6 +258,7 @@ impl Proxy {
                 tokio::spawn(Arc::clone(&service).serve_http(proxy_http, shutdown.clone())),
                 tokio::spawn(Arc::clone(&service).serve_https(proxy_https, shutdown.clone())),
             ],
+            waf,
             cell: SnapshotCell::new(),
         };
         proxy.reload(config);
@@ -269,6 +271,7 @@ impl Proxy {
         assert!(compiled.issues.is_empty(), "{:?}", compiled.issues);
         let snapshot = self.cell.publish(compiled.snapshot);
         let mut issues = Vec::new();
+        self.waf.reload(&snapshot, &mut issues);
         self.service.reload(&snapshot, &mut issues);
         assert!(issues.is_empty(), "{issues:?}");
     }
