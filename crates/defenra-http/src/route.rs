@@ -297,6 +297,77 @@ fn origin_address(
 mod tests {
     use super::*;
 
+    fn table(domains: serde_json::Value) -> (RouteTable, Vec<Issue>) {
+        let document = serde_json::json!({ "success": true, "domains": domains });
+        let compiled = defenra_config::compile(document.to_string().as_bytes()).unwrap();
+        let mut issues = compiled.issues;
+        let options = HttpOptions::default();
+        (
+            RouteTable::build(&compiled.snapshot, &options, &mut issues),
+            issues,
+        )
+    }
+
+    #[test]
+    fn the_more_specific_zone_owns_a_shared_name() {
+        let (routes, issues) = table(serde_json::json!([
+            { "domain": "example.com", "dnsRecords": [
+                { "name": "sub", "type": "A", "value": "192.0.2.1", "httpProxyEnabled": true } ] },
+            { "domain": "sub.example.com", "dnsRecords": [
+                { "name": "@", "type": "A", "value": "192.0.2.2", "httpProxyEnabled": true } ] },
+        ]));
+        let route = routes.lookup("SUB.example.com").unwrap();
+        assert_eq!(route.domain.name, "sub.example.com");
+        assert_eq!(
+            route.origin.as_ref().unwrap().address.as_str(),
+            "192.0.2.2:80"
+        );
+        assert_eq!(issues.len(), 1, "{issues:?}");
+    }
+
+    #[test]
+    fn cname_loops_inside_the_zones_have_no_origin() {
+        let (routes, _) = table(serde_json::json!([
+            { "domain": "example.com", "dnsRecords": [
+                { "name": "a", "type": "CNAME", "value": "b.example.com", "httpProxyEnabled": true },
+                { "name": "b", "type": "CNAME", "value": "a.example.com", "httpProxyEnabled": true } ] },
+        ]));
+        let route = routes.lookup("a.example.com").unwrap();
+        assert!(route.proxied);
+        assert!(route.origin.is_none());
+    }
+
+    #[test]
+    fn https_origins_carry_the_server_name_in_the_pool_key() {
+        let (routes, _) = table(serde_json::json!([
+            { "domain": "example.com", "ssl": { "encryptionMode": "full_strict" }, "dnsRecords": [
+                { "name": "www", "type": "AAAA", "value": "2001:db8::1", "httpProxyEnabled": true },
+                { "name": "*", "type": "A", "value": "192.0.2.1", "httpProxyEnabled": true } ] },
+        ]));
+        let origin = routes
+            .lookup("www.example.com")
+            .unwrap()
+            .origin
+            .clone()
+            .unwrap();
+        assert_eq!(origin.kind, OriginKind::HttpsVerified);
+        assert_eq!(origin.address.as_str(), "[2001:db8::1]:443");
+        assert_eq!(
+            origin.tls_authority.unwrap().as_str(),
+            "www.example.com@[2001:db8::1]:443"
+        );
+        let wildcard = routes
+            .lookup("x.example.com")
+            .unwrap()
+            .origin
+            .clone()
+            .unwrap();
+        assert!(
+            wildcard.tls_authority.is_none(),
+            "built per request from the host"
+        );
+    }
+
     #[test]
     fn ports_are_stripped_from_names_and_ipv6_literals() {
         assert_eq!(strip_port("example.com:8080"), "example.com");
