@@ -240,10 +240,80 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a valid duration"))
 }
 
+/// The flags as a Markdown table, for docs/operations.md (kept in sync by a test).
+#[cfg(test)]
+fn flags_markdown() -> String {
+    use clap::CommandFactory;
+    let command = Cli::command();
+    let mut table = String::from("| flag | env | default | meaning |\n|---|---|---|---|\n");
+    for arg in command.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if long == "help" || long == "version" {
+            continue;
+        }
+        let value = if arg.get_action().takes_values() {
+            format!(
+                " {}",
+                arg.get_value_names()
+                    .and_then(|names| names.first())
+                    .map_or("VALUE".to_owned(), |name| name.to_string())
+            )
+        } else {
+            String::new()
+        };
+        let env = arg
+            .get_env()
+            .map(|env| format!("`{}`", env.to_string_lossy()))
+            .unwrap_or_default();
+        let default: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|value| value.to_string_lossy().into_owned())
+            .collect();
+        let default = if default.is_empty() {
+            String::new()
+        } else {
+            format!("`{}`", default.join(","))
+        };
+        let help = arg
+            .get_help()
+            .map(|help| help.to_string().replace('|', "\\|"))
+            .unwrap_or_default();
+        table.push_str(&format!(
+            "| `--{long}{value}` | {env} | {default} | {help} |\n"
+        ));
+    }
+    table
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// docs/operations.md lists every flag; regenerate with `DEFENRA_UPDATE_DOCS=1 cargo test -p defenra-agent`.
+    #[test]
+    fn operations_doc_lists_every_flag() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md");
+        let doc = std::fs::read_to_string(path).expect("docs/operations.md exists");
+        let (start, end) = ("<!-- flags:start -->\n", "<!-- flags:end -->");
+        let begin = doc.find(start).expect("flags:start marker") + start.len();
+        let finish = doc.find(end).expect("flags:end marker");
+        let expected = flags_markdown();
+        if doc[begin..finish] != expected {
+            if std::env::var_os("DEFENRA_UPDATE_DOCS").is_some() {
+                std::fs::write(
+                    path,
+                    format!("{}{expected}{}", &doc[..begin], &doc[finish..]),
+                )
+                .unwrap();
+            } else {
+                panic!(
+                    "docs/operations.md's flag table is stale; run DEFENRA_UPDATE_DOCS=1 cargo test -p defenra-agent"
+                );
+            }
+        }
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -8,6 +8,7 @@
 mod check;
 mod cli;
 mod health;
+mod notify;
 mod run;
 
 use std::process::ExitCode;

@@ -13,7 +13,8 @@ use defenra_config::{
     SnapshotCell, StateDir,
 };
 
-use defenra_geo::MaxMindGeo;
+use defenra_dns::{DnsOptions, DnsService, DnsSockets};
+use defenra_geo::{GeoLookup, MaxMindGeo};
 use defenra_http::{HttpOptions, HttpService};
 use defenra_l4::{L4Options, L4Service};
 use defenra_waf::{WafEngine, WafOptions};
@@ -62,7 +63,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     let cell = Arc::new(SnapshotCell::new());
 
     // Services first, so the config loop can reload them from the first snapshot on.
-    let _geo: Option<Arc<MaxMindGeo>> = match &args.geoip_db {
+    let geo: Option<Arc<dyn GeoLookup>> = match &args.geoip_db {
         Some(path) => Some(Arc::new(MaxMindGeo::open(path).with_context(|| {
             format!("cannot open the GeoIP database {}", path.display())
         })?)),
@@ -72,6 +73,13 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         }
     };
 
+    let dns = Arc::new(DnsService::new(
+        geo,
+        DnsOptions {
+            agent_ip: args.agent_ip,
+            ..DnsOptions::default()
+        },
+    ));
     let waf = Arc::new(WafEngine::new(WafOptions {
         fail_closed: args.waf_fail_closed,
         ..WafOptions::default()
@@ -93,10 +101,10 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     // Bind every listener before loading config: a port we cannot have is fatal at once.
     let dns_sockets = match args.dns_listen {
         Listen::On(addr) => {
-            let sockets = tokio::net::UdpSocket::bind(addr)
+            let sockets = DnsSockets::bind(addr)
                 .await
                 .with_context(|| bind_hint("DNS", addr))?;
-            info!(service = "dns", addr = %sockets.local_addr()?, "listening");
+            info!(service = "dns", addr = %sockets.local_addr(), "listening");
             Some(sockets)
         }
         Listen::Off => None,
@@ -127,6 +135,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         },
     };
     let mut config = ConfigLoop::new(source, Arc::clone(&cell), policy)
+        .with_service(dns.clone())
         .with_service(waf.clone())
         .with_service(http.clone())
         .with_service(l4.clone());
@@ -140,6 +149,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         Arc::clone(&cell),
         Arc::clone(&config_stats),
         vec![
+            dns.stats() as Arc<dyn StatsSource>,
             http.stats() as Arc<dyn StatsSource>,
             waf.stats() as Arc<dyn StatsSource>,
             l4.stats() as Arc<dyn StatsSource>,
@@ -160,7 +170,8 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     }
 
     // The first config before the data plane starts answering, so the first queries see it.
-    if config.start().await {
+    let loaded = config.start().await;
+    if loaded {
         info!(
             version = cell.load().map_or(0, |snapshot| snapshot.version),
             "config loaded"
@@ -170,7 +181,15 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     }
 
     if let Some(sockets) = dns_sockets {
-        let _ = sockets;
+        let (dns, token) = (Arc::clone(&dns), shutdown.clone());
+        spawn(
+            "dns",
+            Box::pin(async move {
+                dns.serve(sockets, token)
+                    .await
+                    .context("DNS service failed")
+            }),
+        );
     }
     if let Some(listener) = http_listener {
         let (http, token) = (Arc::clone(&http), shutdown.clone());
@@ -202,6 +221,18 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         );
     }
     let config_task = tokio::spawn(config.run(shutdown.clone()));
+    // systemd readiness: listeners are bound; ready once a config is loaded too.
+    if loaded {
+        crate::notify::notify("READY=1\nSTATUS=serving");
+    } else {
+        let cell = Arc::clone(&cell);
+        tokio::spawn(async move {
+            while cell.load().is_none() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            crate::notify::notify("READY=1\nSTATUS=serving");
+        });
+    }
 
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -222,6 +253,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     };
 
     // Stop accepting; in-flight work gets the grace period.
+    crate::notify::notify("STOPPING=1");
     shutdown.cancel();
     let drained = tokio::time::timeout(args.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}

@@ -130,3 +130,55 @@ fn a_port_in_use_is_a_clear_fatal_error() {
         "the OS reason is shown: {stderr}"
     );
 }
+
+#[test]
+fn systemd_is_notified_once_config_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut child = Command::new(BINARY)
+        .args([
+            "--config",
+            path.to_str().unwrap(),
+            "--dns-listen",
+            "off",
+            "--http-listen",
+            "off",
+        ])
+        .args(["--https-listen", "off", "--health-listen", "off"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // No config file yet: no readiness.
+    socket
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut buffer = [0u8; 256];
+    assert!(
+        socket.recv(&mut buffer).is_err(),
+        "READY must wait for a config"
+    );
+    write(&path, &doc("192.0.2.1"));
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = socket
+        .recv(&mut buffer)
+        .expect("READY=1 arrives once the file is loaded");
+    assert!(
+        std::str::from_utf8(&buffer[..n])
+            .unwrap()
+            .starts_with("READY=1")
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let n = socket.recv(&mut buffer).expect("STOPPING=1 on SIGTERM");
+    assert_eq!(&buffer[..n], b"STOPPING=1");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -90,20 +90,6 @@ impl Agent {
             .unwrap();
         assert!(status.success());
     }
-
-    /// Waits for a log line whose message is `message`.
-    pub(crate) fn wait_for_log(&self, message: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let line = self
-                .logs
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("no log line {message:?}"));
-            if line["message"] == message {
-                return line;
-            }
-        }
-    }
 }
 
 impl Drop for Agent {
