@@ -1,5 +1,621 @@
-//! `cargo xtask bench dns`: placeholder until the dns benchmark is written.
+//! `cargo xtask bench dns`: the agent's DNS server beside knot, driven by dnsperf on loopback.
+//!
+//! Both servers get the same zone. dnsperf first finds each server's peak QPS for a static
+//! query mix (A, AAAA, MX, TXT, NXDOMAIN) and for a GeoDNS A query carrying an ECS option
+//! (knot answers it from a plain A record), then replays both mixes at a fixed rate (0.8× and
+//! 0.7× knot's peak) to read the latency percentiles at that load. Last, the agent is started
+//! on a 10,000-domain config to check its resident memory.
+//!
+//! Options: `--duration SECONDS` per run (default 10), `--domains N` for the memory check
+//! (default 10000).
 
-pub(crate) fn run(_args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("the dns benchmark is not built yet")
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+/// The zone both servers serve, in knot's zone-file syntax; the agent gets the same records
+/// as JSON from [`agent_config`].
+const ZONE_NAME: &str = "bench.example";
+
+/// The static query mix, one query per line in dnsperf's format.
+const STATIC_QUERIES: &str = "www.bench.example A\n\
+                              www.bench.example AAAA\n\
+                              bench.example MX\n\
+                              bench.example TXT\n\
+                              nope.bench.example A\n";
+
+/// GeoDNS queries: a proxied name, answered per client location by the agent.
+const GEO_QUERIES: &str = "geo.bench.example A\n";
+
+/// EDNS Client Subnet 81.2.3.0/24 (family 1, source 24, scope 0), as dnsperf's `-E`
+/// code:hex-value. The test GeoIP database puts 81.0.0.0/8 in Germany.
+const ECS_OPTION: &str = "8:00011800510203";
+
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut duration = 10u64;
+    let mut n_domains = 10_000usize;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--duration" => {
+                duration = rest
+                    .next()
+                    .context("--duration needs seconds")?
+                    .parse()
+                    .context("--duration needs a whole number of seconds")?;
+            }
+            "--domains" => {
+                n_domains = rest
+                    .next()
+                    .context("--domains needs a count")?
+                    .parse()
+                    .context("--domains needs a whole number")?;
+            }
+            other => bail!("unknown option {other:?}; expected --duration N or --domains N"),
+        }
+    }
+    ensure!(
+        (1..=60).contains(&duration),
+        "--duration must be 1-60 seconds"
+    );
+
+    install_tools()?;
+    let root = crate::project_root();
+    let work = std::env::temp_dir().join(format!("defenra-bench-dns-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    eprintln!("work directory: {}", work.display());
+
+    // The release agent goes to the default target dir, shared with the lead's builds.
+    cargo_release(&root, &["build", "--release", "-p", "defenra-agent"])?;
+    let agent_bin = root.join("target/release/defenra-agent");
+    let geoip = work.join("bench.mmdb");
+    cargo_release(
+        &root,
+        &[
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "defenra-geo",
+            "--example",
+            "write-test-mmdb",
+            "--",
+            path_str(&geoip)?,
+            "81.0.0.0/8=DE:EU",
+            "87.0.0.0/8=US:NA",
+            "2a00::/12=FR:EU",
+        ],
+    )?;
+
+    let zone_file = work.join("bench.example.zone");
+    std::fs::write(&zone_file, knot_zone())?;
+    let static_queries = work.join("static.txt");
+    std::fs::write(&static_queries, STATIC_QUERIES)?;
+    let geo_queries = work.join("geo.txt");
+    std::fs::write(&geo_queries, GEO_QUERIES)?;
+    let config = work.join("agent.json");
+    std::fs::write(&config, agent_config(1))?;
+
+    // knot
+    let knot_port = free_port()?;
+    let knot_conf = work.join("knot.conf");
+    std::fs::write(&knot_conf, knot_config(&work, knot_port, &zone_file)?)?;
+    let knot = Server::start(
+        "knot",
+        Command::new("knotd").args(["-c", path_str(&knot_conf)?]),
+        &work,
+        knot_port,
+    )?;
+    // agent
+    let agent_port = free_port()?;
+    let agent = Server::start(
+        "agent",
+        &mut agent_command(&agent_bin, &config, &geoip, &work.join("state"), agent_port)?,
+        &work,
+        agent_port,
+    )?;
+
+    let mut rows = Vec::new();
+    let knot_static = dnsperf(knot_port, &static_queries, duration, None, None)?;
+    let agent_static = dnsperf(agent_port, &static_queries, duration, None, None)?;
+    let knot_geo = dnsperf(knot_port, &geo_queries, duration, Some(ECS_OPTION), None)?;
+    let agent_geo = dnsperf(agent_port, &geo_queries, duration, Some(ECS_OPTION), None)?;
+
+    // Latency at a fixed load: 0.8× knot's static peak, 0.7× its GeoDNS peak.
+    let static_rate = (knot_static.qps * 0.8) as u64;
+    let geo_rate = (knot_geo.qps * 0.7) as u64;
+    let knot_static_at = dnsperf(
+        knot_port,
+        &static_queries,
+        duration,
+        None,
+        Some(static_rate),
+    )?;
+    let agent_static_at = dnsperf(
+        agent_port,
+        &static_queries,
+        duration,
+        None,
+        Some(static_rate),
+    )?;
+    let knot_geo_at = dnsperf(
+        knot_port,
+        &geo_queries,
+        duration,
+        Some(ECS_OPTION),
+        Some(geo_rate),
+    )?;
+    let agent_geo_at = dnsperf(
+        agent_port,
+        &geo_queries,
+        duration,
+        Some(ECS_OPTION),
+        Some(geo_rate),
+    )?;
+    let knot_rss = knot.rss_kib()?;
+    let agent_rss = agent.rss_kib()?;
+    drop(agent);
+    drop(knot);
+
+    rows.push(("static, peak", knot_static, agent_static));
+    rows.push(("geo+ECS, peak", knot_geo, agent_geo));
+    rows.push(("static @0.8x knot", knot_static_at, agent_static_at));
+    rows.push(("geo+ECS @0.7x knot", knot_geo_at, agent_geo_at));
+
+    // Memory with many domains.
+    let big_config = work.join("agent-big.json");
+    std::fs::write(&big_config, agent_config(n_domains))?;
+    let big_port = free_port()?;
+    let big = Server::start_waiting_for(
+        "agent (big)",
+        &mut agent_command(
+            &agent_bin,
+            &big_config,
+            &geoip,
+            &work.join("state-big"),
+            big_port,
+        )?,
+        &work,
+        big_port,
+        &format!("www.d{}.{ZONE_NAME}", n_domains - 1),
+    )?;
+    let big_rss = big.rss_kib()?;
+    drop(big);
+
+    let report = render_report(
+        duration,
+        &rows,
+        knot_rss,
+        agent_rss,
+        n_domains,
+        big_rss,
+        static_rate,
+        geo_rate,
+    );
+    println!("{report}");
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// One dnsperf run.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    qps: f64,
+    mean_ms: f64,
+    p99_ms: Option<f64>,
+    lost: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render_report(
+    duration: u64,
+    rows: &[(&str, Run, Run)],
+    knot_rss: u64,
+    agent_rss: u64,
+    n_domains: usize,
+    big_rss: u64,
+    static_rate: u64,
+    geo_rate: u64,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nDNS: agent vs knot {}, dnsperf on loopback, {duration} s per run \
+         (fixed rates: static {static_rate} qps, geo {geo_rate} qps)\n",
+        knot_version()
+    );
+    let _ = writeln!(
+        out,
+        "| run | knot QPS | agent QPS | ratio | knot mean / p99 ms | agent mean / p99 ms | lost (knot/agent) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    for (label, knot, agent) in rows {
+        let latency = |run: &Run| match run.p99_ms {
+            Some(p99) => format!("{:.3} / {p99:.3}", run.mean_ms),
+            None => format!("{:.3} / -", run.mean_ms),
+        };
+        let _ = writeln!(
+            out,
+            "| {label} | {:.0} | {:.0} | {:.2} | {} | {} | {}/{} |",
+            knot.qps,
+            agent.qps,
+            agent.qps / knot.qps.max(1.0),
+            latency(knot),
+            latency(agent),
+            knot.lost,
+            agent.lost
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nRSS after the runs: knot {:.1} MiB, agent {:.1} MiB (ratio {:.2})",
+        knot_rss as f64 / 1024.0,
+        agent_rss as f64 / 1024.0,
+        agent_rss as f64 / (knot_rss.max(1)) as f64
+    );
+    let _ = writeln!(
+        out,
+        "agent RSS with {n_domains} domains: {:.1} MiB (target < 30 MiB)",
+        big_rss as f64 / 1024.0
+    );
+    out
+}
+
+/// Installs knot and dnsperf from Debian when missing.
+fn install_tools() -> anyhow::Result<()> {
+    let present = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    if present("knotd") && present("dnsperf") {
+        return Ok(());
+    }
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "knot", "dnsperf"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+    };
+    if !install().is_ok_and(|status| status.success()) {
+        crate::run_command("apt-get", &["update"])?;
+        let status = install().context("cannot run apt-get")?;
+        ensure!(status.success(), "apt-get install knot dnsperf failed");
+    }
+    Ok(())
+}
+
+/// Runs cargo in the project root with the default target dir (the release binary is
+/// shared with the lead's builds, whatever CARGO_TARGET_DIR this shell has).
+fn cargo_release(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(crate::cargo())
+        .args(args)
+        .current_dir(root)
+        .env_remove("CARGO_TARGET_DIR")
+        .status()
+        .context("cannot run cargo")?;
+    ensure!(status.success(), "cargo {} failed", args.join(" "));
+    Ok(())
+}
+
+fn path_str(path: &Path) -> anyhow::Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// A port free for both UDP and TCP on 127.0.0.1 right now.
+fn free_port() -> anyhow::Result<u16> {
+    for _ in 0..32 {
+        let udp = UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port on 127.0.0.1")
+}
+
+fn agent_command(
+    binary: &Path,
+    config: &Path,
+    geoip: &Path,
+    state: &Path,
+    port: u16,
+) -> anyhow::Result<Command> {
+    std::fs::create_dir_all(state)?;
+    let mut command = Command::new(binary);
+    command.args([
+        "--config",
+        path_str(config)?,
+        "--dns-listen",
+        &format!("127.0.0.1:{port}"),
+        "--http-listen",
+        "off",
+        "--https-listen",
+        "off",
+        "--health-listen",
+        "off",
+        "--state-dir",
+        path_str(state)?,
+        "--geoip-db",
+        path_str(geoip)?,
+        "--agent-ip",
+        "127.0.0.1",
+        "--log-level",
+        "warn",
+    ]);
+    Ok(command)
+}
+
+fn knot_zone() -> String {
+    format!(
+        "$ORIGIN {ZONE_NAME}.\n$TTL 300\n\
+         @ SOA ns1.{ZONE_NAME}. hostmaster.{ZONE_NAME}. 1 3600 600 604800 60\n\
+         @ NS ns1.{ZONE_NAME}.\n\
+         ns1 A 127.0.0.1\n\
+         @ A 192.0.2.1\n\
+         @ AAAA 2001:db8::1\n\
+         @ MX 10 mail.{ZONE_NAME}.\n\
+         @ TXT \"v=spf1 include:_spf.{ZONE_NAME} -all\"\n\
+         www A 192.0.2.10\n\
+         www AAAA 2001:db8::10\n\
+         mail A 192.0.2.20\n\
+         geo 60 A 10.0.0.2\n"
+    )
+}
+
+fn knot_config(work: &Path, port: u16, zone_file: &Path) -> anyhow::Result<String> {
+    let run_dir = work.join("knot-run");
+    let storage = work.join("knot-db");
+    std::fs::create_dir_all(&run_dir)?;
+    std::fs::create_dir_all(&storage)?;
+    Ok(format!(
+        "server:\n    rundir: \"{}\"\n    listen: 127.0.0.1@{port}\n    udp-workers: 2\n    \
+         tcp-workers: 1\n    background-workers: 1\n\
+         database:\n    storage: \"{}\"\n\
+         log:\n  - target: stderr\n    any: warning\n\
+         template:\n  - id: default\n    zonefile-sync: -1\n    journal-content: none\n\
+         zone:\n  - domain: {ZONE_NAME}\n    file: \"{}\"\n",
+        path_str(&run_dir)?,
+        path_str(&storage)?,
+        path_str(zone_file)?
+    ))
+}
+
+/// The agent's config: the benchmark zone, plus `extra - 1` small domains
+/// (`dN.bench.example` with A, AAAA, MX and TXT) for the memory check.
+fn agent_config(domains: usize) -> String {
+    let mut out = String::from(r#"{"domains":["#);
+    let _ = write!(
+        out,
+        r#"{{"domain":"{ZONE_NAME}","dnsRecords":[
+          {{"name":"@","type":"SOA","value":"ns1.{ZONE_NAME}. hostmaster.{ZONE_NAME}. 1 3600 600 604800 60","ttl":300}},
+          {{"name":"@","type":"NS","value":"ns1.{ZONE_NAME}.","ttl":300}},
+          {{"name":"ns1","type":"A","value":"127.0.0.1","ttl":300}},
+          {{"name":"@","type":"A","value":"192.0.2.1","ttl":300}},
+          {{"name":"@","type":"AAAA","value":"2001:db8::1","ttl":300}},
+          {{"name":"@","type":"MX","value":"mail.{ZONE_NAME}.","priority":10,"ttl":300}},
+          {{"name":"@","type":"TXT","value":"v=spf1 include:_spf.{ZONE_NAME} -all","ttl":300}},
+          {{"name":"www","type":"A","value":"192.0.2.10","ttl":300}},
+          {{"name":"www","type":"AAAA","value":"2001:db8::10","ttl":300}},
+          {{"name":"mail","type":"A","value":"192.0.2.20","ttl":300}},
+          {{"name":"geo","type":"A","value":"203.0.113.30","httpProxyEnabled":true}}],
+         "geoDnsMap":{{"de":"10.0.0.2","us":"10.0.0.3","europe":"10.0.0.4","default":"10.0.0.9"}}}}"#
+    );
+    for n in 1..domains {
+        let _ = write!(
+            out,
+            r#",{{"domain":"d{n}.{ZONE_NAME}","dnsRecords":[
+              {{"name":"@","type":"A","value":"192.0.2.{}"}},
+              {{"name":"www","type":"A","value":"192.0.2.{}"}},
+              {{"name":"@","type":"AAAA","value":"2001:db8::{:x}"}},
+              {{"name":"@","type":"MX","value":"mail.d{n}.{ZONE_NAME}","priority":10}},
+              {{"name":"@","type":"TXT","value":"site {n} verification token"}}]}}"#,
+            n % 250 + 1,
+            n % 250 + 1,
+            n
+        );
+    }
+    out.push_str("]}");
+    out
+}
+
+/// A server process, killed when dropped.
+struct Server {
+    name: &'static str,
+    child: Child,
+}
+
+impl Server {
+    fn start(
+        name: &'static str,
+        command: &mut Command,
+        work: &Path,
+        port: u16,
+    ) -> anyhow::Result<Server> {
+        Self::start_waiting_for(name, command, work, port, &format!("www.{ZONE_NAME}"))
+    }
+
+    /// Starts the server and waits (at most 60 s) until `probe` answers with an address.
+    fn start_waiting_for(
+        name: &'static str,
+        command: &mut Command,
+        work: &Path,
+        port: u16,
+        probe: &str,
+    ) -> anyhow::Result<Server> {
+        let log = std::fs::File::create(work.join(format!("{}.log", name.replace(' ', "-"))))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let mut server = Server { name, child };
+        let started = Instant::now();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        while started.elapsed() < Duration::from_secs(60) {
+            if let Some(status) = server.child.try_wait()? {
+                bail!(
+                    "{name} exited at start with {status}; see its log in {}",
+                    work.display()
+                );
+            }
+            if answers(addr, probe) {
+                eprintln!("{name} ready on {addr} after {:?}", started.elapsed());
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = server.child.kill();
+        bail!("{name} did not answer {probe} within 60 s")
+    }
+
+    /// Resident memory (VmRSS) in KiB.
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .with_context(|| format!("cannot read {}'s /proc status", self.name))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .with_context(|| format!("no VmRSS for {}", self.name))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `name A` gets a NOERROR answer with at least one record.
+fn answers(addr: SocketAddr, name: &str) -> bool {
+    let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut query = vec![0xbe, 0xef, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    if socket.send_to(&query, addr).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    match socket.recv_from(&mut buf) {
+        Ok((len, _)) if len >= 12 => {
+            buf[0..2] == [0xbe, 0xef]
+                && buf[3] & 0x0f == 0
+                && u16::from_be_bytes([buf[6], buf[7]]) > 0
+        }
+        _ => false,
+    }
+}
+
+/// Runs dnsperf against `port`. With `rate`, queries are paced and every latency is read
+/// from dnsperf's verbose output to compute the 99th percentile.
+fn dnsperf(
+    port: u16,
+    queries: &Path,
+    duration: u64,
+    edns_option: Option<&str>,
+    rate: Option<u64>,
+) -> anyhow::Result<Run> {
+    let mut command = Command::new("dnsperf");
+    command.args([
+        "-s",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-d",
+        path_str(queries)?,
+        "-l",
+        &duration.to_string(),
+        "-c",
+        "8",
+        "-q",
+        "256",
+        "-e",
+    ]);
+    if let Some(option) = edns_option {
+        command.args(["-E", option]);
+    }
+    if let Some(rate) = rate {
+        command.args(["-Q", &rate.max(1).to_string(), "-v"]);
+    }
+    eprintln!(
+        "$ dnsperf -p {port} -d {} -l {duration}{}{}",
+        queries.display(),
+        edns_option.map_or(String::new(), |option| format!(" -E {option}")),
+        rate.map_or(String::new(), |rate| format!(" -Q {rate} -v"))
+    );
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start dnsperf")?;
+    let mut output = String::new();
+    child
+        .stdout
+        .take()
+        .context("dnsperf stdout")?
+        .read_to_string(&mut output)?;
+    let status = child.wait()?;
+    ensure!(status.success(), "dnsperf failed with {status}");
+    parse_dnsperf(&output, rate.is_some())
+}
+
+fn parse_dnsperf(output: &str, verbose: bool) -> anyhow::Result<Run> {
+    let field = |prefix: &str| {
+        output
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse::<f64>().ok())
+    };
+    let qps = field("Queries per second:").context("dnsperf printed no QPS")?;
+    let mean_ms = field("Average Latency (s):").context("dnsperf printed no latency")? * 1000.0;
+    let lost = field("Queries lost:").unwrap_or(0.0) as u64;
+    let p99_ms = if verbose {
+        // Verbose lines: `> NOERROR www.bench.example A 0.000083`.
+        let mut latencies: Vec<f64> = output
+            .lines()
+            .filter(|line| line.starts_with('>'))
+            .filter_map(|line| line.split_whitespace().last()?.parse().ok())
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        (!latencies.is_empty())
+            .then(|| latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)] * 1000.0)
+    } else {
+        None
+    };
+    Ok(Run {
+        qps,
+        mean_ms,
+        p99_ms,
+        lost,
+    })
+}
+
+fn knot_version() -> String {
+    Command::new("knotd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.split_whitespace().last().map(str::to_owned))
+        .unwrap_or_default()
 }
