@@ -267,8 +267,9 @@ impl DnsService {
         let (read_half, write_half) = stream.into_split();
         let mut reader = BufReader::new(read_half);
         let mut writer = BufWriter::new(write_half);
-        let mut packet = vec![0u8; 65_535];
-        let mut response = Vec::with_capacity(4096);
+        // Grown to the largest message seen, so idle connections stay small.
+        let mut packet = Vec::with_capacity(512);
+        let mut response = Vec::with_capacity(512);
         let idle = self.options.tcp_idle_timeout;
         let source = canonical(peer.ip());
         let mut random = seed(u64::from(peer.port()));
@@ -291,7 +292,8 @@ impl DnsService {
                 if len == 0 {
                     return Ok(());
                 }
-                match tokio::time::timeout(idle, reader.read_exact(&mut packet[..len])).await {
+                packet.resize(len, 0);
+                match tokio::time::timeout(idle, reader.read_exact(&mut packet)).await {
                     Err(_) => {
                         self.stats.count_tcp_timeout();
                         return Ok(());

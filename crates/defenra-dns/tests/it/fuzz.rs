@@ -1,7 +1,7 @@
 //! Property tests: random and mutated packets never panic the handler, and every response
 //! is a well-formed DNS message answering the packet's ID.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use defenra_config::Reload;
 use defenra_dns::{DnsOptions, DnsService, Transport};
@@ -11,11 +11,15 @@ use proptest::prelude::*;
 
 use crate::support::{ZONE, query, with_edns};
 
-fn service() -> DnsService {
-    let service = DnsService::new(None, DnsOptions::default());
-    let compiled = defenra_config::compile(ZONE.as_bytes()).unwrap();
-    service.reload(&Arc::new(compiled.snapshot), &mut Vec::new());
-    service
+/// One service for all cases: compiling the zone per case would dominate the run time.
+fn service() -> &'static DnsService {
+    static SERVICE: OnceLock<DnsService> = OnceLock::new();
+    SERVICE.get_or_init(|| {
+        let service = DnsService::new(None, DnsOptions::default());
+        let compiled = defenra_config::compile(ZONE.as_bytes()).unwrap();
+        service.reload(&Arc::new(compiled.snapshot), &mut Vec::new());
+        service
+    })
 }
 
 fn seeds() -> Vec<Vec<u8>> {
