@@ -103,14 +103,14 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         Listen::On(addr) => {
             let sockets = DnsSockets::bind(addr)
                 .await
-                .with_context(|| bind_hint("DNS", addr))?;
+                .with_context(|| bind_hint("dns", addr))?;
             info!(service = "dns", addr = %sockets.local_addr(), "listening");
             Some(sockets)
         }
         Listen::Off => None,
     };
-    let http_listener = bind_tcp("HTTP", args.http_listen).await?;
-    let https_listener = bind_tcp("HTTPS", args.https_listen).await?;
+    let http_listener = bind_tcp("http", args.http_listen).await?;
+    let https_listener = bind_tcp("https", args.https_listen).await?;
     let health_listener = bind_tcp("health", args.health_listen).await?;
 
     let source: Box<dyn ConfigSource> = match &source_choice {

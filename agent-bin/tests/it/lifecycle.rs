@@ -122,7 +122,7 @@ fn a_port_in_use_is_a_clear_fatal_error() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains(&format!("cannot listen for HTTP on {addr}")),
+        stderr.contains(&format!("cannot listen for http on {addr}")),
         "{stderr}"
     );
     assert!(

@@ -69,8 +69,10 @@ impl Agent {
                 .logs
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("the agent logs its listening addresses");
-            if line["message"] == "listening" {
-                let service = line["service"].as_str().unwrap().to_owned();
+            if line["message"] == "listening"
+                && let Some(service) = line["service"].as_str()
+            {
+                let service = service.to_owned();
                 agent
                     .addrs
                     .insert(service, line["addr"].as_str().unwrap().parse().unwrap());
