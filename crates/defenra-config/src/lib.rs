@@ -20,6 +20,8 @@ mod runner;
 mod source;
 mod state;
 pub mod stats;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wire;
 
 use std::fmt;
