@@ -18,7 +18,7 @@ use crate::dict::SharedDicts;
 use crate::limit::LogLimiter;
 use crate::sandbox::{self, Chunk, Limits, Outcome, Sandbox};
 use crate::stats::{DomainCounters, WafStats};
-use crate::{RequestInfo, Verdict, WafOptions};
+use crate::{RequestInfo, Verdict, WafError, WafOptions};
 
 /// Error log lines per second for failing scripts, over all domains.
 const ERROR_LOGS_PER_SECOND: u64 = 10;
@@ -128,11 +128,11 @@ impl WafEngine {
         };
         script.counters.checks.fetch_add(1, Ordering::Relaxed);
         if let Some(error) = &script.compile_error {
-            return self.failed(request.domain, script, Failure::Error(error.clone()));
+            return self.failed(request.domain, script, WafError::Script(error.clone()));
         }
         let result = WORKERS.try_with(|workers| {
             let Ok(mut workers) = workers.try_borrow_mut() else {
-                return Err(Failure::Error(
+                return Err(WafError::Script(
                     "waf re-entered on the same thread".to_owned(),
                 ));
             };
@@ -141,9 +141,12 @@ impl WafEngine {
             let chunk = load_chunk(&worker.sandbox, &mut worker.chunks, request.domain, script)?;
             match worker.sandbox.run(chunk, request) {
                 Outcome::Finished { exit } => Ok(finish(exit, &mut worker.sandbox.response())),
-                Outcome::Error(message) => Err(Failure::Error(message)),
-                Outcome::Aborted(abort) => Err(Failure::Aborted(abort)),
-                Outcome::OutOfMemory => Err(Failure::OutOfMemory),
+                Outcome::Error(message) => Err(WafError::Script(message)),
+                Outcome::Aborted(Abort::Instructions) => {
+                    Err(WafError::InstructionBudget(self.shared.limits.instructions))
+                }
+                Outcome::Aborted(Abort::Time) => Err(WafError::TimeBudget(self.shared.limits.time)),
+                Outcome::OutOfMemory => Err(WafError::Memory(self.shared.limits.memory)),
             }
         });
         match result {
@@ -157,7 +160,7 @@ impl WafEngine {
             Err(_) => self.failed(
                 request.domain,
                 script,
-                Failure::Error("thread is shutting down".to_owned()),
+                WafError::Script("thread is shutting down".to_owned()),
             ),
         }
     }
@@ -168,7 +171,7 @@ impl WafEngine {
     }
 
     /// This thread's worker for this engine, built on first use.
-    fn worker<'w>(&self, workers: &'w mut Vec<Worker>) -> Result<&'w mut Worker, Failure> {
+    fn worker<'w>(&self, workers: &'w mut Vec<Worker>) -> Result<&'w mut Worker, WafError> {
         let me = Arc::downgrade(&self.shared);
         if let Some(index) = workers.iter().position(|worker| worker.engine.ptr_eq(&me)) {
             return Ok(&mut workers[index]);
@@ -181,7 +184,7 @@ impl WafEngine {
             self.shared.options.clock.clone(),
             Arc::clone(&self.shared.script_logs),
         )
-        .map_err(|error| Failure::Error(format!("cannot create a Lua state: {error}")))?;
+        .map_err(|error| WafError::State(error.to_string()))?;
         workers.push(Worker {
             engine: me,
             sandbox,
@@ -192,15 +195,12 @@ impl WafEngine {
         Ok(&mut workers[last])
     }
 
-    fn failed(&self, domain: &str, script: &Script, failure: Failure) -> Verdict {
+    fn failed(&self, domain: &str, script: &Script, failure: WafError) -> Verdict {
         let counters = &script.counters;
-        let (counter, message) = match &failure {
-            Failure::Error(message) => (&counters.errors, message.as_str()),
-            Failure::Aborted(Abort::Instructions) => {
-                (&counters.aborts_budget, "instruction budget exceeded")
-            }
-            Failure::Aborted(Abort::Time) => (&counters.aborts_budget, "time budget exceeded"),
-            Failure::OutOfMemory => (&counters.aborts_memory, "memory limit exceeded"),
+        let counter = match &failure {
+            WafError::InstructionBudget(_) | WafError::TimeBudget(_) => &counters.aborts_budget,
+            WafError::Memory(_) => &counters.aborts_memory,
+            _ => &counters.errors,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let fail_closed = self.shared.options.fail_closed;
@@ -208,7 +208,7 @@ impl WafEngine {
         if let Some(suppressed) = self.shared.error_logs.allow(now) {
             tracing::warn!(
                 domain,
-                error = message,
+                error = %failure,
                 suppressed,
                 action = if fail_closed { "503" } else { "allow" },
                 "waf script failed"
@@ -317,7 +317,7 @@ fn load_chunk<'c>(
     chunks: &'c mut HashMap<String, LoadedChunk>,
     domain: &str,
     script: &Script,
-) -> Result<&'c Chunk, Failure> {
+) -> Result<&'c Chunk, WafError> {
     let stale = chunks
         .get(domain)
         .is_none_or(|loaded| !Arc::ptr_eq(&loaded.source, &script.source));
@@ -333,16 +333,9 @@ fn load_chunk<'c>(
     }
     match chunks.get(domain).map(|loaded| &loaded.chunk) {
         Some(Ok(chunk)) => Ok(chunk),
-        Some(Err(message)) => Err(Failure::Error(message.clone())),
-        None => Err(Failure::Error("chunk vanished".to_owned())),
+        Some(Err(message)) => Err(WafError::Script(message.clone())),
+        None => Err(WafError::Script("chunk vanished".to_owned())),
     }
-}
-
-/// Why a run produced no verdict of its own.
-enum Failure {
-    Error(String),
-    Aborted(Abort),
-    OutOfMemory,
 }
 
 fn allow() -> Verdict {

@@ -96,5 +96,23 @@ pub enum Verdict {
     },
 }
 
+/// Why a script run produced no verdict of its own. [`WafEngine::check`] never returns it:
+/// it counts it, logs it (rate-limited) and answers fail-open or fail-closed instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WafError {
+    /// A Lua error, or a script that does not compile.
+    #[error("lua error: {0}")]
+    Script(String),
+    #[error("instruction budget of {0} exceeded")]
+    InstructionBudget(u64),
+    #[error("time budget of {0:?} exceeded")]
+    TimeBudget(Duration),
+    #[error("memory limit of {0} bytes exceeded")]
+    Memory(usize),
+    #[error("cannot create a lua state: {0}")]
+    State(String),
+}
+
 #[cfg(test)]
 mod tests;
