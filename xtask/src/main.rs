@@ -2,12 +2,14 @@
 //!
 //! - `ci`: the checks CI runs (fmt, clippy, tests, tidy, and cargo-deny when installed);
 //! - `demo`: runs the agent on `examples/demo.json` on unprivileged loopback ports;
+//! - `e2e`: the binary's black-box tests against its release build;
 //! - `bench <dns|http|waf|l4>`: the agent beside its peer (knot, nginx, nginx+lua, HAProxy);
 //! - `tidy`: checks that every crate root and module opens with a `//!` doc comment.
 
 mod bench;
 mod ci;
 mod demo;
+mod e2e;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ fn main() -> anyhow::Result<()> {
     match command.as_str() {
         "ci" => ci::run(rest),
         "demo" => demo::run(rest),
+        "e2e" => e2e::run(rest),
         "bench" => bench::run(rest),
         "tidy" => tidy::run(),
         "help" | "--help" | "-h" => {
@@ -43,6 +46,7 @@ fn print_usage() {
          commands:\n  \
          ci                 fmt check, clippy -D warnings, tests, tidy (+ cargo-deny when installed)\n  \
          demo               run the agent on examples/demo.json on loopback ports\n  \
+         e2e                black-box tests of the release binary (fake Core, all services)\n  \
          bench <area>       benchmark against the peer: dns (knot), http (nginx), waf (nginx+lua), l4 (haproxy)\n  \
          tidy               check doc comments on crate roots and modules"
     );

@@ -2,14 +2,14 @@
 
 use std::process::Command;
 
-use crate::support::{BINARY, doc, write};
+use crate::support::{binary, doc, write};
 
 #[test]
 fn check_config_prints_each_problem_with_its_path_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.json");
     write(&path, &doc("192.0.2.1"));
-    let output = Command::new(BINARY)
+    let output = Command::new(binary())
         .arg("check-config")
         .arg(&path)
         .output()
@@ -34,7 +34,7 @@ fn check_config_accepts_a_clean_file_and_the_demo() {
         &path,
         r#"{"domains":[{"domain":"example.com","dnsRecords":[{"name":"@","type":"A","value":"192.0.2.1"}]}]}"#,
     );
-    let output = Command::new(BINARY)
+    let output = Command::new(binary())
         .arg("check-config")
         .arg(&path)
         .output()
@@ -46,7 +46,7 @@ fn check_config_accepts_a_clean_file_and_the_demo() {
         String::from_utf8_lossy(&output.stdout)
     );
     let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo.json");
-    let output = Command::new(BINARY)
+    let output = Command::new(binary())
         .args(["check-config", demo])
         .output()
         .unwrap();
@@ -63,7 +63,7 @@ fn check_config_rejects_non_json() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.json");
     write(&path, "domains: []");
-    let output = Command::new(BINARY)
+    let output = Command::new(binary())
         .arg("check-config")
         .arg(&path)
         .output()
@@ -74,7 +74,7 @@ fn check_config_rejects_non_json() {
 
 #[test]
 fn running_without_a_source_is_a_usage_error() {
-    let output = Command::new(BINARY)
+    let output = Command::new(binary())
         .env_remove("CORE_URL")
         .env_remove("AGENT_ID")
         .env_remove("AGENT_KEY")
@@ -94,7 +94,7 @@ fn running_without_a_source_is_a_usage_error() {
 #[test]
 fn env_vars_of_the_go_agent_are_read() {
     // POLLING_INTERVAL is validated like the flag: 0 is refused with the env var named.
-    let output = Command::new(BINARY)
+    let output = Command::new(binary())
         .env("DEFENRA_CONFIG", "/nonexistent")
         .env("POLLING_INTERVAL", "0")
         .output()
@@ -105,7 +105,7 @@ fn env_vars_of_the_go_agent_are_read() {
 
 #[test]
 fn version_prints_the_package_version() {
-    let output = Command::new(BINARY).arg("version").output().unwrap();
+    let output = Command::new(binary()).arg("version").output().unwrap();
     assert!(output.status.success());
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),

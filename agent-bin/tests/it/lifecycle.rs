@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{Agent, BINARY, doc, eventually, get, get_json, write};
+use crate::support::{Agent, binary, doc, eventually, get, get_json, write};
 
 #[test]
 fn health_turns_ok_once_config_loads_and_stats_show_it() {
@@ -107,7 +107,7 @@ fn sighup_rereads_the_file_and_sigterm_exits_cleanly() {
 fn a_port_in_use_is_a_clear_fatal_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let output = Command::new(BINARY)
+    let output = Command::new(binary())
         .args([
             "--config",
             "/nonexistent.json",
@@ -140,7 +140,7 @@ fn systemd_is_notified_once_config_is_loaded() {
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut child = Command::new(BINARY)
+    let mut child = Command::new(binary())
         .args([
             "--config",
             path.to_str().unwrap(),

@@ -1,6 +1,9 @@
 //! Black-box tests of the `defenra-agent` binary: flags, check-config, health/stats/metrics,
-//! SIGHUP and SIGTERM. Every listener is on 127.0.0.1:0; ports come from the JSON logs.
+//! SIGHUP and SIGTERM, and the end-to-end scenario (`e2e`). Every listener is on
+//! 127.0.0.1:0; ports come from the JSON logs.
 
 mod check_config;
+mod e2e;
+mod e2e_support;
 mod lifecycle;
 mod support;

@@ -8,7 +8,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-pub(crate) const BINARY: &str = env!("CARGO_BIN_EXE_defenra-agent");
+/// The binary under test: `DEFENRA_AGENT_BIN` (set by `cargo xtask e2e` to the release
+/// build), else the one cargo built for this test run.
+pub(crate) fn binary() -> std::path::PathBuf {
+    std::env::var_os("DEFENRA_AGENT_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_defenra-agent").into())
+}
 
 /// A running agent; killed on drop.
 pub(crate) struct Agent {
@@ -22,7 +28,7 @@ pub(crate) struct Agent {
 impl Agent {
     /// Starts the agent with every listener on an ephemeral loopback port, plus `extra`.
     pub(crate) fn start(extra: &[&str]) -> Agent {
-        let mut child = Command::new(BINARY)
+        let mut child = Command::new(binary())
             .args([
                 "--dns-listen",
                 "127.0.0.1:0",

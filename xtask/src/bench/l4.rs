@@ -48,7 +48,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let iperf_port = free_port()?;
     let _iperf = Guard(
         Command::new("iperf3")
-            .args(["-s", "-p", &iperf_port.to_string()])
+            .args(["-s", "-B", "127.0.0.1", "-p", &iperf_port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -466,8 +466,10 @@ fn wait_listening(port: u16) -> anyhow::Result<()> {
     let wanted = format!(":{port:04X} ");
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        let listening = table.lines().skip(1).any(|line| {
+        let table = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .map(|path| std::fs::read_to_string(path).unwrap_or_default())
+            .concat();
+        let listening = table.lines().any(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             fields.len() > 3 && format!("{} ", fields[1]).ends_with(&wanted) && fields[3] == "0A"
         });
