@@ -156,10 +156,14 @@ async fn one_customer_setup_across_every_service_survives_changes_and_outages() 
     assert_eq!((status, waf.as_deref()), (200, Some("checked")), "{body}");
     assert_eq!(body, "origin saw GET /hello host=shop.test");
     assert_eq!(http_get(http, "shop.test", "/admin").await.unwrap().0, 403);
-    let (status, body, presented) =
-        https_get(https, "www.shop.test", "/secure", &[first_cert.2.clone()])
-            .await
-            .unwrap();
+    let (status, body, presented) = https_get(
+        https,
+        "www.shop.test",
+        "/secure",
+        std::slice::from_ref(&first_cert.2),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (status, body.as_str()),
         (200, "origin saw GET /secure host=www.shop.test")
