@@ -7,9 +7,47 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// What the proxy answers with: the origin's body as it arrives, or a local page.
-pub(crate) type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub(crate) type ResponseBody = Either<OriginBody, Full<Bytes>>;
+
+/// The origin's response body on its way to the client. It holds the origin's connection
+/// permit until the body is done (or dropped), which is when the pooled connection is free
+/// again.
+pub(crate) struct OriginBody {
+    inner: Incoming,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl OriginBody {
+    pub(crate) fn new(inner: Incoming, permit: OwnedSemaphorePermit) -> Self {
+        OriginBody {
+            inner,
+            _permit: permit,
+        }
+    }
+}
+
+impl Body for OriginBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A local response body.
 pub(crate) fn full(bytes: impl Into<Bytes>) -> ResponseBody {

@@ -60,6 +60,9 @@ pub struct HttpOptions {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per origin (address and, for HTTPS, server name).
     pub pool_max_idle_per_origin: usize,
+    /// Requests in flight to one origin address (each holds one origin connection); more
+    /// wait for a free one, within `origin_timeout`. Bounds origin connections and memory.
+    pub origin_max_connections: usize,
     /// Longest time a CNAME origin's addresses are cached. The system resolver exposes no
     /// TTL, so the cache time is the CNAME record's TTL capped by this value.
     pub origin_dns_max_ttl: Duration,
@@ -79,6 +82,7 @@ impl Default for HttpOptions {
             max_connections: 16 * 1024,
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_origin: 256,
+            origin_max_connections: 256,
             origin_dns_max_ttl: Duration::from_secs(300),
         }
     }
@@ -105,6 +109,9 @@ pub struct HttpService {
     /// The routes (and through them the certificates) of the current snapshot. Requests
     /// and TLS handshakes load it once; `reload` replaces it whole.
     routes: Arc<ArcSwap<RouteTable>>,
+    /// One semaphore per origin address, kept across reloads so that a config change does
+    /// not reset the count. Locked only by `reload`.
+    origin_limits: parking_lot::Mutex<route::OriginLimits>,
     origins: origin::OriginClients,
     tls_acceptor: tokio_rustls::TlsAcceptor,
     stats: Arc<HttpStats>,
@@ -121,6 +128,7 @@ impl HttpService {
             waf,
             options,
             routes,
+            origin_limits: parking_lot::Mutex::default(),
             origins,
             tls_acceptor,
             stats: Arc::new(HttpStats::default()),
@@ -168,7 +176,8 @@ impl HttpService {
 
 impl Reload for HttpService {
     fn reload(&self, snapshot: &Arc<Snapshot>, issues: &mut Vec<Issue>) {
-        let table = RouteTable::build(snapshot, &self.options, issues);
+        let mut limits = self.origin_limits.lock();
+        let table = RouteTable::build_with_limits(snapshot, &self.options, issues, &mut limits);
         self.routes.store(Arc::new(table));
     }
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::HttpService;
-use crate::body::{BodyError, RequestBody, ResponseBody, full};
+use crate::body::{BodyError, OriginBody, RequestBody, ResponseBody, full};
 use crate::headers;
 use crate::route::{Origin, OriginKind, Route, strip_port, with_lower_host};
 use crate::server::Listener;
@@ -279,10 +279,16 @@ impl Conn {
 
         let client = self.service.origins.client(origin.kind);
         let timeout = self.service.options.origin_timeout;
-        let mut response = match tokio::time::timeout(timeout, client.request(origin_request)).await
-        {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => return Err(classify(&error, origin, limit)),
+        let exchange = async {
+            // Waiting for a free origin connection counts against the origin timeout.
+            let permit = Arc::clone(&origin.limit).acquire_owned().await;
+            let response = client.request(origin_request).await;
+            (permit, response)
+        };
+        let (permit, mut response) = match tokio::time::timeout(timeout, exchange).await {
+            Ok((Ok(permit), Ok(response))) => (permit, response),
+            Ok((Err(_), _)) => return Err(ProxyError::Agent("origin limit closed".to_owned())),
+            Ok((_, Err(error))) => return Err(classify(&error, origin, limit)),
             Err(_) => {
                 return Err(ProxyError::OriginTimeout {
                     origin: origin.address.to_string(),
@@ -322,7 +328,7 @@ impl Conn {
                 }
             }
         }
-        Ok(response.map(http_body_util::Either::Left))
+        Ok(response.map(|body| http_body_util::Either::Left(OriginBody::new(body, permit))))
     }
 
     /// Copies bytes both ways between the upgraded client and origin connections until

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use defenra_config::{Domain, EncryptionMode, Issue, Record, RecordData, Snapshot};
 use http::uri::Authority;
+use tokio::sync::Semaphore;
 
 use crate::HttpOptions;
 
@@ -49,7 +50,12 @@ pub(crate) struct Origin {
     /// For HTTPS origins of exact hosts: `host@address:port`, the client pool key that
     /// also carries the server name to send and verify. Wildcard hosts build it per request.
     pub(crate) tls_authority: Option<Authority>,
+    /// Shared by every route to the same address: `origin_max_connections` permits.
+    pub(crate) limit: Arc<Semaphore>,
 }
+
+/// Connection limits by origin address, carried from one table to the next.
+pub(crate) type OriginLimits = HashMap<String, Arc<Semaphore>>;
 
 /// How the agent talks to an origin, from the domain's `ssl.encryptionMode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +73,18 @@ impl RouteTable {
     /// Compiles the routes of `snapshot`. A host that appears in two domains belongs to the
     /// more specific zone (`a.sub.example.com` to `sub.example.com`); the other is reported.
     pub fn build(snapshot: &Snapshot, options: &HttpOptions, issues: &mut Vec<Issue>) -> Self {
+        RouteTable::build_with_limits(snapshot, options, issues, &mut OriginLimits::new())
+    }
+
+    /// As [`RouteTable::build`], reusing the connection limits of origins that stay and
+    /// dropping those of origins that went.
+    pub(crate) fn build_with_limits(
+        snapshot: &Snapshot,
+        options: &HttpOptions,
+        issues: &mut Vec<Issue>,
+        limits: &mut OriginLimits,
+    ) -> Self {
+        let mut used: OriginLimits = HashMap::new();
         let mut domains: Vec<(usize, &Arc<Domain>)> = snapshot.domains.iter().enumerate().collect();
         // Most specific zone first, so it claims its names before a parent zone does.
         domains.sort_by_key(|(_, domain)| std::cmp::Reverse(domain.name.len()));
@@ -107,10 +125,18 @@ impl RouteTable {
                     _ if name.starts_with("*.") => None,
                     _ => Authority::try_from(format!("{name}@{address}")).ok(),
                 };
+                let limit = used
+                    .entry(address.as_str().to_owned())
+                    .or_insert_with(|| match limits.get(address.as_str()) {
+                        Some(limit) => Arc::clone(limit),
+                        None => Arc::new(Semaphore::new(options.origin_max_connections.max(1))),
+                    })
+                    .clone();
                 Some(Origin {
                     kind,
                     address,
                     tls_authority,
+                    limit,
                 })
             });
             let route = Arc::new(Route {
@@ -123,6 +149,7 @@ impl RouteTable {
                 None => table.exact.insert(name.as_str().into(), route),
             };
         }
+        *limits = used;
         table
     }
 

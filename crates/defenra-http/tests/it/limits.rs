@@ -126,3 +126,31 @@ async fn connection_limit_holds_extra_clients_until_one_leaves() {
         .unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
+
+#[tokio::test]
+async fn origin_connection_cap_makes_extra_requests_wait() {
+    let origin = Origin::start().await;
+    let mut options = options(origin.addr.port());
+    options.origin_max_connections = 1;
+    let proxy = Proxy::start_with(&config(vec![proxied_domain("example.com")]), options).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+        stream
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            .await
+            .unwrap();
+        clients.push(stream);
+    }
+    let open = &origin.open_connections;
+    eventually("the first origin request", || async {
+        open.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        open.load(Ordering::SeqCst),
+        1,
+        "the cap let a second request through"
+    );
+}
