@@ -130,17 +130,28 @@ impl Sandbox {
             return Outcome::Finished { exit };
         }
         if let Some(abort) = self.ctx.abort.get() {
+            // An aborted run may leave a lot of garbage behind. LuaJIT has no emergency
+            // collection when an allocation hits the cap, so collect now rather than let the
+            // next (innocent) script fail for lack of memory.
+            self.collect_garbage();
             return Outcome::Aborted(abort);
         }
         match result {
             Ok(()) => Outcome::Finished { exit: None },
             Err(error) if is_memory_error(&error) => {
                 // The state stays usable once the garbage is gone.
-                let _ = self.lua.gc_collect();
+                self.collect_garbage();
                 Outcome::OutOfMemory
             }
             Err(error) => Outcome::Error(first_line(&error)),
         }
+    }
+
+    /// Two full cycles: the first may only finish a cycle that began while the data was
+    /// still reachable.
+    fn collect_garbage(&self) {
+        let _ = self.lua.gc_collect();
+        let _ = self.lua.gc_collect();
     }
 
     /// The response the last run built.

@@ -363,6 +363,8 @@ fn the_state_is_usable_after_an_abort() {
 fn memory_cap_stops_a_greedy_script_and_the_state_recovers() {
     let options = WafOptions {
         memory_limit: 8 << 20,
+        // Generous, so the memory cap (not the clock on a busy machine) stops the script.
+        time_budget: Duration::from_secs(5),
         fail_closed: true,
         ..WafOptions::default()
     };
@@ -389,6 +391,31 @@ fn memory_cap_stops_a_greedy_script_and_the_state_recovers() {
         render(&request("/").check(&engine)),
         "200 | content-type: text/plain | \"1000000\\n\""
     );
+}
+
+#[test]
+fn garbage_of_an_aborted_run_does_not_starve_the_next_script() {
+    let engine = WafEngine::new(WafOptions {
+        memory_limit: 8 << 20,
+        ..WafOptions::default()
+    });
+    let (snapshot, _) = config(&[
+        (
+            "hoarder.com",
+            "local t = {} for i = 1, 40000 do t[i] = string.rep('x', 100) .. i end while true do end",
+        ),
+        (DOMAIN, "local s = string.rep('y', 2000000) ngx.say(#s)"),
+    ]);
+    engine.reload(&snapshot, &mut Vec::new());
+    let mut hoarder = request("/");
+    hoarder.domain = "hoarder.com";
+    for _ in 0..3 {
+        assert_eq!(render(&hoarder.check(&engine)), "allow");
+        assert_eq!(
+            render(&request("/").check(&engine)),
+            "200 | content-type: text/plain | \"2000000\\n\""
+        );
+    }
 }
 
 // ---- sandbox --------------------------------------------------------------------------

@@ -1,0 +1,3 @@
+//! Integration tests: the classic example rules run through the real HTTP proxy.
+
+mod rules;
