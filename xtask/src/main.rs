@@ -3,6 +3,7 @@
 //! - `ci`: the checks CI runs (fmt, clippy, tests, tidy, and cargo-deny when installed);
 //! - `demo`: runs the agent on `examples/demo.json` on unprivileged loopback ports;
 //! - `e2e`: the binary's black-box tests against its release build;
+//! - `soak --minutes N`: long mixed load with config swaps (not in CI);
 //! - `bench <dns|http|waf|l4>`: the agent beside its peer (knot, nginx, nginx+lua, HAProxy);
 //! - `tidy`: checks that every crate root and module opens with a `//!` doc comment.
 
@@ -10,6 +11,7 @@ mod bench;
 mod ci;
 mod demo;
 mod e2e;
+mod soak;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         "ci" => ci::run(rest),
         "demo" => demo::run(rest),
         "e2e" => e2e::run(rest),
+        "soak" => soak::run(rest),
         "bench" => bench::run(rest),
         "tidy" => tidy::run(),
         "help" | "--help" | "-h" => {
@@ -47,6 +50,7 @@ fn print_usage() {
          ci                 fmt check, clippy -D warnings, tests, tidy (+ cargo-deny when installed)\n  \
          demo               run the agent on examples/demo.json on loopback ports\n  \
          e2e                black-box tests of the release binary (fake Core, all services)\n  \
+         soak [--minutes N] mixed load while the config changes; checks RSS and descriptors\n  \
          bench <area>       benchmark against the peer: dns (knot), http (nginx), waf (nginx+lua), l4 (haproxy)\n  \
          tidy               check doc comments on crate roots and modules"
     );

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 pub(crate) fn binary() -> std::path::PathBuf {
     std::env::var_os("DEFENRA_AGENT_BIN")
         .map(Into::into)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_defenra-agent").into())
+        .or_else(|| option_env!("CARGO_BIN_EXE_defenra-agent").map(Into::into))
+        .expect("DEFENRA_AGENT_BIN names the agent binary")
 }
 
 /// A running agent; killed on drop.
