@@ -181,7 +181,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut counter: u64 = worker;
             while Instant::now() < deadline {
                 counter += 1;
-                if counter % 10 == 0 {
+                if counter.is_multiple_of(10) {
                     let garbage: Vec<u8> = (0..(counter % 64))
                         .map(|i| (i * 31 + counter) as u8)
                         .collect();
@@ -211,7 +211,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut counter = 0u64;
             while Instant::now() < deadline {
                 counter += 1;
-                let (path, expected) = if counter % 5 == 0 {
+                let (path, expected) = if counter.is_multiple_of(5) {
                     ("/admin", 403)
                 } else {
                     ("/item", 200)
