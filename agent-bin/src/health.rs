@@ -168,32 +168,23 @@ impl Collector for MetricsCollector {
             }
         }
         for (name, first, samples) in families {
-            match first.kind {
-                MetricKind::Counter => {
-                    let metric_type = ConstCounter::new(0u64).metric_type();
-                    let mut family =
-                        encoder.encode_descriptor(&name, first.help, None, metric_type)?;
-                    for sample in samples {
-                        let labels: Vec<(&str, &str)> = sample
-                            .labels
-                            .iter()
-                            .map(|(key, value)| (*key, value.as_str()))
-                            .collect();
-                        ConstCounter::new(sample.value).encode(family.encode_family(&labels)?)?;
+            let metric_type = match first.kind {
+                MetricKind::Counter => ConstCounter::new(0u64).metric_type(),
+                MetricKind::Gauge => ConstGauge::new(0i64).metric_type(),
+            };
+            let mut family = encoder.encode_descriptor(&name, first.help, None, metric_type)?;
+            for sample in samples {
+                let labels: Vec<(&str, &str)> = sample
+                    .labels
+                    .iter()
+                    .map(|(key, value)| (*key, value.as_str()))
+                    .collect();
+                let sample_encoder = family.encode_family(&labels)?;
+                match first.kind {
+                    MetricKind::Counter => {
+                        ConstCounter::new(sample.value).encode(sample_encoder)?
                     }
-                }
-                MetricKind::Gauge => {
-                    let metric_type = ConstGauge::new(0i64).metric_type();
-                    let mut family =
-                        encoder.encode_descriptor(&name, first.help, None, metric_type)?;
-                    for sample in samples {
-                        let labels: Vec<(&str, &str)> = sample
-                            .labels
-                            .iter()
-                            .map(|(key, value)| (*key, value.as_str()))
-                            .collect();
-                        ConstGauge::new(sample.value).encode(family.encode_family(&labels)?)?;
-                    }
+                    MetricKind::Gauge => ConstGauge::new(sample.value).encode(sample_encoder)?,
                 }
             }
         }

@@ -84,3 +84,31 @@ pub(crate) fn run_command(program: &str, args: &[&str]) -> anyhow::Result<()> {
 pub(crate) fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
 }
+
+/// Builds the release agent, then runs `cargo <args>` with `DEFENRA_AGENT_BIN` pointing at
+/// it, so black-box tests and the soak drive the optimised binary.
+pub(crate) fn run_against_release_agent(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = cargo();
+    run_command(
+        &cargo,
+        &["build", "--release", "--package", "defenra-agent"],
+    )?;
+    let binary = project_root().join("target/release/defenra-agent");
+    eprintln!(
+        "$ DEFENRA_AGENT_BIN={} cargo {}",
+        binary.display(),
+        args.join(" ")
+    );
+    let status = Command::new(&cargo)
+        .args(args)
+        .env("DEFENRA_AGENT_BIN", &binary)
+        .current_dir(project_root())
+        .status()
+        .context("cannot start cargo")?;
+    anyhow::ensure!(
+        status.success(),
+        "`cargo {}` failed with {status}",
+        args.join(" ")
+    );
+    Ok(())
+}
