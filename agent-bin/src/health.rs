@@ -303,3 +303,92 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
     *response.status_mut() = status;
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// Every metric the agent exports, as a Markdown table, from services loaded with the
+    /// demo config (so per-domain and per-proxy series exist).
+    fn metrics_markdown() -> String {
+        let doc = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/demo.json"
+        ))
+        .unwrap();
+        let compiled = defenra_config::compile(&doc).unwrap();
+        let cell = Arc::new(SnapshotCell::new());
+        let snapshot = cell.publish(compiled.snapshot);
+        let dns = Arc::new(defenra_dns::DnsService::new(
+            None,
+            defenra_dns::DnsOptions::default(),
+        ));
+        let waf = Arc::new(defenra_waf::WafEngine::new(
+            defenra_waf::WafOptions::default(),
+        ));
+        let http = Arc::new(defenra_http::HttpService::new(
+            Arc::clone(&waf),
+            defenra_http::HttpOptions::default(),
+        ));
+        let l4 = Arc::new(defenra_l4::L4Service::new(defenra_l4::L4Options::default()));
+        let mut issues = Vec::new();
+        use defenra_config::Reload;
+        for service in [&*dns as &dyn Reload, &*waf, &*http, &*l4] {
+            service.reload(&snapshot, &mut issues);
+        }
+        let observability = Observability::new(
+            cell,
+            Arc::new(ConfigStats::default()),
+            vec![dns.stats(), http.stats(), waf.stats(), l4.stats()],
+        );
+        let mut rows: BTreeMap<String, (String, BTreeMap<&str, ()>, &str)> = BTreeMap::new();
+        for (service, metric) in observability.all_metrics() {
+            let kind = match metric.kind {
+                MetricKind::Counter => "counter",
+                MetricKind::Gauge => "gauge",
+            };
+            let row = rows
+                .entry(format!("defenra_{service}_{}", metric.name))
+                .or_insert_with(|| (kind.to_owned(), BTreeMap::new(), metric.help));
+            for (label, _) in &metric.labels {
+                row.1.insert(label, ());
+            }
+        }
+        let mut table = String::from("| metric | type | labels | meaning |\n|---|---|---|---|\n");
+        for (name, (kind, labels, help)) in rows {
+            let labels: Vec<&str> = labels.keys().copied().collect();
+            table.push_str(&format!(
+                "| `{name}` | {kind} | {} | {help} |\n",
+                labels.join(", ")
+            ));
+        }
+        table
+    }
+
+    /// docs/operations.md lists every metric; regenerate with
+    /// `DEFENRA_UPDATE_DOCS=1 cargo test -p defenra-agent`.
+    #[test]
+    fn operations_doc_lists_every_metric() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let (start, end) = ("<!-- metrics:start -->\n", "<!-- metrics:end -->");
+        let begin = doc.find(start).expect("metrics:start marker") + start.len();
+        let finish = doc.find(end).expect("metrics:end marker");
+        let expected = metrics_markdown();
+        if doc[begin..finish] != expected {
+            if std::env::var_os("DEFENRA_UPDATE_DOCS").is_some() {
+                std::fs::write(
+                    path,
+                    format!("{}{expected}{}", &doc[..begin], &doc[finish..]),
+                )
+                .unwrap();
+            } else {
+                panic!(
+                    "docs/operations.md's metric table is stale; run DEFENRA_UPDATE_DOCS=1 cargo test -p defenra-agent"
+                );
+            }
+        }
+    }
+}
