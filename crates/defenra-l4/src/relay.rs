@@ -102,17 +102,29 @@ async fn pump(
     counter: &AtomicU64,
     activity: &Activity,
 ) -> io::Result<()> {
-    let mut buffer = vec![0u8; mode.buffer_size.max(1024)];
+    // Allocated once the first bytes are ready, and never zeroed: `try_read_buf` fills
+    // the spare capacity. Short connections thus cost no memset.
+    let capacity = mode.buffer_size.max(1024);
+    let mut buffer: Vec<u8> = Vec::new();
     loop {
-        let n = read(from, &mut buffer).await?;
+        from.readable().await?;
+        if buffer.capacity() == 0 {
+            buffer.reserve_exact(capacity);
+        }
+        let n = match from.try_read_buf(&mut buffer) {
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        };
         if n == 0 {
             return shutdown_write(to);
         }
-        write_all(to, &buffer[..n]).await?;
+        write_all(to, &buffer).await?;
+        buffer.clear();
         counter.fetch_add(n as u64, Relaxed);
         activity.touch();
         #[cfg(target_os = "linux")]
-        if mode.splice && n == buffer.len() {
+        if mode.splice && n >= capacity {
             // A full buffer means bulk data: move the rest through the kernel. If no pipe
             // can be had (out of file descriptors), keep copying here.
             match crate::splice::Pipe::new() {
@@ -124,16 +136,6 @@ async fn pump(
                     tracing::debug!(%error, "no pipe for splice; copying in userspace");
                 }
             }
-        }
-    }
-}
-
-async fn read(stream: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
-    loop {
-        stream.readable().await?;
-        match stream.try_read(buffer) {
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            result => return result,
         }
     }
 }

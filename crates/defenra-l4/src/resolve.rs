@@ -18,7 +18,7 @@ pub(crate) struct Target {
 
 enum Addresses {
     /// `destinationHost` was an IP literal: nothing to resolve.
-    Literal(SocketAddr),
+    Literal(Arc<[SocketAddr]>),
     Name(Arc<NameCache>),
 }
 
@@ -26,7 +26,7 @@ impl Target {
     pub(crate) fn new(proxy: &L4Proxy, cache_ttl: Duration) -> Self {
         let host = proxy.destination_host.as_str();
         let addresses = match host.parse::<IpAddr>() {
-            Ok(ip) => Addresses::Literal(SocketAddr::new(ip, proxy.destination_port)),
+            Ok(ip) => Addresses::Literal(Arc::from([SocketAddr::new(ip, proxy.destination_port)])),
             Err(_) => Addresses::Name(Arc::new(NameCache {
                 host: host.to_owned(),
                 port: proxy.destination_port,
@@ -45,7 +45,7 @@ impl Target {
     /// cached name costs one pointer load; a missing name waits for one lookup.
     pub(crate) async fn addresses(&self) -> io::Result<Arc<[SocketAddr]>> {
         match &self.addresses {
-            Addresses::Literal(address) => Ok(Arc::from([*address])),
+            Addresses::Literal(addresses) => Ok(Arc::clone(addresses)),
             Addresses::Name(cache) => cache.addresses().await,
         }
     }

@@ -2,7 +2,8 @@
 //! server and the same short-connection echo server on loopback.
 //!
 //! Options: `--seconds N` per run (default 10), `--clients N` for the connection-rate test
-//! (default 32), `--skip-build` to reuse `target/release/defenra-agent`.
+//! (default 32), `--only throughput|rate` to run one of the two, `--skip-build` to reuse
+//! `target/release/defenra-agent`.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -95,6 +96,8 @@ struct Settings {
     seconds: u64,
     clients: usize,
     skip_build: bool,
+    /// Run only the throughput or only the connection-rate test.
+    only: Option<String>,
 }
 
 impl Settings {
@@ -103,6 +106,7 @@ impl Settings {
             seconds: 10,
             clients: 32,
             skip_build: false,
+            only: None,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -122,8 +126,16 @@ impl Settings {
                         .context("--clients")?;
                 }
                 "--skip-build" => settings.skip_build = true,
+                "--only" => {
+                    let test = args.next().context("--only needs throughput or rate")?;
+                    anyhow::ensure!(
+                        matches!(test.as_str(), "throughput" | "rate"),
+                        "--only takes throughput or rate, not {test:?}"
+                    );
+                    settings.only = Some(test.clone());
+                }
                 other => anyhow::bail!(
-                    "unknown option {other:?} (expected --seconds N, --clients N, --skip-build)"
+                    "unknown option {other:?} (expected --seconds N, --clients N, --only throughput|rate, --skip-build)"
                 ),
             }
         }
@@ -184,14 +196,26 @@ fn measure(
     wait_listening(throughput_port)?;
     wait_listening(rate_port)?;
 
+    let run_throughput = settings.only.as_deref() != Some("rate");
+    let run_rate = settings.only.as_deref() != Some("throughput");
     let cpu_before = cpu_seconds(pid)?;
-    let single = iperf(throughput_port, settings.seconds, 1)?;
-    let parallel = iperf(throughput_port, settings.seconds, 4)?;
+    let (single, parallel) = if run_throughput {
+        (
+            iperf(throughput_port, settings.seconds, 1)?,
+            iperf(throughput_port, settings.seconds, 4)?,
+        )
+    } else {
+        (Throughput::default(), Throughput::default())
+    };
     let cpu_throughput = cpu_seconds(pid)? - cpu_before;
     let gigabytes = (single.bytes + parallel.bytes) as f64 / 1e9;
 
     let cpu_before = cpu_seconds(pid)?;
-    let rate = connection_rate(rate_port, settings.clients, settings.seconds);
+    let rate = if run_rate {
+        connection_rate(rate_port, settings.clients, settings.seconds)
+    } else {
+        Rate::default()
+    };
     let cpu_rate = cpu_seconds(pid)? - cpu_before;
     let (rss_kib, peak_kib) = memory_kib(pid)?;
     eprintln!(
@@ -308,6 +332,7 @@ fn ensure_tools() -> anyhow::Result<()> {
     crate::run_command("apt-get", &install)
 }
 
+#[derive(Default)]
 struct Throughput {
     gbps: f64,
     bytes: u64,
@@ -347,6 +372,7 @@ fn json_number(text: &str, key: &str) -> Option<f64> {
     value[..end].parse().ok()
 }
 
+#[derive(Default)]
 struct Rate {
     per_second: f64,
     completed: u64,
