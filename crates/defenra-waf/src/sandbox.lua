@@ -271,4 +271,16 @@ local function new_env()
     return setmetatable({}, env_mt)
 end
 
-return new_env, slots
+-- Runs one chunk for one request: empties its environment (globals of the previous request
+-- must not leak) and the per-request slots first. One call from the host does it all.
+local next = next
+local function run(env, chunk)
+    for key in next, env do
+        env[key] = nil
+    end
+    env._G = env
+    slots.ctx = nil
+    return chunk()
+end
+
+return new_env, run

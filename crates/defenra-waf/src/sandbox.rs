@@ -53,8 +53,9 @@ pub(crate) struct Sandbox {
     ctx: Rc<Ctx>,
     /// `sandbox.lua`'s environment constructor.
     new_env: Function,
-    /// Per-request Lua-side slots (`ngx.ctx`), cleared before each run.
-    slots: Table,
+    /// `sandbox.lua`'s `run(env, chunk)`: resets the environment and per-request slots,
+    /// then calls the chunk.
+    run: Function,
     limits: Limits,
 }
 
@@ -89,13 +90,13 @@ impl Sandbox {
         )?;
 
         let host = api::host_table(&lua, &ctx, dicts)?;
-        let (new_env, slots): (Function, Table) =
+        let (new_env, run): (Function, Function) =
             lua.load(PRELUDE).set_name("=sandbox").call(host)?;
         Ok(Sandbox {
             lua,
             ctx,
             new_env,
-            slots,
+            run,
             limits,
         })
     }
@@ -118,13 +119,7 @@ impl Sandbox {
         let hooks = self.limits.instructions.div_ceil(u64::from(HOOK_INTERVAL));
         self.ctx
             .begin(request, hooks, Instant::now() + self.limits.time);
-        // Globals the previous request set must not leak into this one.
-        let reset = chunk
-            .env
-            .clear()
-            .and_then(|()| chunk.env.raw_set("_G", &chunk.env))
-            .and_then(|()| self.slots.clear());
-        let result = reset.and_then(|()| chunk.function.call::<()>(()));
+        let result = self.run.call::<()>((&chunk.env, &chunk.function));
         let exit = self.ctx.exit.get();
         if exit.is_some() {
             return Outcome::Finished { exit };
