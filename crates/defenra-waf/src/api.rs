@@ -273,7 +273,7 @@ pub(crate) fn host_table(
     let c = Rc::clone(ctx);
     host.raw_set(
         "var",
-        lua.create_function(move |lua, (_proxy, name): (Value, Value)| {
+        lua.create_function(move |lua, name: Value| {
             let Value::String(name) = name else {
                 return Ok(Value::Nil);
             };

@@ -74,7 +74,12 @@ local ngx_re = {
 local var = newproxy(true)
 do
     local mt = getmetatable(var)
-    mt.__index = host.var
+    -- A Lua wrapper, so the host function is not handed the proxy userdata it ignores:
+    -- converting it costs more than this extra Lua frame.
+    local get = host.var
+    mt.__index = function(_, name)
+        return get(name)
+    end
     mt.__newindex = function(_, key)
         error("variable \"" .. tostring(key) .. "\" not changeable", 2)
     end

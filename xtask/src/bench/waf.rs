@@ -3,10 +3,12 @@
 //!
 //! Both proxies serve two hosts from the same nginx origin (a 1 KiB file): `plain.test`
 //! without a script and `waf.test` with the rule script below. wrk measures each host; a
-//! proxy's added latency is its `waf.test` median minus its `plain.test` median, measured
-//! with one connection so queueing does not hide it. A second run with many connections
-//! shows the throughput cost. Finally the `check_cost` example of `defenra-waf` prints the
-//! median cost of one `WafEngine::check` call in-process.
+//! proxy's added latency is its `waf.test` median latency minus its `plain.test` one,
+//! measured with one connection so queueing does not hide it. A second run with many
+//! connections gives the throughput and the CPU time the proxy spent per request (from
+//! `/proc`), which is steadier than latency on a shared machine; the difference between
+//! the hosts is the script's CPU cost per request. Finally the `check_cost` example of
+//! `defenra-waf` prints the median cost of one `WafEngine::check` call in-process.
 //!
 //! Options: `--duration SECS` (8) per run, `--connections N` (50) for the throughput run,
 //! `--threads N` (2), `--rounds N` (3, the best round of each is kept), `--skip-build`.
@@ -108,20 +110,22 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
 
+    let ticks_per_second = clock_ticks_per_second();
     let mut rows = Vec::new();
-    for (name, port) in [("nginx + lua", nginx_port), ("agent", agent_port)] {
+    for (name, port, pid) in [
+        ("nginx + lua", nginx_port, nginx.child.id()),
+        ("agent", agent_port, agent.child.id()),
+    ] {
         let mut row = Row::default();
         for round in 0..settings.rounds {
             eprintln!("{name}: round {}/{}", round + 1, settings.rounds);
-            for (host, latency, throughput) in [
-                (PLAIN_HOST, &mut row.plain_p50_ms, &mut row.plain_rps),
-                (WAF_HOST, &mut row.waf_p50_ms, &mut row.waf_rps),
-            ] {
+            let mut round_results = Vec::new();
+            for host in [PLAIN_HOST, WAF_HOST] {
                 let url = format!("http://127.0.0.1:{port}/index.html");
                 wrk(&url, host, 1, 1, Duration::from_secs(1))?;
                 let single = wrk(&url, host, 1, 1, settings.duration)?;
                 anyhow::ensure!(single.errors == 0, "{name} {host}: {}", single.raw);
-                *latency = latency.min(single.p50_ms);
+                let cpu_before = process_tree_cpu_ticks(pid);
                 let loaded = wrk(
                     &url,
                     host,
@@ -129,9 +133,19 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                     settings.connections,
                     settings.duration,
                 )?;
+                let cpu_ticks = process_tree_cpu_ticks(pid).saturating_sub(cpu_before);
                 anyhow::ensure!(loaded.errors == 0, "{name} {host}: {}", loaded.raw);
-                *throughput = throughput.max(loaded.requests_per_second);
+                let cpu_us =
+                    cpu_ticks as f64 * 1e6 / ticks_per_second / loaded.requests.max(1) as f64;
+                round_results.push((single.p50_ms * 1000.0, loaded.requests_per_second, cpu_us));
             }
+            let (plain, waf) = (round_results[0], round_results[1]);
+            row.plain_p50_us.push(plain.0);
+            row.waf_p50_us.push(waf.0);
+            row.plain_rps.push(plain.1);
+            row.waf_rps.push(waf.1);
+            row.plain_cpu_us.push(plain.2);
+            row.waf_cpu_us.push(waf.2);
         }
         rows.push((name, row));
     }
@@ -201,29 +215,33 @@ impl Settings {
     }
 }
 
-/// Best (lowest) median latency and best throughput of one proxy, per host.
+/// One proxy's measurements, one entry per round, for the host without and with the script.
+#[derive(Default)]
 struct Row {
-    plain_p50_ms: f64,
-    waf_p50_ms: f64,
-    plain_rps: f64,
-    waf_rps: f64,
-}
-
-impl Default for Row {
-    fn default() -> Self {
-        Row {
-            plain_p50_ms: f64::INFINITY,
-            waf_p50_ms: f64::INFINITY,
-            plain_rps: 0.0,
-            waf_rps: 0.0,
-        }
-    }
+    /// wrk's median latency with one connection, in microseconds.
+    plain_p50_us: Vec<f64>,
+    waf_p50_us: Vec<f64>,
+    plain_rps: Vec<f64>,
+    waf_rps: Vec<f64>,
+    /// CPU time the proxy's processes used per request during the throughput run.
+    plain_cpu_us: Vec<f64>,
+    waf_cpu_us: Vec<f64>,
 }
 
 impl Row {
-    fn added_us(&self) -> f64 {
-        (self.waf_p50_ms - self.plain_p50_ms) * 1000.0
+    /// Median over rounds of the per-round difference, so slow drift on a shared machine
+    /// cancels out within each pair of runs.
+    fn added(with: &[f64], without: &[f64]) -> f64 {
+        median(with.iter().zip(without).map(|(a, b)| a - b).collect())
     }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
 }
 
 fn render(
@@ -235,8 +253,10 @@ fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nSame rule script in both proxies, 1 KiB body from an nginx origin, best of {} round(s).\n\
-         Latency: wrk -t1 -c1 -d{}s (median). Throughput: wrk -t{} -c{} -d{}s.\n",
+        "\nSame rule script in both proxies, 1 KiB body from an nginx origin, {} round(s), \
+         medians over rounds.\n\
+         Latency: wrk -t1 -c1 -d{}s (median latency). Throughput and CPU: wrk -t{} -c{} -d{}s, \
+         CPU = user + system time of the proxy's processes / requests.\n",
         settings.rounds,
         settings.duration.as_secs(),
         settings.threads,
@@ -245,35 +265,80 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "| proxy | p50 µs, no script | p50 µs, script | added µs/request | RPS, no script | RPS, script | RPS change |"
+        "| proxy | p50 µs, no script | p50 µs, script | added latency µs | \
+         CPU µs/req, no script | CPU µs/req, script | added CPU µs/req | RPS, no script | RPS, script |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        out,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for (name, row) in rows {
         let _ = writeln!(
             out,
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:+.1}% |",
-            row.plain_p50_ms * 1000.0,
-            row.waf_p50_ms * 1000.0,
-            row.added_us(),
-            row.plain_rps,
-            row.waf_rps,
-            (row.waf_rps / row.plain_rps.max(1.0) - 1.0) * 100.0
-        );
-    }
-    if let [(_, nginx), (_, agent)] = rows {
-        let _ = writeln!(
-            out,
-            "\nAdded latency, agent minus nginx + lua: {:+.1} µs per request.",
-            agent.added_us() - nginx.added_us()
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            median(row.plain_p50_us.clone()),
+            median(row.waf_p50_us.clone()),
+            Row::added(&row.waf_p50_us, &row.plain_p50_us),
+            median(row.plain_cpu_us.clone()),
+            median(row.waf_cpu_us.clone()),
+            Row::added(&row.waf_cpu_us, &row.plain_cpu_us),
+            median(row.plain_rps.clone()),
+            median(row.waf_rps.clone()),
         );
     }
     let _ = writeln!(
         out,
-        "WafEngine::check in-process, same script: median {:.2} µs, p90 {:.2} µs per call.",
+        "\nWafEngine::check in-process, same script: median {:.2} µs, p90 {:.2} µs per call.",
         check_median_ns / 1000.0,
         check_p90_ns / 1000.0
     );
     out
+}
+
+/// `getconf CLK_TCK`, the unit of `/proc/<pid>/stat`'s CPU times (100 nearly everywhere).
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User plus system CPU ticks of `pid` and its direct children (nginx's workers).
+fn process_tree_cpu_ticks(pid: u32) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Some(candidate) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{candidate}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state(3) ppid(4) ... utime(14) stime(15).
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let parent = fields.get(1).and_then(|ppid| ppid.parse::<u32>().ok());
+        if candidate == pid || parent == Some(pid) {
+            let ticks = |index: usize| {
+                fields
+                    .get(index)
+                    .and_then(|value| value.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            total += ticks(11) + ticks(12);
+        }
+    }
+    total
 }
 
 /// Installs nginx, its Lua module and wrk from Debian packages when missing.
@@ -519,6 +584,8 @@ fn json_string(text: &str) -> String {
 
 #[derive(Debug, Clone)]
 struct WrkResult {
+    /// Requests completed in the run.
+    requests: u64,
     requests_per_second: f64,
     p50_ms: f64,
     errors: u64,
@@ -557,12 +624,15 @@ fn wrk(
 }
 
 fn parse_wrk(raw: &str) -> Option<WrkResult> {
+    let mut requests = None;
     let mut requests_per_second = None;
     let mut p50_ms = None;
     let mut errors = 0;
     for line in raw.lines() {
         let line = line.trim();
-        if let Some(value) = line.strip_prefix("Requests/sec:") {
+        if line.contains(" requests in ") {
+            requests = line.split_whitespace().next().and_then(|n| n.parse().ok());
+        } else if let Some(value) = line.strip_prefix("Requests/sec:") {
             requests_per_second = value.trim().parse::<f64>().ok();
         } else if let Some(value) = line.strip_prefix("50%") {
             p50_ms = duration_ms(value.trim());
@@ -576,6 +646,7 @@ fn parse_wrk(raw: &str) -> Option<WrkResult> {
         }
     }
     Some(WrkResult {
+        requests: requests?,
         requests_per_second: requests_per_second?,
         p50_ms: p50_ms?,
         errors,
@@ -605,9 +676,11 @@ mod tests {
     fn wrk_output_is_parsed() {
         let raw = "Running 1s test @ http://127.0.0.1:1/\n  1 threads and 1 connections\n\
                    \x20 Latency Distribution\n     50%   81.00us\n     99%    2.50ms\n\
+                   \x20 98765 requests in 8.00s, 1.00MB read\n\
                    \x20 Non-2xx or 3xx responses: 2\nRequests/sec:  12345.67\n";
         let result = parse_wrk(raw).unwrap();
         assert_eq!(result.requests_per_second, 12345.67);
+        assert_eq!(result.requests, 98765);
         assert!((result.p50_ms - 0.081).abs() < 1e-9);
         assert_eq!(result.errors, 2);
     }
