@@ -756,6 +756,51 @@ fn shared_dict_api() {
 }
 
 #[test]
+fn shared_dict_remaining_methods() {
+    let clock = Clock::manual(0);
+    let engine = engine_with(
+        WafOptions {
+            clock: clock.clone(),
+            dict_capacity: 1 << 20,
+            ..WafOptions::default()
+        },
+        r#"
+        local d = ngx.shared.cache
+        if ngx.var.arg_phase == "1" then
+            ngx.say(d:safe_set("a", 1, 1), " ", d:safe_add("a", 2), " ", d:safe_add("b", 2, 1))
+            ngx.say(d:get_stale("a"), " ", d:capacity(), " ", d:free_space() < d:capacity())
+        else
+            ngx.say(d:flush_expired(), " ", tostring(d:get("a")), " ", #d:get_keys(0))
+        end
+        "#,
+    );
+    let body = |uri: &str| match request(uri).check(&engine) {
+        Verdict::Block { body, .. } => String::from_utf8(body.to_vec()).unwrap(),
+        other => panic!("{}", render(&other)),
+    };
+    assert_eq!(body("/?phase=1"), "true false truenilfalse\n1 1048576 true\n");
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(body("/?phase=2"), "2 nil 0\n");
+}
+
+#[test]
+fn remaining_ngx_functions() {
+    assert_eq!(
+        output(
+            r#"
+            ngx.say(ngx.req.http_version(), " ", ngx.req.is_internal(), " ",
+                    tostring(ngx.req.get_post_args()), " ", tostring(ngx.req.get_body_file()))
+            ngx.req.discard_body()
+            ngx.update_time()
+            ngx.say(ngx.flush(), ngx.eof(), " ", ngx.config.subsystem, " ", ngx.worker.count(),
+                    " ", ngx.is_subrequest, " ", ngx.headers_sent, " ", tostring(ngx))
+            "#
+        ),
+        "1.1 false nil nil\n11 http 1 false false ngx\n"
+    );
+}
+
+#[test]
 fn shared_dict_ttls_follow_the_clock() {
     let clock = Clock::manual(1_700_000_000_000);
     let engine = engine_with(
