@@ -172,8 +172,13 @@ impl WafEngine {
 
     /// This thread's worker for this engine, built on first use.
     fn worker<'w>(&self, workers: &'w mut Vec<Worker>) -> Result<&'w mut Worker, WafError> {
-        let me = Arc::downgrade(&self.shared);
-        if let Some(index) = workers.iter().position(|worker| worker.engine.ptr_eq(&me)) {
+        // Compared by address: `Arc::downgrade` on every request would bounce the weak count
+        // between threads.
+        let me = Arc::as_ptr(&self.shared);
+        if let Some(index) = workers
+            .iter()
+            .position(|worker| std::ptr::eq(worker.engine.as_ptr(), me))
+        {
             return Ok(&mut workers[index]);
         }
         // States of dropped engines (tests, mostly) are freed here.
@@ -186,7 +191,7 @@ impl WafEngine {
         )
         .map_err(|error| WafError::State(error.to_string()))?;
         workers.push(Worker {
-            engine: me,
+            engine: Arc::downgrade(&self.shared),
             sandbox,
             generation: u64::MAX,
             chunks: HashMap::new(),

@@ -778,7 +778,10 @@ fn shared_dict_remaining_methods() {
         Verdict::Block { body, .. } => String::from_utf8(body.to_vec()).unwrap(),
         other => panic!("{}", render(&other)),
     };
-    assert_eq!(body("/?phase=1"), "true false truenilfalse\n1 1048576 true\n");
+    assert_eq!(
+        body("/?phase=1"),
+        "true false truenilfalse\n1 1048576 true\n"
+    );
     clock.advance(Duration::from_secs(1));
     assert_eq!(body("/?phase=2"), "2 nil 0\n");
 }
