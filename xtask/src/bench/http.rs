@@ -95,12 +95,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                 settings.connections,
                 Duration::from_secs(2),
             )?;
-            let result = wrk(
-                &nginx_url,
-                settings.threads,
-                settings.connections,
-                settings.duration,
-            )?;
+            let result = measured(&nginx_url, &settings, nginx.pid())?;
             best_nginx = Some(better(best_nginx, result));
             wrk(
                 &agent_url,
@@ -108,12 +103,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                 settings.connections,
                 Duration::from_secs(2),
             )?;
-            let result = wrk(
-                &agent_url,
-                settings.threads,
-                settings.connections,
-                settings.duration,
-            )?;
+            let result = measured(&agent_url, &settings, agent.id())?;
             best_agent = Some(better(best_agent, result));
         }
         if let (Some(nginx_result), Some(agent_result)) = (best_nginx, best_agent) {
@@ -348,6 +338,10 @@ impl Nginx {
         Ok(Nginx { child })
     }
 
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Master plus workers.
     fn rss_kib(&self) -> u64 {
         process_tree_rss_kib(self.child.id())
@@ -448,32 +442,74 @@ fn json_string(text: &str) -> String {
     out
 }
 
-/// Sum of `VmRSS` of `pid` and its direct children, in KiB.
-fn process_tree_rss_kib(pid: u32) -> u64 {
-    let mut total = rss_kib(pid);
-    if let Ok(entries) = fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(child) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
-                continue;
-            };
-            // Field 4 (after the parenthesised command) is the parent pid.
-            let parent = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|ppid| ppid.parse::<u32>().ok());
-            if parent == Some(pid) {
-                total += rss_kib(child);
-            }
+/// A measured wrk run that also reads the CPU time the proxy (`pid` and its children) used,
+/// which stays comparable when other processes compete for the cores.
+fn measured(url: &str, settings: &Settings, pid: u32) -> anyhow::Result<WrkResult> {
+    let before = process_tree_cpu_ticks(pid);
+    let mut result = wrk(
+        url,
+        settings.threads,
+        settings.connections,
+        settings.duration,
+    )?;
+    let ticks = process_tree_cpu_ticks(pid).saturating_sub(before);
+    // Linux reports CPU time in clock ticks of 10 ms (USER_HZ = 100).
+    if result.requests > 0 {
+        result.cpu_us_per_request = Some(ticks as f64 * 10_000.0 / result.requests as f64);
+    }
+    Ok(result)
+}
+
+/// User plus system CPU ticks of `pid` and its direct children.
+fn process_tree_cpu_ticks(pid: u32) -> u64 {
+    let ticks = |pid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let rest = stat.rsplit_once(')')?.1.to_owned();
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                // After the command come state (3), ..., utime (14) and stime (15).
+                let utime: u64 = fields.get(11)?.parse().ok()?;
+                let stime: u64 = fields.get(12)?.parse().ok()?;
+                Some(utime + stime)
+            })
+            .unwrap_or(0)
+    };
+    ticks(pid) + children(pid).into_iter().map(ticks).sum::<u64>()
+}
+
+/// Direct children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // Field 4 (after the parenthesised command) is the parent pid.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        if parent == Some(pid) {
+            found.push(child);
         }
     }
-    total
+    found
+}
+
+/// Sum of `VmRSS` of `pid` and its direct children, in KiB.
+fn process_tree_rss_kib(pid: u32) -> u64 {
+    rss_kib(pid) + children(pid).into_iter().map(rss_kib).sum::<u64>()
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -513,7 +549,10 @@ fn rss_under_load(
 
 #[derive(Debug, Clone)]
 struct WrkResult {
+    requests: u64,
     requests_per_second: f64,
+    /// CPU time the proxy used per request, when measured.
+    cpu_us_per_request: Option<f64>,
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
@@ -551,13 +590,16 @@ fn wrk(url: &str, threads: u32, connections: u32, duration: Duration) -> anyhow:
 }
 
 fn parse_wrk(raw: &str) -> Option<WrkResult> {
+    let mut requests = 0;
     let mut requests_per_second = None;
     let mut p50_ms = None;
     let mut p99_ms = None;
     let mut errors = 0;
     for line in raw.lines() {
         let line = line.trim();
-        if let Some(value) = line.strip_prefix("Requests/sec:") {
+        if let Some((count, _)) = line.split_once(" requests in ") {
+            requests = count.trim().parse().unwrap_or(0);
+        } else if let Some(value) = line.strip_prefix("Requests/sec:") {
             requests_per_second = value.trim().parse::<f64>().ok();
         } else if let Some(value) = line.strip_prefix("50%") {
             p50_ms = duration_ms(value.trim());
@@ -574,7 +616,9 @@ fn parse_wrk(raw: &str) -> Option<WrkResult> {
         }
     }
     Some(WrkResult {
+        requests,
         requests_per_second: requests_per_second?,
+        cpu_us_per_request: None,
         p50_ms: p50_ms?,
         p99_ms: p99_ms?,
         errors,
@@ -613,29 +657,49 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "| listener | proxy | RPS | p50 ms | p99 ms | errors | RPS ratio (agent/nginx) | p99 ratio |"
+        "| listener | proxy | RPS | p50 ms | p99 ms | errors | CPU µs/req | RPS ratio | p99 ratio | CPU ratio |"
     );
     let _ = writeln!(
         out,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
+    let cpu = |result: &WrkResult| {
+        result
+            .cpu_us_per_request
+            .map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"))
+    };
     for (scheme, nginx, agent) in rows {
         let _ = writeln!(
             out,
-            "| {scheme} | nginx | {:.0} | {:.3} | {:.3} | {} | | |",
-            nginx.requests_per_second, nginx.p50_ms, nginx.p99_ms, nginx.errors
+            "| {scheme} | nginx | {:.0} | {:.3} | {:.3} | {} | {} | | | |",
+            nginx.requests_per_second,
+            nginx.p50_ms,
+            nginx.p99_ms,
+            nginx.errors,
+            cpu(nginx)
         );
+        let cpu_ratio = match (agent.cpu_us_per_request, nginx.cpu_us_per_request) {
+            (Some(agent), Some(nginx)) if nginx > 0.0 => format!("{:.2}", agent / nginx),
+            _ => "-".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "| {scheme} | agent | {:.0} | {:.3} | {:.3} | {} | {:.2} | {:.2} |",
+            "| {scheme} | agent | {:.0} | {:.3} | {:.3} | {} | {} | {:.2} | {:.2} | {cpu_ratio} |",
             agent.requests_per_second,
             agent.p50_ms,
             agent.p99_ms,
             agent.errors,
+            cpu(agent),
             agent.requests_per_second / nginx.requests_per_second.max(1.0),
             agent.p99_ms / nginx.p99_ms.max(0.001)
         );
     }
+    let _ = writeln!(
+        out,
+        "\nRatios are agent/nginx: RPS ≥ 1 and p99, CPU ≤ 1 favour the agent. CPU is user + system\n\
+         time of the proxy's processes per request, which other load on the machine disturbs less\n\
+         than RPS."
+    );
     let _ = writeln!(
         out,
         "\nRSS with {} keep-alive connections over HTTP (peak while wrk runs):\n",
@@ -665,10 +729,11 @@ mod tests {
     #[test]
     fn wrk_output_is_parsed() {
         let raw = "Running 1s test @ http://localhost:1/\n  2 threads and 10 connections\n\
-                   \x20 Latency Distribution\n     50%  812.00us\n     75%    1.00ms\n\
+                   \x20 12346 requests in 1.00s, 1.00MB read\n\x20 Latency Distribution\n     50%  812.00us\n     75%    1.00ms\n\
                    \x20    99%    2.50ms\n  Socket errors: connect 0, read 2, write 0, timeout 1\n\
                    Requests/sec:  12345.67\nTransfer/sec:      1.00MB\n";
         let result = parse_wrk(raw).unwrap();
+        assert_eq!(result.requests, 12346);
         assert_eq!(result.requests_per_second, 12345.67);
         assert!((result.p50_ms - 0.812).abs() < 1e-9);
         assert_eq!(result.p99_ms, 2.5);
