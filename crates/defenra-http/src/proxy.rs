@@ -31,6 +31,8 @@ const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
 pub enum ProxyError {
     #[error("request names no host")]
     MissingHost,
+    #[error("method CONNECT is not served: this is a reverse proxy")]
+    Connect,
     #[error("unknown host {0}")]
     UnknownHost(String),
     #[error("host {0} is not proxied")]
@@ -73,6 +75,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::MissingHost | ProxyError::Client(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
             ProxyError::NotProxied(_) | ProxyError::WrongListener { .. } => StatusCode::FORBIDDEN,
             ProxyError::NoOrigin(_)
@@ -87,9 +90,10 @@ impl ProxyError {
     /// Where the failure came from.
     pub fn blame(&self) -> ErrorSource {
         match self {
-            ProxyError::MissingHost | ProxyError::Client(_) | ProxyError::BodyTooLarge { .. } => {
-                ErrorSource::Client
-            }
+            ProxyError::MissingHost
+            | ProxyError::Connect
+            | ProxyError::Client(_)
+            | ProxyError::BodyTooLarge { .. } => ErrorSource::Client,
             ProxyError::OriginConnect { .. }
             | ProxyError::OriginTimeout { .. }
             | ProxyError::Origin { .. } => ErrorSource::Origin,
@@ -152,6 +156,10 @@ impl Conn {
         &self,
         mut request: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        // A reverse proxy is no tunnel: CONNECT would reach the origin in authority form.
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::Connect);
+        }
         // RFC 9112 §3.2.3: an absolute-form target (and HTTP/2's :authority) wins over Host.
         let host_value = match request.uri().authority() {
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),

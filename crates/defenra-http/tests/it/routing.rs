@@ -284,3 +284,21 @@ async fn waf_blocks_before_the_origin_and_adds_allowed_headers() {
     assert_eq!(reply.status, 200);
     assert_eq!(get(proxy.http, "example.org", "/x").await.status, 301);
 }
+
+#[tokio::test]
+async fn connect_is_refused() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(
+        &config(vec![proxied_domain("example.com")]),
+        origin.addr.port(),
+    )
+    .await;
+    let request = http::Request::builder()
+        .method("CONNECT")
+        .uri("example.com:443")
+        .header("host", "example.com:443")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let reply = crate::support::send(proxy.http, request).await;
+    assert_eq!(reply.status, 405);
+}
