@@ -56,7 +56,9 @@ pub struct HttpOptions {
     /// Concurrent client connections per listener; further clients wait in the accept
     /// backlog until one closes.
     pub max_connections: usize,
-    /// An idle pooled origin connection is closed after this long.
+    /// An idle pooled origin connection is closed after this long (nginx's upstream
+    /// `keepalive_timeout` default). A request that meets a connection the origin closed
+    /// meanwhile is retried on a new one when it had not been sent yet.
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per origin (address and, for HTTPS, server name).
     pub pool_max_idle_per_origin: usize,
@@ -80,7 +82,7 @@ impl Default for HttpOptions {
             keepalive_timeout: Duration::from_secs(75),
             max_header_bytes: 32 * 1024,
             max_connections: 16 * 1024,
-            pool_idle_timeout: Duration::from_secs(90),
+            pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_origin: 256,
             origin_max_connections: 256,
             origin_dns_max_ttl: Duration::from_secs(300),
