@@ -70,7 +70,8 @@ pub(crate) struct Zone {
     pub(crate) apex_wire: Box<[u8]>,
     /// SOA with the negative-caching TTL, for the authority section (RFC 2308 §3).
     pub(crate) negative_soa: RrSet,
-    pub(crate) plan: Option<GeoPlan>,
+    /// Boxed: most zones have none, and a plan is several hundred bytes.
+    pub(crate) plan: Option<Box<GeoPlan>>,
 }
 
 impl ZoneIndex {
@@ -239,7 +240,7 @@ impl Builder {
                     ),
                 ));
             }
-            GeoPlan::compile(&domain.geo, &snapshot.agents, agent_ip)
+            Box::new(GeoPlan::compile(&domain.geo, &snapshot.agents, agent_ip))
         });
         self.index.zones.push(Zone {
             apex_wire: wire_name(apex),

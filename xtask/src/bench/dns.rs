@@ -73,13 +73,13 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     // The release agent goes to the default target dir, shared with the lead's builds.
     cargo_release(&root, &["build", "--release", "-p", "defenra-agent"])?;
     let agent_bin = root.join("target/release/defenra-agent");
+    // A small GeoIP database; a debug build of the writer is plenty.
     let geoip = work.join("bench.mmdb");
-    cargo_release(
-        &root,
+    crate::run_command(
+        &crate::cargo(),
         &[
             "run",
             "--quiet",
-            "--release",
             "-p",
             "defenra-geo",
             "--example",
