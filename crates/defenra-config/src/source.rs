@@ -5,6 +5,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -129,6 +130,11 @@ impl CoreSourceOptions {
 /// Each fetch runs ureq on a blocking thread. Redirects are not followed, so the key is
 /// never sent anywhere but the configured URL.
 pub struct CoreSource {
+    /// Shared with the blocking thread of each fetch.
+    inner: Arc<CoreClient>,
+}
+
+struct CoreClient {
     options: CoreSourceOptions,
     poll_url: String,
     agent: ureq::Agent,
@@ -145,12 +151,16 @@ impl CoreSource {
             .build()
             .into();
         CoreSource {
-            options,
-            poll_url,
-            agent,
+            inner: Arc::new(CoreClient {
+                options,
+                poll_url,
+                agent,
+            }),
         }
     }
+}
 
+impl CoreClient {
     fn fetch_blocking(&self) -> Result<Bytes, SourceError> {
         let transport = |message: String| SourceError::Transport {
             url: self.poll_url.clone(),
@@ -202,16 +212,12 @@ impl ConfigSource for CoreSource {
     }
 
     async fn fetch(&self) -> Result<Option<Bytes>, SourceError> {
-        // ureq is blocking; a clone of the agent shares its connection pool.
-        let this = CoreSource {
-            options: self.options.clone(),
-            poll_url: self.poll_url.clone(),
-            agent: self.agent.clone(),
-        };
-        match tokio::task::spawn_blocking(move || this.fetch_blocking()).await {
+        // ureq is blocking: run it on the blocking pool, never on a runtime worker.
+        let client = Arc::clone(&self.inner);
+        match tokio::task::spawn_blocking(move || client.fetch_blocking()).await {
             Ok(result) => result.map(Some),
             Err(join_error) => Err(SourceError::Transport {
-                url: self.poll_url.clone(),
+                url: self.inner.poll_url.clone(),
                 message: format!("poll task failed: {join_error}"),
             }),
         }
