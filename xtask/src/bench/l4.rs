@@ -2,7 +2,8 @@
 //! server and the same short-connection echo server on loopback.
 //!
 //! Options: `--seconds N` per run (default 10), `--clients N` for the connection-rate test
-//! (default 32), `--only throughput|rate` to run one of the two, `--skip-build` to reuse
+//! (default 32), `--only throughput|rate` to run one of the two, `--haproxy-splice` to let
+//! HAProxy splice too (`option splice-auto`), `--skip-build` to reuse
 //! `target/release/defenra-agent`.
 
 use std::fmt::Write as _;
@@ -64,7 +65,9 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         let command = match peer {
             Peer::Haproxy => {
                 let config = work.join("haproxy.cfg");
-                std::fs::write(&config, haproxy_config(ports, iperf_port, echo.port))?;
+                let config_text =
+                    haproxy_config(ports, iperf_port, echo.port, settings.haproxy_splice);
+                std::fs::write(&config, config_text)?;
                 let mut command = Command::new("haproxy");
                 command.arg("-f").arg(&config).arg("-db");
                 command
@@ -98,6 +101,8 @@ struct Settings {
     skip_build: bool,
     /// Run only the throughput or only the connection-rate test.
     only: Option<String>,
+    /// Give HAProxy `option splice-auto` too (off by default, as in HAProxy's defaults).
+    haproxy_splice: bool,
 }
 
 impl Settings {
@@ -107,6 +112,7 @@ impl Settings {
             clients: 32,
             skip_build: false,
             only: None,
+            haproxy_splice: false,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -126,6 +132,7 @@ impl Settings {
                         .context("--clients")?;
                 }
                 "--skip-build" => settings.skip_build = true,
+                "--haproxy-splice" => settings.haproxy_splice = true,
                 "--only" => {
                     let test = args.next().context("--only needs throughput or rate")?;
                     anyhow::ensure!(
@@ -135,7 +142,7 @@ impl Settings {
                     settings.only = Some(test.clone());
                 }
                 other => anyhow::bail!(
-                    "unknown option {other:?} (expected --seconds N, --clients N, --only throughput|rate, --skip-build)"
+                    "unknown option {other:?} (expected --seconds N, --clients N, --only throughput|rate, --haproxy-splice, --skip-build)"
                 ),
             }
         }
@@ -263,8 +270,14 @@ fn print_table(results: &[Measurement], settings: &Settings) {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "\nl4: {} s per run, {} clients for the connection rate, loopback\n",
-        settings.seconds, settings.clients
+        "\nl4: {} s per run, {} clients for the connection rate, loopback, HAProxy {}\n",
+        settings.seconds,
+        settings.clients,
+        if settings.haproxy_splice {
+            "with option splice-auto"
+        } else {
+            "without splice"
+        }
     );
     let _ = writeln!(
         table,
@@ -289,12 +302,23 @@ fn print_table(results: &[Measurement], settings: &Settings) {
     print!("{table}");
 }
 
-fn haproxy_config((throughput_port, rate_port): (u16, u16), iperf: u16, echo: u16) -> String {
+fn haproxy_config(
+    (throughput_port, rate_port): (u16, u16),
+    iperf: u16,
+    echo: u16,
+    splice: bool,
+) -> String {
     // Two threads for two cores, as the agent's runtime; HAProxy's defaults otherwise (no
-    // splice). maxconn stays under the container's file-descriptor limit.
+    // splice unless asked). maxconn keeps HAProxy's computed file-descriptor need (which
+    // counts pipes when splicing) under the container's limit.
+    let (maxconn, splice) = if splice {
+        (4000, "    option splice-auto\n")
+    } else {
+        (8000, "")
+    };
     format!(
-        "global\n    maxconn 8000\n    nbthread 2\n\
-         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 600s\n    timeout server 600s\n\
+        "global\n    maxconn {maxconn}\n    nbthread 2\n\
+         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 600s\n    timeout server 600s\n{splice}\
          listen throughput\n    bind 127.0.0.1:{throughput_port}\n    server iperf 127.0.0.1:{iperf}\n\
          listen rate\n    bind 127.0.0.1:{rate_port}\n    server echo 127.0.0.1:{echo}\n"
     )
