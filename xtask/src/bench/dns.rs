@@ -3,14 +3,14 @@
 //! Both servers get the same zone. dnsperf first finds each server's peak QPS for a static
 //! query mix (A, AAAA, MX, TXT, NXDOMAIN) and for a GeoDNS A query carrying an ECS option
 //! (knot answers it from a plain A record), then replays both mixes at a fixed rate (0.8× and
-//! 0.7× knot's peak) to read the latency percentiles at that load. Last, the agent is started
+//! 0.7× knot's peak) while a probe thread times single queries for the latency percentiles at
+//! that load (dnsperf's mean is a mean over its own queue). Last, the agent is started
 //! on a 10,000-domain config to check its resident memory.
 //!
 //! Options: `--duration SECONDS` per run (default 10), `--domains N` for the memory check
 //! (default 10000).
 
 use std::fmt::Write as _;
-use std::io::Read as _;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -207,6 +207,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 struct Run {
     qps: f64,
     mean_ms: f64,
+    /// From the probe, only in fixed-rate runs.
+    p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     lost: u64,
 }
@@ -231,13 +233,13 @@ fn render_report(
     );
     let _ = writeln!(
         out,
-        "| run | knot QPS | agent QPS | ratio | knot mean / p99 ms | agent mean / p99 ms | lost (knot/agent) |"
+        "| run | knot QPS | agent QPS | ratio | knot mean / p50 / p99 ms | agent mean / p50 / p99 ms | lost (knot/agent) |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     for (label, knot, agent) in rows {
-        let latency = |run: &Run| match run.p99_ms {
-            Some(p99) => format!("{:.3} / {p99:.3}", run.mean_ms),
-            None => format!("{:.3} / -", run.mean_ms),
+        let latency = |run: &Run| match (run.p50_ms, run.p99_ms) {
+            (Some(p50), Some(p99)) => format!("{:.3} / {p50:.3} / {p99:.3}", run.mean_ms),
+            _ => format!("{:.3} / - / -", run.mean_ms),
         };
         let _ = writeln!(
             out,
@@ -525,13 +527,15 @@ fn answers(addr: SocketAddr, name: &str) -> bool {
     }
 }
 
-/// Runs dnsperf against `port`. With `rate`, queries are paced and every latency is read
-/// from dnsperf's verbose output to compute the 99th percentile.
+/// Runs dnsperf against `port`. With `rate`, dnsperf paces its queries and a probe thread
+/// sends the same queries one at a time (about 1000 a second) alongside, timing each
+/// round trip for the percentiles: dnsperf 2.10 prints only the mean, and its verbose
+/// per-query output would itself load the 2-core machine.
 fn dnsperf(
     port: u16,
     queries: &Path,
     duration: u64,
-    edns_option: Option<&str>,
+    ecs: Option<&str>,
     rate: Option<u64>,
 ) -> anyhow::Result<Run> {
     let mut command = Command::new("dnsperf");
@@ -550,35 +554,127 @@ fn dnsperf(
         "256",
         "-e",
     ]);
-    if let Some(option) = edns_option {
+    if let Some(option) = ecs {
         command.args(["-E", option]);
     }
     if let Some(rate) = rate {
-        command.args(["-Q", &rate.max(1).to_string(), "-v"]);
+        command.args(["-Q", &rate.max(1).to_string()]);
     }
     eprintln!(
         "$ dnsperf -p {port} -d {} -l {duration}{}{}",
         queries.display(),
-        edns_option.map_or(String::new(), |option| format!(" -E {option}")),
-        rate.map_or(String::new(), |rate| format!(" -Q {rate} -v"))
+        ecs.map_or(String::new(), |option| format!(" -E {option}")),
+        rate.map_or(String::new(), |rate| format!(
+            " -Q {rate} (+ latency probe)"
+        ))
     );
-    let mut child = command
-        .stdout(Stdio::piped())
+    let probe = rate.map(|_| {
+        let packets: Vec<Vec<u8>> = std::fs::read_to_string(queries)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.split_once(' '))
+            .map(|(name, kind)| query_packet(name, kind, ecs.is_some()))
+            .collect();
+        let until = Instant::now() + Duration::from_secs(duration);
+        std::thread::spawn(move || probe_latencies(port, &packets, until))
+    });
+    let output = command
+        .stdin(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
+        .output()
         .context("cannot start dnsperf")?;
-    let mut output = String::new();
-    child
-        .stdout
-        .take()
-        .context("dnsperf stdout")?
-        .read_to_string(&mut output)?;
-    let status = child.wait()?;
-    ensure!(status.success(), "dnsperf failed with {status}");
-    parse_dnsperf(&output, rate.is_some())
+    ensure!(
+        output.status.success(),
+        "dnsperf failed with {}",
+        output.status
+    );
+    let mut run = parse_dnsperf(&String::from_utf8_lossy(&output.stdout))?;
+    if let Some(probe) = probe {
+        let mut latencies = probe.join().unwrap_or_default();
+        latencies.sort_by(f64::total_cmp);
+        run.p99_ms = percentile(&latencies, 99);
+        run.p50_ms = percentile(&latencies, 50);
+    }
+    Ok(run)
 }
 
-fn parse_dnsperf(output: &str, verbose: bool) -> anyhow::Result<Run> {
+fn percentile(sorted: &[f64], percent: usize) -> Option<f64> {
+    (!sorted.is_empty()).then(|| sorted[(sorted.len() * percent / 100).min(sorted.len() - 1)])
+}
+
+/// Sends `packets` in turn, one outstanding at a time, about every millisecond until
+/// `until`; returns each round trip in milliseconds (a lost query counts as 100 ms).
+fn probe_latencies(port: u16, packets: &[Vec<u8>], until: Instant) -> Vec<f64> {
+    let mut latencies = Vec::new();
+    let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else {
+        return latencies;
+    };
+    if socket.connect(("127.0.0.1", port)).is_err()
+        || socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .is_err()
+    {
+        return latencies;
+    }
+    // Let dnsperf reach its rate first.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut buf = [0u8; 4096];
+    let mut id: u16 = 0;
+    while Instant::now() < until {
+        for packet in packets {
+            id = id.wrapping_add(1);
+            let mut packet = packet.clone();
+            packet[..2].copy_from_slice(&id.to_be_bytes());
+            let sent = Instant::now();
+            if socket.send(&packet).is_err() {
+                continue;
+            }
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(len) if len >= 2 && buf[..2] == id.to_be_bytes() => {
+                        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => {
+                        latencies.push(100.0);
+                        break;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_micros(900));
+        }
+    }
+    latencies
+}
+
+/// A query as dnsperf `-e` sends it (EDNS, 4096-byte buffer), with [`ECS_OPTION`] when
+/// `ecs`.
+fn query_packet(name: &str, kind: &str, ecs: bool) -> Vec<u8> {
+    let qtype: u16 = match kind {
+        "AAAA" => 28,
+        "MX" => 15,
+        "TXT" => 16,
+        _ => 1,
+    };
+    let mut packet = vec![0, 0, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1];
+    for label in name.split('.') {
+        packet.push(label.len() as u8);
+        packet.extend_from_slice(label.as_bytes());
+    }
+    packet.push(0);
+    packet.extend_from_slice(&qtype.to_be_bytes());
+    packet.extend_from_slice(&[0, 1, 0, 0, 41, 0x10, 0, 0, 0, 0, 0]);
+    if ecs {
+        // Option 8, length 7: family 1, source 24, scope 0, 81.2.3 (the same as ECS_OPTION).
+        packet.extend_from_slice(&[0, 11, 0, 8, 0, 7, 0, 1, 24, 0, 81, 2, 3]);
+    } else {
+        packet.extend_from_slice(&[0, 0]);
+    }
+    packet
+}
+
+fn parse_dnsperf(output: &str) -> anyhow::Result<Run> {
     let field = |prefix: &str| {
         output
             .lines()
@@ -589,23 +685,11 @@ fn parse_dnsperf(output: &str, verbose: bool) -> anyhow::Result<Run> {
     let qps = field("Queries per second:").context("dnsperf printed no QPS")?;
     let mean_ms = field("Average Latency (s):").context("dnsperf printed no latency")? * 1000.0;
     let lost = field("Queries lost:").unwrap_or(0.0) as u64;
-    let p99_ms = if verbose {
-        // Verbose lines: `> NOERROR www.bench.example A 0.000083`.
-        let mut latencies: Vec<f64> = output
-            .lines()
-            .filter(|line| line.starts_with('>'))
-            .filter_map(|line| line.split_whitespace().last()?.parse().ok())
-            .collect();
-        latencies.sort_by(f64::total_cmp);
-        (!latencies.is_empty())
-            .then(|| latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)] * 1000.0)
-    } else {
-        None
-    };
     Ok(Run {
         qps,
         mean_ms,
-        p99_ms,
+        p50_ms: None,
+        p99_ms: None,
         lost,
     })
 }
