@@ -188,3 +188,17 @@ async fn shutdown_stops_listeners_and_waits_for_connections() {
     assert!(closed_by_peer(&mut stream).await);
     assert!(TcpStream::connect(address).await.is_err());
 }
+
+#[tokio::test]
+async fn a_second_serve_call_is_refused() {
+    // Waiting for a listener proves the first `serve` is running.
+    let destination = udp_multi_echo(1).await;
+    let entry = proxy(L4Protocol::Udp, free_port(L4Protocol::Udp), destination);
+    let agent = Agent::start(std::slice::from_ref(&entry), options()).await;
+    let again = within(
+        "second serve",
+        Arc::clone(&agent.service).serve(CancellationToken::new()),
+    )
+    .await;
+    assert!(matches!(again, Err(defenra_l4::L4Error::AlreadyServing)));
+}
