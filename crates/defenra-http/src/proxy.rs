@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::HttpService;
+use crate::access::{AccessEntry, ServedBody, WafOutcome};
 use crate::body::{BodyError, OriginBody, RequestBody, ResponseBody, full};
 use crate::headers;
 use crate::route::{Origin, OriginKind, Route, strip_port, with_lower_host};
@@ -135,8 +136,15 @@ impl Conn {
     pub(crate) async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
-    ) -> Result<Response<ResponseBody>, Infallible> {
-        let response = match self.route_and_proxy(request).await {
+    ) -> Result<Response<ServedBody>, Infallible> {
+        let mut entry = self.service.access_log.start(
+            &self.service.stats,
+            self.peer.ip().to_canonical(),
+            self.listener,
+            request.method(),
+            request.uri().path(),
+        );
+        let response = match self.route_and_proxy(request, &mut entry).await {
             Ok(response) => response,
             Err(error) => {
                 self.note(&error);
@@ -147,7 +155,10 @@ impl Conn {
             .stats
             .listener(self.listener)
             .response(response.status());
-        Ok(response)
+        if let Some(entry) = &mut entry {
+            entry.status = response.status().as_u16();
+        }
+        Ok(response.map(|body| ServedBody::new(body, entry)))
     }
 
     /// Routing, in this order: host → ACME answer → proxied? → redirect to HTTPS →
@@ -155,6 +166,7 @@ impl Conn {
     async fn route_and_proxy(
         &self,
         mut request: Request<Incoming>,
+        entry: &mut Option<Box<AccessEntry>>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         // A reverse proxy is no tunnel: CONNECT would reach the origin in authority form.
         if request.method() == Method::CONNECT {
@@ -168,6 +180,9 @@ impl Conn {
         .ok_or(ProxyError::MissingHost)?;
         let host_text = host_value.to_str().map_err(|_| ProxyError::MissingHost)?;
         let host = strip_port(host_text);
+        if let Some(entry) = entry {
+            entry.host = Some(host.to_ascii_lowercase());
+        }
         // The one load of the route table for this request; the guard is gone before any
         // await, the route itself is shared by `Arc`.
         let route: Arc<Route> = self
@@ -220,6 +235,9 @@ impl Conn {
                 defenra_waf::Verdict::Allow {
                     extra_headers: extra,
                 } => {
+                    if let Some(entry) = entry {
+                        entry.waf = WafOutcome::Allow;
+                    }
                     if !extra.is_empty() {
                         extra_headers = Some(extra);
                     }
@@ -230,6 +248,9 @@ impl Conn {
                     body,
                 } => {
                     self.service.stats.count(Event::WafBlock);
+                    if let Some(entry) = entry {
+                        entry.waf = WafOutcome::Block;
+                    }
                     let mut response = Response::new(full(body));
                     *response.status_mut() = status;
                     *response.headers_mut() = headers;
@@ -242,6 +263,9 @@ impl Conn {
             .origin
             .as_ref()
             .ok_or_else(|| ProxyError::NoOrigin(host.to_owned()))?;
+        if let Some(entry) = entry {
+            entry.origin = Some(origin.address.clone());
+        }
         let limit = self.service.options.max_request_body;
         let declared_length = request
             .headers()

@@ -30,6 +30,7 @@ pub struct HttpStats {
     waf_blocks: AtomicU64,
     upgrades: AtomicU64,
     accept_errors: AtomicU64,
+    access_log_suppressed: AtomicU64,
 }
 
 /// A failure counted by kind.
@@ -81,6 +82,15 @@ impl HttpStats {
     /// TLS handshakes that failed or were refused (unknown SNI, old protocol, timeout).
     pub fn tls_handshake_failures(&self) -> u64 {
         self.tls_handshake_failures.load(Relaxed)
+    }
+
+    /// Access lines skipped because the per-second budget was spent.
+    pub fn access_log_suppressed_total(&self) -> u64 {
+        self.access_log_suppressed.load(Relaxed)
+    }
+
+    pub(crate) fn access_log_suppressed(&self) {
+        self.access_log_suppressed.fetch_add(1, Relaxed);
     }
 
     /// Client connections open right now on both listeners.
@@ -200,6 +210,11 @@ impl StatsSource for HttpStats {
             "accept_errors_total",
             "Errors accepting client connections.",
             self.accept_errors.load(Relaxed),
+        ));
+        out.push(Metric::counter(
+            "access_log_suppressed_total",
+            "Access log lines skipped because the per-second budget was spent.",
+            self.access_log_suppressed.load(Relaxed),
         ));
     }
 }

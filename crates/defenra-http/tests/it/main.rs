@@ -1,5 +1,6 @@
 //! Integration tests: a real proxy on loopback listeners in front of a real test origin.
 
+mod access;
 mod bodies;
 mod headers;
 mod limits;
