@@ -3,7 +3,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -32,7 +32,9 @@ impl Target {
                 port: proxy.destination_port,
                 ttl: cache_ttl,
                 resolved: ArcSwapOption::empty(),
+                failed: ArcSwapOption::empty(),
                 refreshing: AtomicBool::new(false),
+                lookups: AtomicU64::new(0),
             })),
         };
         Target {
@@ -58,8 +60,23 @@ struct NameCache {
     port: u16,
     ttl: Duration,
     resolved: ArcSwapOption<Resolved>,
+    /// The last failed lookup while nothing was ever resolved. Clients arriving within
+    /// `NEGATIVE_TTL` get this error at once instead of queueing a lookup each, so a flood
+    /// toward a dead name cannot fill the blocking pool.
+    failed: ArcSwapOption<Failure>,
     /// Set while a background refresh of a stale entry runs, so only one does.
     refreshing: AtomicBool,
+    /// Lookups actually started, for tests.
+    lookups: AtomicU64,
+}
+
+/// How long a failed lookup of a never-resolved name is remembered.
+const NEGATIVE_TTL: Duration = Duration::from_secs(2);
+
+struct Failure {
+    kind: io::ErrorKind,
+    message: String,
+    until: Instant,
 }
 
 struct Resolved {
@@ -84,13 +101,28 @@ impl NameCache {
             }
             return Ok(Arc::clone(&resolved.addresses));
         }
-        self.lookup().await
+        if let Some(failure) = self.failed.load_full()
+            && failure.until > Instant::now()
+        {
+            return Err(io::Error::new(failure.kind, failure.message.clone()));
+        }
+        let result = self.lookup().await;
+        if let Err(error) = &result {
+            self.failed.store(Some(Arc::new(Failure {
+                kind: error.kind(),
+                message: error.to_string(),
+                until: Instant::now() + NEGATIVE_TTL.min(self.ttl),
+            })));
+        }
+        result
     }
 
     async fn lookup(&self) -> io::Result<Arc<[SocketAddr]>> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
         // tokio runs getaddrinfo on its blocking pool, so the runtime never waits on it.
         let addresses: Arc<[SocketAddr]> = tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await?
+            .await
+            .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", self.host)))?
             .collect();
         if addresses.is_empty() {
             return Err(io::Error::new(
@@ -98,6 +130,7 @@ impl NameCache {
                 format!("{} has no addresses", self.host),
             ));
         }
+        self.failed.store(None);
         self.resolved.store(Some(Arc::new(Resolved {
             addresses: Arc::clone(&addresses),
             expires_at: Instant::now() + self.ttl,
@@ -146,9 +179,35 @@ mod tests {
         );
     }
 
+    fn lookups(target: &Target) -> u64 {
+        match &target.addresses {
+            Addresses::Name(cache) => cache.lookups.load(Ordering::Relaxed),
+            Addresses::Literal(_) => 0,
+        }
+    }
+
     #[tokio::test]
-    async fn unknown_name_is_an_error() {
+    async fn unknown_name_is_an_error_remembered_briefly() {
         let target = Target::new(&proxy("no-such-host.invalid"), Duration::from_secs(60));
+        let error = target.addresses().await.unwrap_err();
+        assert!(
+            error.to_string().contains("no-such-host.invalid"),
+            "{error}"
+        );
         assert!(target.addresses().await.is_err());
+        assert_eq!(
+            lookups(&target),
+            1,
+            "the second call should not look up again"
+        );
+    }
+
+    #[tokio::test]
+    async fn cached_name_is_not_looked_up_again() {
+        let target = Target::new(&proxy("localhost"), Duration::from_secs(60));
+        for _ in 0..3 {
+            target.addresses().await.unwrap();
+        }
+        assert_eq!(lookups(&target), 1);
     }
 }
