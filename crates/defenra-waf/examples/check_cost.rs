@@ -41,7 +41,15 @@ fn main() {
         serde_json::to_string(&script).unwrap_or_default()
     );
     let compiled = defenra_config::compile(doc.as_bytes()).expect("bench config compiles");
-    let engine = WafEngine::new(WafOptions::default());
+    let mut options = WafOptions::default();
+    // `CHECK_COST_MEMORY_LIMIT=0` measures without the per-state memory cap.
+    if let Some(limit) = std::env::var("CHECK_COST_MEMORY_LIMIT")
+        .ok()
+        .and_then(|value| value.parse().ok())
+    {
+        options.memory_limit = limit;
+    }
+    let engine = WafEngine::new(options);
     let mut issues = Vec::new();
     engine.reload(&Arc::new(compiled.snapshot), &mut issues);
     assert!(issues.is_empty(), "{issues:?}");

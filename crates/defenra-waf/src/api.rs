@@ -668,7 +668,7 @@ pub(crate) fn host_table(
 }
 
 /// `ngx.var.<name>`. Values are strings (as in nginx), `nil` when unknown or absent.
-fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Result<Value> {
+pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Result<Value> {
     let string = |text: &[u8]| lua.create_string(text).map(Value::String);
     match name {
         b"remote_addr" => string(request.remote_addr.to_string().as_bytes()),

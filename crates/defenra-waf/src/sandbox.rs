@@ -45,7 +45,26 @@ pub(crate) enum Outcome {
 pub(crate) struct Chunk {
     function: Function,
     env: Table,
+    /// The `ngx.var` names from [`PREFETCH`] the source mentions, read before each run.
+    prefetch: Vec<&'static str>,
+    /// The same names as a Lua array, for `run`.
+    prefetch_names: Table,
 }
+
+/// Variables most scripts read, handed to the script with the call that starts it when its
+/// source mentions them (other names, or names built at run time, are read on first use).
+const PREFETCH: &[&str] = &[
+    "remote_addr",
+    "uri",
+    "request_uri",
+    "host",
+    "request_method",
+    "args",
+    "http_user_agent",
+    "http_referer",
+    "http_cookie",
+    "http_x_forwarded_for",
+];
 
 /// A Lua state with the `ngx` API installed.
 pub(crate) struct Sandbox {
@@ -111,7 +130,21 @@ impl Sandbox {
             .set_environment(env.clone())
             .into_function()
             .map_err(|error| first_line(&error))?;
-        Ok(Chunk { function, env })
+        let prefetch: Vec<&'static str> = PREFETCH
+            .iter()
+            .copied()
+            .filter(|name| mentions(source, name))
+            .collect();
+        let prefetch_names = self
+            .lua
+            .create_sequence_from(prefetch.iter().copied())
+            .map_err(|error| error.to_string())?;
+        Ok(Chunk {
+            function,
+            env,
+            prefetch,
+            prefetch_names,
+        })
     }
 
     /// Runs `chunk` for `request` within the limits.
@@ -119,7 +152,10 @@ impl Sandbox {
         let hooks = self.limits.instructions.div_ceil(u64::from(HOOK_INTERVAL));
         self.ctx
             .begin(request, hooks, Instant::now() + self.limits.time);
-        let result = self.run.call::<()>((&chunk.env, &chunk.function));
+        let result = self.prefetch(chunk).and_then(|values| {
+            self.run
+                .call::<()>((&chunk.env, &chunk.function, &chunk.prefetch_names, values))
+        });
         let exit = self.ctx.exit.get();
         if exit.is_some() {
             return Outcome::Finished { exit };
@@ -140,6 +176,16 @@ impl Sandbox {
             }
             Err(error) => Outcome::Error(first_line(&error)),
         }
+    }
+
+    /// The values of the chunk's prefetched variables, in order.
+    fn prefetch(&self, chunk: &Chunk) -> mlua::Result<mlua::Variadic<mlua::Value>> {
+        let mut request = self.ctx.request.borrow_mut();
+        chunk
+            .prefetch
+            .iter()
+            .map(|name| api::var(&self.lua, &mut request, name.as_bytes()))
+            .collect()
     }
 
     /// Two full cycles: the first may only finish a cycle that began while the data was
@@ -185,4 +231,30 @@ pub(crate) fn syntax_check(lua: &Lua, domain: &str, source: &str) -> Result<(), 
         .into_function()
         .map(drop)
         .map_err(|error| first_line(&error))
+}
+
+/// Whether `name` appears in `source` as a whole identifier (`ngx.var.uri` mentions `uri`,
+/// `ngx.var.request_uri` does not).
+fn mentions(source: &str, name: &str) -> bool {
+    let is_ident = |byte: u8| byte.is_ascii_alphanumeric() || byte == b'_';
+    let bytes = source.as_bytes();
+    source.match_indices(name).any(|(at, _)| {
+        let before = at.checked_sub(1).map(|index| bytes[index]);
+        let after = bytes.get(at + name.len()).copied();
+        !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mentions_matches_whole_identifiers_only() {
+        assert!(mentions("ngx.var.uri", "uri"));
+        assert!(mentions("ngx.var[\"uri\"]", "uri"));
+        assert!(!mentions("ngx.var.request_uri", "uri"));
+        assert!(!mentions("ngx.var.uris", "uri"));
+        assert!(mentions("local a = ngx.var.request_uri", "request_uri"));
+    }
 }

@@ -653,6 +653,23 @@ fn ngx_var_exposes_the_request() {
 }
 
 #[test]
+fn variables_are_read_afresh_for_every_request() {
+    let engine = engine(
+        "local name = 'arg_' .. 'x' ngx.say(ngx.var.remote_addr, ' ', ngx.var.uri, ' ', \
+         tostring(ngx.var[name]), ' ', ngx.var.remote_addr)",
+    );
+    let body = |req: Request| match req.check(&engine) {
+        Verdict::Block { body, .. } => String::from_utf8(body.to_vec()).unwrap(),
+        other => panic!("{}", render(&other)),
+    };
+    assert_eq!(body(request("/a?x=1")), "192.0.2.7 /a 1 192.0.2.7\n");
+    assert_eq!(
+        body(request("/b").from("198.51.100.4")),
+        "198.51.100.4 /b nil 198.51.100.4\n"
+    );
+}
+
+#[test]
 fn req_functions() {
     let req = request("/?a=1&b=%20x+y&a=2&flag&=skip&c=")
         .header("x-multi", "one")

@@ -176,7 +176,7 @@ async fn get(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Reply {
 }
 
 #[tokio::test]
-async fn blocked_ip_never_reaches_theorigin() {
+async fn blocked_ip_never_reaches_the_origin() {
     let origin = Origin::start().await;
     let hits = Arc::clone(&origin.hits);
     let proxy = proxy(
@@ -266,7 +266,7 @@ async fn sqli_patterns_are_blocked() {
 }
 
 #[tokio::test]
-async fn custom_200_body_is_served_without_theorigin() {
+async fn custom_200_body_is_served_without_the_origin() {
     let origin = Origin::start().await;
     let proxy = proxy(
         r#"
