@@ -2,6 +2,7 @@
 //! the response body (the origin's, streamed, or a short local page).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -9,23 +10,50 @@ use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::origin::{OriginConn, OriginPool, PoolKey};
+
 /// What the proxy answers with: the origin's body as it arrives, or a local page.
 pub(crate) type ResponseBody = Either<OriginBody, Full<Bytes>>;
 
-/// The origin's response body on its way to the client. It holds the origin's connection
-/// permit until the body is done (or dropped), which is when the pooled connection is free
-/// again.
+/// The origin's response body on its way to the client. Polling it drives the origin
+/// connection (no other task does); once the body is complete the connection goes back to
+/// the pool. A body dropped before its end (the client went away) closes the connection.
+/// It holds the origin's connection permit until then.
 pub(crate) struct OriginBody {
     inner: Incoming,
+    lease: Option<Lease>,
     _permit: OwnedSemaphorePermit,
 }
 
+/// The origin connection a response body arrives on, and where to return it.
+pub(crate) struct Lease {
+    pub(crate) conn: OriginConn,
+    pub(crate) key: PoolKey,
+    pub(crate) pool: Arc<OriginPool>,
+}
+
 impl OriginBody {
-    pub(crate) fn new(inner: Incoming, permit: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn new(inner: Incoming, lease: Lease, permit: OwnedSemaphorePermit) -> Self {
         OriginBody {
             inner,
+            lease: Some(lease),
             _permit: permit,
         }
+    }
+
+    fn release_if_done(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(lease) = self.lease.take()
+        {
+            lease.pool.release(lease.key, lease.conn);
+        }
+    }
+}
+
+impl Drop for OriginBody {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, 304) may be dropped without a poll.
+        self.release_if_done();
     }
 }
 
@@ -37,7 +65,22 @@ impl Body for OriginBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        if let Some(lease) = &mut this.lease {
+            lease.conn.poll_drive(cx);
+        }
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(None) => {
+                if let Some(lease) = this.lease.take() {
+                    lease.pool.release(lease.key, lease.conn);
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => this.release_if_done(),
+            Poll::Ready(Some(Err(_))) => this.lease = None,
+            Poll::Pending => {}
+        }
+        poll
     }
 
     fn is_end_stream(&self) -> bool {

@@ -125,7 +125,7 @@ pub struct HttpService {
     /// One semaphore per origin address, kept across reloads so that a config change does
     /// not reset the count. Locked only by `reload`.
     origin_limits: parking_lot::Mutex<route::OriginLimits>,
-    origins: origin::OriginClients,
+    origins: Arc<origin::OriginPool>,
     tls_acceptor: tokio_rustls::TlsAcceptor,
     stats: Arc<HttpStats>,
     access_log: access::AccessLog,
@@ -136,7 +136,7 @@ impl HttpService {
     /// until the first `reload`.
     pub fn new(waf: Arc<WafEngine>, options: HttpOptions) -> Self {
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-        let origins = origin::OriginClients::new(&options, Arc::clone(&routes));
+        let origins = Arc::new(origin::OriginPool::new(&options, Arc::clone(&routes)));
         let tls_acceptor = tls::acceptor(Arc::clone(&routes));
         let access_log =
             access::AccessLog::new(options.access_log, options.access_log_max_per_second);

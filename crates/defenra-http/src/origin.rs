@@ -1,8 +1,9 @@
-//! Pooled clients to origins: one per origin kind (plain, HTTPS unverified, HTTPS verified),
-//! sharing a connector that dials IPs or resolves CNAME targets with a small TTL cache.
+//! The origin side: a pool of HTTP/1.1 connections per origin, driven by the request that
+//! uses them (no task per connection), and a connector that dials IPs or resolves CNAME
+//! targets with a small TTL cache.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -11,11 +12,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::Uri;
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -31,89 +33,257 @@ const DEFAULT_DNS_TTL: Duration = Duration::from_secs(30);
 /// Cached CNAME targets; past this the cache is cleared rather than grown.
 const MAX_DNS_ENTRIES: usize = 10_000;
 
-pub(crate) type OriginClient = Client<OriginConnector, RequestBody>;
-
-/// The three pooled clients. Pools are keyed by `scheme://authority`, and the authority of
-/// an HTTPS origin carries the server name (`host@address:port`), so a pooled TLS
-/// connection is only reused for the name it was opened (and verified) for.
-pub(crate) struct OriginClients {
-    http: OriginClient,
-    https_unverified: OriginClient,
-    https_verified: OriginClient,
+/// Which pooled connections a request may use: the origin kind and the authority dialled.
+/// The authority of an HTTPS origin carries the server name (`host@address:port`), so a
+/// pooled TLS connection is only reused for the name it was opened (and verified) for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub(crate) kind: OriginKind,
+    pub(crate) authority: Authority,
 }
 
-impl OriginClients {
+/// Idle origin connections by key, and the connectors that open new ones. The lock is
+/// held only to push or pop a connection, never across an await.
+pub(crate) struct OriginPool {
+    http: ConnectorInner,
+    https_unverified: ConnectorInner,
+    https_verified: ConnectorInner,
+    idle: parking_lot::Mutex<HashMap<PoolKey, Vec<IdleConn>>>,
+    idle_timeout: Duration,
+    max_idle_per_origin: usize,
+}
+
+struct IdleConn {
+    conn: OriginConn,
+    since: Instant,
+}
+
+/// Why an exchange with the origin failed.
+#[derive(Debug)]
+pub(crate) enum ExchangeError {
+    /// No connection could be opened.
+    Connect(io::Error),
+    /// The connection broke, or the request body failed, during the exchange.
+    Exchange(hyper::Error),
+}
+
+impl OriginPool {
     pub(crate) fn new(options: &HttpOptions, routes: Arc<ArcSwap<RouteTable>>) -> Self {
         let dns = Arc::new(DnsCache {
             routes,
             entries: parking_lot::Mutex::new(HashMap::new()),
         });
-        let client = |tls: Option<Arc<rustls::ClientConfig>>| {
-            let connector = OriginConnector {
-                inner: Arc::new(ConnectorInner {
-                    tls: tls.map(TlsConnector::from),
-                    connect_timeout: options.origin_connect_timeout,
-                    dns: Arc::clone(&dns),
-                }),
-            };
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(options.pool_idle_timeout)
-                .pool_max_idle_per_host(options.pool_max_idle_per_origin)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                // The proxy always sets Host itself: the client's original one.
-                .set_host(false)
-                .build(connector)
+        let connector = |tls: Option<Arc<rustls::ClientConfig>>| ConnectorInner {
+            tls: tls.map(TlsConnector::from),
+            connect_timeout: options.origin_connect_timeout,
+            dns: Arc::clone(&dns),
         };
-        OriginClients {
-            http: client(None),
-            https_unverified: client(Some(crate::tls::unverified_client())),
-            https_verified: client(Some(crate::tls::verified_client())),
+        OriginPool {
+            http: connector(None),
+            https_unverified: connector(Some(crate::tls::unverified_client())),
+            https_verified: connector(Some(crate::tls::verified_client())),
+            idle: parking_lot::Mutex::new(HashMap::new()),
+            idle_timeout: options.pool_idle_timeout,
+            max_idle_per_origin: options.pool_max_idle_per_origin,
         }
     }
 
-    pub(crate) fn client(&self, kind: OriginKind) -> &OriginClient {
+    fn connector(&self, kind: OriginKind) -> &ConnectorInner {
         match kind {
             OriginKind::Http => &self.http,
             OriginKind::HttpsUnverified => &self.https_unverified,
             OriginKind::HttpsVerified => &self.https_verified,
         }
     }
+
+    /// Sends `request` (origin-form URI, `Host` set) over an idle connection of `key`, or a
+    /// new one, and waits for the response head while driving the connection. A request
+    /// that a pooled connection could not even start sending (the origin had closed it) is
+    /// sent again on a new connection. The returned connection must go along with the
+    /// response body; [`OriginPool::release`] takes it back once the body is done.
+    pub(crate) async fn send(
+        &self,
+        key: &PoolKey,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, OriginConn), ExchangeError> {
+        if let Some(mut conn) = self.checkout(key) {
+            match conn.send(request).await {
+                Ok(response) => return Ok((response, conn)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(ExchangeError::Exchange(error.into_error())),
+                },
+            }
+        }
+        let mut conn = self
+            .connector(key.kind)
+            .connect(&key.authority)
+            .await
+            .map_err(ExchangeError::Connect)?;
+        match conn.send(request).await {
+            Ok(response) => Ok((response, conn)),
+            Err(error) => Err(ExchangeError::Exchange(error.into_error())),
+        }
+    }
+
+    /// The most recently used idle connection of `key` that is still open and ready.
+    fn checkout(&self, key: &PoolKey) -> Option<OriginConn> {
+        let now = Instant::now();
+        loop {
+            let idle = {
+                let mut pools = self.idle.lock();
+                let list = pools.get_mut(key)?;
+                let idle = list.pop();
+                if list.is_empty() {
+                    pools.remove(key);
+                }
+                idle?
+            };
+            if now.saturating_duration_since(idle.since) < self.idle_timeout {
+                let mut conn = idle.conn;
+                if conn.poll_idle_ready() {
+                    return Some(conn);
+                }
+            }
+            // Expired, closed by the origin, or not ready: dropped (closed) here.
+        }
+    }
+
+    /// Takes back a connection whose response is complete, unless the pool of its key is
+    /// full or the connection is closing.
+    pub(crate) fn release(&self, key: PoolKey, conn: OriginConn) {
+        if conn.is_closed() || self.max_idle_per_origin == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut pools = self.idle.lock();
+        let list = pools.entry(key).or_default();
+        if list.len() < self.max_idle_per_origin {
+            list.push(IdleConn { conn, since: now });
+        }
+    }
+
+    /// Closes every idle connection older than the idle timeout. Called periodically by
+    /// the listeners, so an unused origin's connections do not stay open.
+    pub(crate) fn sweep(&self) {
+        let now = Instant::now();
+        let expired: Vec<IdleConn> = {
+            let mut pools = self.idle.lock();
+            let mut expired = Vec::new();
+            pools.retain(|_, list| {
+                // Oldest first: they were pushed in release order.
+                let keep_from = list
+                    .iter()
+                    .position(|idle| now.saturating_duration_since(idle.since) < self.idle_timeout)
+                    .unwrap_or(list.len());
+                expired.extend(list.drain(..keep_from));
+                !list.is_empty()
+            });
+            expired
+        };
+        drop(expired); // closes the sockets outside the lock
+    }
 }
 
-/// Dials `address:port` from the request URI's authority; for TLS the user-info part
-/// (`host@`) is the server name to send and verify.
-#[derive(Clone)]
-pub(crate) struct OriginConnector {
-    inner: Arc<ConnectorInner>,
+type Dispatch = http1::SendRequest<RequestBody>;
+
+/// hyper's connection future (`with_upgrades`, whose type hyper does not name), boxed once
+/// per connection.
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// One HTTP/1.1 connection to an origin. There is no task per connection: whoever uses it
+/// (the request waiting for its head, then the response body) polls it.
+pub(crate) struct OriginConn(Box<ConnInner>);
+
+struct ConnInner {
+    sender: Dispatch,
+    /// `None` once the connection has finished; dropping it fails a request in flight.
+    driver: Option<Driver>,
 }
 
+impl OriginConn {
+    /// Moves the connection's I/O forward. Returns false once the connection has closed.
+    pub(crate) fn poll_drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let inner = &mut *self.0;
+        let Some(driver) = &mut inner.driver else {
+            return false;
+        };
+        match driver.as_mut().poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(result) => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "origin connection ended with an error");
+                }
+                inner.driver = None;
+                false
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.driver.is_none() || self.0.sender.is_closed()
+    }
+
+    /// For a pooled connection: one look, without waiting, at whether it can take a new
+    /// request (the origin may have closed it meanwhile).
+    fn poll_idle_ready(&mut self) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        if !self.poll_drive(&mut cx) {
+            return false;
+        }
+        matches!(self.0.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    async fn send(&mut self, request: Request<RequestBody>) -> Result<Response<Incoming>, TrySend> {
+        let mut response = std::pin::pin!(self.0.sender.try_send_request(request));
+        poll_fn(|cx| {
+            self.poll_drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// After a `101`: the future that finishes the upgrade (hands the socket to
+    /// `hyper::upgrade::on`). Run it on its own task.
+    pub(crate) fn into_upgrade(self) -> impl Future<Output = ()> + Send + 'static {
+        let driver = self.0.driver;
+        async move {
+            if let Some(driver) = driver
+                && let Err(error) = driver.await
+            {
+                tracing::debug!(%error, "origin connection failed during the upgrade");
+            }
+        }
+    }
+}
+
+/// A request the connection failed to send or answer; holds the request when it had not
+/// been sent at all.
+type TrySend = hyper::client::conn::TrySendError<Request<RequestBody>>;
+
+/// Dials `address:port` of an authority; for TLS the user-info part (`host@`) is the
+/// server name to send and verify.
 struct ConnectorInner {
     tls: Option<TlsConnector>,
     connect_timeout: Duration,
     dns: Arc<DnsCache>,
 }
 
-impl tower_service::Service<Uri> for OriginConnector {
-    type Response = OriginStream;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<OriginStream>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let inner = Arc::clone(&self.inner);
-        Box::pin(async move { inner.connect(uri).await })
-    }
-}
-
 impl ConnectorInner {
-    async fn connect(&self, uri: Uri) -> io::Result<OriginStream> {
-        let authority = uri
-            .authority()
-            .ok_or_else(|| invalid(format!("origin uri {uri} has no authority")))?;
+    async fn connect(&self, authority: &Authority) -> io::Result<OriginConn> {
+        let stream = self.connect_stream(authority).await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(stream)
+            .await
+            .map_err(io::Error::other)?;
+        Ok(OriginConn(Box::new(ConnInner {
+            sender,
+            driver: Some(Box::pin(connection.with_upgrades())),
+        })))
+    }
+
+    async fn connect_stream(&self, authority: &Authority) -> io::Result<OriginStream> {
         let server_name = authority.as_str().split_once('@').map(|(name, _)| name);
         let host = authority.host();
         let host = host
@@ -222,12 +392,6 @@ impl DnsCache {
 pub(crate) enum OriginStream {
     Plain(TokioIo<TcpStream>),
     Tls(Box<TokioIo<TlsStream<TcpStream>>>),
-}
-
-impl Connection for OriginStream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
 }
 
 impl Read for OriginStream {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -17,8 +17,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::HttpService;
 use crate::access::{AccessEntry, ServedBody, WafOutcome};
-use crate::body::{BodyError, OriginBody, RequestBody, ResponseBody, full};
+use crate::body::{BodyError, Lease, OriginBody, RequestBody, ResponseBody, full};
 use crate::headers;
+use crate::origin::{ExchangeError, PoolKey};
 use crate::route::{Origin, OriginKind, Route, strip_port, with_lower_host};
 use crate::server::Listener;
 use crate::stats::Event;
@@ -304,23 +305,29 @@ impl Conn {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        parts.uri = origin_uri(origin, host, parts.uri)?;
-        // Origins speak HTTP/1.1 (docs/http.md); the URI is absolute for the pool key.
+        let key = pool_key(origin, host)?;
+        parts.uri = origin_form(parts.uri);
+        // Origins speak HTTP/1.1 (docs/http.md).
         parts.version = Version::HTTP_11;
         let origin_request = Request::from_parts(parts, RequestBody::new(body, limit));
 
-        let client = self.service.origins.client(origin.kind);
+        let pool = &self.service.origins;
         let timeout = self.service.options.origin_timeout;
         let exchange = async {
             // Waiting for a free origin connection counts against the origin timeout.
-            let permit = Arc::clone(&origin.limit).acquire_owned().await;
-            let response = client.request(origin_request).await;
-            (permit, response)
+            let permit = Arc::clone(&origin.limit)
+                .acquire_owned()
+                .await
+                .map_err(|_| ProxyError::Agent("origin limit closed".to_owned()))?;
+            let (response, conn) = pool
+                .send(&key, origin_request)
+                .await
+                .map_err(|error| classify(error, origin, limit))?;
+            Ok((permit, response, conn))
         };
-        let (permit, mut response) = match tokio::time::timeout(timeout, exchange).await {
-            Ok((Ok(permit), Ok(response))) => (permit, response),
-            Ok((Err(_), _)) => return Err(ProxyError::Agent("origin limit closed".to_owned())),
-            Ok((_, Err(error))) => return Err(classify(&error, origin, limit)),
+        let (permit, mut response, conn) = match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(exchanged)) => exchanged,
+            Ok(Err(error)) => return Err(error),
             Err(_) => {
                 return Err(ProxyError::OriginTimeout {
                     origin: origin.address.to_string(),
@@ -341,6 +348,8 @@ impl Conn {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            // The origin connection hands its socket over once driven past the 101.
+            self.tunnels.spawn(conn.into_upgrade());
             self.spawn_tunnel(client_upgrade, origin_upgrade);
             let (parts, _) = response.into_parts();
             return Ok(Response::from_parts(parts, full(bytes::Bytes::new())));
@@ -360,7 +369,12 @@ impl Conn {
                 }
             }
         }
-        Ok(response.map(|body| http_body_util::Either::Left(OriginBody::new(body, permit))))
+        let lease = Lease {
+            conn,
+            key,
+            pool: Arc::clone(pool),
+        };
+        Ok(response.map(|body| http_body_util::Either::Left(OriginBody::new(body, lease, permit))))
     }
 
     /// Copies bytes both ways between the upgraded client and origin connections until
@@ -439,9 +453,9 @@ fn plain(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Response
     response
 }
 
-/// The absolute URI sent to the pooled client: `http://address/path` or
-/// `https://host@address/path` (the user-info carries the TLS server name).
-fn origin_uri(origin: &Origin, host: &str, uri: Uri) -> Result<Uri, ProxyError> {
+/// The pool key of a request: plain origins by address, HTTPS origins by
+/// `host@address:port` (the user-info carries the TLS server name).
+fn pool_key(origin: &Origin, host: &str) -> Result<PoolKey, ProxyError> {
     let authority = match (origin.kind, &origin.tls_authority) {
         (OriginKind::Http, _) => origin.address.clone(),
         (_, Some(authority)) => authority.clone(),
@@ -451,22 +465,37 @@ fn origin_uri(origin: &Origin, host: &str, uri: Uri) -> Result<Uri, ProxyError> 
         .and_then(Result::ok)
         .ok_or_else(|| ProxyError::Agent(format!("bad origin authority for {host}")))?,
     };
-    let scheme = match origin.kind {
-        OriginKind::Http => Scheme::HTTP,
-        OriginKind::HttpsUnverified | OriginKind::HttpsVerified => Scheme::HTTPS,
-    };
-    let mut parts = uri.into_parts();
-    parts.scheme = Some(scheme);
-    parts.authority = Some(authority);
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    Ok(PoolKey {
+        kind: origin.kind,
+        authority,
+    })
+}
+
+/// The request target as sent to the origin: origin-form, `/path?query`.
+fn origin_form(uri: Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() && uri.path_and_query().is_some() {
+        return uri;
     }
-    Uri::from_parts(parts).map_err(|error| ProxyError::Agent(error.to_string()))
+    let path = uri
+        .into_parts()
+        .path_and_query
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::from(path)
 }
 
 /// Sorts a client error by where it came from: our request body (too large, or the
 /// client went away), the connect step, or the exchange with the origin.
-fn classify(error: &hyper_util::client::legacy::Error, origin: &Origin, limit: u64) -> ProxyError {
+fn classify(error: ExchangeError, origin: &Origin, limit: u64) -> ProxyError {
+    let origin = origin.address.to_string();
+    let error = match error {
+        ExchangeError::Connect(error) => {
+            return ProxyError::OriginConnect {
+                origin,
+                reason: error.to_string(),
+            };
+        }
+        ExchangeError::Exchange(error) => error,
+    };
     let mut source = error.source();
     while let Some(cause) = source {
         if let Some(body_error) = cause.downcast_ref::<BodyError>() {
@@ -477,14 +506,8 @@ fn classify(error: &hyper_util::client::legacy::Error, origin: &Origin, limit: u
         }
         source = cause.source();
     }
-    let reason = match error.source() {
-        Some(cause) => cause.to_string(),
-        None => error.to_string(),
-    };
-    let origin = origin.address.to_string();
-    if error.is_connect() {
-        ProxyError::OriginConnect { origin, reason }
-    } else {
-        ProxyError::Origin { origin, reason }
+    ProxyError::Origin {
+        origin,
+        reason: error.to_string(),
     }
 }

@@ -58,7 +58,7 @@ pub(crate) struct Origin {
 pub(crate) type OriginLimits = HashMap<String, Arc<Semaphore>>;
 
 /// How the agent talks to an origin, from the domain's `ssl.encryptionMode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum OriginKind {
     /// Plain HTTP (`off`, `flexible`).
     Http,

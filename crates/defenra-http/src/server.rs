@@ -66,6 +66,10 @@ pub(crate) async fn serve(
     let limit = Arc::new(Semaphore::new(service.options.max_connections.max(1)));
     let tracker = TaskTracker::new();
     tracing::info!(listener = kind.name(), address = %local, "listening");
+    // Closes idle origin connections past the pool's idle timeout.
+    let sweep_period = (service.options.pool_idle_timeout / 2).max(Duration::from_secs(1));
+    let mut sweep = tokio::time::interval(sweep_period);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Waiting for a permit before accepting leaves excess clients in the kernel's
         // backlog instead of accepting and dropping them.
@@ -80,6 +84,10 @@ pub(crate) async fn serve(
         let (stream, peer) = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            _ = sweep.tick() => {
+                service.origins.sweep();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {

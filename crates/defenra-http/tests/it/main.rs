@@ -4,6 +4,7 @@ mod access;
 mod bodies;
 mod headers;
 mod limits;
+mod pool;
 mod protocols;
 mod routing;
 mod support;

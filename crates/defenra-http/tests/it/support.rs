@@ -56,6 +56,8 @@ pub(crate) struct Origin {
     pub(crate) addr: SocketAddr,
     /// Connections open right now.
     pub(crate) open_connections: Arc<AtomicUsize>,
+    /// Connections accepted since the start.
+    pub(crate) accepted_connections: Arc<AtomicUsize>,
     shutdown: CancellationToken,
 }
 
@@ -88,8 +90,10 @@ impl Origin {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let open_connections = Arc::new(AtomicUsize::new(0));
+        let accepted_connections = Arc::new(AtomicUsize::new(0));
         let shutdown = CancellationToken::new();
         let open = Arc::clone(&open_connections);
+        let accepted_count = Arc::clone(&accepted_connections);
         let stop = shutdown.clone();
         tokio::spawn(async move {
             loop {
@@ -97,6 +101,7 @@ impl Origin {
                     () = stop.cancelled() => return,
                     accepted = listener.accept() => accepted.unwrap(),
                 };
+                accepted_count.fetch_add(1, Ordering::SeqCst);
                 let open = Arc::clone(&open);
                 let tls = tls.clone();
                 tokio::spawn(async move {
@@ -126,6 +131,7 @@ impl Origin {
         Origin {
             addr,
             open_connections,
+            accepted_connections,
             shutdown,
         }
     }
