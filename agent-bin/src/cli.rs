@@ -113,6 +113,15 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,
 
+    /// Log one line per HTTP request (target `defenra_http::access`).
+    #[arg(long, env = "ACCESS_LOG")]
+    pub(crate) access_log: bool,
+
+    /// With --access-log: at most this many request lines per second; the rest are
+    /// counted in `defenra_http_access_log_suppressed_total`.
+    #[arg(long, env = "ACCESS_LOG_MAX_PER_SECOND", default_value_t = 1000)]
+    pub(crate) access_log_max_per_second: u32,
+
     /// How long in-flight work may run after SIGTERM/SIGINT before the agent exits.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub(crate) shutdown_grace: Duration,
@@ -291,28 +300,11 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
-    /// docs/operations.md lists every flag; regenerate with `DEFENRA_UPDATE_DOCS=1 cargo test -p defenra-agent`.
+    /// docs/operations.md lists every flag; regenerate with
+    /// `DEFENRA_UPDATE_DOCS=1 cargo test -p defenra-agent`.
     #[test]
     fn operations_doc_lists_every_flag() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md");
-        let doc = std::fs::read_to_string(path).expect("docs/operations.md exists");
-        let (start, end) = ("<!-- flags:start -->\n", "<!-- flags:end -->");
-        let begin = doc.find(start).expect("flags:start marker") + start.len();
-        let finish = doc.find(end).expect("flags:end marker");
-        let expected = flags_markdown();
-        if doc[begin..finish] != expected {
-            if std::env::var_os("DEFENRA_UPDATE_DOCS").is_some() {
-                std::fs::write(
-                    path,
-                    format!("{}{expected}{}", &doc[..begin], &doc[finish..]),
-                )
-                .unwrap();
-            } else {
-                panic!(
-                    "docs/operations.md's flag table is stale; run DEFENRA_UPDATE_DOCS=1 cargo test -p defenra-agent"
-                );
-            }
-        }
+        crate::docsync::check_operations_section("flags", &flags_markdown());
     }
 
     #[test]

@@ -371,24 +371,6 @@ mod tests {
     /// `DEFENRA_UPDATE_DOCS=1 cargo test -p defenra-agent`.
     #[test]
     fn operations_doc_lists_every_metric() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md");
-        let doc = std::fs::read_to_string(path).unwrap();
-        let (start, end) = ("<!-- metrics:start -->\n", "<!-- metrics:end -->");
-        let begin = doc.find(start).expect("metrics:start marker") + start.len();
-        let finish = doc.find(end).expect("metrics:end marker");
-        let expected = metrics_markdown();
-        if doc[begin..finish] != expected {
-            if std::env::var_os("DEFENRA_UPDATE_DOCS").is_some() {
-                std::fs::write(
-                    path,
-                    format!("{}{expected}{}", &doc[..begin], &doc[finish..]),
-                )
-                .unwrap();
-            } else {
-                panic!(
-                    "docs/operations.md's metric table is stale; run DEFENRA_UPDATE_DOCS=1 cargo test -p defenra-agent"
-                );
-            }
-        }
+        crate::docsync::check_operations_section("metrics", &metrics_markdown());
     }
 }

@@ -7,6 +7,8 @@
 
 mod check;
 mod cli;
+#[cfg(test)]
+mod docsync;
 mod health;
 mod notify;
 mod run;

@@ -90,6 +90,8 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             origin_http_port: args.origin_http_port,
             origin_https_port: args.origin_https_port,
             origin_timeout: args.origin_timeout,
+            access_log: args.access_log,
+            access_log_max_per_second: args.access_log_max_per_second,
             ..HttpOptions::default()
         },
     ));

@@ -182,3 +182,36 @@ fn systemd_is_notified_once_config_is_loaded() {
     assert_eq!(&buffer[..n], b"STOPPING=1");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn access_log_lines_appear_only_when_enabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    write(&path, &doc("192.0.2.1"));
+    for enabled in [false, true] {
+        let mut args = vec!["--config", path.to_str().unwrap()];
+        if enabled {
+            args.push("--access-log");
+        }
+        let agent = Agent::start(&args);
+        eventually("config loads", || {
+            get_json(agent.addr("health"), "/health").0 == 200
+        });
+        // An unknown host: answered by the agent itself, logged like any request.
+        assert_eq!(get(agent.addr("http"), "/").0, 404);
+        let deadline = Instant::now() + Duration::from_millis(if enabled { 5000 } else { 700 });
+        let mut found = None;
+        while Instant::now() < deadline && found.is_none() {
+            if let Ok(line) = agent.logs.recv_timeout(Duration::from_millis(100))
+                && line["target"] == "defenra_http::access"
+            {
+                found = Some(line);
+            }
+        }
+        match (enabled, found) {
+            (false, None) => {}
+            (true, Some(line)) => assert_eq!(line["status"], 404, "{line}"),
+            (enabled, found) => panic!("access log {enabled}: {found:?}"),
+        }
+    }
+}
