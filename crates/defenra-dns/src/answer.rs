@@ -10,7 +10,7 @@ use crate::wire::{
     self, CLASS_ANY, CLASS_IN, ParseError, Query, Rcode, ResponseFlags, TYPE_A, TYPE_AAAA,
     TYPE_ANY, TYPE_AXFR, TYPE_CNAME, TYPE_IXFR, TYPE_MAILA, TYPE_MAILB, TYPE_OPT,
 };
-use crate::zone::{RrSet, ZoneIndex, push_address_tail};
+use crate::zone::{ZoneIndex, push_address_tail};
 
 /// Longest CNAME chain followed inside served zones.
 const MAX_CHAIN: usize = 8;
@@ -290,17 +290,17 @@ fn resolve(
         if let Some(cname) = &node.cname
             && qtype != TYPE_CNAME
         {
-            push_rrset(out, owner, &cname.rrset);
+            push_rrset(out, owner, index.bytes(cname.rrset.bytes));
             answer.n_answers += 1;
             if depth == MAX_CHAIN {
                 return answer;
             }
             visited[depth] = node_id;
             // RFC 1034 §4.3.2 step 3a: restart at the target when it is ours.
-            match find(index, &cname.target) {
+            match find(index, index.bytes(cname.target)) {
                 Lookup::Found(next) if !visited.contains(&next) => {
                     node_id = next;
-                    owner = Owner::Wire(&cname.target_wire);
+                    owner = Owner::Wire(index.bytes(cname.target_wire));
                     continue;
                 }
                 // A loop: stop with what we have.
@@ -316,19 +316,17 @@ fn resolve(
 
         let rrset = if qtype == TYPE_ANY {
             // RFC 8482 §4.1: answer ANY with one RRset.
-            node.rrsets.first()
+            index.rrsets(node).first()
         } else {
-            node.rrsets.iter().find(|rrset| rrset.rtype == qtype)
+            index.rrsets(node).iter().find(|rrset| rrset.rtype == qtype)
         };
         match rrset {
             Some(rrset) => {
-                push_rrset(out, owner, rrset);
-                answer.n_answers += rrset.count;
+                answer.n_answers += push_rrset(out, owner, index.bytes(rrset.bytes));
             }
             None if qtype == TYPE_CNAME && node.cname.is_some() => {
                 if let Some(cname) = &node.cname {
-                    push_rrset(out, owner, &cname.rrset);
-                    answer.n_answers += 1;
+                    answer.n_answers += push_rrset(out, owner, index.bytes(cname.rrset.bytes));
                 }
             }
             // NODATA (RFC 2308 §2.2): the name exists, the type does not.
@@ -342,18 +340,25 @@ fn resolve(
 /// Appends the zone's SOA to the authority section.
 fn push_soa(index: &ZoneIndex, zone: u32, out: &mut Vec<u8>, answer: &mut Answer) {
     let zone = index.zone(zone);
-    push_rrset(out, Owner::Wire(&zone.apex_wire), &zone.negative_soa);
-    answer.n_authority += 1;
+    answer.n_authority += push_rrset(
+        out,
+        Owner::Wire(index.bytes(zone.apex_wire)),
+        index.bytes(zone.negative_soa.bytes),
+    );
 }
 
-/// Appends every record of `rrset` under `owner`.
-fn push_rrset(out: &mut Vec<u8>, owner: Owner<'_>, rrset: &RrSet) {
-    let mut rest: &[u8] = &rrset.bytes;
+/// Appends every record of a compiled record set (`tails`: type, class, TTL, RDLENGTH and
+/// RDATA per record) under `owner`; returns how many.
+fn push_rrset(out: &mut Vec<u8>, owner: Owner<'_>, tails: &[u8]) -> u16 {
+    let mut rest = tails;
+    let mut count = 0;
     while rest.len() >= 10 {
         let rdlength = usize::from(u16::from_be_bytes([rest[8], rest[9]]));
         let end = (10 + rdlength).min(rest.len());
         owner.write(out);
         out.extend_from_slice(&rest[..end]);
         rest = &rest[end..];
+        count += 1;
     }
+    count
 }

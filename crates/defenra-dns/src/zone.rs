@@ -29,7 +29,25 @@ pub struct ZoneIndex {
     names: HashMap<Box<[u8]>, u32>,
     nodes: Vec<Node>,
     zones: Vec<Zone>,
+    /// Every node's record sets, each node's contiguous.
+    rrsets: Vec<RrSet>,
+    /// One arena for all wire bytes (record sets, names), so a zone costs a few small
+    /// structs instead of an allocation per record set.
+    bytes: Vec<u8>,
     n_records: usize,
+}
+
+/// A range of [`ZoneIndex`]'s byte arena (or of its record-set list).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.start as usize + self.len as usize
+    }
 }
 
 /// One name that exists in a zone: it owns records, or names below it do (an empty
@@ -37,8 +55,8 @@ pub struct ZoneIndex {
 #[derive(Debug)]
 pub(crate) struct Node {
     pub(crate) zone: u32,
-    /// Record sets other than CNAME, sorted by type.
-    pub(crate) rrsets: Vec<RrSet>,
+    /// Record sets other than CNAME, sorted by type (see [`ZoneIndex::rrsets`]).
+    pub(crate) rrsets: Span,
     pub(crate) cname: Option<Cname>,
     /// `Some(ttl)` when A and AAAA come from the zone's GeoDNS plan (proxied names, and the
     /// apex of a domain with GeoDNS data).
@@ -51,23 +69,22 @@ pub(crate) struct Node {
 pub(crate) struct Cname {
     pub(crate) rrset: RrSet,
     /// The target, lower-case dotted, for chasing.
-    pub(crate) target: Box<[u8]>,
+    pub(crate) target: Span,
     /// The target in wire form: the owner of the records found by chasing.
-    pub(crate) target_wire: Box<[u8]>,
+    pub(crate) target_wire: Span,
 }
 
 /// Records of one type at one name, as wire bytes after the owner name: for each record
 /// type, class, TTL, RDLENGTH and RDATA. Writing one is the owner plus a copy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct RrSet {
     pub(crate) rtype: u16,
-    pub(crate) count: u16,
-    pub(crate) bytes: Box<[u8]>,
+    pub(crate) bytes: Span,
 }
 
 #[derive(Debug)]
 pub(crate) struct Zone {
-    pub(crate) apex_wire: Box<[u8]>,
+    pub(crate) apex_wire: Span,
     /// SOA with the negative-caching TTL, for the authority section (RFC 2308 §3).
     pub(crate) negative_soa: RrSet,
     /// Boxed: most zones have none, and a plan is several hundred bytes.
@@ -89,7 +106,15 @@ impl ZoneIndex {
         for (zone_id, (position, domain)) in snapshot.domains.iter().enumerate().enumerate() {
             builder.add_domain(zone_id as u32, position, domain, snapshot, agent_ip, issues);
         }
-        builder.index
+        // The index lives until the next reload: give back what the growing vectors
+        // over-reserved.
+        let mut index = builder.index;
+        index.names.shrink_to_fit();
+        index.nodes.shrink_to_fit();
+        index.zones.shrink_to_fit();
+        index.rrsets.shrink_to_fit();
+        index.bytes.shrink_to_fit();
+        index
     }
 
     /// Number of served zones.
@@ -113,6 +138,56 @@ impl ZoneIndex {
 
     pub(crate) fn zone(&self, id: u32) -> &Zone {
         &self.zones[id as usize]
+    }
+
+    /// The record sets of `node`.
+    pub(crate) fn rrsets(&self, node: &Node) -> &[RrSet] {
+        &self.rrsets[node.rrsets.range()]
+    }
+
+    /// Bytes of the arena.
+    pub(crate) fn bytes(&self, span: Span) -> &[u8] {
+        &self.bytes[span.range()]
+    }
+
+    fn push_bytes(&mut self, bytes: &[u8]) -> Span {
+        let span = Span {
+            start: self.bytes.len() as u32,
+            len: bytes.len() as u32,
+        };
+        self.bytes.extend_from_slice(bytes);
+        span
+    }
+
+    fn push_name(&mut self, name: &str) -> Span {
+        let start = self.bytes.len();
+        push_name(&mut self.bytes, name);
+        Span {
+            start: start as u32,
+            len: (self.bytes.len() - start) as u32,
+        }
+    }
+
+    /// Compiles records of one type into the arena. Duplicate data is written once
+    /// (RFC 2181 §5), and all records get the lowest TTL (RFC 2181 §5.2).
+    fn push_rrset(&mut self, rtype: u16, records: &[(&RecordData, u32)]) -> RrSet {
+        let start = self.bytes.len();
+        let ttl = records.iter().map(|(_, ttl)| *ttl).min().unwrap_or(0);
+        let mut seen: Vec<&RecordData> = Vec::new();
+        for (data, _) in records {
+            if seen.contains(data) {
+                continue;
+            }
+            seen.push(data);
+            push_record_tail(&mut self.bytes, rtype, ttl, data);
+        }
+        RrSet {
+            rtype,
+            bytes: Span {
+                start: start as u32,
+                len: (self.bytes.len() - start) as u32,
+            },
+        }
     }
 }
 
@@ -186,7 +261,9 @@ impl Builder {
             )
         });
         let soa_data = RecordData::Soa(soa.clone());
-        let negative_soa = rrset(TYPE_SOA, &[(&soa_data, soa_ttl.min(soa.minimum))]);
+        let negative_soa = self
+            .index
+            .push_rrset(TYPE_SOA, &[(&soa_data, soa_ttl.min(soa.minimum))]);
 
         // Without configured NS records the apex names the SOA's primary, and when that
         // host is in the zone and has no address, it answers with this agent's address.
@@ -242,8 +319,9 @@ impl Builder {
             }
             Box::new(GeoPlan::compile(&domain.geo, &snapshot.agents, agent_ip))
         });
+        let apex_wire = self.index.push_name(apex);
         self.index.zones.push(Zone {
-            apex_wire: wire_name(apex),
+            apex_wire,
             negative_soa,
             plan,
         });
@@ -290,7 +368,7 @@ impl Builder {
         let id = self.index.nodes.len() as u32;
         self.index.nodes.push(Node {
             zone: zone_id,
-            rrsets: Vec::new(),
+            rrsets: Span::default(),
             cname: None,
             geo_ttl: None,
             wildcard: None,
@@ -375,9 +453,11 @@ impl Builder {
             }
             Some((_, record)) => match &record.data {
                 RecordData::Cname(target) => Some(Cname {
-                    rrset: rrset(TYPE_CNAME, &[(&record.data, record.ttl)]),
-                    target: target.as_bytes().to_vec().into_boxed_slice(),
-                    target_wire: wire_name(target),
+                    rrset: self
+                        .index
+                        .push_rrset(TYPE_CNAME, &[(&record.data, record.ttl)]),
+                    target: self.index.push_bytes(target.as_bytes()),
+                    target_wire: self.index.push_name(target),
                 }),
                 _ => None,
             },
@@ -385,12 +465,17 @@ impl Builder {
         };
         self.index.n_records += by_type.values().map(Vec::len).sum::<usize>();
         self.index.n_records += usize::from(cname.is_some());
+        let first = self.index.rrsets.len();
+        for (rtype, records) in &by_type {
+            let rrset = self.index.push_rrset(*rtype, records);
+            self.index.rrsets.push(rrset);
+        }
         Node {
             zone: zone_id,
-            rrsets: by_type
-                .into_iter()
-                .map(|(rtype, records)| rrset(rtype, &records))
-                .collect(),
+            rrsets: Span {
+                start: first as u32,
+                len: (self.index.rrsets.len() - first) as u32,
+            },
             cname,
             geo_ttl,
             wildcard: None,
@@ -409,32 +494,6 @@ fn record_type(data: &RecordData) -> u16 {
         RecordData::Srv { .. } => TYPE_SRV,
         RecordData::Caa { .. } => TYPE_CAA,
         RecordData::Soa(_) => TYPE_SOA,
-    }
-}
-
-pub(crate) fn wire_name(name: &str) -> Box<[u8]> {
-    let mut out = Vec::with_capacity(name.len() + 2);
-    push_name(&mut out, name);
-    out.into_boxed_slice()
-}
-
-/// Compiles records of one type. Duplicate data is written once (RFC 2181 §5).
-pub(crate) fn rrset(rtype: u16, records: &[(&RecordData, u32)]) -> RrSet {
-    let mut bytes = Vec::new();
-    let mut seen: Vec<&RecordData> = Vec::new();
-    // RFC 2181 §5.2: all TTLs of an RRset are the same; use the lowest.
-    let ttl = records.iter().map(|(_, ttl)| *ttl).min().unwrap_or(0);
-    for (data, _) in records {
-        if seen.contains(data) {
-            continue;
-        }
-        seen.push(data);
-        push_record_tail(&mut bytes, rtype, ttl, data);
-    }
-    RrSet {
-        rtype,
-        count: seen.len() as u16,
-        bytes: bytes.into_boxed_slice(),
     }
 }
 
