@@ -445,23 +445,26 @@ fn json_string(text: &str) -> String {
 /// A measured wrk run that also reads the CPU time the proxy (`pid` and its children) used,
 /// which stays comparable when other processes compete for the cores.
 fn measured(url: &str, settings: &Settings, pid: u32) -> anyhow::Result<WrkResult> {
-    let before = process_tree_cpu_ticks(pid);
+    let (user_before, system_before) = process_tree_cpu_ticks(pid);
     let mut result = wrk(
         url,
         settings.threads,
         settings.connections,
         settings.duration,
     )?;
-    let ticks = process_tree_cpu_ticks(pid).saturating_sub(before);
+    let (user_after, system_after) = process_tree_cpu_ticks(pid);
+    let user = user_after.saturating_sub(user_before);
+    let ticks = user + system_after.saturating_sub(system_before);
     // Linux reports CPU time in clock ticks of 10 ms (USER_HZ = 100).
     if result.requests > 0 {
         result.cpu_us_per_request = Some(ticks as f64 * 10_000.0 / result.requests as f64);
+        result.user_us_per_request = Some(user as f64 * 10_000.0 / result.requests as f64);
     }
     Ok(result)
 }
 
-/// User plus system CPU ticks of `pid` and its direct children.
-fn process_tree_cpu_ticks(pid: u32) -> u64 {
+/// User and system CPU ticks of `pid` and its direct children.
+fn process_tree_cpu_ticks(pid: u32) -> (u64, u64) {
     let ticks = |pid: u32| {
         fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
@@ -471,11 +474,14 @@ fn process_tree_cpu_ticks(pid: u32) -> u64 {
                 // After the command come state (3), ..., utime (14) and stime (15).
                 let utime: u64 = fields.get(11)?.parse().ok()?;
                 let stime: u64 = fields.get(12)?.parse().ok()?;
-                Some(utime + stime)
+                Some((utime, stime))
             })
-            .unwrap_or(0)
+            .unwrap_or((0, 0))
     };
-    ticks(pid) + children(pid).into_iter().map(ticks).sum::<u64>()
+    std::iter::once(pid)
+        .chain(children(pid))
+        .map(ticks)
+        .fold((0, 0), |(user, system), (u, s)| (user + u, system + s))
 }
 
 /// Direct children of `pid`.
@@ -553,6 +559,8 @@ struct WrkResult {
     requests_per_second: f64,
     /// CPU time the proxy used per request, when measured.
     cpu_us_per_request: Option<f64>,
+    /// The user-space part of `cpu_us_per_request`.
+    user_us_per_request: Option<f64>,
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
@@ -619,6 +627,7 @@ fn parse_wrk(raw: &str) -> Option<WrkResult> {
         requests,
         requests_per_second: requests_per_second?,
         cpu_us_per_request: None,
+        user_us_per_request: None,
         p50_ms: p50_ms?,
         p99_ms: p99_ms?,
         errors,
@@ -657,16 +666,15 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "| listener | proxy | RPS | p50 ms | p99 ms | errors | CPU µs/req | RPS ratio | p99 ratio | CPU ratio |"
+        "| listener | proxy | RPS | p50 ms | p99 ms | errors | CPU µs/req (user) | RPS ratio | p99 ratio | CPU ratio |"
     );
     let _ = writeln!(
         out,
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    let cpu = |result: &WrkResult| {
-        result
-            .cpu_us_per_request
-            .map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"))
+    let cpu = |result: &WrkResult| match (result.cpu_us_per_request, result.user_us_per_request) {
+        (Some(total), Some(user)) => format!("{total:.1} ({user:.1})"),
+        _ => "-".to_owned(),
     };
     for (scheme, nginx, agent) in rows {
         let _ = writeln!(
@@ -697,8 +705,8 @@ fn render(
     let _ = writeln!(
         out,
         "\nRatios are agent/nginx: RPS ≥ 1 and p99, CPU ≤ 1 favour the agent. CPU is user + system\n\
-         time of the proxy's processes per request, which other load on the machine disturbs less\n\
-         than RPS."
+         time of the proxy's processes per request (user-space part in brackets), which other load\n\
+         on the machine disturbs less than RPS."
     );
     let _ = writeln!(
         out,
