@@ -22,6 +22,16 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 /// Removes hop-by-hop headers: the fixed list, `Keep-Alive`, every `Proxy-*` header and
 /// every header named in `Connection` (RFC 9110 §7.6.1). Used in both directions.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none of them: one pass over the names instead of a removal
+    // (a hash and probe) per listed name.
+    let any = headers.keys().any(|name| {
+        HOP_BY_HOP.contains(name)
+            || name.as_str() == "keep-alive"
+            || name.as_str().starts_with("proxy-")
+    });
+    if !any {
+        return;
+    }
     // Names listed in Connection are per-hop too; collect them before Connection goes.
     let mut listed: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
@@ -78,7 +88,19 @@ pub(crate) fn add_forwarding(
     scheme: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let ip_text = client_ip.to_string();
+    // The IP is formatted on the stack; without a client chain X-Forwarded-For and
+    // X-Real-IP share one value.
+    let mut buffer = [0u8; 64];
+    let ip_len = {
+        use std::io::Write as _;
+        let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+        let _ = write!(cursor, "{client_ip}");
+        usize::try_from(cursor.position()).unwrap_or(0)
+    };
+    let ip_text = &buffer[..ip_len];
+    let Ok(ip_value) = HeaderValue::from_bytes(ip_text) else {
+        return;
+    };
     let mut chain: Vec<u8> = Vec::new();
     for value in headers.get_all(&X_FORWARDED_FOR) {
         let value = value.as_bytes().trim_ascii();
@@ -88,13 +110,15 @@ pub(crate) fn add_forwarding(
         chain.extend_from_slice(value);
         chain.extend_from_slice(b", ");
     }
-    chain.extend_from_slice(ip_text.as_bytes());
-    if let Ok(value) = HeaderValue::from_bytes(&chain) {
-        headers.insert(&X_FORWARDED_FOR, value);
+    if chain.is_empty() {
+        headers.insert(&X_FORWARDED_FOR, ip_value.clone());
+    } else {
+        chain.extend_from_slice(ip_text);
+        if let Ok(value) = HeaderValue::from_bytes(&chain) {
+            headers.insert(&X_FORWARDED_FOR, value);
+        }
     }
-    if let Ok(value) = HeaderValue::from_str(&ip_text) {
-        headers.insert(&X_REAL_IP, value);
-    }
+    headers.insert(&X_REAL_IP, ip_value);
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     match host {
         Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),

@@ -187,15 +187,23 @@ where
     let period = conn.service.options.keepalive_timeout;
     let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut closing = false;
+    // A child token of its own: polling it takes only this connection's lock, where the
+    // listener's token would be locked by every connection on every wake-up. Created once,
+    // so its waiter is registered once.
+    let shutdown = conn.shutdown.child_token();
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         tokio::select! {
+            // The connection first: it is what woke the task almost every time.
+            biased;
             result = connection.as_mut() => {
                 if let Err(error) = result {
                     tracing::debug!(peer = %conn.peer, %error, "connection ended with an error");
                 }
                 break;
             }
-            () = conn.shutdown.cancelled(), if !closing => {
+            () = cancelled.as_mut(), if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
