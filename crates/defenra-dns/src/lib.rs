@@ -3,8 +3,8 @@
 //! This crate owns the UDP and TCP listeners on `--dns-listen`, the [`ZoneIndex`] (every
 //! served name with its answers precompiled to wire bytes, rebuilt on each config
 //! snapshot) and the query handler. It must never recurse or forward, never read config
-//! files or flags, and never allocate, lock or do I/O beyond the client socket while
-//! answering a query.
+//! files or flags, and never allocate or do I/O beyond the client socket while answering a
+//! query (the one exception is a GeoIP cache miss, which inserts into the bounded cache).
 //!
 //! Start reading at [`DnsService`]: [`Reload`](defenra_config::Reload) builds the index,
 //! [`DnsService::serve`] runs the socket loops, and `answer.rs` turns one packet into one
