@@ -40,6 +40,8 @@ pub struct WafOptions {
     /// VM instructions one run may execute before it is aborted (checked every 1000).
     pub instruction_budget: u64,
     /// Wall time one run may take before it is aborted (checked every 1000 instructions).
+    /// It counts time the thread was preempted, so on a badly overloaded machine a normal
+    /// script can, rarely, be aborted (and fail open).
     pub time_budget: Duration,
     /// Memory cap of each Lua state (one per worker thread), in bytes.
     pub memory_limit: usize,
