@@ -9,7 +9,9 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 /// How a relay ended without an I/O error.
@@ -34,8 +36,8 @@ pub(crate) struct CopyMode {
 /// `idle_timeout`. On EOF from one side the other side's write half is shut down and the
 /// opposite direction keeps flowing (TCP half-close).
 pub(crate) async fn relay(
-    client: &TcpStream,
-    upstream: &TcpStream,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
     mode: CopyMode,
     idle_timeout: Duration,
     from_client: &AtomicU64,
@@ -45,8 +47,10 @@ pub(crate) async fn relay(
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
     };
-    let upstream_bound = pump(client, upstream, mode, from_client, &activity);
-    let client_bound = pump(upstream, client, mode, to_client, &activity);
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
+    let upstream_bound = pump(client_read, upstream_write, mode, from_client, &activity);
+    let client_bound = pump(upstream_read, client_write, mode, to_client, &activity);
     tokio::pin!(upstream_bound, client_bound);
     let mut upstream_done = false;
     let mut client_done = false;
@@ -95,31 +99,31 @@ impl Activity {
 }
 
 /// One direction: `from` → `to` until EOF, then shut down `to`'s write side.
+///
+/// Reads and writes go through tokio's `AsyncRead`/`AsyncWrite`, which treat a short read or
+/// write as "drained" under edge-triggered epoll and skip the `EAGAIN` system call that
+/// `try_read` would need before waiting again.
 async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
     mode: CopyMode,
     counter: &AtomicU64,
     activity: &Activity,
 ) -> io::Result<()> {
-    // Allocated once the first bytes are ready, and never zeroed: `try_read_buf` fills
-    // the spare capacity. Short connections thus cost no memset.
+    // Allocated once the first bytes are ready, and never zeroed: `read_buf` fills the
+    // spare capacity. Short connections thus cost no memset.
     let capacity = mode.buffer_size.max(1024);
     let mut buffer: Vec<u8> = Vec::new();
     loop {
-        from.readable().await?;
         if buffer.capacity() == 0 {
+            from.as_ref().readable().await?;
             buffer.reserve_exact(capacity);
         }
-        let n = match from.try_read_buf(&mut buffer) {
-            Ok(n) => n,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error),
-        };
+        let n = from.read_buf(&mut buffer).await?;
         if n == 0 {
-            return shutdown_write(to);
+            return shutdown_write(to.as_ref());
         }
-        write_all(to, &buffer).await?;
+        to.write_all(&buffer).await?;
         buffer.clear();
         counter.fetch_add(n as u64, Relaxed);
         activity.touch();
@@ -130,6 +134,7 @@ async fn pump(
             match crate::splice::Pipe::new() {
                 Ok(pipe) => {
                     drop(buffer);
+                    let (from, to) = (from.as_ref(), to.as_ref());
                     return crate::splice::pump(from, to, pipe, counter, activity).await;
                 }
                 Err(error) => {
@@ -138,19 +143,6 @@ async fn pump(
             }
         }
     }
-}
-
-async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(())
 }
 
 /// Sends FIN to `stream`'s peer; reading from it stays possible.

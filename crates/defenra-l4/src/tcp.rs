@@ -160,7 +160,7 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
-    async fn forward(&self, client: TcpStream) -> Result<RelayEnd, ForwardError> {
+    async fn forward(&self, mut client: TcpStream) -> Result<RelayEnd, ForwardError> {
         // Small writes (interactive protocols, TLS handshakes) must not wait for Nagle.
         let _ = client.set_nodelay(true);
         let deadline = Instant::now() + self.options.connect_timeout;
@@ -181,8 +181,8 @@ impl Connection<'_> {
             splice: self.options.splice,
         };
         relay(
-            &client,
-            &upstream,
+            &mut client,
+            &mut upstream,
             mode,
             self.options.idle_timeout,
             &self.stats.bytes_from_client_total,
