@@ -11,6 +11,8 @@
 //! response.
 
 mod answer;
+#[cfg(target_os = "linux")]
+mod batch;
 mod server;
 mod stats;
 mod wire;

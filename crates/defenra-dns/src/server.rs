@@ -160,7 +160,7 @@ impl DnsService {
             let token = shutdown.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("dns-udp-{number}"))
-                .spawn(move || service.udp_loop(&socket, &token, number as u64))
+                .spawn(move || service.run_udp(&socket, &token, number as u64))
                 .map_err(io_error);
             match thread {
                 Ok(thread) => threads.push(thread),
@@ -211,11 +211,19 @@ impl DnsService {
         Ok(())
     }
 
-    /// One UDP socket's loop: receive into a reused buffer, answer into another, send.
-    fn udp_loop(&self, socket: &UdpSocket, shutdown: &CancellationToken, number: u64) {
+    /// One UDP socket's loop: batched system calls on Linux, one datagram at a time elsewhere.
+    fn run_udp(&self, socket: &UdpSocket, shutdown: &CancellationToken, number: u64) {
+        #[cfg(target_os = "linux")]
+        self.udp_loop_batched(socket, shutdown, seed(number));
+        #[cfg(not(target_os = "linux"))]
+        self.udp_loop(socket, shutdown, seed(number));
+    }
+
+    /// One datagram at a time: receive into a reused buffer, answer into another, send.
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
+    fn udp_loop(&self, socket: &UdpSocket, shutdown: &CancellationToken, mut random: u64) {
         let mut packet = vec![0u8; 65_535];
         let mut response = Vec::with_capacity(65_535);
-        let mut random = seed(number);
         while !shutdown.is_cancelled() {
             let (len, peer) = match socket.recv_from(&mut packet) {
                 Ok(received) => received,
@@ -327,7 +335,7 @@ impl DnsService {
 }
 
 /// IPv4-mapped IPv6 peers (from a dual-stack socket) as plain IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -342,7 +350,7 @@ fn seed(salt: u64) -> u64 {
 }
 
 /// xorshift64: cheap, good enough to spread weighted pool choices.
-fn xorshift(mut state: u64) -> u64 {
+pub(crate) fn xorshift(mut state: u64) -> u64 {
     state ^= state << 13;
     state ^= state >> 7;
     state ^= state << 17;
