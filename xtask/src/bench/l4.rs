@@ -1,7 +1,8 @@
 //! `cargo xtask bench l4`: HAProxy (tcp mode) and the agent forwarding to the same iperf3
 //! server and the same short-connection echo server on loopback.
 //!
-//! Options: `--seconds N` per run (default 10), `--clients N` for the connection-rate test
+//! Options: `--seconds N` per run (default 10), `--rounds N` (default 3; the table shows
+//! medians), `--clients N` for the connection-rate test
 //! (default 32), `--only throughput|rate` to run one of the two, `--haproxy-splice` to let
 //! HAProxy splice too (`option splice-auto`), `--skip-build` to reuse
 //! `target/release/defenra-agent`.
@@ -59,10 +60,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let echo = EchoServer::start()?;
     wait_listening(iperf_port)?;
 
-    let mut results = Vec::new();
+    let mut running = Vec::new();
     for peer in [Peer::Haproxy, Peer::Agent] {
         let ports = (free_port()?, free_port()?);
-        let command = match peer {
+        let mut command = match peer {
             Peer::Haproxy => {
                 let config = work.join("haproxy.cfg");
                 let config_text =
@@ -87,9 +88,43 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                 command
             }
         };
-        eprintln!("== {}", peer.name());
-        results.push(measure(peer, command, ports, &settings)?);
+        let child = Guard(
+            command
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("cannot start {}", peer.name()))?,
+        );
+        wait_listening(ports.0)?;
+        wait_listening(ports.1)?;
+        running.push((peer, child, ports));
     }
+    // Both run side by side; rounds alternate which goes first (ABBA), so load from
+    // elsewhere on the machine does not always fall on the same one. The idle one uses no
+    // CPU while the other is measured.
+    let mut rounds: [Vec<Measurement>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..settings.rounds {
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for index in order {
+            let (peer, child, ports) = &running[index];
+            eprintln!(
+                "== round {} of {}: {}",
+                round + 1,
+                settings.rounds,
+                peer.name()
+            );
+            rounds[index].push(measure(child.0.id(), *ports, &settings)?);
+        }
+    }
+    let mut results = Vec::new();
+    for (index, (_, child, _)) in running.iter().enumerate() {
+        let mut summary = Measurement::median(&rounds[index]);
+        let (rss_kib, peak_kib) = memory_kib(child.0.id())?;
+        summary.rss_mib = rss_kib as f64 / 1024.0;
+        summary.peak_rss_mib = peak_kib as f64 / 1024.0;
+        results.push(summary);
+    }
+    drop(running);
     let _ = std::fs::remove_dir_all(&work);
     print_table(&results, &settings);
     Ok(())
@@ -97,6 +132,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 
 struct Settings {
     seconds: u64,
+    /// Rounds per proxy; the table shows the median.
+    rounds: usize,
     clients: usize,
     skip_build: bool,
     /// Run only the throughput or only the connection-rate test.
@@ -109,6 +146,7 @@ impl Settings {
     fn parse(args: &[String]) -> anyhow::Result<Settings> {
         let mut settings = Settings {
             seconds: 10,
+            rounds: 3,
             clients: 32,
             skip_build: false,
             only: None,
@@ -123,6 +161,13 @@ impl Settings {
                         .context("--seconds needs a value")?
                         .parse()
                         .context("--seconds")?;
+                }
+                "--rounds" => {
+                    settings.rounds = args
+                        .next()
+                        .context("--rounds needs a value")?
+                        .parse()
+                        .context("--rounds")?;
                 }
                 "--clients" => {
                     settings.clients = args
@@ -142,7 +187,7 @@ impl Settings {
                     settings.only = Some(test.clone());
                 }
                 other => anyhow::bail!(
-                    "unknown option {other:?} (expected --seconds N, --clients N, --only throughput|rate, --haproxy-splice, --skip-build)"
+                    "unknown option {other:?} (expected --seconds N, --rounds N, --clients N, --only throughput|rate, --haproxy-splice, --skip-build)"
                 ),
             }
         }
@@ -150,6 +195,7 @@ impl Settings {
             (1..=60).contains(&settings.seconds),
             "--seconds must be 1-60"
         );
+        anyhow::ensure!((1..=9).contains(&settings.rounds), "--rounds must be 1-9");
         anyhow::ensure!(
             (1..=512).contains(&settings.clients),
             "--clients must be 1-512"
@@ -184,25 +230,13 @@ struct Measurement {
     peak_rss_mib: f64,
 }
 
-/// Starts the proxy, runs iperf3 (one stream, then four) and the connection-rate test
-/// through it, and reads its CPU time and memory from /proc.
+/// One round against one proxy: iperf3 (one stream, then four) and the connection-rate
+/// test, with the proxy's CPU time from /proc.
 fn measure(
-    peer: Peer,
-    mut command: Command,
+    pid: u32,
     (throughput_port, rate_port): (u16, u16),
     settings: &Settings,
 ) -> anyhow::Result<Measurement> {
-    let child = Guard(
-        command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", peer.name()))?,
-    );
-    let pid = child.0.id();
-    wait_listening(throughput_port)?;
-    wait_listening(rate_port)?;
-
     let run_throughput = settings.only.as_deref() != Some("rate");
     let run_rate = settings.only.as_deref() != Some("throughput");
     let cpu_before = cpu_seconds(pid)?;
@@ -224,12 +258,10 @@ fn measure(
         Rate::default()
     };
     let cpu_rate = cpu_seconds(pid)? - cpu_before;
-    let (rss_kib, peak_kib) = memory_kib(pid)?;
     eprintln!(
         "   {:.2} Gbit/s (1 stream), {:.2} Gbit/s (4 streams), {:.0} connections/s, {} errors",
         single.gbps, parallel.gbps, rate.per_second, rate.errors
     );
-    drop(child);
     Ok(Measurement {
         single_stream_gbps: single.gbps,
         parallel_gbps: parallel.gbps,
@@ -237,9 +269,34 @@ fn measure(
         connections_per_second: rate.per_second,
         connection_errors: rate.errors,
         cpu_ms_per_1k_connections: cpu_rate * 1000.0 / (rate.completed.max(1) as f64 / 1000.0),
-        rss_mib: rss_kib as f64 / 1024.0,
-        peak_rss_mib: peak_kib as f64 / 1024.0,
+        rss_mib: 0.0,
+        peak_rss_mib: 0.0,
     })
+}
+
+impl Measurement {
+    /// The median of each figure over the rounds (errors are summed).
+    fn median(rounds: &[Measurement]) -> Measurement {
+        let median = |value: fn(&Measurement) -> f64| -> f64 {
+            let mut values: Vec<f64> = rounds.iter().map(value).collect();
+            values.sort_by(f64::total_cmp);
+            match values.len() {
+                0 => 0.0,
+                n if n % 2 == 1 => values[n / 2],
+                n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+            }
+        };
+        Measurement {
+            single_stream_gbps: median(|m| m.single_stream_gbps),
+            parallel_gbps: median(|m| m.parallel_gbps),
+            cpu_seconds_per_gb: median(|m| m.cpu_seconds_per_gb),
+            connections_per_second: median(|m| m.connections_per_second),
+            connection_errors: rounds.iter().map(|m| m.connection_errors).sum(),
+            cpu_ms_per_1k_connections: median(|m| m.cpu_ms_per_1k_connections),
+            rss_mib: 0.0,
+            peak_rss_mib: 0.0,
+        }
+    }
 }
 
 /// A table row: its name, how to read it from a measurement, whether higher is better.
@@ -270,7 +327,8 @@ fn print_table(results: &[Measurement], settings: &Settings) {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "\nl4: {} s per run, {} clients for the connection rate, loopback, HAProxy {}\n",
+        "\nl4: medians of {} rounds, {} s per run, {} clients for the connection rate, loopback, HAProxy {}\n",
+        settings.rounds,
         settings.seconds,
         settings.clients,
         if settings.haproxy_splice {
