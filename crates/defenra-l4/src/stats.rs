@@ -190,7 +190,7 @@ impl StatsSource for L4Stats {
                     ));
                     push(Metric::counter(
                         "udp_sessions_rejected_total",
-                        "UDP clients refused because the session table was full",
+                        "datagrams from new UDP clients dropped because the session table was full",
                         c.udp_sessions_rejected_total,
                     ));
                     push(Metric::counter(
