@@ -1,4 +1,4 @@
-//! The Linux UDP loop: up to [`BATCH`] queries per `recvmmsg(2)` and their answers in one
+//! The Linux UDP loop: several queries per `recvmmsg(2)` and their answers in one
 //! `sendmmsg(2)`, through nix's safe wrappers, on buffers allocated once per socket.
 
 use std::io::{IoSlice, IoSliceMut};
@@ -14,8 +14,8 @@ use tracing::{debug, warn};
 use crate::DnsService;
 use crate::answer::Transport;
 
-/// Datagrams taken per system call at most.
-const BATCH: usize = 32;
+/// Most datagrams per system call ([`DnsOptions::udp_batch`](crate::DnsOptions) is capped to it).
+pub(crate) const MAX_BATCH: usize = 64;
 /// Receive buffer per datagram. A longer datagram is cut (MSG_TRUNC) and dropped; queries
 /// are a few hundred bytes.
 const QUERY_BUFFER: usize = 4096;
@@ -30,19 +30,20 @@ impl DnsService {
         mut random: u64,
     ) {
         let fd = socket.as_raw_fd();
-        let mut queries: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; QUERY_BUFFER]).collect();
-        let mut answers: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(1232)).collect();
-        let mut receive_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-        let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+        let batch = self.options.udp_batch.clamp(1, MAX_BATCH);
+        let mut queries: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; QUERY_BUFFER]).collect();
+        let mut answers: Vec<Vec<u8>> = (0..batch).map(|_| Vec::with_capacity(1232)).collect();
+        let mut receive_headers = MultiHeaders::<SockaddrStorage>::preallocate(batch, None);
+        let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(batch, None);
         // Per datagram: length, sender, whether it was cut.
-        let mut received: Vec<(usize, Option<SockaddrStorage>, bool)> = Vec::with_capacity(BATCH);
-        let mut to_send: Vec<usize> = Vec::with_capacity(BATCH);
-        let mut addresses: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
+        let mut received: Vec<(usize, Option<SockaddrStorage>, bool)> = Vec::with_capacity(batch);
+        let mut to_send: Vec<usize> = Vec::with_capacity(batch);
+        let mut addresses: Vec<Option<SockaddrStorage>> = Vec::with_capacity(batch);
 
         while !shutdown.is_cancelled() {
             received.clear();
             {
-                let mut slices: [[IoSliceMut<'_>; 1]; BATCH] =
+                let mut slices: [[IoSliceMut<'_>; 1]; MAX_BATCH] =
                     std::array::from_fn(|_| [IoSliceMut::new(&mut [])]);
                 for (slice, buffer) in slices.iter_mut().zip(queries.iter_mut()) {
                     *slice = [IoSliceMut::new(buffer)];
@@ -50,7 +51,7 @@ impl DnsService {
                 match recvmmsg(
                     fd,
                     &mut receive_headers,
-                    slices.iter_mut(),
+                    slices.iter_mut().take(batch),
                     MsgFlags::MSG_WAITFORONE,
                     None,
                 ) {

@@ -44,6 +44,9 @@ pub struct DnsOptions {
     pub tcp_idle_timeout: Duration,
     /// At most this many TCP connections at once; more are closed when accepted.
     pub tcp_max_connections: usize,
+    /// UDP datagrams taken per `recvmmsg(2)` on Linux (at most 64); 1 receives and sends
+    /// one datagram per system call.
+    pub udp_batch: usize,
 }
 
 impl Default for DnsOptions {
@@ -53,6 +56,7 @@ impl Default for DnsOptions {
             udp_payload_limit: 1232,
             tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,
+            udp_batch: 32,
         }
     }
 }

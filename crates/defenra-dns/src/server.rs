@@ -214,13 +214,14 @@ impl DnsService {
     /// One UDP socket's loop: batched system calls on Linux, one datagram at a time elsewhere.
     fn run_udp(&self, socket: &UdpSocket, shutdown: &CancellationToken, number: u64) {
         #[cfg(target_os = "linux")]
-        self.udp_loop_batched(socket, shutdown, seed(number));
-        #[cfg(not(target_os = "linux"))]
+        if self.options.udp_batch > 1 {
+            self.udp_loop_batched(socket, shutdown, seed(number));
+            return;
+        }
         self.udp_loop(socket, shutdown, seed(number));
     }
 
     /// One datagram at a time: receive into a reused buffer, answer into another, send.
-    #[cfg_attr(target_os = "linux", allow(dead_code))]
     fn udp_loop(&self, socket: &UdpSocket, shutdown: &CancellationToken, mut random: u64) {
         let mut packet = vec![0u8; 65_535];
         let mut response = Vec::with_capacity(65_535);

@@ -344,3 +344,30 @@ where
     }
     false
 }
+
+#[tokio::test]
+async fn the_unbatched_udp_loop_answers_too() {
+    let options = DnsOptions {
+        udp_batch: 1,
+        ..DnsOptions::default()
+    };
+    let server = TestServer::start_with(crate::support::ZONE, None, options).await;
+    for _ in 0..3 {
+        let response = server.udp(&query("www.example.com.", RecordType::A)).await;
+        assert_eq!(response.answers.len(), 2);
+    }
+    // A malformed packet between good ones changes nothing.
+    assert!(
+        udp_raw(server.addr, &[0; 5], Duration::from_millis(100))
+            .await
+            .is_none()
+    );
+    assert_eq!(
+        server
+            .udp(&query("example.com.", RecordType::A))
+            .await
+            .answers
+            .len(),
+        1
+    );
+}
