@@ -6,7 +6,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -49,13 +49,20 @@ pub struct Compiled {
 /// [`Rejected`] when the body is not a JSON object or Core said `success: false`. Every
 /// smaller problem is an [`Issue`] in the returned [`Compiled`].
 pub fn compile(doc: &[u8]) -> Result<Compiled, Rejected> {
-    let value: serde_json::Value =
-        serde_json::from_slice(doc).map_err(|error| Rejected::NotJson(error.to_string()))?;
-    if !value.is_object() {
-        return Err(Rejected::NotObject);
-    }
+    // Decoded straight into the wire types (no intermediate `Value` tree of the whole
+    // document): a 10,000-domain document otherwise costs several times its size at peak.
     let response: wire::PollResponse =
-        serde_json::from_value(value).map_err(|error| Rejected::Schema(error.to_string()))?;
+        serde_json::from_slice(doc).map_err(|error| match error.classify() {
+            serde_json::error::Category::Data => {
+                let first = doc.iter().find(|byte| !byte.is_ascii_whitespace());
+                if first == Some(&b'{') {
+                    Rejected::Schema(error.to_string())
+                } else {
+                    Rejected::NotObject
+                }
+            }
+            _ => Rejected::NotJson(error.to_string()),
+        })?;
     if response.success == Some(false) {
         return Err(Rejected::Refused(response.message.unwrap_or_default()));
     }
@@ -100,11 +107,13 @@ pub fn compile_response(response: &wire::PollResponse) -> Compiled {
         .filter(|seconds| seconds.is_finite() && *seconds > 0.0)
         .map(|seconds| Duration::from_secs_f64(seconds.clamp(1.0, 3600.0)));
 
-    let mut hasher = DefaultHasher::new();
-    // Serialising the wire types is deterministic (struct order, BTreeMaps).
-    serde_json::to_string(&(&response.domains, &response.proxies, &response.agents))
-        .unwrap_or_default()
-        .hash(&mut hasher);
+    // Serialising the wire types is deterministic (struct order, BTreeMaps); it is streamed
+    // into the hasher rather than into a string the size of the document.
+    let mut hasher = HashWriter(DefaultHasher::new());
+    let _ = serde_json::to_writer(
+        &mut hasher,
+        &(&response.domains, &response.proxies, &response.agents),
+    );
 
     Compiled {
         snapshot: Snapshot {
@@ -116,7 +125,7 @@ pub fn compile_response(response: &wire::PollResponse) -> Compiled {
         },
         issues,
         next_poll_interval,
-        fingerprint: hasher.finish(),
+        fingerprint: hasher.0.finish(),
     }
 }
 
@@ -940,6 +949,20 @@ fn compile_agents(raw: &[Item<wire::Agent>], issues: &mut Vec<Issue>) -> Vec<Age
         });
     }
     agents
+}
+
+/// Feeds serialised bytes into a hasher.
+struct HashWriter(DefaultHasher);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.write(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
