@@ -2,7 +2,8 @@
 //! ACME HTTP-01 answers, redirects to HTTPS, the WAF hook and streaming proxying to origins.
 //!
 //! This crate owns the listeners' connection handling (hyper 1 server, HTTP/1.1 and HTTP/2),
-//! the per-snapshot [`RouteTable`] and certificate table, and the pooled clients to origins.
+//! the per-snapshot [`RouteTable`] and certificate table, and the pool of origin connections
+//! (driven by the requests that use them, `origin.rs`).
 //! It never reads files, flags or env vars, never binds sockets itself (the caller hands it
 //! bound listeners) and never buffers a whole body.
 //!
