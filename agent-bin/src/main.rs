@@ -5,6 +5,7 @@
 //! and prints to stdout. The services themselves live in the `defenra-*` library crates.
 //! Start reading at [`run::run`].
 
+mod alloc;
 mod check;
 mod cli;
 #[cfg(test)]
@@ -18,11 +19,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
-
-/// mimalloc instead of glibc malloc: the proxy's per-request buffers and the WAF's LuaJIT
-/// heaps allocate and free constantly across threads (see docs/performance.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

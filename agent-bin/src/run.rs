@@ -140,7 +140,8 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         .with_service(dns.clone())
         .with_service(waf.clone())
         .with_service(http.clone())
-        .with_service(l4.clone());
+        .with_service(l4.clone())
+        .with_service(Arc::new(crate::alloc::ReturnFreedMemory));
     if let Some(dir) = &args.state_dir {
         config = config.with_state_dir(StateDir::new(dir.clone()));
     }
