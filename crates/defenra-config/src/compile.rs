@@ -323,6 +323,7 @@ fn compile_domain(raw: &wire::Domain, path: &str, issues: &mut Vec<Issue>) -> Op
         }
     }
 
+    records.shrink_to_fit();
     let lua_code = lua_code
         .as_deref()
         .filter(|code| !code.trim().is_empty())
@@ -617,8 +618,8 @@ fn parse_record_data(
                 .unwrap_or(rest);
             RecordData::Caa {
                 flags,
-                tag: tag.to_ascii_lowercase(),
-                value: caa_value.to_owned(),
+                tag: tag.to_ascii_lowercase().into(),
+                value: caa_value.into(),
             }
         }
         RecordType::Soa => {
@@ -632,7 +633,7 @@ fn parse_record_data(
                     "{value:?} is not \"mname rname serial refresh retry expire minimum\""
                 )));
             };
-            RecordData::Soa(Soa {
+            RecordData::Soa(Box::new(Soa {
                 mname: target_name(mname).map_err(value_error)?,
                 rname: target_name(rname).map_err(value_error)?,
                 serial: *serial,
@@ -640,7 +641,7 @@ fn parse_record_data(
                 retry: *retry,
                 expire: *expire,
                 minimum: *minimum,
-            })
+            }))
         }
     })
 }

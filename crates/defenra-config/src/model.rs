@@ -126,10 +126,12 @@ pub enum RecordData {
     },
     Caa {
         flags: u8,
-        tag: String,
-        value: String,
+        tag: Box<str>,
+        value: Box<str>,
     },
-    Soa(Soa),
+    /// Boxed, like the CAA strings, to keep every record small: a 10,000-domain config
+    /// holds tens of thousands of records.
+    Soa(Box<Soa>),
 }
 
 impl RecordData {

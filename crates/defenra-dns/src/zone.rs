@@ -242,7 +242,7 @@ impl Builder {
                 .records
                 .iter()
                 .find_map(|(_, record)| match &record.data {
-                    RecordData::Soa(soa) => Some((soa.clone(), record.ttl)),
+                    RecordData::Soa(soa) => Some(((**soa).clone(), record.ttl)),
                     _ => None,
                 });
         let is_configured = configured_soa.is_some();
@@ -260,7 +260,7 @@ impl Builder {
                 SOA_TTL,
             )
         });
-        let soa_data = RecordData::Soa(soa.clone());
+        let soa_data = RecordData::Soa(Box::new(soa.clone()));
         let negative_soa = self
             .index
             .push_rrset(TYPE_SOA, &[(&soa_data, soa_ttl.min(soa.minimum))]);
