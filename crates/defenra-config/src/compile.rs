@@ -160,7 +160,7 @@ fn compile_domain(raw: &wire::Domain, path: &str, issues: &mut Vec<Issue>) -> Op
         return None;
     }
 
-    let mut geo = GeoSettings::default();
+    let mut geo = Box::<GeoSettings>::default();
     let mut records = Vec::new();
     for (index, item) in dns_records.iter().enumerate() {
         let record_path = format!("{path}.dnsRecords[{index}]");
@@ -308,10 +308,10 @@ fn compile_domain(raw: &wire::Domain, path: &str, issues: &mut Vec<Issue>) -> Op
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
                 if valid_token && !key_authorization.is_empty() {
-                    acme_challenge = Some(AcmeChallenge {
+                    acme_challenge = Some(Box::new(AcmeChallenge {
                         token: token.to_owned(),
                         key_authorization: key_authorization.to_owned(),
-                    });
+                    }));
                 } else {
                     issues.push(Issue::new(
                         format!("{ssl_path}.acmeHttpChallenge"),
