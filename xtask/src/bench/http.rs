@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use super::common::{
+    common_conf, free_port, http_common, json_string, nginx_binary, on_path, stop, wait_for_port,
+};
 use crate::{cargo, project_root, run_command};
 
 /// The name both proxies serve. It is in `/etc/hosts` everywhere, so wrk's URL resolves to
@@ -200,20 +203,6 @@ fn ensure_tools() -> anyhow::Result<()> {
     run_command("apt-get", &args)
 }
 
-fn on_path(binary: &str) -> bool {
-    ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"]
-        .iter()
-        .any(|dir| Path::new(dir).join(binary).exists())
-}
-
-fn nginx_binary() -> &'static str {
-    if Path::new("/usr/sbin/nginx").exists() {
-        "/usr/sbin/nginx"
-    } else {
-        "nginx"
-    }
-}
-
 /// A P-256 certificate for `localhost`, used by both proxies.
 fn make_certificate(dir: &Path) -> anyhow::Result<()> {
     let status = Command::new("openssl")
@@ -237,43 +226,6 @@ fn make_certificate(dir: &Path) -> anyhow::Result<()> {
         .context("cannot run openssl")?;
     anyhow::ensure!(status.success(), "openssl req failed with {status}");
     Ok(())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
-}
-
-fn wait_for_port(port: u16) -> anyhow::Result<()> {
-    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    anyhow::bail!("nothing listens on 127.0.0.1:{port} after 10 s")
-}
-
-fn common_conf(dir: &Path, name: &str, workers: &str) -> String {
-    let dir = dir.display();
-    format!(
-        "daemon off;\nmaster_process on;\nuser root;\nworker_processes {workers};\n\
-         worker_rlimit_nofile 65535;\npid {dir}/{name}.pid;\n\
-         error_log {dir}/{name}-error.log warn;\n\
-         events {{ worker_connections 16384; multi_accept on; }}\n"
-    )
-}
-
-fn http_common(dir: &Path, name: &str) -> String {
-    let dir = dir.display();
-    format!(
-        "access_log off;\nkeepalive_requests 1000000;\nkeepalive_timeout 75s;\n\
-         client_body_temp_path {dir}/{name}-body;\nproxy_temp_path {dir}/{name}-proxy;\n\
-         fastcgi_temp_path {dir}/{name}-fastcgi;\nuwsgi_temp_path {dir}/{name}-uwsgi;\n\
-         scgi_temp_path {dir}/{name}-scgi;\n"
-    )
 }
 
 /// The origin: one worker serving `www/index.html` (1 KiB).
@@ -371,22 +323,6 @@ impl Drop for Agent {
     }
 }
 
-fn stop(child: &mut Child, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(signal)
-        .arg(child.id().to_string())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 fn start_agent(
     dir: &Path,
     binary: &Path,
@@ -425,21 +361,6 @@ fn start_agent(
         .spawn()
         .with_context(|| format!("cannot start {}", binary.display()))?;
     Ok(Agent { child })
-}
-
-fn json_string(text: &str) -> String {
-    let mut out = String::from("\"");
-    for ch in text.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => {}
-            other => out.push(other),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// A measured wrk run that also reads the CPU time the proxy (`pid` and its children) used,

@@ -1,5 +1,6 @@
 //! `cargo xtask bench <area>`: runs the agent beside its peer under the same load.
 
+mod common;
 mod dns;
 mod http;
 mod l4;

@@ -16,14 +16,17 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use anyhow::Context;
 
+use super::common::{
+    common_conf, free_port, http_common, json_string, nginx_binary, on_path, stop, wait_for_port,
+};
 use crate::{cargo, project_root, run_command};
 
 /// The rule script both proxies run: an IP list, a shared-dict rate limit (high enough
@@ -365,37 +368,6 @@ fn ensure_tools() -> anyhow::Result<()> {
 const NDK_MODULE: &str = "/usr/lib/nginx/modules/ndk_http_module.so";
 const LUA_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_lua_module.so";
 
-fn on_path(binary: &str) -> bool {
-    ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"]
-        .iter()
-        .any(|dir| Path::new(dir).join(binary).exists())
-}
-
-fn nginx_binary() -> &'static str {
-    if Path::new("/usr/sbin/nginx").exists() {
-        "/usr/sbin/nginx"
-    } else {
-        "nginx"
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
-}
-
-fn wait_for_port(port: u16) -> anyhow::Result<()> {
-    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    anyhow::bail!("nothing listens on 127.0.0.1:{port} after 10 s")
-}
-
 /// One `GET` with `Connection: close`; returns the response head and body as text.
 fn get(port: u16, host: &str, path: &str, user_agent: &str) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
@@ -407,26 +379,6 @@ fn get(port: u16, host: &str, path: &str, user_agent: &str) -> anyhow::Result<St
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     Ok(String::from_utf8_lossy(&response).into_owned())
-}
-
-fn common_conf(dir: &Path, name: &str, workers: &str) -> String {
-    let dir = dir.display();
-    format!(
-        "daemon off;\nmaster_process on;\nuser root;\nworker_processes {workers};\n\
-         worker_rlimit_nofile 65535;\npid {dir}/{name}.pid;\n\
-         error_log {dir}/{name}-error.log warn;\n\
-         events {{ worker_connections 16384; multi_accept on; }}\n"
-    )
-}
-
-fn http_common(dir: &Path, name: &str) -> String {
-    let dir = dir.display();
-    format!(
-        "access_log off;\nkeepalive_requests 1000000;\nkeepalive_timeout 75s;\n\
-         client_body_temp_path {dir}/{name}-body;\nproxy_temp_path {dir}/{name}-proxy;\n\
-         fastcgi_temp_path {dir}/{name}-fastcgi;\nuwsgi_temp_path {dir}/{name}-uwsgi;\n\
-         scgi_temp_path {dir}/{name}-scgi;\n"
-    )
 }
 
 /// The origin: one worker serving `www/index.html` (1 KiB) for any host.
@@ -508,22 +460,6 @@ impl Drop for Agent {
     }
 }
 
-fn stop(child: &mut Child, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(signal)
-        .arg(child.id().to_string())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 fn start_agent(dir: &Path, binary: &Path, origin_port: u16, port: u16) -> anyhow::Result<Agent> {
     let domain = |name: &str, script: Option<&str>| {
         let lua = script.map_or(String::new(), |code| {
@@ -565,21 +501,6 @@ fn start_agent(dir: &Path, binary: &Path, origin_port: u16, port: u16) -> anyhow
         .spawn()
         .with_context(|| format!("cannot start {}", binary.display()))?;
     Ok(Agent { child })
-}
-
-fn json_string(text: &str) -> String {
-    let mut out = String::from("\"");
-    for ch in text.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => {}
-            other => out.push(other),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[derive(Debug, Clone)]
