@@ -20,13 +20,13 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let smoke = args.iter().any(|arg| arg == "--smoke");
     run_command(&cargo(), &["build", "--package", "defenra-agent"])?;
     let root = project_root();
-    let binary = root.join("target/debug/defenra-agent");
+    let binary = crate::target_dir().join("debug/defenra-agent");
 
     let origin = TcpListener::bind(ORIGIN)
         .with_context(|| format!("the demo origin needs {ORIGIN} free"))?;
     std::thread::spawn(move || serve_origin(origin));
 
-    let state_dir = root.join("target/demo-state");
+    let state_dir = crate::target_dir().join("demo-state");
     let mut agent = Command::new(&binary)
         .args(["--config", "examples/demo.json"])
         .args([

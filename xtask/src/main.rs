@@ -64,6 +64,15 @@ pub(crate) fn project_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the root), else
+/// `target/` in the root.
+pub(crate) fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => project_root().join(dir),
+        None => project_root().join("target"),
+    }
+}
+
 /// Runs `program args...` in the project root, failing if it exits non-zero.
 pub(crate) fn run_command(program: &str, args: &[&str]) -> anyhow::Result<()> {
     eprintln!("$ {program} {}", args.join(" "));
@@ -93,7 +102,7 @@ pub(crate) fn run_against_release_agent(args: &[&str]) -> anyhow::Result<()> {
         &cargo,
         &["build", "--release", "--package", "defenra-agent"],
     )?;
-    let binary = project_root().join("target/release/defenra-agent");
+    let binary = target_dir().join("release/defenra-agent");
     eprintln!(
         "$ DEFENRA_AGENT_BIN={} cargo {}",
         binary.display(),

@@ -90,7 +90,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if build {
         cargo_release(&root, &["build", "--release", "-p", "defenra-agent"])?;
     }
-    let agent_bin = root.join("target/release/defenra-agent");
+    let agent_bin = crate::target_dir().join("release/defenra-agent");
     ensure!(
         agent_bin.exists(),
         "{} is missing; run without --no-build",

@@ -18,7 +18,7 @@ use anyhow::Context;
 use super::common::{
     common_conf, free_port, http_common, json_string, nginx_binary, on_path, stop, wait_for_port,
 };
-use crate::{cargo, project_root, run_command};
+use crate::{cargo, run_command};
 
 /// The name both proxies serve. It is in `/etc/hosts` everywhere, so wrk's URL resolves to
 /// 127.0.0.1 and wrk sends it as SNI.
@@ -30,7 +30,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if !settings.skip_build {
         run_command(&cargo(), &["build", "--release", "-p", "defenra-agent"])?;
     }
-    let agent_binary = project_root().join("target/release/defenra-agent");
+    let agent_binary = crate::target_dir().join("release/defenra-agent");
     anyhow::ensure!(
         agent_binary.exists(),
         "{} is missing",

@@ -25,7 +25,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let settings = Settings::parse(args)?;
     ensure_tools()?;
     let root = crate::project_root();
-    let agent_binary = root.join("target/release/defenra-agent");
+    let agent_binary = crate::target_dir().join("release/defenra-agent");
     if !settings.skip_build {
         // The default target dir, so the lead's release builds reuse this one.
         eprintln!("$ cargo build --release -p defenra-agent");

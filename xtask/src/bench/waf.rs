@@ -71,9 +71,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             ],
         )?;
     }
-    let root = project_root();
-    let agent_binary = root.join("target/release/defenra-agent");
-    let check_cost = root.join("target/release/examples/check_cost");
+    let agent_binary = crate::target_dir().join("release/defenra-agent");
+    let check_cost = crate::target_dir().join("release/examples/check_cost");
     for binary in [&agent_binary, &check_cost] {
         anyhow::ensure!(binary.exists(), "{} is missing", binary.display());
     }
