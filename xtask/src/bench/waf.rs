@@ -27,7 +27,7 @@ use anyhow::Context;
 use super::common::{
     common_conf, free_port, http_common, json_string, nginx_binary, on_path, stop, wait_for_port,
 };
-use crate::{cargo, project_root, run_command};
+use crate::{cargo, run_command};
 
 /// The rule script both proxies run: an IP list, a shared-dict rate limit (high enough
 /// never to trigger under the benchmark), a user-agent check and a few URI patterns. It
