@@ -53,12 +53,10 @@ impl Tally {
 
 fn config(
     version: u32,
-    origin: SocketAddr,
     cert: &(String, String, CertificateDer<'static>),
     tcp: (u16, SocketAddr),
     udp: (u16, SocketAddr),
 ) -> String {
-    let _ = origin;
     json!({
         "success": true,
         "domains": [
@@ -119,7 +117,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|version| {
             config(
                 version,
-                origin,
                 &certs[version as usize],
                 (tcp_port, tcp_echo),
                 (udp_port, udp_echo),

@@ -73,10 +73,7 @@ impl Observability {
     pub(crate) fn stats(&self) -> Value {
         let mut root = Map::new();
         root.insert("uptime_s".into(), json!(self.started.elapsed().as_secs()));
-        let config: &dyn StatsSource = self.config.as_ref();
-        for source in
-            std::iter::once(config).chain(self.services.iter().map(|source| source.as_ref()))
-        {
+        for source in self.sources() {
             let mut metrics = Vec::new();
             source.collect(&mut metrics);
             let mut object = match source.details() {
@@ -119,14 +116,17 @@ impl Observability {
         }
     }
 
+    /// Every counter source, in `/stats` order: config, this process, then the services.
+    fn sources(&self) -> impl Iterator<Item = &dyn StatsSource> {
+        let config: &dyn StatsSource = self.config.as_ref();
+        [config, &ProcessStats]
+            .into_iter()
+            .chain(self.services.iter().map(|source| source.as_ref()))
+    }
+
     fn all_metrics(&self) -> Vec<(&'static str, Metric)> {
         let mut all = Vec::new();
-        let config: &dyn StatsSource = self.config.as_ref();
-        let process = ProcessStats;
-        let sources = std::iter::once(config)
-            .chain(std::iter::once(&process as &dyn StatsSource))
-            .chain(self.services.iter().map(|source| source.as_ref()));
-        for source in sources {
+        for source in self.sources() {
             let mut metrics = Vec::new();
             source.collect(&mut metrics);
             all.extend(metrics.into_iter().map(|metric| (source.service(), metric)));

@@ -164,11 +164,13 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         tasks.spawn(async move { (name, future.await) });
     };
     if let Some(listener) = health_listener {
+        let (observability, token) = (Arc::clone(&observability), shutdown.clone());
         spawn(
             "health",
-            Box::pin(
-                health::serve(listener, Arc::clone(&observability), shutdown.clone()).map_ok(),
-            ),
+            Box::pin(async move {
+                health::serve(listener, observability, token).await;
+                Ok(())
+            }),
         );
     }
 
@@ -272,19 +274,6 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             info!("stopped");
             Ok(())
         }
-    }
-}
-
-trait MapOk {
-    fn map_ok(self) -> ServiceFuture;
-}
-
-impl<F: Future<Output = ()> + Send + 'static> MapOk for F {
-    fn map_ok(self) -> ServiceFuture {
-        Box::pin(async move {
-            self.await;
-            Ok(())
-        })
     }
 }
 

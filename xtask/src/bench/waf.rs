@@ -32,24 +32,7 @@ use crate::{cargo, run_command};
 /// The rule script both proxies run: an IP list, a shared-dict rate limit (high enough
 /// never to trigger under the benchmark), a user-agent check and a few URI patterns. It
 /// marks the responses it lets through, so the bench can check that it really ran.
-const SCRIPT: &str = r#"
-local ip = ngx.var.remote_addr
-local blocked = { ["203.0.113.1"] = true, ["203.0.113.2"] = true, ["198.51.100.9"] = true }
-if blocked[ip] then return ngx.exit(403) end
-local key = "rl:" .. ip
-local count = ngx.shared.cache:incr(key, 1, 0, 1)
-if count and count > 1000000000 then return ngx.exit(429) end
-local ua = string.lower(ngx.var.http_user_agent or "")
-for _, bad in ipairs({ "sqlmap", "nikto", "masscan", "zgrab" }) do
-  if string.find(ua, bad, 1, true) then return ngx.exit(403) end
-end
-local uri = string.lower(ngx.var.request_uri)
-if string.find(uri, "union%s+select") or string.find(uri, "<script")
-   or string.find(uri, "%.%./") or string.find(uri, "/wp%-admin") then
-  return ngx.exit(403)
-end
-ngx.header["X-Waf"] = "checked"
-"#;
+const SCRIPT: &str = include_str!("../../../crates/defenra-waf/examples/bench_rules.lua");
 
 const PLAIN_HOST: &str = "plain.test";
 const WAF_HOST: &str = "waf.test";
