@@ -133,9 +133,9 @@ impl OriginPool {
                 },
             }
         }
-        let mut conn = self
-            .connector(key.kind)
-            .connect(&key.authority)
+        // Boxed: connecting (TCP, TLS) is the rare path, and its state would otherwise make
+        // every in-flight request's future, pooled or not, over a kilobyte larger.
+        let mut conn = Box::pin(self.connector(key.kind).connect(&key.authority))
             .await
             .map_err(ExchangeError::Connect)?;
         match conn.send(request).await {

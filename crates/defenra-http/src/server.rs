@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::body::{Body, Incoming};
+use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::rt::{Read, Write};
-use hyper::service::service_fn;
+use hyper::server::conn::{http1, http2};
+use hyper::service::{HttpService as HyperService, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -62,7 +64,7 @@ pub(crate) async fn serve(
             listener: kind.name(),
             source,
         })?;
-    let builder = Arc::new(server_builder(&service.options));
+    let builders = Arc::new(Builders::new(&service.options));
     let limit = Arc::new(Semaphore::new(service.options.max_connections.max(1)));
     let tracker = TaskTracker::new();
     tracing::info!(listener = kind.name(), address = %local, "listening");
@@ -107,7 +109,12 @@ pub(crate) async fn serve(
             tunnels: tracker.clone(),
             shutdown: shutdown.clone(),
         });
-        tracker.spawn(serve_connection(conn, stream, Arc::clone(&builder), permit));
+        tracker.spawn(serve_connection(
+            conn,
+            stream,
+            Arc::clone(&builders),
+            permit,
+        ));
     }
     drop(listener);
     tracker.close();
@@ -116,64 +123,118 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-fn server_builder(options: &HttpOptions) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        // The slowloris guard: a request head must arrive whole within this time. hyper
-        // starts the timer when it waits for a head, so it also bounds keep-alive idle time.
-        .header_read_timeout(options.header_read_timeout)
-        // A head that does not fit this buffer is answered with 431.
-        .max_buf_size(options.max_header_bytes.max(MIN_HEADER_BUFFER));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
-    builder
+/// hyper's builders for the two protocols. Which one serves a connection is decided before
+/// hyper reads from it: by ALPN on TLS, by peeking for the HTTP/2 preface on plain TCP.
+/// (hyper-util's auto builder reads the first bytes itself and hands them back through a
+/// rewind buffer; hyper then sees a partial head and doubles its 8 KiB read buffer, on every
+/// connection: 8 KiB more per idle keep-alive client.)
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
+
+impl Builders {
+    fn new(options: &HttpOptions) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            // The slowloris guard: a request head must arrive whole within this time. hyper
+            // starts the timer when it waits for a head, so it also bounds keep-alive idle time.
+            .header_read_timeout(options.header_read_timeout)
+            // A head that does not fit this buffer is answered with 431.
+            .max_buf_size(options.max_header_bytes.max(MIN_HEADER_BUFFER));
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256);
+        Builders { http1, http2 }
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4). A plain-text client that opens with it
+/// speaks h2c with prior knowledge; no HTTP/1 request line can start like it.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 async fn serve_connection(
     conn: Arc<Conn>,
     stream: TcpStream,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let stats = Arc::clone(&conn.service.stats);
-    let listener_stats = stats.listener(conn.listener);
+    let listener_stats = conn.service.stats.listener(conn.listener);
     listener_stats.connection_opened();
     let meter = Arc::new(Meter::default());
-    let io = Metered {
-        inner: stream,
-        meter: Arc::clone(&meter),
-    };
     match conn.listener {
-        Listener::Http => drive(&conn, TokioIo::new(io), &builder, &meter).await,
-        Listener::Https => {
-            let timeout = conn.service.options.header_read_timeout;
-            let handshake = conn.service.tls_acceptor.accept(io);
-            match tokio::time::timeout(timeout, handshake).await {
-                Ok(Ok(tls)) => drive(&conn, TokioIo::new(tls), &builder, &meter).await,
-                Ok(Err(error)) => {
-                    stats.count(Event::TlsHandshakeFailure);
-                    tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed");
-                }
-                Err(_) => {
-                    stats.count(Event::TlsHandshakeFailure);
-                    tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
-                }
-            }
-        }
+        Listener::Http => serve_plain(&conn, stream, &builders, &meter).await,
+        // Boxed, so that plain connections' tasks do not carry room for a TLS session.
+        Listener::Https => Box::pin(serve_tls(&conn, stream, &builders, &meter)).await,
     }
     meter.flush_into(listener_stats);
     listener_stats.connection_closed();
 }
 
-/// Runs hyper on one connection. Closes it gracefully when the listener shuts down or when
-/// no byte moved for a whole keep-alive period (an in-flight exchange finishes first).
-async fn drive<I>(conn: &Arc<Conn>, io: I, builder: &auto::Builder<TokioExecutor>, meter: &Meter)
+async fn serve_plain(conn: &Arc<Conn>, stream: TcpStream, builders: &Builders, meter: &Arc<Meter>) {
+    let timeout = conn.service.options.header_read_timeout;
+    let Ok(Some(h2)) = tokio::time::timeout(timeout, opens_with_h2_preface(&stream)).await else {
+        // Closed, broken or silent before the first bytes: nothing to answer.
+        return;
+    };
+    let io = Metered {
+        inner: stream,
+        meter: Arc::clone(meter),
+    };
+    run_protocol(conn, TokioIo::new(io), h2, builders, meter).await;
+}
+
+/// Peeks at the first bytes without consuming them: `Some(true)` for the HTTP/2 preface,
+/// `Some(false)` for anything else, `None` when the client closes first.
+async fn opens_with_h2_preface(stream: &TcpStream) -> Option<bool> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if first[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // A prefix of the preface so far. Peeking leaves the socket readable, so wait a
+        // little instead of spinning; only h2c clients (or a stalled attacker, bounded by
+        // the caller's timeout) ever get here.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn serve_tls(conn: &Arc<Conn>, stream: TcpStream, builders: &Builders, meter: &Arc<Meter>) {
+    let stats = &conn.service.stats;
+    let io = Metered {
+        inner: stream,
+        meter: Arc::clone(meter),
+    };
+    let timeout = conn.service.options.header_read_timeout;
+    let handshake = conn.service.tls_acceptor.accept(io);
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(tls)) => {
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            run_protocol(conn, TokioIo::new(tls), h2, builders, meter).await;
+        }
+        Ok(Err(error)) => {
+            stats.count(Event::TlsHandshakeFailure);
+            tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed");
+        }
+        Err(_) => {
+            stats.count(Event::TlsHandshakeFailure);
+            tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
+        }
+    }
+}
+
+async fn run_protocol<I>(conn: &Arc<Conn>, io: I, h2: bool, builders: &Builders, meter: &Meter)
 where
     I: Read + Write + Unpin + Send + 'static,
 {
@@ -181,7 +242,56 @@ where
         let conn = Arc::clone(conn);
         service_fn(move |request| Arc::clone(&conn).handle(request))
     };
-    let connection = builder.serve_connection_with_upgrades(io, service);
+    if h2 {
+        // Boxed: an HTTP/2 connection's state is twice an HTTP/1 one's, and most clients
+        // speak HTTP/1.1; their tasks should not carry the room.
+        Box::pin(drive(
+            conn,
+            builders.http2.serve_connection(io, service),
+            meter,
+        ))
+        .await;
+    } else {
+        let connection = builders.http1.serve_connection(io, service).with_upgrades();
+        drive(conn, connection, meter).await;
+    }
+}
+
+/// A hyper server connection, HTTP/1 or HTTP/2, that can be asked to finish gracefully.
+trait Served: Future<Output = hyper::Result<()>> {
+    fn close_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Served for http1::UpgradeableConnection<I, S>
+where
+    S: HyperService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: Read + Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> Served for http2::Connection<I, S, E>
+where
+    S: HyperService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: Read + Write + Unpin,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Http2ServerConnExec<S::Future, B>,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs hyper on one connection. Closes it gracefully when the listener shuts down or when
+/// no byte moved for a whole keep-alive period (an in-flight exchange finishes first).
+async fn drive<C: Served>(conn: &Arc<Conn>, connection: C, meter: &Meter) {
     tokio::pin!(connection);
     let listener_stats = conn.service.stats.listener(conn.listener);
     let period = conn.service.options.keepalive_timeout;
@@ -204,12 +314,12 @@ where
                 break;
             }
             () = cancelled.as_mut(), if !closing => {
-                connection.as_mut().graceful_shutdown();
+                connection.as_mut().close_gracefully();
                 closing = true;
             }
             _ = idle_check.tick(), if !closing => {
                 if !meter.flush_into(listener_stats) {
-                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().close_gracefully();
                     closing = true;
                 }
             }

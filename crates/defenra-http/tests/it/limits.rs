@@ -37,6 +37,28 @@ async fn slowloris_head_is_cut_after_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn silent_client_and_stalled_h2c_preface_are_cut_after_the_header_timeout() {
+    let origin = Origin::start().await;
+    let mut options = options(origin.addr.port());
+    options.header_read_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start_with(&config(vec![proxied_domain("example.com")]), options).await;
+    let mut silent = TcpStream::connect(proxy.http).await.unwrap();
+    let mut stalled = TcpStream::connect(proxy.http).await.unwrap();
+    // The first bytes of the HTTP/2 preface, then nothing: still undecided, never served.
+    stalled.write_all(b"PRI * HTTP/2").await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(3)).await);
+    assert!(closed_within(&mut stalled, Duration::from_secs(3)).await);
+    // The listener still serves.
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(b"GET /after HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+#[tokio::test]
 async fn oversized_head_is_431() {
     let origin = Origin::start().await;
     let mut options = options(origin.addr.port());
