@@ -207,7 +207,7 @@ fn find(index: &ZoneIndex, name: &[u8]) -> Lookup {
     while let Some(dot) = rest.iter().position(|&byte| byte == b'.') {
         rest = &rest[dot + 1..];
         if let Some((_, encloser)) = index.node_by_name(rest) {
-            return match encloser.wildcard {
+            return match encloser.wildcard() {
                 Some(wildcard) => Lookup::Found(wildcard),
                 None => Lookup::NxDomain(encloser.zone),
             };
@@ -268,7 +268,7 @@ fn resolve(
     for depth in 0..=MAX_CHAIN {
         let node = index.node(node_id);
 
-        if let Some(ttl) = node.geo_ttl
+        if let Some(ttl) = node.geo_ttl()
             && matches!(qtype, TYPE_A | TYPE_AAAA | TYPE_ANY)
         {
             let plan = index.zone(node.zone).plan.as_ref();
@@ -287,10 +287,10 @@ fn resolve(
             return answer;
         }
 
-        if let Some(cname) = &node.cname
+        if let Some(cname) = index.cname(node)
             && qtype != TYPE_CNAME
         {
-            push_rrset(out, owner, index.bytes(cname.rrset.bytes));
+            push_rrset(out, owner, index.bytes(cname.rrset));
             answer.n_answers += 1;
             if depth == MAX_CHAIN {
                 return answer;
@@ -322,11 +322,11 @@ fn resolve(
         };
         match rrset {
             Some(rrset) => {
-                answer.n_answers += push_rrset(out, owner, index.bytes(rrset.bytes));
+                answer.n_answers += push_rrset(out, owner, index.bytes(rrset.bytes()));
             }
-            None if qtype == TYPE_CNAME && node.cname.is_some() => {
-                if let Some(cname) = &node.cname {
-                    answer.n_answers += push_rrset(out, owner, index.bytes(cname.rrset.bytes));
+            None if qtype == TYPE_CNAME && node.has_cname() => {
+                if let Some(cname) = index.cname(node) {
+                    answer.n_answers += push_rrset(out, owner, index.bytes(cname.rrset));
                 }
             }
             // NODATA (RFC 2308 §2.2): the name exists, the type does not.
@@ -337,14 +337,21 @@ fn resolve(
     answer
 }
 
-/// Appends the zone's SOA to the authority section.
+/// Appends the zone's SOA to the authority section, with the negative-caching TTL
+/// (RFC 2308 §3) in place of the record's own.
 fn push_soa(index: &ZoneIndex, zone: u32, out: &mut Vec<u8>, answer: &mut Answer) {
     let zone = index.zone(zone);
-    answer.n_authority += push_rrset(
+    let at = out.len() + index.bytes(zone.apex_wire).len();
+    let added = push_rrset(
         out,
         Owner::Wire(index.bytes(zone.apex_wire)),
-        index.bytes(zone.negative_soa.bytes),
+        index.bytes(zone.soa),
     );
+    // The TTL sits after TYPE and CLASS.
+    if let Some(ttl) = out.get_mut(at + 4..at + 8) {
+        ttl.copy_from_slice(&zone.negative_ttl.to_be_bytes());
+    }
+    answer.n_authority += added;
 }
 
 /// Appends every record of a compiled record set (`tails`: type, class, TTL, RDLENGTH and

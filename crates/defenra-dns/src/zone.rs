@@ -1,7 +1,9 @@
 //! [`ZoneIndex`]: every served name with its answers precompiled to wire bytes, built from
 //! a snapshot at reload time.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -21,23 +23,36 @@ pub const GEO_TTL: u32 = 60;
 const SOA_TIMERS: [u32; 4] = [3600, 600, 604_800, 60];
 /// TTL of a synthesised SOA and NS set.
 const SOA_TTL: u32 = 3600;
+/// Longest name in text form (RFC 1035 §2.3.4); node names are stored with a `u8` length.
+const MAX_NAME_LEN: usize = 253;
 
 /// All served names of one snapshot. Immutable; replaced whole on reload.
+///
+/// Laid out for a small footprint (a 10,000-domain config must fit the agent in 30 MiB):
+/// names and wire bytes live in one arena, nodes are fixed-size structs of `u32` offsets,
+/// and the name lookup is an open-addressing table of node ids (4 bytes a slot) rather
+/// than a hash map owning a boxed key per name.
 #[derive(Debug, Default)]
 pub struct ZoneIndex {
-    /// Lower-case dotted name (`www.example.com`) → index into `nodes`.
-    names: HashMap<Box<[u8]>, u32>,
+    /// Node ids by name hash, linear probing; [`NONE`] marks an empty slot. The length is
+    /// a power of two at least twice the number of nodes (or zero).
+    slots: Box<[u32]>,
+    /// Seeds the name hash, so nobody can choose names that collide.
+    hasher: RandomState,
     nodes: Vec<Node>,
     zones: Vec<Zone>,
+    cnames: Vec<Cname>,
     /// Every node's record sets, each node's contiguous.
     rrsets: Vec<RrSet>,
-    /// One arena for all wire bytes (record sets, names), so a zone costs a few small
-    /// structs instead of an allocation per record set.
+    /// One arena for all bytes: node names, record sets, wire-form names.
     bytes: Vec<u8>,
     n_records: usize,
 }
 
-/// A range of [`ZoneIndex`]'s byte arena (or of its record-set list).
+/// "None" for the `u32` links of [`Node`] and the slots of the name table.
+const NONE: u32 = u32::MAX;
+
+/// A range of [`ZoneIndex`]'s byte arena.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Span {
     start: u32,
@@ -51,23 +66,67 @@ impl Span {
 }
 
 /// One name that exists in a zone: it owns records, or names below it do (an empty
-/// non-terminal, RFC 8020).
+/// non-terminal, RFC 8020). 28 bytes: one per name of every served zone.
 #[derive(Debug)]
 pub(crate) struct Node {
+    /// The lower-case dotted name in the arena (at most 253 bytes).
+    name_start: u32,
     pub(crate) zone: u32,
     /// Record sets other than CNAME, sorted by type (see [`ZoneIndex::rrsets`]).
-    pub(crate) rrsets: Span,
-    pub(crate) cname: Option<Cname>,
-    /// `Some(ttl)` when A and AAAA come from the zone's GeoDNS plan (proxied names, and the
-    /// apex of a domain with GeoDNS data).
-    pub(crate) geo_ttl: Option<u32>,
-    /// The `*` child of this name (RFC 4592 source of synthesis), if any.
-    pub(crate) wildcard: Option<u32>,
+    rrsets_start: u32,
+    /// Index into [`ZoneIndex::cnames`], or [`NONE`].
+    cname: u32,
+    /// The `*` child of this name (RFC 4592 source of synthesis), or [`NONE`].
+    wildcard: u32,
+    /// TTL of GeoDNS answers, valid when `geo`.
+    geo_ttl: u32,
+    name_len: u8,
+    rrsets_len: u8,
+    /// A and AAAA come from the zone's GeoDNS plan (proxied names, and the apex of a
+    /// domain with GeoDNS data).
+    geo: bool,
+}
+
+impl Node {
+    fn new(zone: u32, name: Span) -> Node {
+        Node {
+            name_start: name.start,
+            zone,
+            rrsets_start: 0,
+            cname: NONE,
+            wildcard: NONE,
+            geo_ttl: 0,
+            name_len: name.len as u8,
+            rrsets_len: 0,
+            geo: false,
+        }
+    }
+
+    fn name(&self) -> Span {
+        Span {
+            start: self.name_start,
+            len: u32::from(self.name_len),
+        }
+    }
+
+    /// `Some(ttl)` when A and AAAA are answered from the zone's GeoDNS plan.
+    pub(crate) fn geo_ttl(&self) -> Option<u32> {
+        self.geo.then_some(self.geo_ttl)
+    }
+
+    /// The `*` child of this name, if any.
+    pub(crate) fn wildcard(&self) -> Option<u32> {
+        (self.wildcard != NONE).then_some(self.wildcard)
+    }
+
+    pub(crate) fn has_cname(&self) -> bool {
+        self.cname != NONE
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Cname {
-    pub(crate) rrset: RrSet,
+    pub(crate) rrset: Span,
     /// The target, lower-case dotted, for chasing.
     pub(crate) target: Span,
     /// The target in wire form: the owner of the records found by chasing.
@@ -75,18 +134,31 @@ pub(crate) struct Cname {
 }
 
 /// Records of one type at one name, as wire bytes after the owner name: for each record
-/// type, class, TTL, RDLENGTH and RDATA. Writing one is the owner plus a copy.
+/// type, class, TTL, RDLENGTH and RDATA. Writing one is the owner plus a copy. A set
+/// never exceeds 65,535 bytes (no DNS message could carry more).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RrSet {
+    start: u32,
+    len: u16,
     pub(crate) rtype: u16,
-    pub(crate) bytes: Span,
+}
+
+impl RrSet {
+    pub(crate) fn bytes(self) -> Span {
+        Span {
+            start: self.start,
+            len: u32::from(self.len),
+        }
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Zone {
     pub(crate) apex_wire: Span,
-    /// SOA with the negative-caching TTL, for the authority section (RFC 2308 §3).
-    pub(crate) negative_soa: RrSet,
+    /// The apex's SOA record (type to RDATA), shared with the apex's answer. In the
+    /// authority section its TTL is replaced by `negative_ttl` (RFC 2308 §3).
+    pub(crate) soa: Span,
+    pub(crate) negative_ttl: u32,
     /// Boxed: most zones have none, and a plan is several hundred bytes.
     pub(crate) plan: Option<Box<GeoPlan>>,
 }
@@ -97,24 +169,45 @@ impl ZoneIndex {
     pub fn build(snapshot: &Snapshot, agent_ip: Option<IpAddr>, issues: &mut Vec<Issue>) -> Self {
         let mut builder = Builder {
             index: ZoneIndex::default(),
+            names: HashMap::new(),
             zone_names: snapshot
                 .domains
                 .iter()
-                .map(|domain| domain.name.clone())
+                .map(|domain| domain.name.as_str())
                 .collect(),
         };
         for (zone_id, (position, domain)) in snapshot.domains.iter().enumerate().enumerate() {
             builder.add_domain(zone_id as u32, position, domain, snapshot, agent_ip, issues);
         }
+        drop(builder.names);
         // The index lives until the next reload: give back what the growing vectors
         // over-reserved.
         let mut index = builder.index;
-        index.names.shrink_to_fit();
         index.nodes.shrink_to_fit();
         index.zones.shrink_to_fit();
+        index.cnames.shrink_to_fit();
         index.rrsets.shrink_to_fit();
         index.bytes.shrink_to_fit();
+        index.fill_slots();
         index
+    }
+
+    /// Builds the name table over all nodes.
+    fn fill_slots(&mut self) {
+        if self.nodes.is_empty() {
+            return;
+        }
+        let capacity = (self.nodes.len() * 2).next_power_of_two();
+        let mut slots = vec![NONE; capacity].into_boxed_slice();
+        let mask = capacity - 1;
+        for (id, node) in self.nodes.iter().enumerate() {
+            let mut slot = self.hasher.hash_one(&self.bytes[node.name().range()]) as usize & mask;
+            while slots[slot] != NONE {
+                slot = (slot + 1) & mask;
+            }
+            slots[slot] = id as u32;
+        }
+        self.slots = slots;
     }
 
     /// Number of served zones.
@@ -127,9 +220,36 @@ impl ZoneIndex {
         self.n_records
     }
 
+    /// Heap bytes held by the index (capacity of its tables and arena), for memory checks.
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.len() * size_of::<u32>()
+            + self.nodes.capacity() * size_of::<Node>()
+            + self.zones.capacity() * size_of::<Zone>()
+            + self.cnames.capacity() * size_of::<Cname>()
+            + self.rrsets.capacity() * size_of::<RrSet>()
+            + self.bytes.capacity()
+            + self.zones.iter().filter(|zone| zone.plan.is_some()).count() * size_of::<GeoPlan>()
+    }
+
+    /// The node named `name` (lower-case dotted). No allocation: one hash, then a probe
+    /// along the table comparing names in the arena.
     pub(crate) fn node_by_name(&self, name: &[u8]) -> Option<(u32, &Node)> {
-        let id = *self.names.get(name)?;
-        Some((id, &self.nodes[id as usize]))
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut slot = self.hasher.hash_one(name) as usize & mask;
+        loop {
+            let id = self.slots[slot];
+            if id == NONE {
+                return None;
+            }
+            let node = &self.nodes[id as usize];
+            if usize::from(node.name_len) == name.len() && self.bytes(node.name()) == name {
+                return Some((id, node));
+            }
+            slot = (slot + 1) & mask;
+        }
     }
 
     pub(crate) fn node(&self, id: u32) -> &Node {
@@ -140,9 +260,15 @@ impl ZoneIndex {
         &self.zones[id as usize]
     }
 
+    /// The CNAME of `node`, if it has one.
+    pub(crate) fn cname(&self, node: &Node) -> Option<&Cname> {
+        self.cnames.get(node.cname as usize)
+    }
+
     /// The record sets of `node`.
     pub(crate) fn rrsets(&self, node: &Node) -> &[RrSet] {
-        &self.rrsets[node.rrsets.range()]
+        let start = node.rrsets_start as usize;
+        &self.rrsets[start..start + usize::from(node.rrsets_len)]
     }
 
     /// Bytes of the arena.
@@ -169,31 +295,39 @@ impl ZoneIndex {
     }
 
     /// Compiles records of one type into the arena. Duplicate data is written once
-    /// (RFC 2181 §5), and all records get the lowest TTL (RFC 2181 §5.2).
-    fn push_rrset(&mut self, rtype: u16, records: &[(&RecordData, u32)]) -> RrSet {
+    /// (RFC 2181 §5), and all records get the lowest TTL (RFC 2181 §5.2). Records that
+    /// would take the set past 65,535 bytes are left out; returns how many.
+    fn push_rrset(&mut self, rtype: u16, records: &[(&RecordData, u32)]) -> (RrSet, usize) {
         let start = self.bytes.len();
         let ttl = records.iter().map(|(_, ttl)| *ttl).min().unwrap_or(0);
         let mut seen: Vec<&RecordData> = Vec::new();
+        let mut dropped = 0;
         for (data, _) in records {
             if seen.contains(data) {
                 continue;
             }
             seen.push(data);
+            let before = self.bytes.len();
             push_record_tail(&mut self.bytes, rtype, ttl, data);
+            if self.bytes.len() - start > usize::from(u16::MAX) {
+                self.bytes.truncate(before);
+                dropped += 1;
+            }
         }
-        RrSet {
+        let rrset = RrSet {
+            start: start as u32,
+            len: (self.bytes.len() - start) as u16,
             rtype,
-            bytes: Span {
-                start: start as u32,
-                len: (self.bytes.len() - start) as u32,
-            },
-        }
+        };
+        (rrset, dropped)
     }
 }
 
-struct Builder {
+struct Builder<'s> {
     index: ZoneIndex,
-    zone_names: HashSet<String>,
+    /// Node ids by name while building; the index's own table is filled at the end.
+    names: HashMap<String, u32>,
+    zone_names: HashSet<&'s str>,
 }
 
 /// Records of one owner name, gathered before compiling.
@@ -202,7 +336,7 @@ struct Owner<'a> {
     records: Vec<(usize, &'a Record)>,
 }
 
-impl Builder {
+impl<'s> Builder<'s> {
     fn add_domain(
         &mut self,
         zone_id: u32,
@@ -261,9 +395,7 @@ impl Builder {
             )
         });
         let soa_data = RecordData::Soa(Box::new(soa.clone()));
-        let negative_soa = self
-            .index
-            .push_rrset(TYPE_SOA, &[(&soa_data, soa_ttl.min(soa.minimum))]);
+        let negative_ttl = soa_ttl.min(soa.minimum);
 
         // Without configured NS records the apex names the SOA's primary, and when that
         // host is in the zone and has no address, it answers with this agent's address.
@@ -278,6 +410,7 @@ impl Builder {
         if !has_ns {
             synthesized.push((apex.to_owned(), RecordData::Ns(soa.mname.clone()), SOA_TTL));
             if let Some(ip) = agent_ip
+                && soa.mname.len() <= MAX_NAME_LEN
                 && defenra_config::is_in_zone(&soa.mname, apex)
                 && self.owning_zone(&soa.mname) == Some(apex)
                 && !owners.contains_key(soa.mname.as_str())
@@ -322,17 +455,14 @@ impl Builder {
         let apex_wire = self.index.push_name(apex);
         self.index.zones.push(Zone {
             apex_wire,
-            negative_soa,
+            soa: Span::default(),
+            negative_ttl,
             plan,
         });
 
         for (name, owner) in &owners {
-            let node = self.compile_owner(zone_id, position, name, owner, domain, issues);
             let id = self.ensure_node(name, zone_id);
-            let slot = &mut self.index.nodes[id as usize];
-            slot.rrsets = node.rrsets;
-            slot.cname = node.cname;
-            slot.geo_ttl = node.geo_ttl;
+            self.compile_owner(id, position, name, owner, domain, issues);
             // Empty non-terminals between the name and the apex, and the wildcard link.
             let mut child = id;
             let mut rest = *name;
@@ -342,11 +472,44 @@ impl Builder {
                 };
                 let parent_id = self.ensure_node(parent, zone_id);
                 if label == "*" && rest == *name {
-                    self.index.nodes[parent_id as usize].wildcard = Some(child);
+                    self.index.nodes[parent_id as usize].wildcard = child;
                 }
                 child = parent_id;
                 rest = parent;
             }
+        }
+
+        // The authority section's SOA is the apex's first SOA record, written once.
+        let apex_node = &self.index.nodes[self.names[apex] as usize];
+        let soa_set = self
+            .index
+            .rrsets(apex_node)
+            .iter()
+            .find(|rrset| rrset.rtype == TYPE_SOA)
+            .copied();
+        let soa = match soa_set {
+            Some(rrset) => {
+                let span = rrset.bytes();
+                let tail = self.index.bytes(span);
+                let first_len = tail.get(8..10).map_or(0, |len| {
+                    10 + usize::from(u16::from_be_bytes([len[0], len[1]]))
+                });
+                Span {
+                    start: span.start,
+                    len: first_len.min(tail.len()) as u32,
+                }
+            }
+            // Unreachable: the apex always has a configured or synthesised SOA.
+            None => {
+                let data = RecordData::Soa(Box::new(soa.clone()));
+                self.index
+                    .push_rrset(TYPE_SOA, &[(&data, negative_ttl)])
+                    .0
+                    .bytes()
+            }
+        };
+        if let Some(zone) = self.index.zones.last_mut() {
+            zone.soa = soa;
         }
     }
 
@@ -362,32 +525,26 @@ impl Builder {
     }
 
     fn ensure_node(&mut self, name: &str, zone_id: u32) -> u32 {
-        if let Some(id) = self.index.names.get(name.as_bytes()) {
+        if let Some(id) = self.names.get(name) {
             return *id;
         }
         let id = self.index.nodes.len() as u32;
-        self.index.nodes.push(Node {
-            zone: zone_id,
-            rrsets: Span::default(),
-            cname: None,
-            geo_ttl: None,
-            wildcard: None,
-        });
-        self.index
-            .names
-            .insert(name.as_bytes().to_vec().into_boxed_slice(), id);
+        let span = self.index.push_bytes(name.as_bytes());
+        self.index.nodes.push(Node::new(zone_id, span));
+        self.names.insert(name.to_owned(), id);
         id
     }
 
+    /// Compiles the records of `name` into node `id`.
     fn compile_owner(
         &mut self,
-        zone_id: u32,
+        id: u32,
         position: usize,
         name: &str,
         owner: &Owner<'_>,
         domain: &Domain,
         issues: &mut Vec<Issue>,
-    ) -> Node {
+    ) {
         let is_apex = name == domain.name;
         let proxied: Vec<&Record> = owner
             .records
@@ -455,7 +612,9 @@ impl Builder {
                 RecordData::Cname(target) => Some(Cname {
                     rrset: self
                         .index
-                        .push_rrset(TYPE_CNAME, &[(&record.data, record.ttl)]),
+                        .push_rrset(TYPE_CNAME, &[(&record.data, record.ttl)])
+                        .0
+                        .bytes(),
                     target: self.index.push_bytes(target.as_bytes()),
                     target_wire: self.index.push_name(target),
                 }),
@@ -467,19 +626,46 @@ impl Builder {
         self.index.n_records += usize::from(cname.is_some());
         let first = self.index.rrsets.len();
         for (rtype, records) in &by_type {
-            let rrset = self.index.push_rrset(*rtype, records);
+            let (rrset, dropped) = self.index.push_rrset(*rtype, records);
+            if dropped > 0 {
+                self.index.n_records -= dropped;
+                issues.push(Issue::new(
+                    format!("domains[{position}].dnsRecords"),
+                    format!(
+                        "the {} records of {name:?} exceed 65,535 bytes; {dropped} left out",
+                        rtype_name(*rtype)
+                    ),
+                ));
+            }
             self.index.rrsets.push(rrset);
         }
-        Node {
-            zone: zone_id,
-            rrsets: Span {
-                start: first as u32,
-                len: (self.index.rrsets.len() - first) as u32,
-            },
-            cname,
-            geo_ttl,
-            wildcard: None,
-        }
+        let cname = match cname {
+            Some(cname) => {
+                self.index.cnames.push(cname);
+                (self.index.cnames.len() - 1) as u32
+            }
+            None => NONE,
+        };
+        let node = &mut self.index.nodes[id as usize];
+        node.rrsets_start = first as u32;
+        node.rrsets_len = (self.index.rrsets.len() - first) as u8;
+        node.cname = cname;
+        node.geo = geo_ttl.is_some();
+        node.geo_ttl = geo_ttl.unwrap_or(0);
+    }
+}
+
+fn rtype_name(rtype: u16) -> &'static str {
+    match rtype {
+        TYPE_A => "A",
+        TYPE_AAAA => "AAAA",
+        TYPE_CNAME => "CNAME",
+        TYPE_MX => "MX",
+        TYPE_TXT => "TXT",
+        TYPE_NS => "NS",
+        TYPE_SRV => "SRV",
+        TYPE_CAA => "CAA",
+        _ => "SOA",
     }
 }
 

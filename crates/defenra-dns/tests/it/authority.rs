@@ -232,3 +232,28 @@ async fn before_the_first_config_everything_is_refused() {
     let server = TestServer::start(r#"{"domains":[]}"#).await;
     server.check("example.com. A", "REFUSED").await;
 }
+
+#[tokio::test]
+async fn the_soa_keeps_its_ttl_in_answers_and_the_negative_ttl_in_authority() {
+    // The index writes each zone's SOA once; the authority copy gets the negative TTL.
+    let server = TestServer::start(
+        r#"{"domains":[{"domain":"soa.example","dnsRecords":[
+          {"name":"@","type":"SOA","value":"ns1.soa.example. admin.soa.example. 7 3600 600 604800 120","ttl":900},
+          {"name":"www","type":"A","value":"192.0.2.1"}]}]}"#,
+    )
+    .await;
+    for _ in 0..2 {
+        check_prefix(
+            &server,
+            "soa.example. SOA",
+            "NOERROR aa | answer: soa.example. 900 SOA ns1.soa.example. admin.soa.example. 7",
+        )
+        .await;
+        check_prefix(
+            &server,
+            "nope.soa.example. A",
+            "NXDOMAIN aa | authority: soa.example. 120 SOA ns1.soa.example. admin.soa.example. 7",
+        )
+        .await;
+    }
+}
