@@ -6,7 +6,7 @@
 //! request/response connections never pay for the pipe.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,6 +46,7 @@ pub(crate) async fn relay(
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
+        one_direction_ended: AtomicBool::new(false),
     };
     let (client_read, client_write) = client.split();
     let (upstream_read, upstream_write) = upstream.split();
@@ -80,14 +81,27 @@ pub(crate) async fn relay(
     Ok(RelayEnd::Closed)
 }
 
-/// When a byte last moved. Both directions run in one task; the atomic is only there
-/// because the future must be `Send`.
+/// When a byte last moved, and whether one direction has ended. Both directions run in
+/// one task; the atomics are only there because the future must be `Send`.
 pub(crate) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    one_direction_ended: AtomicBool,
 }
 
 impl Activity {
+    /// Called by a direction that read EOF: shuts down `to`'s write side, unless the other
+    /// direction has ended already. Then both sockets have been read to EOF and are closed
+    /// as soon as the relay returns, and `close` sends the FIN: one system call less per
+    /// connection.
+    pub(crate) fn end_direction(&self, to: &TcpStream) -> io::Result<()> {
+        if self.one_direction_ended.swap(true, Relaxed) {
+            Ok(())
+        } else {
+            shutdown_write(to)
+        }
+    }
+
     pub(crate) fn touch(&self) {
         self.last_ms
             .store(self.start.elapsed().as_millis() as u64, Relaxed);
@@ -121,7 +135,7 @@ async fn pump(
         }
         let n = from.read_buf(&mut buffer).await?;
         if n == 0 {
-            return shutdown_write(to.as_ref());
+            return activity.end_direction(to.as_ref());
         }
         to.write_all(&buffer).await?;
         buffer.clear();
@@ -146,7 +160,7 @@ async fn pump(
 }
 
 /// Sends FIN to `stream`'s peer; reading from it stays possible.
-pub(crate) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
         // The peer already closed both ways; nothing left to tell it.
         Err(error) if error.kind() == io::ErrorKind::NotConnected => Ok(()),

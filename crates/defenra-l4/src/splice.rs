@@ -8,7 +8,7 @@ use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::relay::{Activity, shutdown_write};
+use crate::relay::Activity;
 
 /// Most bytes moved per `splice` call: the default pipe capacity (16 pages), so one call
 /// never finds the pipe full.
@@ -45,7 +45,7 @@ pub(crate) async fn pump(
                 .map_err(io::Error::from)
         });
         let n = match moved {
-            Ok(0) => return shutdown_write(to),
+            Ok(0) => return activity.end_direction(to),
             Ok(n) => n,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
             Err(error) => return Err(error),

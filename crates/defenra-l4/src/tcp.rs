@@ -162,6 +162,8 @@ struct Connection<'a> {
 impl Connection<'_> {
     async fn forward(&self, mut client: TcpStream) -> Result<RelayEnd, ForwardError> {
         // Small writes (interactive protocols, TLS handshakes) must not wait for Nagle.
+        // On Linux accepted sockets inherit TCP_NODELAY from the listener (`bind`).
+        #[cfg(not(target_os = "linux"))]
         let _ = client.set_nodelay(true);
         let deadline = Instant::now() + self.options.connect_timeout;
         let mut upstream = connect(self.target, deadline)
@@ -219,7 +221,8 @@ async fn connect(target: &Target, deadline: Instant) -> io::Result<TcpStream> {
 }
 
 /// A listening socket with `SO_REUSEADDR` (so a restarted proxy rebinds while old
-/// connections sit in TIME_WAIT) and a deep accept backlog for connection bursts.
+/// connections sit in TIME_WAIT), `TCP_NODELAY` for the accepted sockets to inherit, and a
+/// deep accept backlog for connection bursts.
 fn bind(address: SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
     let socket = Socket::new(
         Domain::for_address(address),
@@ -232,9 +235,25 @@ fn bind(address: SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
         socket.set_only_v6(false)?;
     }
     socket.set_nonblocking(true)?;
+    // Inherited by every accepted socket on Linux: one system call per connection less.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&address.into())?;
     socket.listen(4096)?;
     let listener = TcpListener::from_std(socket.into())?;
     let local_addr = listener.local_addr()?;
     Ok((listener, local_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let (listener, address) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _client = TcpStream::connect(address).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }
