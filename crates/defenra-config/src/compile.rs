@@ -16,9 +16,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
 use crate::model::{
-    AcmeChallenge, Agent, Domain, EncryptionMode, GeoLocation, GeoSettings, HttpProxy, L4Protocol,
-    L4Proxy, PoolAgent, ProxyListeners, Record, RecordData, RecordType, Snapshot, Soa, Tls,
-    is_in_zone, normalize_name,
+    AcmeChallenge, Agent, Caa, Domain, EncryptionMode, GeoLocation, GeoSettings, HttpProxy,
+    L4Protocol, L4Proxy, PoolAgent, ProxyListeners, Record, RecordData, RecordType, Snapshot, Soa,
+    Tls, is_in_zone, normalize_name,
 };
 use crate::wire::{self, Item};
 use crate::{Issue, Rejected};
@@ -160,14 +160,22 @@ fn compile_domain(raw: &wire::Domain, path: &str, issues: &mut Vec<Issue>) -> Op
         return None;
     }
 
-    let mut geo = Box::<GeoSettings>::default();
+    let mut geo = GeoSettings::default();
     let mut records = Vec::new();
+    // Records with the same owner share one name allocation.
+    let mut owners: HashSet<Arc<str>> = HashSet::new();
     for (index, item) in dns_records.iter().enumerate() {
         let record_path = format!("{path}.dnsRecords[{index}]");
         match item {
-            Item::Valid(raw) => {
-                compile_record(raw, &name, &record_path, &mut records, &mut geo, issues)
-            }
+            Item::Valid(raw) => compile_record(
+                raw,
+                &name,
+                &record_path,
+                &mut records,
+                &mut owners,
+                &mut geo,
+                issues,
+            ),
             Item::Invalid { error } => {
                 issues.push(Issue::new(record_path, format!("record skipped: {error}")));
             }
@@ -324,6 +332,8 @@ fn compile_domain(raw: &wire::Domain, path: &str, issues: &mut Vec<Issue>) -> Op
     }
 
     records.shrink_to_fit();
+    drop(owners);
+    let geo = (!geo.is_empty() || !geo.locations.is_empty()).then(|| Box::new(geo));
     let lua_code = lua_code
         .as_deref()
         .filter(|code| !code.trim().is_empty())
@@ -382,6 +392,7 @@ fn compile_record(
     zone: &str,
     path: &str,
     records: &mut Vec<Record>,
+    owners: &mut HashSet<Arc<str>>,
     geo: &mut GeoSettings,
     issues: &mut Vec<Issue>,
 ) {
@@ -500,8 +511,16 @@ fn compile_record(
         http_proxy = false;
     }
 
+    let name = match owners.get(owner.as_str()) {
+        Some(shared) => Arc::clone(shared),
+        None => {
+            let name = Arc::<str>::from(owner);
+            owners.insert(Arc::clone(&name));
+            name
+        }
+    };
     records.push(Record {
-        name: owner,
+        name,
         ttl,
         data,
         http_proxy,
@@ -529,8 +548,8 @@ fn parse_record_data(
                 .parse()
                 .map_err(|_| value_error(format!("{value:?} is not an IPv6 address")))?,
         ),
-        RecordType::Cname => RecordData::Cname(target_name(value).map_err(value_error)?),
-        RecordType::Ns => RecordData::Ns(target_name(value).map_err(value_error)?),
+        RecordType::Cname => RecordData::Cname(target_name(value).map_err(value_error)?.into()),
+        RecordType::Ns => RecordData::Ns(target_name(value).map_err(value_error)?.into()),
         RecordType::Mx => {
             // "mail.example.com" with `priority`, or "10 mail.example.com".
             let fields: Vec<&str> = value.split_whitespace().collect();
@@ -546,7 +565,7 @@ fn parse_record_data(
             };
             RecordData::Mx {
                 preference,
-                exchange: target_name(exchange).map_err(value_error)?,
+                exchange: target_name(exchange).map_err(value_error)?.into(),
             }
         }
         RecordType::Txt => {
@@ -561,7 +580,7 @@ fn parse_record_data(
                     text.len()
                 )));
             }
-            RecordData::Txt(text.to_owned())
+            RecordData::Txt(text.into())
         }
         RecordType::Srv => {
             let fields: Vec<&str> = value.split_whitespace().collect();
@@ -592,7 +611,7 @@ fn parse_record_data(
                 priority,
                 weight,
                 port,
-                target: target_name(target).map_err(value_error)?,
+                target: target_name(target).map_err(value_error)?.into(),
             }
         }
         RecordType::Caa => {
@@ -616,11 +635,11 @@ fn parse_record_data(
                 .and_then(|inner| inner.strip_suffix('"'))
                 .filter(|_| rest.len() >= 2)
                 .unwrap_or(rest);
-            RecordData::Caa {
+            RecordData::Caa(Box::new(Caa {
                 flags,
                 tag: tag.to_ascii_lowercase().into(),
                 value: caa_value.into(),
-            }
+            }))
         }
         RecordType::Soa => {
             let fields: Vec<&str> = value.split_whitespace().collect();

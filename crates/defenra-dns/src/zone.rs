@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use defenra_config::compile::DEFAULT_TTL;
-use defenra_config::{Domain, Issue, Record, RecordData, Snapshot};
+use defenra_config::{Domain, GeoSettings, Issue, Record, RecordData, Snapshot};
 use defenra_geo::GeoPlan;
 
 use crate::wire::{
@@ -363,7 +363,7 @@ impl<'s> Builder<'s> {
                 continue;
             }
             owners
-                .entry(record.name.as_str())
+                .entry(&*record.name)
                 .or_default()
                 .records
                 .push((index, record));
@@ -408,7 +408,11 @@ impl<'s> Builder<'s> {
             synthesized.push((apex.to_owned(), soa_data, soa_ttl));
         }
         if !has_ns {
-            synthesized.push((apex.to_owned(), RecordData::Ns(soa.mname.clone()), SOA_TTL));
+            synthesized.push((
+                apex.to_owned(),
+                RecordData::Ns(soa.mname.as_str().into()),
+                SOA_TTL,
+            ));
             if let Some(ip) = agent_ip
                 && soa.mname.len() <= MAX_NAME_LEN
                 && defenra_config::is_in_zone(&soa.mname, apex)
@@ -425,7 +429,7 @@ impl<'s> Builder<'s> {
         let synthesized_records: Vec<Record> = synthesized
             .into_iter()
             .map(|(name, data, ttl)| Record {
-                name,
+                name: name.into(),
                 ttl,
                 data,
                 http_proxy: false,
@@ -433,7 +437,7 @@ impl<'s> Builder<'s> {
             .collect();
         for record in &synthesized_records {
             owners
-                .entry(record.name.as_str())
+                .entry(&*record.name)
                 .or_default()
                 .records
                 .push((usize::MAX, record));
@@ -441,7 +445,9 @@ impl<'s> Builder<'s> {
 
         let needs_plan = domain.has_geo() || domain.records.iter().any(|record| record.http_proxy);
         let plan = needs_plan.then(|| {
-            for key in GeoPlan::ignored_keys(&domain.geo) {
+            let empty = GeoSettings::default();
+            let geo = domain.geo.as_deref().unwrap_or(&empty);
+            for key in GeoPlan::ignored_keys(geo) {
                 issues.push(Issue::new(
                     format!("domains[{position}].geoDnsMap.{key}"),
                     format!(
@@ -450,7 +456,7 @@ impl<'s> Builder<'s> {
                     ),
                 ));
             }
-            Box::new(GeoPlan::compile(&domain.geo, &snapshot.agents, agent_ip))
+            Box::new(GeoPlan::compile(geo, &snapshot.agents, agent_ip))
         });
         let apex_wire = self.index.push_name(apex);
         self.index.zones.push(Zone {
@@ -678,7 +684,7 @@ fn record_type(data: &RecordData) -> u16 {
         RecordData::Txt(_) => TYPE_TXT,
         RecordData::Ns(_) => TYPE_NS,
         RecordData::Srv { .. } => TYPE_SRV,
-        RecordData::Caa { .. } => TYPE_CAA,
+        RecordData::Caa(_) => TYPE_CAA,
         RecordData::Soa(_) => TYPE_SOA,
     }
 }
@@ -740,11 +746,11 @@ fn push_record_tail(out: &mut Vec<u8>, rtype: u16, ttl: u32, data: &RecordData) 
             // RFC 2782: the target is never compressed (it is not here either).
             push_name(out, target);
         }
-        RecordData::Caa { flags, tag, value } => {
-            out.push(*flags);
-            out.push(tag.len() as u8);
-            out.extend_from_slice(tag.as_bytes());
-            out.extend_from_slice(value.as_bytes());
+        RecordData::Caa(caa) => {
+            out.push(caa.flags);
+            out.push(caa.tag.len() as u8);
+            out.extend_from_slice(caa.tag.as_bytes());
+            out.extend_from_slice(caa.value.as_bytes());
         }
         RecordData::Soa(soa) => {
             push_name(out, &soa.mname);

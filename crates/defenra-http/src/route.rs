@@ -94,8 +94,8 @@ impl RouteTable {
         for (index, domain) in domains {
             let mut names: Vec<&str> = vec![domain.name.as_str()];
             for record in &domain.records {
-                if !names.contains(&record.name.as_str()) {
-                    names.push(record.name.as_str());
+                if !names.contains(&&*record.name) {
+                    names.push(&record.name);
                 }
             }
             for name in names {
@@ -244,11 +244,11 @@ enum Target {
 
 impl HostEntry {
     fn new(domain: &Arc<Domain>, name: &str) -> Self {
-        let own: Vec<&Record> = domain.records.iter().filter(|r| r.name == name).collect();
+        let own: Vec<&Record> = domain.records.iter().filter(|r| &*r.name == name).collect();
         let apex: Vec<&Record> = domain
             .records
             .iter()
-            .filter(|r| r.name == domain.name)
+            .filter(|r| *r.name == domain.name)
             .collect();
         let enabled = domain.http_proxy.enabled;
         let proxied = enabled || own.iter().any(|record| record.http_proxy);
@@ -274,7 +274,7 @@ fn pick(records: &[&Record], flagged_only: bool) -> Option<Target> {
             RecordData::A(ip) => Some(Target::Ip(IpAddr::V4(*ip))),
             RecordData::Aaaa(ip) => Some(Target::Ip(IpAddr::V6(*ip))),
             RecordData::Cname(name) => Some(Target::Name {
-                name: name.clone(),
+                name: name.to_string(),
                 ttl: record.ttl,
             }),
             _ => None,

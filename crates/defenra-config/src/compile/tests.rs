@@ -55,7 +55,7 @@ fn real_core_response_compiles_completely() {
     let names: Vec<_> = domain
         .records
         .iter()
-        .map(|record| (record.name.as_str(), record.record_type()))
+        .map(|record| (&*record.name, record.record_type()))
         .collect();
     assert_eq!(
         names,
@@ -92,11 +92,11 @@ fn real_core_response_compiles_completely() {
     );
     assert_eq!(
         domain.records[5].data,
-        RecordData::Caa {
+        RecordData::Caa(Box::new(Caa {
             flags: 0,
             tag: "issue".into(),
             value: "letsencrypt.org".into()
-        }
+        }))
     );
     assert_eq!(domain.records[2].ttl, DEFAULT_TTL);
     // The location record became a GeoDNS entry next to the map's own.
@@ -104,17 +104,18 @@ fn real_core_response_compiles_completely() {
         "198.51.100.7".parse().unwrap(),
         "198.51.100.7".parse().unwrap(),
     ];
-    assert_eq!(domain.geo.map["europe"], europe);
+    let geo = domain.geo.as_deref().expect("the domain has GeoDNS data");
+    assert_eq!(geo.map["europe"], europe);
     assert_eq!(
-        domain.geo.map["default"],
+        geo.map["default"],
         vec!["192.0.2.9".parse::<IpAddr>().unwrap()]
     );
     assert_eq!(
-        domain.geo.fallback["cz"],
+        geo.fallback["cz"],
         vec!["198.51.100.7".parse::<IpAddr>().unwrap()]
     );
-    assert_eq!(domain.geo.pools["us"][0].weight, 10.0);
-    assert_eq!(domain.geo.locations[0].code, "europe");
+    assert_eq!(geo.pools["us"][0].weight, 10.0);
+    assert_eq!(geo.locations[0].code, "europe");
     assert!(domain.has_geo());
     assert_eq!(
         domain.http_proxy,
@@ -233,13 +234,13 @@ fn record_names_and_targets_are_normalised() {
     let compiled = check(doc);
     assert_eq!(compiled.issues, vec![]);
     let records = &compiled.snapshot.domains[0].records;
-    assert_eq!(records[0].name, "www.example.com");
+    assert_eq!(&*records[0].name, "www.example.com");
     assert_eq!(
         records[0].data,
         RecordData::Cname("target.example.net".into())
     );
-    assert_eq!(records[1].name, "deep.sub.example.com");
-    assert_eq!(records[2].name, "api.example.com");
+    assert_eq!(&*records[1].name, "deep.sub.example.com");
+    assert_eq!(&*records[2].name, "api.example.com");
     assert_eq!(records[2].data, RecordData::Txt("quoted".into()));
     assert_eq!(
         records[3].data,
@@ -250,7 +251,7 @@ fn record_names_and_targets_are_normalised() {
             target: "target.example.com".into()
         }
     );
-    assert_eq!(records[4].name, "_dmarc.example.com");
+    assert_eq!(&*records[4].name, "_dmarc.example.com");
 }
 
 #[test]
@@ -359,7 +360,10 @@ fn geo_entries_with_bad_addresses_are_reported() {
             "domains[0].geoDnsAgentPools.fr[2].ip",
         ]
     );
-    let geo = &compiled.snapshot.domains[0].geo;
+    let geo = compiled.snapshot.domains[0]
+        .geo
+        .as_deref()
+        .expect("the domain has GeoDNS data");
     assert_eq!(geo.map["de"].len(), 2);
     assert!(
         !geo.pools.contains_key("fr"),
@@ -444,4 +448,22 @@ fn next_poll_interval_is_clamped() {
     assert_eq!(interval("99999"), Some(Duration::from_secs(3600)));
     assert_eq!(interval("-3"), None);
     assert_eq!(interval("null"), None);
+}
+
+#[test]
+fn records_of_one_owner_share_their_name_and_plain_domains_carry_no_geo_data() {
+    let doc = r#"{"domains":[{"domain":"example.com","dnsRecords":[
+        {"name":"@","type":"A","value":"192.0.2.1"},
+        {"name":"www","type":"A","value":"192.0.2.2"},
+        {"name":"@","type":"MX","value":"mail.example.com","priority":10},
+        {"name":"WWW.example.com.","type":"AAAA","value":"2001:db8::2"}]}]}"#;
+    let compiled = check(doc);
+    assert_eq!(compiled.issues, vec![]);
+    let domain = &compiled.snapshot.domains[0];
+    let records = &domain.records;
+    assert!(Arc::ptr_eq(&records[0].name, &records[2].name));
+    assert!(Arc::ptr_eq(&records[1].name, &records[3].name));
+    assert_eq!(&*records[3].name, "www.example.com");
+    assert!(domain.geo.is_none());
+    assert!(!domain.has_geo());
 }
