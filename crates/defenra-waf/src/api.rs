@@ -114,37 +114,48 @@ pub(crate) struct Ctx {
     pub(crate) abort: Cell<Option<Abort>>,
     /// Hook calls left before the instruction budget is exhausted.
     hooks_left: Cell<u64>,
-    deadline: Cell<Instant>,
+    /// The run's time budget, and the deadline it gives once the first hook call has read
+    /// the clock (most runs end before that: no clock read at all).
+    time_budget: Cell<std::time::Duration>,
+    deadline: Cell<Option<Instant>>,
     pub(crate) clock: Clock,
     pub(crate) regexes: RefCell<RegexCache>,
     pub(crate) script_logs: Arc<LogLimiter>,
+    /// The state's memory cap, restored by [`unmetered`].
+    pub(crate) memory_limit: usize,
 }
 
 impl Ctx {
-    pub(crate) fn new(clock: Clock, script_logs: Arc<LogLimiter>) -> Self {
+    pub(crate) fn new(clock: Clock, script_logs: Arc<LogLimiter>, memory_limit: usize) -> Self {
         Ctx {
             request: RefCell::new(RequestData::default()),
             response: RefCell::new(ResponseData::default()),
             exit: Cell::new(None),
             abort: Cell::new(None),
             hooks_left: Cell::new(u64::MAX),
-            deadline: Cell::new(Instant::now() + std::time::Duration::from_secs(3600)),
+            time_budget: Cell::new(std::time::Duration::from_secs(3600)),
+            deadline: Cell::new(None),
             clock,
             regexes: RefCell::new(RegexCache::new()),
             script_logs,
+            memory_limit,
         }
     }
 
     /// Resets the per-request state for a new run.
-    pub(crate) fn begin(&self, request: &RequestInfo<'_>, hooks: u64, deadline: Instant) {
-        self.request
-            .borrow_mut()
-            .fill(request, self.clock.unix_ms());
+    pub(crate) fn begin(
+        &self,
+        request: &RequestInfo<'_>,
+        hooks: u64,
+        time_budget: std::time::Duration,
+    ) {
+        self.request.borrow_mut().fill(request);
         self.response.borrow_mut().clear();
         self.exit.set(None);
         self.abort.set(None);
         self.hooks_left.set(hooks);
-        self.deadline.set(deadline);
+        self.time_budget.set(time_budget);
+        self.deadline.set(None);
     }
 
     /// Called by the instruction hook; `Err` aborts the run.
@@ -153,9 +164,20 @@ impl Ctx {
             return Err(abort);
         }
         let left = self.hooks_left.get();
+        let now = Instant::now();
+        let deadline = match self.deadline.get() {
+            Some(deadline) => deadline,
+            None => {
+                // The first hook call of a run starts the clock: at most one hook interval
+                // (a few microseconds of Lua) later than the run itself.
+                let deadline = now + self.time_budget.get();
+                self.deadline.set(Some(deadline));
+                deadline
+            }
+        };
         let abort = if left == 0 {
             Abort::Instructions
-        } else if Instant::now() >= self.deadline.get() {
+        } else if now >= deadline {
             Abort::Time
         } else {
             self.hooks_left.set(left - 1);
@@ -181,7 +203,8 @@ pub(crate) struct RequestData {
     remote_addr: IpAddr,
     scheme: &'static str,
     server_port: u16,
-    start_unix_ms: u64,
+    /// `ngx.req.start_time()`, read from the clock on first use.
+    start_unix_ms: Option<u64>,
     /// `ngx.var.uri`, decoded and normalised on first use.
     normalized_path: Option<Vec<u8>>,
 }
@@ -197,25 +220,30 @@ impl Default for RequestData {
             remote_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             scheme: "http",
             server_port: 0,
-            start_unix_ms: 0,
+            start_unix_ms: None,
             normalized_path: None,
         }
     }
 }
 
 impl RequestData {
-    fn fill(&mut self, request: &RequestInfo<'_>, now_unix_ms: u64) {
+    fn fill(&mut self, request: &RequestInfo<'_>) {
         self.domain.clear();
         self.domain.push_str(request.domain);
         self.host.clear();
         self.host.push_str(request.host);
         self.method.clone_from(request.method);
         self.uri.clone_from(request.uri);
-        self.headers.clone_from(request.headers);
+        // `HeaderMap::clone_from` allocates a new map every time; refilling this one keeps
+        // its buffers (names and values are reference-counted, so copying them is cheap).
+        self.headers.clear();
+        for (name, value) in request.headers {
+            self.headers.append(name.clone(), value.clone());
+        }
         self.remote_addr = request.remote_addr;
         self.scheme = request.scheme;
         self.server_port = request.server_port;
-        self.start_unix_ms = now_unix_ms;
+        self.start_unix_ms = None;
         self.normalized_path = None;
     }
 
@@ -249,6 +277,26 @@ impl ResponseData {
     }
 }
 
+/// Runs `f` with the state's memory cap lifted, then puts the cap back.
+///
+/// With a cap set, mlua creates every string and table inside a protected call, and under
+/// LuaJIT that call first allocates two C closures: about 150 ns per value. Without a cap an
+/// allocation cannot fail (short of the process running out of memory), so mlua creates
+/// values directly. Only for values whose size the request bounds (variables, headers):
+/// what `f` allocates still counts towards the cap, and the script's next allocation fails
+/// if it went over.
+pub(crate) fn unmetered<R>(lua: &Lua, limit: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore<'a>(&'a Lua, usize);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.set_memory_limit(self.1);
+        }
+    }
+    let _ = lua.set_memory_limit(0);
+    let _restore = Restore(lua, limit);
+    f()
+}
+
 /// Creates the `host` table of Rust functions that `sandbox.lua` builds the API from.
 pub(crate) fn host_table(
     lua: &Lua,
@@ -278,7 +326,9 @@ pub(crate) fn host_table(
                 return Ok(Value::Nil);
             };
             let mut request = c.request.borrow_mut();
-            var(lua, &mut request, &name.as_bytes())
+            unmetered(lua, c.memory_limit, || {
+                var(lua, &mut request, &name.as_bytes())
+            })
         })?,
     )?;
 
@@ -390,7 +440,13 @@ pub(crate) fn host_table(
     let c = Rc::clone(ctx);
     host.raw_set(
         "start_time",
-        lua.create_function(move |_, ()| Ok(c.request.borrow().start_unix_ms as f64 / 1000.0))?,
+        lua.create_function(move |_, ()| {
+            let mut request = c.request.borrow_mut();
+            let ms = *request
+                .start_unix_ms
+                .get_or_insert_with(|| c.clock.unix_ms());
+            Ok(ms as f64 / 1000.0)
+        })?,
     )?;
 
     let c = Rc::clone(ctx);
@@ -449,7 +505,15 @@ pub(crate) fn host_table(
                         }
                         values
                     }
-                    single => vec![header_value(single)?],
+                    single => {
+                        // The common case, without a `Vec`.
+                        let value = header_value(single)?;
+                        if headers.remove(&name).is_none() && headers.len() >= MAX_HEADERS {
+                            return Err(mlua::Error::runtime("too many response headers"));
+                        }
+                        headers.append(name, value);
+                        return Ok(());
+                    }
                 };
                 headers.remove(&name);
                 if headers.len() + values.len() > MAX_HEADERS {
@@ -646,19 +710,34 @@ pub(crate) fn host_table(
         })?,
     )?;
 
+    // The dictionaries this state has handed out, by index, for the fast methods. Each
+    // name is resolved once per state (`sandbox.lua` caches it), so at most `max_dicts`.
+    let handles = Rc::new(RefCell::new(Vec::new()));
+    crate::dict::install_fast(lua, &host, &handles)?;
     let dicts = Arc::clone(dicts);
     host.raw_set(
         "dict",
         lua.create_function(move |lua, name: Value| {
             let Value::String(name) = name else {
-                return Ok(Value::Nil);
+                return Ok((Value::Nil, None));
             };
             let Ok(name) = name.to_str() else {
-                return Ok(Value::Nil);
+                return Ok((Value::Nil, None));
             };
             match dicts.get_or_create(&name) {
-                Some(dict) => lua.create_userdata(DictHandle(dict)).map(Value::UserData),
-                None => Ok(Value::Nil),
+                Some(dict) => {
+                    let mut handles = handles.borrow_mut();
+                    let index = match handles.iter().position(|known| Arc::ptr_eq(known, &dict)) {
+                        Some(index) => index,
+                        None => {
+                            handles.push(Arc::clone(&dict));
+                            handles.len() - 1
+                        }
+                    };
+                    let handle = lua.create_userdata(DictHandle(dict))?;
+                    Ok((Value::UserData(handle), Some(index)))
+                }
+                None => Ok((Value::Nil, None)),
             }
         })?,
     )?;
@@ -671,7 +750,17 @@ pub(crate) fn host_table(
 pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Result<Value> {
     let string = |text: &[u8]| lua.create_string(text).map(Value::String);
     match name {
-        b"remote_addr" => string(request.remote_addr.to_string().as_bytes()),
+        b"remote_addr" => {
+            // Formatted on the stack: `to_string` would allocate for every request.
+            let mut buffer = StackText::default();
+            match request.remote_addr {
+                IpAddr::V4(ip) => buffer.push_ipv4(ip),
+                IpAddr::V6(ip) => {
+                    let _ = write!(buffer, "{ip}");
+                }
+            }
+            string(buffer.as_bytes())
+        }
         b"binary_remote_addr" => match request.remote_addr {
             IpAddr::V4(ip) => string(&ip.octets()),
             IpAddr::V6(ip) => string(&ip.octets()),
@@ -703,17 +792,26 @@ pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Re
         b"content_length" => header_var(lua, &request.headers, b"content-length"),
         _ => {
             if let Some(header) = name.strip_prefix(b"http_") {
-                let header: Vec<u8> = header
-                    .iter()
-                    .map(|&b| {
-                        if b == b'_' {
-                            b'-'
-                        } else {
-                            b.to_ascii_lowercase()
-                        }
-                    })
-                    .collect();
-                header_var(lua, &request.headers, &header)
+                let mut buffer = [0u8; 64];
+                let mut owned = Vec::new();
+                let header: &mut [u8] = match buffer.get_mut(..header.len()) {
+                    Some(slot) => {
+                        slot.copy_from_slice(header);
+                        slot
+                    }
+                    None => {
+                        owned.extend_from_slice(header);
+                        &mut owned
+                    }
+                };
+                for byte in header.iter_mut() {
+                    *byte = if *byte == b'_' {
+                        b'-'
+                    } else {
+                        byte.to_ascii_lowercase()
+                    };
+                }
+                header_var(lua, &request.headers, header)
             } else if let Some(cookie) = name.strip_prefix(b"cookie_") {
                 match find_cookie(&request.headers, cookie) {
                     Some(value) => string(&value),
@@ -732,20 +830,72 @@ pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Re
     }
 }
 
+/// A fixed buffer for short formatted values (an IPv6 address is at most 45 bytes).
+struct StackText {
+    buffer: [u8; 64],
+    len: usize,
+}
+
+impl Default for StackText {
+    fn default() -> Self {
+        StackText {
+            buffer: [0; 64],
+            len: 0,
+        }
+    }
+}
+
+impl StackText {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buffer[..self.len]
+    }
+
+    /// Dotted decimal, as `Ipv4Addr`'s `Display` writes it, without the formatter.
+    fn push_ipv4(&mut self, ip: Ipv4Addr) {
+        for (index, octet) in ip.octets().into_iter().enumerate() {
+            let digits = [octet / 100, octet / 10 % 10, octet % 10];
+            let skip = if octet >= 100 {
+                0
+            } else if octet >= 10 {
+                1
+            } else {
+                2
+            };
+            let dot = [b'.'];
+            let text = digits[skip..].iter().map(|digit| b'0' + digit);
+            let prefix = if index == 0 { &dot[..0] } else { &dot[..] };
+            for byte in prefix.iter().copied().chain(text) {
+                if let Some(slot) = self.buffer.get_mut(self.len) {
+                    *slot = byte;
+                    self.len += 1;
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Write for StackText {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        let end = self.len + text.len();
+        let slot = self.buffer.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        slot.copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
 /// `$http_<name>`: repeated headers joined with ", " (cookies with "; ").
 fn header_var(lua: &Lua, headers: &HeaderMap, name: &[u8]) -> mlua::Result<Value> {
-    let Ok(name) = HeaderName::from_bytes(name) else {
+    // Looked up by `&str`, which `http` parses without allocating (a `HeaderName` of a
+    // non-standard header would copy it).
+    let Ok(name) = std::str::from_utf8(name) else {
         return Ok(Value::Nil);
     };
-    let mut values = headers.get_all(&name).iter();
+    let mut values = headers.get_all(name).iter();
     let Some(first) = values.next() else {
         return Ok(Value::Nil);
     };
-    let separator: &[u8] = if name == http::header::COOKIE {
-        b"; "
-    } else {
-        b", "
-    };
+    let separator: &[u8] = if name == "cookie" { b"; " } else { b", " };
     let mut joined: Option<Vec<u8>> = None;
     for value in values {
         let buffer = joined.get_or_insert_with(|| first.as_bytes().to_vec());
@@ -959,22 +1109,26 @@ fn http_time(unix_secs: i64, cookie: bool) -> String {
 }
 
 fn response_header_name(name: &[u8]) -> mlua::Result<HeaderName> {
+    let invalid = |_| mlua::Error::runtime("invalid header name");
+    if !name.contains(&b'_') {
+        return HeaderName::from_bytes(name).map_err(invalid);
+    }
     // OpenResty turns `ngx.header.content_type` into `Content-Type`.
     let name: Vec<u8> = name
         .iter()
         .map(|&b| if b == b'_' { b'-' } else { b })
         .collect();
-    HeaderName::from_bytes(&name).map_err(|_| mlua::Error::runtime("invalid header name"))
+    HeaderName::from_bytes(&name).map_err(invalid)
 }
 
 fn header_value(value: &Value) -> mlua::Result<HeaderValue> {
-    let bytes = match value {
-        Value::String(text) => text.as_bytes().to_vec(),
-        Value::Integer(number) => number.to_string().into_bytes(),
-        Value::Number(number) => number_to_string(*number).into_bytes(),
+    let value = match value {
+        Value::String(text) => HeaderValue::from_bytes(&text.as_bytes()),
+        Value::Integer(number) => HeaderValue::from_bytes(number.to_string().as_bytes()),
+        Value::Number(number) => HeaderValue::from_bytes(number_to_string(*number).as_bytes()),
         _ => return Err(mlua::Error::runtime("bad header value type")),
     };
-    HeaderValue::from_bytes(&bytes).map_err(|_| mlua::Error::runtime("invalid header value"))
+    value.map_err(|_| mlua::Error::runtime("invalid header value"))
 }
 
 /// Appends a `ngx.say` argument: strings, numbers, booleans, nil, `ngx.null`, or arrays of
@@ -1070,6 +1224,22 @@ mod tests {
                 expected,
                 "{raw}"
             );
+        }
+    }
+
+    #[test]
+    fn ipv4_addresses_format_like_display() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "192.168.100.9",
+        ] {
+            let ip: Ipv4Addr = ip.parse().unwrap();
+            let mut text = StackText::default();
+            text.push_ipv4(ip);
+            assert_eq!(text.as_bytes(), ip.to_string().as_bytes());
         }
     }
 

@@ -608,6 +608,102 @@ impl UserData for DictHandle {
     }
 }
 
+/// Plain host functions for the most used methods (`get`, `set`, `add`, `incr`), called
+/// with the dictionary's index in `handles` by the Lua wrappers `sandbox.lua` builds.
+///
+/// They do what the [`DictHandle`] methods of the same names do, without mlua's userdata
+/// dispatch (type check and borrow of the handle) and with a fixed number of results (no
+/// `MultiValue` allocation): together about half the cost of a `:incr` call. The wrappers
+/// trim the results to OpenResty's.
+pub(crate) fn install_fast(
+    lua: &mlua::Lua,
+    host: &mlua::Table,
+    handles: &std::rc::Rc<std::cell::RefCell<Vec<Arc<Dict>>>>,
+) -> mlua::Result<()> {
+    let dict = |handles: &std::cell::RefCell<Vec<Arc<Dict>>>, index: usize| {
+        handles
+            .borrow()
+            .get(index)
+            .cloned()
+            .ok_or_else(|| mlua::Error::runtime("bad dictionary"))
+    };
+
+    let list = std::rc::Rc::clone(handles);
+    host.raw_set(
+        "dict_get",
+        lua.create_function(move |lua, (index, key): (usize, Value)| {
+            let dict = dict(&list, index)?;
+            let key = match key_bytes(&key) {
+                Ok(key) => key,
+                Err(message) => return Ok((Value::Nil, Some(message))),
+            };
+            match dict.get(&key) {
+                Some(value) => Ok((to_lua(lua, &value)?, None)),
+                None => Ok((Value::Nil, None)),
+            }
+        })?,
+    )?;
+
+    for (name, mode) in [("dict_set", Write::Always), ("dict_add", Write::IfAbsent)] {
+        let list = std::rc::Rc::clone(handles);
+        host.raw_set(
+            name,
+            lua.create_function(
+                move |_, (index, key, value, exptime): (usize, Value, Value, Option<f64>)| {
+                    let dict = dict(&list, index)?;
+                    let key = match key_bytes(&key) {
+                        Ok(key) => key,
+                        Err(message) => return Ok((false, Some(message), false)),
+                    };
+                    let value = match from_lua(&value) {
+                        Ok(value) => value,
+                        Err(message) => return Ok((false, Some(message), false)),
+                    };
+                    let ttl_ms = seconds_to_ms(exptime);
+                    let result = match (mode, value) {
+                        (Write::Always, value) => dict.set(&key, value, ttl_ms),
+                        (_, None) => {
+                            dict.delete(&key);
+                            Ok(false)
+                        }
+                        (_, Some(value)) => dict.add(&key, value, ttl_ms),
+                    };
+                    match result {
+                        Ok(forcible) => Ok((true, None, forcible)),
+                        Err(error) => Ok((false, Some(error.message()), false)),
+                    }
+                },
+            )?,
+        )?;
+    }
+
+    let list = std::rc::Rc::clone(handles);
+    host.raw_set(
+        "dict_incr",
+        lua.create_function(
+            move |_,
+                  (index, key, delta, init, init_ttl): (
+                usize,
+                Value,
+                f64,
+                Option<f64>,
+                Option<f64>,
+            )| {
+                let dict = dict(&list, index)?;
+                let key = match key_bytes(&key) {
+                    Ok(key) => key,
+                    Err(message) => return Ok((None, Some(message), false)),
+                };
+                match dict.incr(&key, delta, init, seconds_to_ms(init_ttl)) {
+                    Ok((value, forcible)) => Ok((Some(value), None, forcible)),
+                    Err(error) => Ok((None, Some(error.message()), false)),
+                }
+            },
+        )?,
+    )?;
+    Ok(())
+}
+
 /// Shorthand for building a callback's multiple return values.
 trait IntoLuaMultiOk {
     fn into_lua_multi_ok(self, lua: &mlua::Lua) -> mlua::Result<mlua::MultiValue>;
@@ -619,12 +715,29 @@ impl<T: mlua::IntoLuaMulti> IntoLuaMultiOk for T {
     }
 }
 
+/// A key's bytes: borrowed from the Lua string (no copy on the hot path), or a number
+/// formatted as Lua would.
+enum Key {
+    Lua(mlua::BorrowedBytes),
+    Formatted(Vec<u8>),
+}
+
+impl std::ops::Deref for Key {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Key::Lua(bytes) => bytes,
+            Key::Formatted(bytes) => bytes,
+        }
+    }
+}
+
 /// Keys are strings; numbers are converted as Lua would. Errors are OpenResty's messages.
-fn key_bytes(key: &Value) -> Result<Vec<u8>, &'static str> {
+fn key_bytes(key: &Value) -> Result<Key, &'static str> {
     let bytes = match key {
-        Value::String(text) => text.as_bytes().to_vec(),
-        Value::Integer(number) => number.to_string().into_bytes(),
-        Value::Number(number) => crate::api::number_to_string(*number).into_bytes(),
+        Value::String(text) => Key::Lua(text.as_bytes()),
+        Value::Integer(number) => Key::Formatted(number.to_string().into_bytes()),
+        Value::Number(number) => Key::Formatted(crate::api::number_to_string(*number).into_bytes()),
         Value::Nil => return Err("nil key"),
         _ => return Err("bad key type"),
     };

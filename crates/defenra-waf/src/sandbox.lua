@@ -63,6 +63,8 @@ local ngx_req = {
     is_internal = function() return false end,
 }
 
+local get_var = host.var
+
 local ngx_re = {
     match = host.re_match,
     find = host.re_find,
@@ -74,22 +76,23 @@ local ngx_re = {
 -- Variables already read in this request, and those the host handed over up front (see
 -- `run`). Request variables cannot change during a request, and a Lua table lookup is far
 -- cheaper than a call into the host.
-local var_cache = {}
+-- `ngx.var.x` finds a cached value without calling any function (`__index` is the cache
+-- table itself); a miss falls through to the cache's own `__index`, which asks the host.
+local rawset = rawset
+local var_cache = setmetatable({}, {
+    __index = function(cache, name)
+        local value = get_var(name)
+        if value ~= nil then
+            rawset(cache, name, value)
+        end
+        return value
+    end,
+})
 
 local var = newproxy(true)
 do
     local mt = getmetatable(var)
-    local get = host.var
-    mt.__index = function(_, name)
-        local value = var_cache[name]
-        if value == nil then
-            value = get(name)
-            if value ~= nil then
-                var_cache[name] = value
-            end
-        end
-        return value
-    end
+    mt.__index = var_cache
     mt.__newindex = function(_, key)
         error("variable \"" .. tostring(key) .. "\" not changeable", 2)
     end
@@ -104,21 +107,68 @@ do
     mt.__metatable = false
 end
 
-local dicts = {}
-local shared = newproxy(true)
-do
-    local make = host.dict
-    local mt = getmetatable(shared)
-    mt.__index = function(_, name)
-        local dict = dicts[name]
-        if dict == nil then
-            dict = make(name)
-            if dict ~= nil then
-                dicts[name] = dict
+-- A dictionary as scripts see it: a read-only object whose `get`, `set`, `add` and `incr`
+-- call plain host functions with the dictionary's index (cheaper than the userdata's own
+-- methods), and whose other methods are the userdata handle's.
+local make_dict = host.dict
+local dict_get, dict_set, dict_add, dict_incr = host.dict_get, host.dict_set, host.dict_add, host.dict_incr
+local function new_dict(name)
+    local handle, id = make_dict(name)
+    if handle == nil then
+        return nil
+    end
+    local methods = {
+        get = function(_, key)
+            local value, err = dict_get(id, key)
+            if err ~= nil then
+                return nil, err
             end
+            return value
+        end,
+        set = function(_, key, value, exptime)
+            return dict_set(id, key, value, exptime)
+        end,
+        add = function(_, key, value, exptime)
+            return dict_add(id, key, value, exptime)
+        end,
+        incr = function(_, key, value, init, init_ttl)
+            local new, err, forcible = dict_incr(id, key, value, init, init_ttl)
+            if new == nil then
+                return nil, err
+            end
+            return new, nil, forcible
+        end,
+    }
+    setmetatable(methods, {
+        __index = function(cache, method)
+            local f = handle[method]
+            if f == nil then
+                return nil
+            end
+            local bound = function(_, ...)
+                return f(handle, ...)
+            end
+            rawset(cache, method, bound)
+            return bound
+        end,
+    })
+    return readonly(methods, "ngx.shared." .. tostring(name))
+end
+
+-- Dictionaries already handed out; as with `ngx.var`, a hit calls no function.
+local dicts = setmetatable({}, {
+    __index = function(cache, name)
+        local dict = new_dict(name)
+        if dict ~= nil then
+            rawset(cache, name, dict)
         end
         return dict
-    end
+    end,
+})
+local shared = newproxy(true)
+do
+    local mt = getmetatable(shared)
+    mt.__index = dicts
     mt.__newindex = function() error("attempt to modify ngx.shared", 2) end
     mt.__metatable = false
 end

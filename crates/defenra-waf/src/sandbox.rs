@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, VmState};
 
@@ -95,7 +95,7 @@ impl Sandbox {
         lua.globals().raw_remove("jit")?;
         lua.set_memory_limit(limits.memory)?;
 
-        let ctx = Rc::new(Ctx::new(clock, script_logs));
+        let ctx = Rc::new(Ctx::new(clock, script_logs, limits.memory));
         let hook_ctx = Rc::clone(&ctx);
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(HOOK_INTERVAL),
@@ -150,12 +150,15 @@ impl Sandbox {
     /// Runs `chunk` for `request` within the limits.
     pub(crate) fn run(&self, chunk: &Chunk, request: &RequestInfo<'_>) -> Outcome {
         let hooks = self.limits.instructions.div_ceil(u64::from(HOOK_INTERVAL));
-        self.ctx
-            .begin(request, hooks, Instant::now() + self.limits.time);
-        let result = self.prefetch(chunk).and_then(|values| {
-            self.run
-                .call::<()>((&chunk.env, &chunk.function, &chunk.prefetch_names, values))
-        });
+        self.ctx.begin(request, hooks, self.limits.time);
+        let result = self
+            .prefetch(chunk)
+            .and_then(|[a, b, c, d, e, f, g, h, i, j]| {
+                // A fixed number of arguments: collecting the values would allocate each time.
+                let (env, function, names) = (&chunk.env, &chunk.function, &chunk.prefetch_names);
+                self.run
+                    .call::<()>((env, function, names, a, b, c, d, e, f, g, h, i, j))
+            });
         let exit = self.ctx.exit.get();
         if exit.is_some() {
             return Outcome::Finished { exit };
@@ -178,14 +181,16 @@ impl Sandbox {
         }
     }
 
-    /// The values of the chunk's prefetched variables, in order.
-    fn prefetch(&self, chunk: &Chunk) -> mlua::Result<mlua::Variadic<mlua::Value>> {
+    /// The values of the chunk's prefetched variables, in order, then `nil`s.
+    fn prefetch(&self, chunk: &Chunk) -> mlua::Result<[mlua::Value; PREFETCH.len()]> {
         let mut request = self.ctx.request.borrow_mut();
-        chunk
-            .prefetch
-            .iter()
-            .map(|name| api::var(&self.lua, &mut request, name.as_bytes()))
-            .collect()
+        let mut values = std::array::from_fn(|_| mlua::Value::Nil);
+        api::unmetered(&self.lua, self.limits.memory, || {
+            for (slot, name) in values.iter_mut().zip(&chunk.prefetch) {
+                *slot = api::var(&self.lua, &mut request, name.as_bytes())?;
+            }
+            Ok(values)
+        })
     }
 
     /// Two full cycles: the first may only finish a cycle that began while the data was
@@ -233,15 +238,24 @@ pub(crate) fn syntax_check(lua: &Lua, domain: &str, source: &str) -> Result<(), 
         .map_err(|error| first_line(&error))
 }
 
-/// Whether `name` appears in `source` as a whole identifier (`ngx.var.uri` mentions `uri`,
-/// `ngx.var.request_uri` does not).
+/// Whether `source` reads variable `name` as `var.name`, `var["name"]` or `var['name']`
+/// (`ngx.var.uri` reads `uri`; `ngx.var.request_uri` and `local uri = ...` do not). A
+/// variable read another way is still read, on first use.
 fn mentions(source: &str, name: &str) -> bool {
     let is_ident = |byte: u8| byte.is_ascii_alphanumeric() || byte == b'_';
     let bytes = source.as_bytes();
     source.match_indices(name).any(|(at, _)| {
-        let before = at.checked_sub(1).map(|index| bytes[index]);
-        let after = bytes.get(at + name.len()).copied();
-        !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+        let before = &source[..at];
+        let after = &bytes[at + name.len()..];
+        if before.ends_with("var.") {
+            !after.first().copied().is_some_and(is_ident)
+        } else if before.ends_with("var[\"") {
+            after.starts_with(b"\"")
+        } else if before.ends_with("var['") {
+            after.starts_with(b"'")
+        } else {
+            false
+        }
     })
 }
 
@@ -250,11 +264,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mentions_matches_whole_identifiers_only() {
+    fn mentions_matches_variable_reads_only() {
         assert!(mentions("ngx.var.uri", "uri"));
         assert!(mentions("ngx.var[\"uri\"]", "uri"));
         assert!(!mentions("ngx.var.request_uri", "uri"));
         assert!(!mentions("ngx.var.uris", "uri"));
         assert!(mentions("local a = ngx.var.request_uri", "request_uri"));
+        assert!(mentions("local v = ngx.var['uri']", "uri"));
+        assert!(!mentions("local uri = string.lower(x)", "uri"));
+        assert!(!mentions("ngx.var[\"uri_x\"]", "uri"));
     }
 }
