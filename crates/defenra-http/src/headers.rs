@@ -38,7 +38,12 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let Ok(text) = value.to_str() else { continue };
         for token in text.split(',') {
             let token = token.trim();
-            if token.is_empty() {
+            // `close` names no header and `keep-alive` goes below anyway; skipping them
+            // keeps the usual `Connection: keep-alive` free of allocations.
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("close")
+                || token.eq_ignore_ascii_case("keep-alive")
+            {
                 continue;
             }
             if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
@@ -79,28 +84,23 @@ pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Adds the forwarding headers: appends the client to `X-Forwarded-For` (keeping the
-/// chain the client sent, every value in order), and sets `X-Real-IP`,
-/// `X-Forwarded-Proto` and `X-Forwarded-Host`.
+/// The client IP as a header value, made once per connection; cloning it for each
+/// request only bumps a reference count.
+pub(crate) fn ip_value(ip: IpAddr) -> HeaderValue {
+    // An IP's text is always a valid header value.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(ip.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Adds the forwarding headers: appends the client (`client_ip`, from [`ip_value`]) to
+/// `X-Forwarded-For` (keeping the chain the client sent, every value in order), and sets
+/// `X-Real-IP`, `X-Forwarded-Proto` and `X-Forwarded-Host`.
 pub(crate) fn add_forwarding(
     headers: &mut HeaderMap,
-    client_ip: IpAddr,
+    client_ip: &HeaderValue,
     scheme: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    // The IP is formatted on the stack; without a client chain X-Forwarded-For and
-    // X-Real-IP share one value.
-    let mut buffer = [0u8; 64];
-    let ip_len = {
-        use std::io::Write as _;
-        let mut cursor = std::io::Cursor::new(&mut buffer[..]);
-        let _ = write!(cursor, "{client_ip}");
-        usize::try_from(cursor.position()).unwrap_or(0)
-    };
-    let ip_text = &buffer[..ip_len];
-    let Ok(ip_value) = HeaderValue::from_bytes(ip_text) else {
-        return;
-    };
     let mut chain: Vec<u8> = Vec::new();
     for value in headers.get_all(&X_FORWARDED_FOR) {
         let value = value.as_bytes().trim_ascii();
@@ -111,14 +111,14 @@ pub(crate) fn add_forwarding(
         chain.extend_from_slice(b", ");
     }
     if chain.is_empty() {
-        headers.insert(&X_FORWARDED_FOR, ip_value.clone());
+        headers.insert(&X_FORWARDED_FOR, client_ip.clone());
     } else {
-        chain.extend_from_slice(ip_text);
+        chain.extend_from_slice(client_ip.as_bytes());
         if let Ok(value) = HeaderValue::from_bytes(&chain) {
             headers.insert(&X_FORWARDED_FOR, value);
         }
     }
-    headers.insert(&X_REAL_IP, ip_value);
+    headers.insert(&X_REAL_IP, client_ip.clone());
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     match host {
         Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),
@@ -160,7 +160,7 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_listed_headers_are_removed() {
         let mut headers = map(&[
-            ("connection", "keep-alive, X-Secret"),
+            ("connection", "keep-alive, close, X-Secret"),
             ("keep-alive", "timeout=5"),
             ("x-secret", "1"),
             ("proxy-authorization", "basic"),
@@ -189,7 +189,7 @@ mod tests {
         ]);
         add_forwarding(
             &mut headers,
-            "10.0.0.9".parse().unwrap(),
+            &ip_value("10.0.0.9".parse().unwrap()),
             "https",
             Some(&HeaderValue::from_static("www.example.com")),
         );

@@ -123,6 +123,8 @@ impl ProxyError {
 pub(crate) struct Conn {
     pub(crate) service: Arc<HttpService>,
     pub(crate) peer: SocketAddr,
+    /// The peer's IP as a header value, for `X-Forwarded-For` and `X-Real-IP`.
+    pub(crate) peer_ip: HeaderValue,
     pub(crate) listener: Listener,
     /// The port the client connected to, for the WAF's `ngx.var.server_port`.
     pub(crate) local_port: u16,
@@ -295,7 +297,7 @@ impl Conn {
         parts.headers.insert(header::HOST, host_value.clone());
         headers::add_forwarding(
             &mut parts.headers,
-            self.peer.ip().to_canonical(),
+            &self.peer_ip,
             self.listener.scheme(),
             Some(&host_value),
         );

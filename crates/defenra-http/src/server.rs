@@ -104,6 +104,7 @@ pub(crate) async fn serve(
         let conn = Arc::new(Conn {
             service: Arc::clone(&service),
             peer,
+            peer_ip: crate::headers::ip_value(peer.ip().to_canonical()),
             listener: kind,
             local_port: local.port(),
             tunnels: tracker.clone(),
