@@ -223,8 +223,9 @@ impl ConfigLoop {
         let Some(state) = &self.state else {
             return false;
         };
-        match state.load() {
-            Ok(Some(doc)) => match compile(&doc) {
+        // The document is dropped before the services build their views from it.
+        match state.load().map(|doc| doc.map(|doc| compile(&doc))) {
+            Ok(Some(compiled)) => match compiled {
                 Ok(compiled) => {
                     warn!(path = %state.last_good_path().display(), "serving the last good config from the state dir");
                     self.apply(compiled, None, "state");
@@ -298,6 +299,13 @@ impl ConfigLoop {
     }
 
     fn apply(&mut self, compiled: Compiled, doc: Option<Bytes>, origin: &'static str) {
+        // Save first and let the document go, so the services' reloads (and the memory
+        // hand-back registered after them) do not run beside a dead copy of it.
+        if let (Some(state), Some(doc)) = (&self.state, doc)
+            && let Err(error) = state.save(&doc)
+        {
+            warn!(path = %state.last_good_path().display(), %error, "cannot save the last good config");
+        }
         let Compiled {
             snapshot,
             mut issues,
@@ -334,11 +342,6 @@ impl ConfigLoop {
         *self.stats.origin.lock() = origin;
         self.stats.version.store(snapshot.version, Relaxed);
         self.stats.snapshots_published_total.fetch_add(1, Relaxed);
-        if let (Some(state), Some(doc)) = (&self.state, doc)
-            && let Err(error) = state.save(&doc)
-        {
-            warn!(path = %state.last_good_path().display(), %error, "cannot save the last good config");
-        }
     }
 
     fn succeeded(&mut self) {

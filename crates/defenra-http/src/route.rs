@@ -2,6 +2,8 @@
 //! proxied and where its origin is.
 
 use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +25,9 @@ const MAX_CNAME_CHAIN: usize = 8;
 #[derive(Debug, Default)]
 pub struct RouteTable {
     /// Exact host names (lower case, no trailing dot).
-    exact: HashMap<Box<str>, Arc<Route>>,
+    exact: HostMap,
     /// Wildcard records keyed by their parent: `*.example.com` is stored as `example.com`.
-    wildcard: HashMap<Box<str>, Arc<Route>>,
+    wildcard: HostMap,
     /// CNAME origins outside the served zones and how long their resolved addresses may
     /// be cached (the record's TTL, capped by the options).
     cname_ttls: HashMap<Box<str>, Duration>,
@@ -112,6 +114,9 @@ impl RouteTable {
         }
 
         let mut table = RouteTable::default();
+        // Hosts without an origin (not proxied, or nothing to proxy to) share one route
+        // per domain: with 10,000 DNS-only domains that is most of the table.
+        let mut originless: HashMap<(*const Domain, bool), Arc<Route>> = HashMap::new();
         for (name, entry) in &hosts {
             let target = resolve_target(&hosts, entry.target.clone());
             let origin = target.and_then(|target| {
@@ -139,16 +144,32 @@ impl RouteTable {
                     limit,
                 })
             });
-            let route = Arc::new(Route {
-                domain: Arc::clone(&entry.domain),
-                proxied: entry.proxied,
-                origin,
-            });
+            let route = match origin {
+                None => Arc::clone(
+                    originless
+                        .entry((Arc::as_ptr(&entry.domain), entry.proxied))
+                        .or_insert_with(|| {
+                            Arc::new(Route {
+                                domain: Arc::clone(&entry.domain),
+                                proxied: entry.proxied,
+                                origin: None,
+                            })
+                        }),
+                ),
+                Some(origin) => Arc::new(Route {
+                    domain: Arc::clone(&entry.domain),
+                    proxied: entry.proxied,
+                    origin: Some(origin),
+                }),
+            };
             match name.strip_prefix("*.") {
-                Some(parent) => table.wildcard.insert(parent.into(), route),
-                None => table.exact.insert(name.as_str().into(), route),
+                Some(parent) => table.wildcard.push(parent, route),
+                None => table.exact.push(name, route),
             };
         }
+        table.exact.finish();
+        table.wildcard.finish();
+        table.cname_ttls.shrink_to_fit();
         *limits = used;
         table
     }
@@ -178,6 +199,12 @@ impl RouteTable {
         self.cname_ttls.get(name).copied()
     }
 
+    /// Heap bytes held by the table's own structures (routes shared with other hosts
+    /// counted once per host), for memory checks.
+    pub fn heap_bytes(&self) -> usize {
+        self.exact.heap_bytes() + self.wildcard.heap_bytes()
+    }
+
     fn find(&self, host: &str) -> Option<&Arc<Route>> {
         if let Some(route) = self.exact.get(host) {
             return Some(route);
@@ -190,6 +217,93 @@ impl RouteTable {
             rest = parent;
         }
         None
+    }
+}
+
+/// Host names to routes, compact: one string holds every name, and the lookup table is
+/// an open-addressing array of `u32` entry indexes (a `HashMap<Box<str>, _>` costs a boxed
+/// key and a 24-byte bucket per host).
+#[derive(Debug, Default)]
+struct HostMap {
+    /// Entry indexes by name hash, linear probing; `u32::MAX` is empty. A power of two at
+    /// least twice the number of entries (or empty).
+    slots: Box<[u32]>,
+    entries: Vec<HostSlot>,
+    names: String,
+    hasher: RandomState,
+}
+
+#[derive(Debug)]
+struct HostSlot {
+    name_start: u32,
+    name_len: u32,
+    route: Arc<Route>,
+}
+
+impl HostMap {
+    const EMPTY: u32 = u32::MAX;
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Adds `name` (unique: the caller's host map has each name once). [`HostMap::finish`]
+    /// must run before lookups.
+    fn push(&mut self, name: &str, route: Arc<Route>) {
+        self.entries.push(HostSlot {
+            name_start: self.names.len() as u32,
+            name_len: name.len() as u32,
+            route,
+        });
+        self.names.push_str(name);
+    }
+
+    fn name(&self, entry: &HostSlot) -> &str {
+        let start = entry.name_start as usize;
+        self.names
+            .get(start..start + entry.name_len as usize)
+            .unwrap_or("")
+    }
+
+    fn finish(&mut self) {
+        self.entries.shrink_to_fit();
+        self.names.shrink_to_fit();
+        if self.entries.is_empty() {
+            return;
+        }
+        let capacity = (self.entries.len() * 2).next_power_of_two();
+        let mask = capacity - 1;
+        let mut slots = vec![Self::EMPTY; capacity].into_boxed_slice();
+        for (index, entry) in self.entries.iter().enumerate() {
+            let mut slot = self.hasher.hash_one(self.name(entry)) as usize & mask;
+            while slots[slot] != Self::EMPTY {
+                slot = (slot + 1) & mask;
+            }
+            slots[slot] = index as u32;
+        }
+        self.slots = slots;
+    }
+
+    fn get(&self, name: &str) -> Option<&Arc<Route>> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut slot = self.hasher.hash_one(name) as usize & mask;
+        loop {
+            let index = self.slots[slot];
+            let entry = self.entries.get(index as usize)?;
+            if self.name(entry) == name {
+                return Some(&entry.route);
+            }
+            slot = (slot + 1) & mask;
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.slots.len() * size_of::<u32>()
+            + self.entries.capacity() * size_of::<HostSlot>()
+            + self.names.capacity()
     }
 }
 
@@ -393,6 +507,44 @@ mod tests {
             wildcard.tls_authority.is_none(),
             "built per request from the host"
         );
+    }
+
+    #[test]
+    fn every_host_is_found_and_hosts_without_origin_share_a_route() {
+        let domains: Vec<serde_json::Value> = (0..200)
+            .map(|n| {
+                serde_json::json!({ "domain": format!("d{n}.example"), "dnsRecords": [
+                    { "name": "@", "type": "A", "value": "192.0.2.1" },
+                    { "name": "www", "type": "A", "value": "192.0.2.2" },
+                    { "name": "*.img", "type": "A", "value": "192.0.2.3" },
+                    { "name": "app", "type": "A", "value": "192.0.2.4", "httpProxyEnabled": true } ] })
+            })
+            .collect();
+        let (routes, issues) = table(serde_json::Value::Array(domains));
+        assert_eq!(issues, vec![]);
+        assert_eq!(routes.len(), 800);
+        for n in 0..200 {
+            let apex = routes.lookup(&format!("d{n}.example")).unwrap();
+            let www = routes.lookup(&format!("WWW.d{n}.example")).unwrap();
+            let image = routes.lookup(&format!("a.img.d{n}.example")).unwrap();
+            assert_eq!(apex.domain.name, format!("d{n}.example"));
+            assert!(!apex.proxied && apex.origin.is_none());
+            assert!(
+                Arc::ptr_eq(apex, www),
+                "one route for the domain's plain hosts"
+            );
+            assert!(Arc::ptr_eq(apex, image));
+            let app = routes.lookup(&format!("app.d{n}.example")).unwrap();
+            assert!(app.proxied);
+            assert_eq!(
+                app.origin.as_ref().unwrap().address.as_str(),
+                "192.0.2.4:80"
+            );
+            assert!(routes.lookup(&format!("nope.d{n}.example")).is_none());
+            assert!(routes.lookup(&format!("img.d{n}.example")).is_none());
+        }
+        assert!(routes.lookup("example").is_none());
+        assert!(RouteTable::default().lookup("d1.example").is_none());
     }
 
     #[test]
