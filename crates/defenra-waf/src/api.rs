@@ -120,6 +120,8 @@ pub(crate) struct Ctx {
     deadline: Cell<Option<Instant>>,
     pub(crate) clock: Clock,
     pub(crate) regexes: RefCell<RegexCache>,
+    /// Response header names and values scripts set, parsed once per state.
+    header_cache: RefCell<HeaderCache>,
     pub(crate) script_logs: Arc<LogLimiter>,
     /// The state's memory cap, restored by [`unmetered`].
     pub(crate) memory_limit: usize,
@@ -137,6 +139,7 @@ impl Ctx {
             deadline: Cell::new(None),
             clock,
             regexes: RefCell::new(RegexCache::new()),
+            header_cache: RefCell::new(HeaderCache::default()),
             script_logs,
             memory_limit,
         }
@@ -493,7 +496,8 @@ pub(crate) fn host_table(
         "header_set",
         lua.create_function(
             move |_, (_proxy, name, value): (Value, mlua::LuaString, Value)| {
-                let name = response_header_name(&name.as_bytes())?;
+                let mut cache = c.header_cache.borrow_mut();
+                let name = cache.name(&name.as_bytes())?;
                 let mut response = c.response.borrow_mut();
                 let headers = &mut response.headers;
                 let values = match &value {
@@ -501,13 +505,13 @@ pub(crate) fn host_table(
                     Value::Table(list) => {
                         let mut values = Vec::new();
                         for item in list.sequence_values::<Value>() {
-                            values.push(header_value(&item?)?);
+                            values.push(cache.value(&item?)?);
                         }
                         values
                     }
                     single => {
                         // The common case, without a `Vec`.
-                        let value = header_value(single)?;
+                        let value = cache.value(single)?;
                         if headers.remove(&name).is_none() && headers.len() >= MAX_HEADERS {
                             return Err(mlua::Error::runtime("too many response headers"));
                         }
@@ -1105,6 +1109,49 @@ fn http_time(unix_secs: i64, cookie: bool) -> String {
         )
     } else {
         format!("{weekday}, {day:02} {month} {year} {hour:02}:{minute:02}:{second:02} GMT")
+    }
+}
+
+/// Distinct names (and values) a state keeps parsed; later ones are parsed every time.
+const HEADER_CACHE_ENTRIES: usize = 8;
+/// Longest name or value kept.
+const HEADER_CACHE_BYTES: usize = 256;
+
+/// The response header names and values a state's scripts set, parsed once: most scripts
+/// set the same few constant headers on every request, and parsing one copies it into a
+/// new allocation (cached ones are shared by reference count). Bounded, first come first
+/// kept.
+#[derive(Default)]
+struct HeaderCache {
+    names: Vec<(Box<[u8]>, HeaderName)>,
+    values: Vec<(Box<[u8]>, HeaderValue)>,
+}
+
+impl HeaderCache {
+    fn name(&mut self, raw: &[u8]) -> mlua::Result<HeaderName> {
+        if let Some((_, name)) = self.names.iter().find(|(key, _)| **key == *raw) {
+            return Ok(name.clone());
+        }
+        let name = response_header_name(raw)?;
+        if self.names.len() < HEADER_CACHE_ENTRIES && raw.len() <= HEADER_CACHE_BYTES {
+            self.names.push((raw.into(), name.clone()));
+        }
+        Ok(name)
+    }
+
+    fn value(&mut self, value: &Value) -> mlua::Result<HeaderValue> {
+        let Value::String(text) = value else {
+            return header_value(value);
+        };
+        let raw = text.as_bytes();
+        if let Some((_, value)) = self.values.iter().find(|(key, _)| **key == *raw) {
+            return Ok(value.clone());
+        }
+        let parsed = header_value(value)?;
+        if self.values.len() < HEADER_CACHE_ENTRIES && raw.len() <= HEADER_CACHE_BYTES {
+            self.values.push((raw.as_ref().into(), parsed.clone()));
+        }
+        Ok(parsed)
     }
 }
 

@@ -245,6 +245,22 @@ fn headers_are_added_to_the_proxied_response() {
 }
 
 #[test]
+fn header_values_stay_right_for_every_request() {
+    // More distinct values than the per-state parse cache keeps, a constant header, and a
+    // name with underscores.
+    let engine = engine(
+        "ngx.header['X-Id'] = ngx.var.arg_id ngx.header['X-Waf'] = 'checked' \
+         ngx.header.x_seen_id = ngx.var.arg_id",
+    );
+    for id in 0..20 {
+        assert_eq!(
+            render(&request(&format!("/?id={id}")).check(&engine)),
+            format!("allow | x-id: {id} | x-waf: checked | x-seen-id: {id}")
+        );
+    }
+}
+
+#[test]
 fn bad_header_values_are_script_errors() {
     let engine = engine_with(
         WafOptions {
@@ -769,6 +785,25 @@ fn shared_dict_api() {
         "nil\ntrue v\nfalseexistsfalse\ntrue w\nfalsenot foundfalse\n\
          nilnot found\n12 13nilfalse\nnilnot a number\nfalse true\nnil\n\
          10 0 nil\ntrue 5\n3 falsebad value typefalse\nnilnil key\n0\ntrue nil\n"
+    );
+}
+
+#[test]
+fn shared_dict_results_have_openresty_counts() {
+    let script = r#"
+        local d = ngx.shared.cache
+        local n = function(...) return select('#', ...) end
+        ngx.say(n(d:get("missing")), n(d:set("k", 1)), n(d:get("k")), n(d:get(nil)))
+        ngx.say(n(d:incr("k", 1)), n(d:incr("none", 1)), n(d:add("k", 2)), n(d:add("k2", 2)))
+        ngx.say(d:incr("none", 1, 5, 0), " ", d:get("none"), " ", d:add("k2", 3))
+        d:delete("k")
+        ngx.say(tostring(d:get("k")), " ", d:ttl("k2"), " ", tostring(d.no_such_method))
+        ngx.say(pcall(function() d.get = 1 end))
+    "#;
+    assert_eq!(
+        output(script),
+        "1312\n3233\n6 6 falseexistsfalse\nnil 0 nil\n\
+         falseexample.com:9: attempt to modify read-only table 'ngx.shared.cache' (field 'get')\n"
     );
 }
 
