@@ -47,9 +47,10 @@ fn main() {
     let mut issues = Vec::new();
     let index = defenra_dns::ZoneIndex::build(&snapshot, None, &mut issues);
     println!(
-        "index of {} zones, {} records: {} KiB",
+        "index of {} zones, {} records ({} KiB of tables and arena): {} KiB",
         index.n_zones(),
         index.n_records(),
+        index.heap_bytes() / 1024,
         rss_kib()
     );
     // Keep both alive past `main`, so an allocator's exit statistics (jemalloc's

@@ -5,11 +5,15 @@
 //! (knot answers it from a plain A record), then replays both mixes at a fixed rate (0.8× and
 //! 0.7× knot's peak) while a probe thread times single queries for the latency percentiles at
 //! that load (dnsperf's mean is a mean over its own queue). Last, the agent is started
-//! on a 10,000-domain config to check its resident memory.
+//! on a 10,000-domain config with every service on (DNS, HTTP, HTTPS, health) to check its
+//! resident memory, split into anonymous memory (the config snapshot and the services'
+//! indexes) and file-backed pages (mostly the binary's code).
 //!
 //! Options: `--duration SECONDS` per run (default 10), `--domains N` for the memory check
 //! (default 10000), `--rounds N` peak runs per server, best kept (default 2), `--no-build`
-//! to use the release binary already in `target/release`.
+//! to use the release binary already in `target/release`, `--dist` to repeat the memory
+//! check with the `dist` profile (thin LTO, stripped: the binary the .deb ships), built
+//! unless `--no-build`.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -42,6 +46,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let mut n_domains = 10_000usize;
     let mut build = true;
     let mut rounds = 2usize;
+    let mut dist = false;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
@@ -60,6 +65,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                     .context("--domains needs a whole number")?;
             }
             "--no-build" => build = false,
+            "--dist" => dist = true,
             "--rounds" => {
                 rounds = rest
                     .next()
@@ -69,7 +75,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             }
             other => {
                 bail!(
-                    "unknown option {other:?}; expected --duration N, --rounds N, --domains N or --no-build"
+                    "unknown option {other:?}; expected --duration N, --rounds N, --domains N, --dist or --no-build"
                 )
             }
         }
@@ -89,13 +95,22 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     // The release agent goes to the default target dir, shared with the lead's builds.
     if build {
         cargo_release(&root, &["build", "--release", "-p", "defenra-agent"])?;
+        if dist {
+            cargo_release(
+                &root,
+                &["build", "--profile", "dist", "-p", "defenra-agent"],
+            )?;
+        }
     }
     let agent_bin = crate::target_dir().join("release/defenra-agent");
-    ensure!(
-        agent_bin.exists(),
-        "{} is missing; run without --no-build",
-        agent_bin.display()
-    );
+    let dist_bin = crate::target_dir().join("dist/defenra-agent");
+    for binary in std::iter::once(&agent_bin).chain(dist.then_some(&dist_bin)) {
+        ensure!(
+            binary.exists(),
+            "{} is missing; run without --no-build",
+            binary.display()
+        );
+    }
     // A small GeoIP database; a debug build of the writer is plenty.
     let geoip = work.join("bench.mmdb");
     crate::run_command(
@@ -138,7 +153,14 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let agent_port = free_port()?;
     let agent = Server::start(
         "agent",
-        &mut agent_command(&agent_bin, &config, &geoip, &work.join("state"), agent_port)?,
+        &mut agent_command(
+            &agent_bin,
+            &config,
+            &geoip,
+            &work.join("state"),
+            agent_port,
+            false,
+        )?,
         &work,
         agent_port,
     )?;
@@ -214,25 +236,33 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     rows.push(("static @0.8x knot", knot_static_at, agent_static_at));
     rows.push(("geo+ECS @0.7x knot", knot_geo_at, agent_geo_at));
 
-    // Memory with many domains.
+    // Memory with many domains, every service on.
     let big_config = work.join("agent-big.json");
     std::fs::write(&big_config, agent_config(n_domains))?;
-    let big_port = free_port()?;
-    let big = Server::start_waiting_for(
-        "agent (big)",
-        &mut agent_command(
-            &agent_bin,
-            &big_config,
-            &geoip,
-            &work.join("state-big"),
+    let mut big_rss = Vec::new();
+    for (profile, binary) in
+        std::iter::once(("release", &agent_bin)).chain(dist.then_some(("dist", &dist_bin)))
+    {
+        let big_port = free_port()?;
+        let big = Server::start_waiting_for(
+            "agent (big)",
+            &mut agent_command(
+                binary,
+                &big_config,
+                &geoip,
+                &work.join(format!("state-big-{profile}")),
+                big_port,
+                true,
+            )?,
+            &work,
             big_port,
-        )?,
-        &work,
-        big_port,
-        &format!("www.d{}.{ZONE_NAME}", n_domains - 1),
-    )?;
-    let big_rss = big.rss_kib()?;
-    drop(big);
+            &format!("www.d{}.{ZONE_NAME}", n_domains - 1),
+        )?;
+        // The config loop hands freed memory back right after the last reload; give it
+        // a moment past the first answer.
+        std::thread::sleep(Duration::from_secs(1));
+        big_rss.push((profile, big.memory()?));
+    }
 
     let report = render_report(
         duration,
@@ -241,13 +271,21 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         knot_rss,
         agent_rss,
         n_domains,
-        big_rss,
+        &big_rss,
         static_rate,
         geo_rate,
     );
     println!("{report}");
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// Resident memory of a process, in KiB.
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    rss_kib: u64,
+    anon_kib: u64,
+    file_kib: u64,
 }
 
 /// One dnsperf run.
@@ -269,7 +307,7 @@ fn render_report(
     knot_rss: u64,
     agent_rss: u64,
     n_domains: usize,
-    big_rss: u64,
+    big_rss: &[(&str, Memory)],
     static_rate: u64,
     geo_rate: u64,
 ) -> String {
@@ -311,9 +349,27 @@ fn render_report(
     );
     let _ = writeln!(
         out,
-        "agent RSS with {n_domains} domains: {:.1} MiB (target < 30 MiB)",
-        big_rss as f64 / 1024.0
+        "\nagent with {n_domains} domains, every service on (DNS, HTTP, HTTPS, health); \
+         target RSS < 30 MiB\n"
     );
+    let _ = writeln!(
+        out,
+        "| binary | RSS MiB | anonymous MiB | file-backed MiB |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|");
+    for (profile, memory) in big_rss {
+        let label = match *profile {
+            "dist" => "dist (thin LTO, stripped; what the .deb ships)",
+            _ => "release (line tables)",
+        };
+        let _ = writeln!(
+            out,
+            "| {label} | **{:.1}** | {:.1} | {:.1} |",
+            memory.rss_kib as f64 / 1024.0,
+            memory.anon_kib as f64 / 1024.0,
+            memory.file_kib as f64 / 1024.0
+        );
+    }
     out
 }
 
@@ -380,8 +436,11 @@ fn agent_command(
     geoip: &Path,
     state: &Path,
     port: u16,
+    every_service: bool,
 ) -> anyhow::Result<Command> {
     std::fs::create_dir_all(state)?;
+    // Every service on loopback with a port the kernel picks, or DNS alone.
+    let other = if every_service { "127.0.0.1:0" } else { "off" };
     let mut command = Command::new(binary);
     command.args([
         "--config",
@@ -389,11 +448,11 @@ fn agent_command(
         "--dns-listen",
         &format!("127.0.0.1:{port}"),
         "--http-listen",
-        "off",
+        other,
         "--https-listen",
-        "off",
+        other,
         "--health-listen",
-        "off",
+        other,
         "--state-dir",
         path_str(state)?,
         "--geoip-db",
@@ -532,14 +591,28 @@ impl Server {
 
     /// Resident memory (VmRSS) in KiB.
     fn rss_kib(&self) -> anyhow::Result<u64> {
+        self.status_kib("VmRSS")
+    }
+
+    /// Resident memory, with its anonymous and file-backed parts.
+    fn memory(&self) -> anyhow::Result<Memory> {
+        Ok(Memory {
+            rss_kib: self.status_kib("VmRSS")?,
+            anon_kib: self.status_kib("RssAnon")?,
+            file_kib: self.status_kib("RssFile")?,
+        })
+    }
+
+    /// A KiB figure from `/proc/PID/status`.
+    fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .with_context(|| format!("cannot read {}'s /proc status", self.name))?;
         status
             .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|kib| kib.parse().ok())
-            .with_context(|| format!("no VmRSS for {}", self.name))
+            .with_context(|| format!("no {field} for {}", self.name))
     }
 }
 
