@@ -39,7 +39,8 @@ pub struct WafOptions {
     pub fail_closed: bool,
     /// VM instructions one run may execute before it is aborted (checked every 1000).
     pub instruction_budget: u64,
-    /// Wall time one run may take before it is aborted (checked every 1000 instructions).
+    /// Wall time one run may take before it is aborted (checked every 1000 instructions,
+    /// counted from the run's first check).
     /// It counts time the thread was preempted, so on a badly overloaded machine a normal
     /// script can, rarely, be aborted (and fail open).
     pub time_budget: Duration,
