@@ -67,6 +67,11 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "HTTPS_LISTEN", default_value = "0.0.0.0:443")]
     pub(crate) https_listen: Listen,
 
+    /// Threads serving HTTP and HTTPS, each with its own `SO_REUSEPORT` socket per listener
+    /// (nginx's worker model); 0 means one per CPU core.
+    #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
+    pub(crate) http_workers: usize,
+
     /// Health, stats and metrics endpoint (/health, /stats, /metrics), or `off`.
     #[arg(long, env = "HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
     pub(crate) health_listen: Listen,

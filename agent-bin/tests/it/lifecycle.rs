@@ -215,3 +215,33 @@ fn access_log_lines_appear_only_when_enabled() {
         }
     }
 }
+
+#[test]
+fn http_runs_on_the_requested_worker_threads_and_each_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    write(&path, &doc("192.0.2.1"));
+    let agent = Agent::start(&["--config", path.to_str().unwrap(), "--http-workers", "3"]);
+    let worker_threads = || {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| name.starts_with("http"))
+            .collect();
+        names.sort();
+        names
+    };
+    eventually("the HTTP workers start", || worker_threads().len() == 6);
+    assert_eq!(
+        worker_threads(),
+        [
+            "http-0", "http-1", "http-2", "https-0", "https-1", "https-2"
+        ]
+    );
+    // New connections are spread over the workers' sockets; every one is answered
+    // (404: the host is not configured).
+    for _ in 0..24 {
+        assert_eq!(get(agent.addr("http"), "/").0, 404);
+    }
+}

@@ -88,6 +88,10 @@ impl Agent {
         agent
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub(crate) fn addr(&self, service: &str) -> SocketAddr {
         self.addrs[service]
     }
