@@ -125,7 +125,7 @@ pub(crate) struct AccessEntry {
     method: Method,
     path: String,
     pub(crate) status: u16,
-    bytes_sent: u64,
+    pub(crate) bytes_sent: u64,
     pub(crate) origin: Option<Authority>,
     pub(crate) waf: WafOutcome,
 }

@@ -73,17 +73,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether the request asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
-pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers.get_all(header::CONNECTION).iter().any(|value| {
-            value.to_str().is_ok_and(|text| {
-                text.split(',')
-                    .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
-}
-
 /// The client IP as a header value, made once per connection; cloning it for each
 /// request only bumps a reference count.
 pub(crate) fn ip_value(ip: IpAddr) -> HeaderValue {
@@ -197,15 +186,6 @@ mod tests {
         assert_eq!(headers["x-real-ip"], "10.0.0.9");
         assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(headers["x-forwarded-host"], "www.example.com");
-    }
-
-    #[test]
-    fn upgrade_needs_both_headers() {
-        assert!(wants_upgrade(&map(&[
-            ("connection", "keep-alive, Upgrade"),
-            ("upgrade", "websocket")
-        ])));
-        assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 mod access;
 mod body;
+mod h1;
 mod headers;
 mod origin;
 mod proxy;

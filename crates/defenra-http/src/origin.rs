@@ -16,15 +16,16 @@ use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::HttpOptions;
 use crate::body::RequestBody;
+use crate::h1::buffer::Buffer;
 use crate::route::{OriginKind, RouteTable};
 
 /// Cache time for a CNAME target that is no longer in the route table.
@@ -60,20 +61,92 @@ impl std::hash::Hash for PoolKey {
     }
 }
 
-/// Idle origin connections by key, and the connectors that open new ones. The lock is
-/// held only to push or pop a connection, never across an await.
+/// Idle origin connections by key, and the connectors that open new ones. Connections
+/// of the HTTP/1 engine (`raw`) and of hyper's client (the HTTP/2 path) are pooled apart.
 pub(crate) struct OriginPool {
     http: ConnectorInner,
     https_unverified: ConnectorInner,
     https_verified: ConnectorInner,
-    idle: parking_lot::Mutex<HashMap<PoolKey, Vec<IdleConn>>>,
-    idle_timeout: Duration,
-    max_idle_per_origin: usize,
+    idle: IdleMap<OriginConn>,
+    raw: IdleMap<RawConn>,
 }
 
-struct IdleConn {
-    conn: OriginConn,
+/// Idle connections by key. The lock is held only to push or pop a connection, never
+/// across an await.
+struct IdleMap<C> {
+    lists: parking_lot::Mutex<HashMap<PoolKey, Vec<Idle<C>>>>,
+    idle_timeout: Duration,
+    max_per_key: usize,
+}
+
+struct Idle<C> {
+    conn: C,
     since: Instant,
+}
+
+impl<C> IdleMap<C> {
+    fn new(idle_timeout: Duration, max_per_key: usize) -> Self {
+        IdleMap {
+            lists: parking_lot::Mutex::new(HashMap::new()),
+            idle_timeout,
+            max_per_key,
+        }
+    }
+
+    /// The most recently used idle connection of `key` that has not expired and that
+    /// `usable` accepts; the others met on the way are dropped (closed).
+    fn checkout(&self, key: &PoolKey, mut usable: impl FnMut(&mut C) -> bool) -> Option<C> {
+        loop {
+            let idle = {
+                let mut lists = self.lists.lock();
+                let list = lists.get_mut(key)?;
+                let idle = list.pop();
+                if list.is_empty() {
+                    lists.remove(key);
+                }
+                idle?
+            };
+            if idle.since.elapsed() < self.idle_timeout {
+                let mut conn = idle.conn;
+                if usable(&mut conn) {
+                    return Some(conn);
+                }
+            }
+        }
+    }
+
+    /// Takes back a connection, unless the list of its key is full.
+    fn release(&self, key: PoolKey, conn: C) {
+        if self.max_per_key == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut lists = self.lists.lock();
+        let list = lists.entry(key).or_default();
+        if list.len() < self.max_per_key {
+            list.push(Idle { conn, since: now });
+        }
+    }
+
+    /// Closes every idle connection older than the idle timeout.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let expired: Vec<Idle<C>> = {
+            let mut lists = self.lists.lock();
+            let mut expired = Vec::new();
+            lists.retain(|_, list| {
+                // Oldest first: they were pushed in release order.
+                let keep_from = list
+                    .iter()
+                    .position(|idle| now.saturating_duration_since(idle.since) < self.idle_timeout)
+                    .unwrap_or(list.len());
+                expired.extend(list.drain(..keep_from));
+                !list.is_empty()
+            });
+            expired
+        };
+        drop(expired); // closes the sockets outside the lock
+    }
 }
 
 /// Why an exchange with the origin failed.
@@ -100,9 +173,8 @@ impl OriginPool {
             http: connector(None),
             https_unverified: connector(Some(crate::tls::unverified_client())),
             https_verified: connector(Some(crate::tls::verified_client())),
-            idle: parking_lot::Mutex::new(HashMap::new()),
-            idle_timeout: options.pool_idle_timeout,
-            max_idle_per_origin: options.pool_max_idle_per_origin,
+            idle: IdleMap::new(options.pool_idle_timeout, options.pool_max_idle_per_origin),
+            raw: IdleMap::new(options.pool_idle_timeout, options.pool_max_idle_per_origin),
         }
     }
 
@@ -146,66 +218,46 @@ impl OriginPool {
 
     /// The most recently used idle connection of `key` that is still open and ready.
     fn checkout(&self, key: &PoolKey) -> Option<OriginConn> {
-        loop {
-            let idle = {
-                let mut pools = self.idle.lock();
-                let list = pools.get_mut(key)?;
-                let idle = list.pop();
-                if list.is_empty() {
-                    pools.remove(key);
-                }
-                idle?
-            };
-            if idle.since.elapsed() < self.idle_timeout {
-                let mut conn = idle.conn;
-                if conn.poll_idle_ready() {
-                    return Some(conn);
-                }
-            }
-            // Expired, closed by the origin, or not ready: dropped (closed) here.
-        }
+        self.idle.checkout(key, OriginConn::poll_idle_ready)
     }
 
     /// Takes back a connection whose response is complete, unless the pool of its key is
     /// full or the connection is closing.
     pub(crate) fn release(&self, key: PoolKey, conn: OriginConn) {
-        if conn.is_closed() || self.max_idle_per_origin == 0 {
-            return;
+        if !conn.is_closed() {
+            self.idle.release(key, conn);
         }
-        let now = Instant::now();
-        let mut pools = self.idle.lock();
-        let list = pools.entry(key).or_default();
-        if list.len() < self.max_idle_per_origin {
-            list.push(IdleConn { conn, since: now });
+    }
+
+    /// An idle connection of the HTTP/1 engine for `key` that the origin has not closed.
+    pub(crate) fn checkout_raw(&self, key: &PoolKey) -> Option<RawConn> {
+        self.raw.checkout(key, RawConn::is_open)
+    }
+
+    /// Opens a new connection for the HTTP/1 engine.
+    pub(crate) async fn connect_raw(&self, key: &PoolKey) -> io::Result<RawConn> {
+        let stream = Box::pin(self.connector(key.kind).connect_stream(&key.authority)).await?;
+        Ok(RawConn::new(stream))
+    }
+
+    /// Takes back an HTTP/1 engine connection after a complete exchange.
+    pub(crate) fn release_raw(&self, key: PoolKey, conn: RawConn) {
+        if conn.buf.is_empty() {
+            self.raw.release(key, conn);
         }
     }
 
     /// Closes every idle connection older than the idle timeout. Called periodically by
     /// the listeners, so an unused origin's connections do not stay open.
     pub(crate) fn sweep(&self) {
-        let now = Instant::now();
-        let expired: Vec<IdleConn> = {
-            let mut pools = self.idle.lock();
-            let mut expired = Vec::new();
-            pools.retain(|_, list| {
-                // Oldest first: they were pushed in release order.
-                let keep_from = list
-                    .iter()
-                    .position(|idle| now.saturating_duration_since(idle.since) < self.idle_timeout)
-                    .unwrap_or(list.len());
-                expired.extend(list.drain(..keep_from));
-                !list.is_empty()
-            });
-            expired
-        };
-        drop(expired); // closes the sockets outside the lock
+        self.idle.sweep();
+        self.raw.sweep();
     }
 }
 
 type Dispatch = http1::SendRequest<RequestBody>;
 
-/// hyper's connection future (`with_upgrades`, whose type hyper does not name), boxed once
-/// per connection.
+/// hyper's connection future, boxed once per connection.
 type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
 
 /// One HTTP/1.1 connection to an origin. There is no task per connection: whoever uses it
@@ -260,19 +312,6 @@ impl OriginConn {
         })
         .await
     }
-
-    /// After a `101`: the future that finishes the upgrade (hands the socket to
-    /// `hyper::upgrade::on`). Run it on its own task.
-    pub(crate) fn into_upgrade(self) -> impl Future<Output = ()> + Send + 'static {
-        let driver = self.0.driver;
-        async move {
-            if let Some(driver) = driver
-                && let Err(error) = driver.await
-            {
-                tracing::debug!(%error, "origin connection failed during the upgrade");
-            }
-        }
-    }
 }
 
 /// A request the connection failed to send or answer; holds the request when it had not
@@ -291,16 +330,16 @@ impl ConnectorInner {
     async fn connect(&self, authority: &Authority) -> io::Result<OriginConn> {
         let stream = self.connect_stream(authority).await?;
         let (sender, connection) = http1::Builder::new()
-            .handshake(stream)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
         Ok(OriginConn(Box::new(ConnInner {
             sender,
-            driver: Some(Box::pin(connection.with_upgrades())),
+            driver: Some(Box::pin(connection)),
         })))
     }
 
-    async fn connect_stream(&self, authority: &Authority) -> io::Result<OriginStream> {
+    async fn connect_stream(&self, authority: &Authority) -> io::Result<RawStream> {
         let server_name = authority.as_str().split_once('@').map(|(name, _)| name);
         let host = authority.host();
         let host = host
@@ -323,7 +362,7 @@ impl ConnectorInner {
                 )
             })??;
         let Some(tls) = &self.tls else {
-            return Ok(OriginStream::Plain(TokioIo::new(stream)));
+            return Ok(RawStream::Plain(stream));
         };
         let name = server_name.unwrap_or(host);
         let name = ServerName::try_from(name.to_owned())
@@ -336,7 +375,7 @@ impl ConnectorInner {
                     format!("TLS handshake with {host}:{port} timed out"),
                 )
             })??;
-        Ok(OriginStream::Tls(Box::new(TokioIo::new(stream))))
+        Ok(RawStream::Tls(Box::new(stream)))
     }
 }
 
@@ -406,54 +445,54 @@ impl DnsCache {
 }
 
 /// A connection to an origin, plain or TLS.
-pub(crate) enum OriginStream {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+pub(crate) enum RawStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl Read for OriginStream {
+impl AsyncRead for RawStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            OriginStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            OriginStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+            RawStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            RawStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl Write for OriginStream {
+impl AsyncWrite for RawStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            OriginStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            OriginStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+            RawStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            RawStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            OriginStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            OriginStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+            RawStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            RawStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            OriginStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            OriginStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+            RawStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            RawStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            OriginStream::Plain(stream) => stream.is_write_vectored(),
-            OriginStream::Tls(stream) => stream.is_write_vectored(),
+            RawStream::Plain(stream) => stream.is_write_vectored(),
+            RawStream::Tls(stream) => stream.is_write_vectored(),
         }
     }
 
@@ -463,8 +502,38 @@ impl Write for OriginStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            OriginStream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            OriginStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+            RawStream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            RawStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
         }
+    }
+}
+
+/// An origin connection of the HTTP/1 engine: the stream and its read buffer, which holds
+/// what the origin sent beyond the part of a response already passed on.
+pub(crate) struct RawConn {
+    pub(crate) stream: RawStream,
+    pub(crate) buf: Buffer,
+}
+
+/// Read buffer of an origin connection: a response head must fit, bodies stream through.
+const ORIGIN_BUFFER: usize = 16 * 1024;
+
+impl RawConn {
+    fn new(stream: RawStream) -> Self {
+        RawConn {
+            stream,
+            buf: Buffer::new(ORIGIN_BUFFER),
+        }
+    }
+
+    /// For a pooled connection: one look, without waiting, at whether the origin closed
+    /// it (or sent something unasked, which makes it unusable too).
+    fn is_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        Pin::new(&mut self.stream)
+            .poll_read(&mut cx, &mut probe)
+            .is_pending()
     }
 }

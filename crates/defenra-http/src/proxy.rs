@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
+use bytes::Bytes;
+use defenra_waf::WafEngine;
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::HttpService;
 use crate::access::{AccessEntry, ServedBody, WafOutcome};
@@ -108,15 +108,61 @@ impl ProxyError {
     }
 
     /// A short plain-text page with the status and nothing about the cause.
-    fn to_response(&self) -> Response<ResponseBody> {
-        let status = self.status();
+    pub(crate) fn to_local(&self) -> Local {
+        Local::error_page(self.status())
+    }
+}
+
+/// A response the proxy makes itself: an error page, a redirect, an ACME answer or a WAF
+/// block.
+pub(crate) struct Local {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+impl Local {
+    /// `text/plain` with `body`.
+    pub(crate) fn plain(status: StatusCode, body: impl Into<Bytes>) -> Local {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        Local {
+            status,
+            headers,
+            body: body.into(),
+        }
+    }
+
+    /// `404 Not Found` and the like: the status and its reason, nothing else.
+    pub(crate) fn error_page(status: StatusCode) -> Local {
         let text = format!(
             "{} {}\n",
             status.as_u16(),
             status.canonical_reason().unwrap_or("Error")
         );
-        plain(status, text)
+        Local::plain(status, text)
     }
+
+    fn into_response(self) -> Response<ResponseBody> {
+        let mut response = Response::new(full(self.body));
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        response
+    }
+}
+
+/// What routing decided for a request.
+pub(crate) enum Decision {
+    /// Answer without contacting the origin.
+    Respond(Local),
+    /// Proxy to the route's origin, adding the WAF's `extra_headers` to the response.
+    Proxy {
+        route: Arc<Route>,
+        extra_headers: Option<HeaderMap>,
+    },
 }
 
 /// One client connection, shared by the requests it carries.
@@ -128,9 +174,6 @@ pub(crate) struct Conn {
     pub(crate) listener: Listener,
     /// The port the client connected to, for the WAF's `ngx.var.server_port`.
     pub(crate) local_port: u16,
-    /// Tunnels of upgraded requests outlive the hyper connection; the listener waits for
-    /// them on shutdown.
-    pub(crate) tunnels: TaskTracker,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -151,7 +194,7 @@ impl Conn {
             Ok(response) => response,
             Err(error) => {
                 self.note(&error);
-                error.to_response()
+                error.to_local().into_response()
             }
         };
         self.service
@@ -165,24 +208,22 @@ impl Conn {
     }
 
     /// Routing, in this order: host → ACME answer → proxied? → redirect to HTTPS →
-    /// listener type → WAF → origin.
-    async fn route_and_proxy(
+    /// listener type → WAF. `host` is without port; `target` is the path and query.
+    /// `waf_check` runs the domain's script when it has one (it gets the engine, the
+    /// domain and the lower-cased host), so each protocol hands over its own view of the
+    /// request.
+    pub(crate) fn decide(
         &self,
-        mut request: Request<Incoming>,
+        method: &Method,
+        host: &str,
+        target: &str,
         entry: &mut Option<Box<AccessEntry>>,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+        waf_check: impl FnOnce(&WafEngine, &str, &str) -> defenra_waf::Verdict,
+    ) -> Result<Decision, ProxyError> {
         // A reverse proxy is no tunnel: CONNECT would reach the origin in authority form.
-        if request.method() == Method::CONNECT {
+        if method == Method::CONNECT {
             return Err(ProxyError::Connect);
         }
-        // RFC 9112 §3.2.3: an absolute-form target (and HTTP/2's :authority) wins over Host.
-        let host_value = match request.uri().authority() {
-            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => request.headers().get(header::HOST).cloned(),
-        }
-        .ok_or(ProxyError::MissingHost)?;
-        let host_text = host_value.to_str().map_err(|_| ProxyError::MissingHost)?;
-        let host = strip_port(host_text);
         if let Some(entry) = entry {
             entry.host = Some(host.to_ascii_lowercase());
         }
@@ -197,14 +238,14 @@ impl Conn {
             .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
         let domain = &route.domain;
 
-        if let Some(response) = acme_answer(&route, &request) {
-            return Ok(response);
+        if let Some(local) = acme_answer(&route, method, target) {
+            return Ok(Decision::Respond(local));
         }
         if !route.proxied {
             return Err(ProxyError::NotProxied(host.to_owned()));
         }
         if self.listener == Listener::Http && domain.redirect_to_https {
-            return Ok(redirect(host, request.uri()));
+            return Ok(Decision::Respond(redirect(host, target)));
         }
         let listeners = domain.http_proxy.listeners;
         let served = match self.listener {
@@ -221,19 +262,9 @@ impl Conn {
         let mut extra_headers = None;
         let waf = &self.service.waf;
         if waf.has_script(&domain.name) {
-            let verdict = with_lower_host(host, |lower_host| {
-                waf.check(&defenra_waf::RequestInfo {
-                    domain: &domain.name,
-                    host: lower_host,
-                    method: request.method(),
-                    uri: request.uri(),
-                    headers: request.headers(),
-                    remote_addr: self.peer.ip().to_canonical(),
-                    scheme: self.listener.scheme(),
-                    server_port: self.local_port,
-                })
-            })
-            .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
+            let verdict =
+                with_lower_host(host, |lower_host| waf_check(waf, &domain.name, lower_host))
+                    .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
             match verdict {
                 defenra_waf::Verdict::Allow {
                     extra_headers: extra,
@@ -254,18 +285,70 @@ impl Conn {
                     if let Some(entry) = entry {
                         entry.waf = WafOutcome::Block;
                     }
-                    let mut response = Response::new(full(body));
-                    *response.status_mut() = status;
-                    *response.headers_mut() = headers;
-                    return Ok(response);
+                    return Ok(Decision::Respond(Local {
+                        status,
+                        headers,
+                        body,
+                    }));
                 }
             }
         }
+        if route.origin.is_none() {
+            return Err(ProxyError::NoOrigin(host.to_owned()));
+        }
+        Ok(Decision::Proxy {
+            route,
+            extra_headers,
+        })
+    }
 
-        let origin = route
-            .origin
-            .as_ref()
-            .ok_or_else(|| ProxyError::NoOrigin(host.to_owned()))?;
+    /// The HTTP/2 path (hyper's server and client): decide, then proxy with the request's
+    /// `HeaderMap` as hyper parsed it.
+    async fn route_and_proxy(
+        &self,
+        request: Request<Incoming>,
+        entry: &mut Option<Box<AccessEntry>>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        // RFC 9113 §8.3.1: :authority (the URI's authority here) wins over Host.
+        let host_value = match request.uri().authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => request.headers().get(header::HOST).cloned(),
+        }
+        .ok_or(ProxyError::MissingHost)?;
+        let host_text = host_value.to_str().map_err(|_| ProxyError::MissingHost)?;
+        let host = strip_port(host_text);
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or("/", PathAndQuery::as_str);
+        let decision = self.decide(
+            request.method(),
+            host,
+            target,
+            entry,
+            |waf, domain, lower_host| {
+                waf.check(&defenra_waf::RequestInfo {
+                    domain,
+                    host: lower_host,
+                    method: request.method(),
+                    uri: request.uri(),
+                    headers: request.headers(),
+                    remote_addr: self.peer.ip().to_canonical(),
+                    scheme: self.listener.scheme(),
+                    server_port: self.local_port,
+                })
+            },
+        )?;
+        let (route, extra_headers) = match decision {
+            Decision::Respond(local) => return Ok(local.into_response()),
+            Decision::Proxy {
+                route,
+                extra_headers,
+            } => (route, extra_headers),
+        };
+        let Some(origin) = route.origin.as_ref() else {
+            return Err(ProxyError::NoOrigin(host.to_owned()));
+        };
         if let Some(entry) = entry {
             entry.origin = Some(origin.address.clone());
         }
@@ -279,21 +362,9 @@ impl Conn {
             return Err(ProxyError::BodyTooLarge { limit });
         }
 
-        // Upgrades (WebSocket) exist only in HTTP/1.1; take the client's half now, it
-        // resolves once the 101 below has been written.
-        let client_upgrade = (request.version() == Version::HTTP_11
-            && headers::wants_upgrade(request.headers()))
-        .then(|| {
-            let protocol = request.headers().get(header::UPGRADE).cloned();
-            (hyper::upgrade::on(&mut request), protocol)
-        });
-
         let (mut parts, body) = request.into_parts();
-        let is_http2 = parts.version == Version::HTTP_2;
         headers::strip_hop_by_hop(&mut parts.headers);
-        if is_http2 {
-            headers::join_cookies(&mut parts.headers);
-        }
+        headers::join_cookies(&mut parts.headers);
         parts.headers.insert(header::HOST, host_value.clone());
         headers::add_forwarding(
             &mut parts.headers,
@@ -301,12 +372,6 @@ impl Conn {
             self.listener.scheme(),
             Some(&host_value),
         );
-        if let Some((_, Some(protocol))) = &client_upgrade {
-            parts.headers.insert(header::UPGRADE, protocol.clone());
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
         let key = pool_key(origin, host)?;
         parts.uri = origin_form(parts.uri);
         // Origins speak HTTP/1.1 (docs/http.md).
@@ -338,25 +403,6 @@ impl Conn {
             }
         };
 
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some((client_upgrade, _)) = client_upgrade
-        {
-            let origin_upgrade = hyper::upgrade::on(&mut response);
-            let protocol = response.headers().get(header::UPGRADE).cloned();
-            headers::strip_hop_by_hop(response.headers_mut());
-            if let Some(protocol) = protocol {
-                response.headers_mut().insert(header::UPGRADE, protocol);
-            }
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            // The origin connection hands its socket over once driven past the 101.
-            self.tunnels.spawn(conn.into_upgrade());
-            self.spawn_tunnel(client_upgrade, origin_upgrade);
-            let (parts, _) = response.into_parts();
-            return Ok(Response::from_parts(parts, full(bytes::Bytes::new())));
-        }
-
         headers::strip_hop_by_hop(response.headers_mut());
         if let Some(extra) = extra_headers {
             let response_headers = response.headers_mut();
@@ -379,35 +425,8 @@ impl Conn {
         Ok(response.map(|body| http_body_util::Either::Left(OriginBody::new(body, lease, permit))))
     }
 
-    /// Copies bytes both ways between the upgraded client and origin connections until
-    /// either side closes or the listener shuts down.
-    fn spawn_tunnel(&self, client: hyper::upgrade::OnUpgrade, origin: hyper::upgrade::OnUpgrade) {
-        self.service.stats.count(Event::Upgrade);
-        let peer = self.peer;
-        let shutdown = self.shutdown.clone();
-        self.tunnels.spawn(async move {
-            let (client, origin) = match tokio::try_join!(client, origin) {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "upgrade failed");
-                    return;
-                }
-            };
-            let mut client = TokioIo::new(client);
-            let mut origin = TokioIo::new(origin);
-            tokio::select! {
-                result = tokio::io::copy_bidirectional(&mut client, &mut origin) => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "tunnel ended with an error");
-                    }
-                }
-                () = shutdown.cancelled() => {}
-            }
-        });
-    }
-
     /// Logs a failure once and counts it.
-    fn note(&self, error: &ProxyError) {
+    pub(crate) fn note(&self, error: &ProxyError) {
         let stats = &self.service.stats;
         match error {
             ProxyError::OriginConnect { .. } => stats.count(Event::OriginConnectError),
@@ -425,39 +444,31 @@ impl Conn {
 }
 
 /// `GET /.well-known/acme-challenge/{token}` for the domain's pending challenge.
-fn acme_answer(route: &Route, request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+fn acme_answer(route: &Route, method: &Method, target: &str) -> Option<Local> {
     let challenge = route.domain.acme_challenge.as_ref()?;
-    if request.method() != Method::GET && request.method() != Method::HEAD {
+    if method != Method::GET && method != Method::HEAD {
         return None;
     }
-    let token = request.uri().path().strip_prefix(ACME_PREFIX)?;
-    (token == challenge.token).then(|| plain(StatusCode::OK, challenge.key_authorization.clone()))
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let token = path.strip_prefix(ACME_PREFIX)?;
+    (token == challenge.token)
+        .then(|| Local::plain(StatusCode::OK, challenge.key_authorization.clone()))
 }
 
 /// 301 to the same host (without port: HTTPS on 443) and path on https.
-fn redirect(host: &str, uri: &Uri) -> Response<ResponseBody> {
-    let path = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+fn redirect(host: &str, target: &str) -> Local {
+    let path = if target.starts_with('/') { target } else { "/" };
     let location = format!("https://{host}{path}");
-    let mut response = plain(StatusCode::MOVED_PERMANENTLY, "301 Moved Permanently\n");
+    let mut local = Local::plain(StatusCode::MOVED_PERMANENTLY, "301 Moved Permanently\n");
     if let Ok(value) = HeaderValue::from_str(&location) {
-        response.headers_mut().insert(header::LOCATION, value);
+        local.headers.insert(header::LOCATION, value);
     }
-    response
-}
-
-fn plain(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+    local
 }
 
 /// The pool key of a request: plain origins by address, HTTPS origins by
 /// `host@address:port` (the user-info carries the TLS server name).
-fn pool_key(origin: &Origin, host: &str) -> Result<PoolKey, ProxyError> {
+pub(crate) fn pool_key(origin: &Origin, host: &str) -> Result<PoolKey, ProxyError> {
     let authority = match (origin.kind, &origin.tls_authority) {
         (OriginKind::Http, _) => origin.address.clone(),
         (_, Some(authority)) => authority.clone(),

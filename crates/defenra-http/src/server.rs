@@ -11,7 +11,7 @@ use std::time::Duration;
 use hyper::body::{Body, Incoming};
 use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::rt::{Read, Write};
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::{HttpService as HyperService, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -23,9 +23,6 @@ use tokio_util::task::TaskTracker;
 use crate::proxy::Conn;
 use crate::stats::{Event, ListenerStats};
 use crate::{HttpError, HttpOptions, HttpService};
-
-/// hyper refuses read buffers smaller than this.
-const MIN_HEADER_BUFFER: usize = 8 * 1024;
 
 /// Pause after an accept error (out of file descriptors, say) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -107,7 +104,6 @@ pub(crate) async fn serve(
             peer_ip: crate::headers::ip_value(peer.ip().to_canonical()),
             listener: kind,
             local_port: local.port(),
-            tunnels: tracker.clone(),
             shutdown: shutdown.clone(),
         });
         tracker.spawn(serve_connection(
@@ -124,33 +120,21 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// hyper's builders for the two protocols. Which one serves a connection is decided before
-/// hyper reads from it: by ALPN on TLS, by peeking for the HTTP/2 preface on plain TCP.
-/// (hyper-util's auto builder reads the first bytes itself and hands them back through a
-/// rewind buffer; hyper then sees a partial head and doubles its 8 KiB read buffer, on every
-/// connection: 8 KiB more per idle keep-alive client.)
+/// hyper's HTTP/2 server. Which protocol serves a connection is decided before anything
+/// reads from it: by ALPN on TLS, by peeking for the HTTP/2 preface on plain TCP. HTTP/1.x
+/// goes to the engine in `h1`.
 struct Builders {
-    http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
 
 impl Builders {
     fn new(options: &HttpOptions) -> Self {
-        let mut http1 = http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .keep_alive(true)
-            // The slowloris guard: a request head must arrive whole within this time. hyper
-            // starts the timer when it waits for a head, so it also bounds keep-alive idle time.
-            .header_read_timeout(options.header_read_timeout)
-            // A head that does not fit this buffer is answered with 431.
-            .max_buf_size(options.max_header_bytes.max(MIN_HEADER_BUFFER));
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
             .max_concurrent_streams(256);
-        Builders { http1, http2 }
+        Builders { http2 }
     }
 }
 
@@ -186,7 +170,11 @@ async fn serve_plain(conn: &Arc<Conn>, stream: TcpStream, builders: &Builders, m
         inner: stream,
         meter: Arc::clone(meter),
     };
-    run_protocol(conn, TokioIo::new(io), h2, builders, meter).await;
+    if h2 {
+        run_http2(conn, TokioIo::new(io), builders, meter).await;
+    } else {
+        crate::h1::serve(conn, io, meter).await;
+    }
 }
 
 /// Peeks at the first bytes without consuming them: `Some(true)` for the HTTP/2 preface,
@@ -221,8 +209,11 @@ async fn serve_tls(conn: &Arc<Conn>, stream: TcpStream, builders: &Builders, met
     let handshake = conn.service.tls_acceptor.accept(io);
     match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(tls)) => {
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-            run_protocol(conn, TokioIo::new(tls), h2, builders, meter).await;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()) {
+                run_http2(conn, TokioIo::new(tls), builders, meter).await;
+            } else {
+                crate::h1::serve(conn, tls, meter).await;
+            }
         }
         Ok(Err(error)) => {
             stats.count(Event::TlsHandshakeFailure);
@@ -235,7 +226,7 @@ async fn serve_tls(conn: &Arc<Conn>, stream: TcpStream, builders: &Builders, met
     }
 }
 
-async fn run_protocol<I>(conn: &Arc<Conn>, io: I, h2: bool, builders: &Builders, meter: &Meter)
+async fn run_http2<I>(conn: &Arc<Conn>, io: I, builders: &Builders, meter: &Meter)
 where
     I: Read + Write + Unpin + Send + 'static,
 {
@@ -243,37 +234,18 @@ where
         let conn = Arc::clone(conn);
         service_fn(move |request| Arc::clone(&conn).handle(request))
     };
-    if h2 {
-        // Boxed: an HTTP/2 connection's state is twice an HTTP/1 one's, and most clients
-        // speak HTTP/1.1; their tasks should not carry the room.
-        Box::pin(drive(
-            conn,
-            builders.http2.serve_connection(io, service),
-            meter,
-        ))
-        .await;
-    } else {
-        let connection = builders.http1.serve_connection(io, service).with_upgrades();
-        drive(conn, connection, meter).await;
-    }
+    // Boxed: an HTTP/2 connection's state is large, and most clients speak HTTP/1.1.
+    Box::pin(drive(
+        conn,
+        builders.http2.serve_connection(io, service),
+        meter,
+    ))
+    .await;
 }
 
-/// A hyper server connection, HTTP/1 or HTTP/2, that can be asked to finish gracefully.
+/// A hyper server connection that can be asked to finish gracefully.
 trait Served: Future<Output = hyper::Result<()>> {
     fn close_gracefully(self: Pin<&mut Self>);
-}
-
-impl<I, S, B> Served for http1::UpgradeableConnection<I, S>
-where
-    S: HyperService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: Read + Write + Unpin + Send + 'static,
-    B: Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn close_gracefully(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
 }
 
 impl<I, S, B, E> Served for http2::Connection<I, S, E>
@@ -331,14 +303,14 @@ async fn drive<C: Served>(conn: &Arc<Conn>, connection: C, meter: &Meter) {
 /// Bytes moved on one connection since the last flush into the listener's counters.
 /// Only this connection's task touches it, so the atomics are never contended.
 #[derive(Debug, Default)]
-struct Meter {
+pub(crate) struct Meter {
     received: AtomicU64,
     sent: AtomicU64,
 }
 
 impl Meter {
     /// Adds the bytes moved since the last call to `stats`; false when none moved.
-    fn flush_into(&self, stats: &ListenerStats) -> bool {
+    pub(crate) fn flush_into(&self, stats: &ListenerStats) -> bool {
         let received = self.received.swap(0, Relaxed);
         let sent = self.sent.swap(0, Relaxed);
         stats.add_bytes(received, sent);
@@ -347,7 +319,7 @@ impl Meter {
 }
 
 /// A client socket that counts the bytes it moves.
-struct Metered {
+pub(crate) struct Metered {
     inner: TcpStream,
     meter: Arc<Meter>,
 }
