@@ -175,6 +175,8 @@ pub(crate) struct Conn {
     /// The port the client connected to, for the WAF's `ngx.var.server_port`.
     pub(crate) local_port: u16,
     pub(crate) shutdown: CancellationToken,
+    /// Idle origin connections of this listener loop's HTTP/1 exchanges.
+    pub(crate) raw_pool: Arc<crate::origin::RawPool>,
 }
 
 impl Conn {

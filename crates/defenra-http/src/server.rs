@@ -62,6 +62,7 @@ pub(crate) async fn serve(
             source,
         })?;
     let builders = Arc::new(Builders::new(&service.options));
+    let raw_pool = Arc::new(crate::origin::RawPool::new(&service.options));
     let limit = Arc::new(Semaphore::new(service.options.max_connections.max(1)));
     let tracker = TaskTracker::new();
     tracing::info!(listener = kind.name(), address = %local, "listening");
@@ -85,6 +86,7 @@ pub(crate) async fn serve(
             () = shutdown.cancelled() => break,
             _ = sweep.tick() => {
                 service.origins.sweep();
+                raw_pool.sweep();
                 continue;
             }
             accepted = listener.accept() => match accepted {
@@ -105,6 +107,7 @@ pub(crate) async fn serve(
             listener: kind,
             local_port: local.port(),
             shutdown: shutdown.clone(),
+            raw_pool: Arc::clone(&raw_pool),
         });
         tracker.spawn(serve_connection(
             conn,

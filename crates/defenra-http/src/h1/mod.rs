@@ -388,7 +388,11 @@ where
                 })?;
             let mut reuse = true;
             loop {
-                let pooled = if reuse { pool.checkout_raw(key) } else { None };
+                let pooled = if reuse {
+                    self.conn.raw_pool.checkout(key)
+                } else {
+                    None
+                };
                 let reused = pooled.is_some();
                 let mut origin_conn = match pooled {
                     Some(conn) => conn,
@@ -474,7 +478,7 @@ where
             entry.bytes_sent = bytes;
         }
         if reusable {
-            service.origins.release_raw(key.clone(), origin_conn);
+            self.conn.raw_pool.release(key.clone(), origin_conn);
         }
         Ok(!close)
     }
