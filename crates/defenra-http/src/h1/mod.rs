@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::access::AccessEntry;
 use crate::origin::{PoolKey, RawConn};
-use crate::proxy::{Conn, Decision, Local, ProxyError, pool_key};
+use crate::proxy::{Conn, Decision, ErrorSource, Local, ProxyError, pool_key};
 use crate::route::{Route, strip_port};
 use crate::server::Meter;
 use crate::stats::{Event, ListenerStats};
@@ -315,7 +315,8 @@ where
         self.conn.note(&error);
         let local = error.to_local();
         set_status(entry, local.status);
-        let close = !keep_alive || has_body;
+        // A client that sent something unusable gets no second chance, as with nginx.
+        let close = !keep_alive || has_body || error.blame() == ErrorSource::Client;
         self.respond_local(
             &local,
             close,

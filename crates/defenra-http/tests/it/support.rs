@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-pub(crate) type TestBody = Either<Incoming, Full<Bytes>>;
+pub(crate) type TestBody = Either<Incoming, Either<Full<Bytes>, PatternBody>>;
 
 /// Waits until `check` returns true, for at most five seconds.
 pub(crate) async fn eventually<F, Fut>(what: &str, mut check: F)
@@ -49,8 +49,8 @@ where
 // Origin
 
 /// A test origin on 127.0.0.1. Every path echoes method, path and headers, except:
-/// `/slow` answers after 10 s, `/body` streams the request body back, `/drain` reads the
-/// whole body and answers its length, `/ws` switches protocols and echoes bytes, `/hop`
+/// `/slow` answers after 10 s, `/body` streams the request body back, `/chunked` sends
+/// 100,000 pattern bytes chunked, `/drain` reads the whole body and answers its length, `/ws` switches protocols and echoes bytes, `/hop`
 /// answers with hop-by-hop and repeated headers.
 pub(crate) struct Origin {
     pub(crate) addr: SocketAddr,
@@ -145,6 +145,8 @@ async fn origin_handler(mut request: Request<Incoming>) -> Result<Response<TestB
             text(StatusCode::OK, "slow")
         }
         "/body" => Response::new(Either::Left(request.into_body())),
+        // A body of unknown length: hyper sends it chunked.
+        "/chunked" => Response::new(Either::Right(Either::Right(PatternBody::new(100_000)))),
         "/drain" => {
             let length = request
                 .into_body()
@@ -179,7 +181,7 @@ async fn origin_handler(mut request: Request<Incoming>) -> Result<Response<TestB
                 .status(StatusCode::SWITCHING_PROTOCOLS)
                 .header("connection", "upgrade")
                 .header("upgrade", "websocket")
-                .body(Either::Right(Full::new(Bytes::new())))
+                .body(Either::Right(Either::Left(Full::new(Bytes::new()))))
                 .unwrap()
         }
         "/hop" => Response::builder()
@@ -189,7 +191,9 @@ async fn origin_handler(mut request: Request<Incoming>) -> Result<Response<TestB
             .header("proxy-authenticate", "Basic")
             .header("set-cookie", "a=1")
             .header("set-cookie", "b=2")
-            .body(Either::Right(Full::new(Bytes::from_static(b"hop"))))
+            .body(Either::Right(Either::Left(Full::new(Bytes::from_static(
+                b"hop",
+            )))))
             .unwrap(),
         _ => {
             let mut listing = String::new();
@@ -208,7 +212,7 @@ async fn origin_handler(mut request: Request<Incoming>) -> Result<Response<TestB
                 .header("x-echo-method", request.method().as_str())
                 .header("x-echo-path", path_and_query)
                 .header("x-echo-version", format!("{:?}", request.version()))
-                .body(Either::Right(Full::new(Bytes::from(listing))))
+                .body(Either::Right(Either::Left(Full::new(Bytes::from(listing)))))
                 .unwrap()
         }
     };
@@ -216,7 +220,7 @@ async fn origin_handler(mut request: Request<Incoming>) -> Result<Response<TestB
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<TestBody> {
-    let mut response = Response::new(Either::Right(Full::new(body.into())));
+    let mut response = Response::new(Either::Right(Either::Left(Full::new(body.into()))));
     *response.status_mut() = status;
     response
 }

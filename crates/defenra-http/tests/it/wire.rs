@@ -1,0 +1,341 @@
+//! HTTP/1.x on the wire, as raw bytes: pipelining, HTTP/1.0, chunked bodies both ways,
+//! interim responses, HEAD, absolute-form targets, and heads that must be refused.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{Origin, PatternBody, Proxy, config, proxied_domain, read_head};
+
+async fn proxy_for(origin: &Origin) -> Proxy {
+    Proxy::start(
+        &config(vec![proxied_domain("example.com")]),
+        origin.addr.port(),
+    )
+    .await
+}
+
+/// A response read off a raw stream: its head, and its body decoded from the framing the
+/// head announces (`Content-Length`, chunked, or up to the close).
+struct RawResponse {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn status(&self) -> u16 {
+        self.head[9..12].parse().unwrap()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (field, value) = line.split_once(':')?;
+            field.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+
+    /// A header of the origin's echo listing (`name: value` lines in the body).
+    fn echoed(&self, name: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.body)
+            .lines()
+            .filter_map(|line| line.split_once(": "))
+            .filter(|(field, _)| field.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.to_owned())
+            .collect()
+    }
+}
+
+async fn read_exact_n(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut body = vec![0u8; n];
+    stream.read_exact(&mut body).await.unwrap();
+    body
+}
+
+async fn read_line(stream: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed in a line");
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+/// Reads one response; `head_request` for a response without body whatever it says.
+async fn read_response(stream: &mut TcpStream, head_request: bool) -> RawResponse {
+    let head = read_head(stream).await;
+    let mut response = RawResponse {
+        head,
+        body: Vec::new(),
+    };
+    if head_request || matches!(response.status(), 100..=199 | 204 | 304) {
+        return response;
+    }
+    if response
+        .header("transfer-encoding")
+        .is_some_and(|value| value.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            let size_line = read_line(stream).await;
+            let size =
+                usize::from_str_radix(size_line.trim_end().split(';').next().unwrap(), 16).unwrap();
+            if size == 0 {
+                assert_eq!(read_line(stream).await, "\r\n");
+                break;
+            }
+            response.body.extend(read_exact_n(stream, size).await);
+            assert_eq!(read_line(stream).await, "\r\n");
+        }
+    } else if let Some(length) = response.header("content-length") {
+        response.body = read_exact_n(stream, length.parse().unwrap()).await;
+    } else {
+        stream.read_to_end(&mut response.body).await.unwrap();
+    }
+    response
+}
+
+/// Whether the proxy closes `stream` within two seconds (no further bytes).
+async fn closes(stream: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    let mut requests = String::new();
+    for path in ["/one", "/two", "/three"] {
+        requests.push_str(&format!("GET {path} HTTP/1.1\r\nHost: example.com\r\n\r\n"));
+    }
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    for path in ["/one", "/two", "/three"] {
+        let response = read_response(&mut stream, false).await;
+        assert_eq!(response.status(), 200, "{}", response.head);
+        assert_eq!(response.header("x-echo-path"), Some(path));
+    }
+}
+
+#[tokio::test]
+async fn http10_clients_get_close_or_keep_alive_as_they_ask() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(b"GET /old HTTP/1.0\r\nHost: example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_response(&mut stream, false).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(closes(&mut stream).await);
+
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    for path in ["/a", "/b"] {
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: example.com\r\nConnection: keep-alive\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let response = read_response(&mut stream, false).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.header("connection"), Some("keep-alive"));
+        assert_eq!(response.header("x-echo-path"), Some(path));
+    }
+}
+
+#[tokio::test]
+async fn chunked_responses_pass_through_to_http11_and_are_decoded_for_http10() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let expected = PatternBody::expected(100_000);
+    let sum = |body: &[u8]| {
+        let mut fnv = crate::support::Fnv::default();
+        fnv.update(body);
+        (fnv.0, body.len())
+    };
+
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /chunked HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            .await
+            .unwrap();
+        let response = read_response(&mut stream, false).await;
+        assert_eq!(response.header("transfer-encoding"), Some("chunked"));
+        assert_eq!(sum(&response.body), expected);
+    }
+
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(b"GET /chunked HTTP/1.0\r\nHost: example.com\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_response(&mut stream, false).await;
+    assert_eq!(
+        response.header("transfer-encoding"),
+        None,
+        "{}",
+        response.head
+    );
+    assert_eq!(response.header("connection"), Some("close"));
+    assert_eq!(sum(&response.body), expected);
+}
+
+#[tokio::test]
+async fn chunked_request_bodies_reach_the_origin_and_the_connection_goes_on() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(
+            b"POST /drain HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n\
+              GET /after HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let drained = read_response(&mut stream, false).await;
+    assert_eq!(drained.status(), 200);
+    assert_eq!(drained.body, b"11");
+    let after = read_response(&mut stream, false).await;
+    assert_eq!(after.header("x-echo-path"), Some("/after"));
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_passed_on_before_the_body() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(
+            b"POST /drain HTTP/1.1\r\nHost: example.com\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let interim = read_response(&mut stream, false).await;
+    assert_eq!(interim.status(), 100, "{}", interim.head);
+    stream.write_all(b"abcd").await.unwrap();
+    let response = read_response(&mut stream, false).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.body, b"4");
+}
+
+#[tokio::test]
+async fn head_responses_have_no_body_and_keep_the_connection() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(b"HEAD /page HTTP/1.1\r\nHost: example.com\r\n\r\nGET /next HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_response(&mut stream, true).await;
+    assert_eq!(head.status(), 200);
+    assert!(head.header("content-length").is_some(), "{}", head.head);
+    let next = read_response(&mut stream, false).await;
+    assert_eq!(next.header("x-echo-path"), Some("/next"));
+}
+
+#[tokio::test]
+async fn absolute_form_targets_route_by_their_authority() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(b"GET http://www.example.com/abs?x=1 HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_response(&mut stream, false).await;
+    assert_eq!(response.status(), 200, "{}", response.head);
+    assert_eq!(response.header("x-echo-path"), Some("/abs?x=1"));
+    assert_eq!(response.echoed("host"), ["www.example.com"]);
+}
+
+#[tokio::test]
+async fn smuggling_and_malformed_heads_are_refused_without_the_origin() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    for (request, status) in [
+        (
+            "POST / HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            400,
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n",
+            400,
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: gzip\r\n\r\n",
+            501,
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: example.com\r\nHost: other.test\r\n\r\n",
+            400,
+        ),
+        ("GET / HTTP/1.1\r\n\r\n", 400),
+        ("GET /\x01 HTTP/1.1\r\nHost: example.com\r\n\r\n", 400),
+        ("BROKEN\r\n\r\n", 400),
+    ] {
+        let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let response = read_response(&mut stream, false).await;
+        assert_eq!(response.status(), status, "{request:?}: {}", response.head);
+        assert!(
+            closes(&mut stream).await,
+            "{request:?} left the connection open"
+        );
+    }
+    assert_eq!(origin.accepted_connections.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_local_answer_to_a_request_with_a_body_closes_the_connection() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: unknown.test\r\nContent-Length: 3\r\n\r\nabc")
+        .await
+        .unwrap();
+    let response = read_response(&mut stream, false).await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(response.header("date").is_some());
+    assert!(closes(&mut stream).await);
+}
+
+#[tokio::test]
+async fn an_origin_that_closes_mid_body_ends_the_client_connection() {
+    // A raw origin that promises 100 bytes, sends 10 and closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                    .await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&config(vec![proxied_domain("example.com")]), port).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the client connection stayed open");
+    assert_eq!(rest, b"0123456789");
+}
