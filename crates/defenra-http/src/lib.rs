@@ -1,14 +1,15 @@
 //! The HTTP/HTTPS reverse proxy of the edge agent: host routing, TLS termination with SNI,
 //! ACME HTTP-01 answers, redirects to HTTPS, the WAF hook and streaming proxying to origins.
 //!
-//! This crate owns the listeners' connection handling (hyper 1 server, HTTP/1.1 and HTTP/2),
-//! the per-snapshot [`RouteTable`] and certificate table, and the pool of origin connections
-//! (driven by the requests that use them, `origin.rs`).
+//! This crate owns the listeners' connection handling (its own HTTP/1.x engine in `h1/`,
+//! hyper 1 for HTTP/2), the per-snapshot [`RouteTable`] and certificate table, and the
+//! pools of origin connections (driven by the requests that use them, `origin.rs`).
 //! It never reads files, flags or env vars, never binds sockets itself (the caller hands it
 //! bound listeners) and never buffers a whole body.
 //!
-//! Start reading at [`HttpService`]; a request's life is in `proxy.rs` (`Conn::handle`), and
-//! every failure becomes a status in one place, [`ProxyError::status`].
+//! Start reading at [`HttpService`]; a request's life is in `h1/mod.rs` (HTTP/1.x) or
+//! `proxy.rs` (`Conn::handle`, HTTP/2), both routed by `Conn::decide`, and every failure
+//! becomes a status in one place, [`ProxyError::status`].
 
 mod access;
 mod body;
@@ -54,8 +55,8 @@ pub struct HttpOptions {
     pub header_read_timeout: Duration,
     /// An idle connection (no byte either way for this long) is closed gracefully.
     pub keepalive_timeout: Duration,
-    /// Largest request head (request line plus headers); larger ones get 431. Values below
-    /// 8 KiB are raised to 8 KiB, hyper's smallest read buffer.
+    /// Largest request head (request line plus headers); larger ones get 431 (as do heads
+    /// of more than 100 fields). Values below 1 KiB are raised to 1 KiB.
     pub max_header_bytes: usize,
     /// Concurrent client connections per listener; further clients wait in the accept
     /// backlog until one closes.
