@@ -291,4 +291,38 @@ mod tests {
         let mut scanner = ChunkedScanner::default();
         assert_eq!(scanner.scan(&trailers, |_| {}), Err(ChunkError::Trailers));
     }
+
+    proptest::proptest! {
+        /// Any chunks, encoded and cut anywhere: the scanner finds exactly the data and
+        /// the end, and bytes after the end are left alone.
+        #[test]
+        fn encoded_chunks_scan_back_to_their_data(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..300), 0..8),
+            step in 1usize..64,
+        ) {
+            let mut body = Vec::new();
+            let mut data = Vec::new();
+            for chunk in &chunks {
+                body.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                body.extend_from_slice(chunk);
+                body.extend_from_slice(b"\r\n");
+                data.extend_from_slice(chunk);
+            }
+            body.extend_from_slice(b"0\r\n\r\n");
+            let end = body.len();
+            body.extend_from_slice(b"NEXT");
+            let (used, decoded) = scan_in_steps(&body, step).unwrap();
+            proptest::prop_assert_eq!(used, end);
+            proptest::prop_assert_eq!(decoded, data);
+        }
+
+        /// Random bytes never panic the scanner, and it never claims more than it got.
+        #[test]
+        fn random_bytes_never_panic(input in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let mut scanner = ChunkedScanner::default();
+            if let Ok(used) = scanner.scan(&input, |range| assert!(range.end <= input.len())) {
+                proptest::prop_assert!(used <= input.len());
+            }
+        }
+    }
 }

@@ -876,4 +876,30 @@ mod tests {
         );
         assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
     }
+
+    proptest::proptest! {
+        /// Random bytes, and random bytes after a valid request line, never panic the
+        /// parsers, and every span of a parsed head lies inside the head.
+        #[test]
+        fn random_heads_never_panic(
+            noise in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            prefixed in proptest::bool::ANY,
+        ) {
+            let mut input = if prefixed { b"GET / HTTP/1.1\r\n".to_vec() } else { Vec::new() };
+            input.extend_from_slice(&noise);
+            let mut head = RequestHead::default();
+            if let Ok(true) = head.parse(&input) {
+                proptest::prop_assert!(head.len <= input.len());
+                for field in &head.fields.list {
+                    proptest::prop_assert!(field.value.range().end <= head.len);
+                }
+                let mut out = Vec::new();
+                write_origin_request(&mut out, &input, &head, &Forwarding {
+                    host: b"h", path: b"/", client_ip: b"1.2.3.4", scheme: "http", upgrade: head.upgrade(&input),
+                });
+            }
+            let mut response = ResponseHead::default();
+            let _ = response.parse(&input, false);
+        }
+    }
 }
