@@ -13,6 +13,7 @@ pub(crate) mod buffer;
 mod chunked;
 mod date;
 mod head;
+mod timer;
 
 use std::future::poll_fn;
 use std::io;
@@ -35,6 +36,7 @@ use crate::stats::{Event, ListenerStats};
 use buffer::Buffer;
 use chunked::ChunkedScanner;
 use head::{ClientFraming, Forwarding, Framing, HeadError, RequestHead, ResponseHead};
+use timer::Timer;
 
 /// First size of a client connection's read buffer; it grows up to the head limit.
 const CLIENT_BUFFER: usize = 8 * 1024;
@@ -104,9 +106,11 @@ where
         let shutdown = self.conn.shutdown.child_token();
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        // Every wait's deadline: next head, origin answer, an exchange's idle limit.
+        let mut timer = Timer::new(Instant::now() + self.conn.service.options.header_read_timeout);
         let mut first = true;
         loop {
-            match self.read_head(first, cancelled.as_mut()).await {
+            match self.read_head(first, cancelled.as_mut(), &mut timer).await {
                 Ok(()) => {}
                 Err(NoHead::Quiet) => break,
                 Err(NoHead::Bad(error)) => {
@@ -117,7 +121,7 @@ where
                 }
             }
             first = false;
-            let keep = self.exchange().await;
+            let keep = self.exchange(&mut timer).await;
             self.meter.flush_into(self.stats);
             if !keep || shutdown.is_cancelled() {
                 break;
@@ -136,16 +140,18 @@ where
         &mut self,
         first: bool,
         mut cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+        timer: &mut Timer,
     ) -> Result<(), NoHead> {
         let options = &self.conn.service.options;
-        let now = Instant::now();
         let mut started = !self.inbuf.is_empty();
-        let mut deadline = now
-            + if first || started {
-                options.header_read_timeout
-            } else {
-                options.keepalive_timeout
-            };
+        timer.set(
+            Instant::now()
+                + if first || started {
+                    options.header_read_timeout
+                } else {
+                    options.keepalive_timeout
+                },
+        );
         loop {
             if !self.inbuf.is_empty() {
                 match self.head.parse(self.inbuf.filled()) {
@@ -156,7 +162,7 @@ where
                 if !started {
                     started = true;
                     if !first {
-                        deadline = Instant::now() + options.header_read_timeout;
+                        timer.set(Instant::now() + options.header_read_timeout);
                     }
                 }
                 if !self.inbuf.has_room() && !self.inbuf.grow(self.max_head) {
@@ -168,7 +174,7 @@ where
                 biased;
                 read = self.inbuf.read_from(&mut self.io) => read,
                 () = cancelled.as_mut(), if idle => return Err(NoHead::Quiet),
-                () = tokio::time::sleep_until(deadline) => return Err(NoHead::Quiet),
+                () = timer.expired() => return Err(NoHead::Quiet),
             };
             match read {
                 Ok(0) | Err(_) => return Err(NoHead::Quiet),
@@ -179,7 +185,7 @@ where
 
     /// One request: route it, answer it or proxy it. Returns whether the connection may
     /// carry another request.
-    async fn exchange(&mut self) -> bool {
+    async fn exchange(&mut self, timer: &mut Timer) -> bool {
         let conn = self.conn;
         let buf = self.inbuf.filled();
         let head = &self.head;
@@ -290,7 +296,7 @@ where
             upgrade: upgrade.is_some(),
         };
         let outcome = self
-            .proxy(&route, &key, &request, extra.as_ref(), &mut entry)
+            .proxy(&route, &key, &request, extra.as_ref(), &mut entry, timer)
             .await;
         match outcome {
             Ok(keep) => keep,
@@ -363,6 +369,7 @@ where
         request: &Request,
         extra: Option<&HeaderMap>,
         entry: &mut Option<Box<AccessEntry>>,
+        timer: &mut Timer,
     ) -> Result<bool, ExchangeError> {
         let Some(origin) = route.origin.as_ref() else {
             return Err(ExchangeError::Proxy(ProxyError::NoOrigin(
@@ -379,7 +386,8 @@ where
 
         // Connect (or reuse), send the head, stream the body and wait for the response
         // head, all within the origin timeout.
-        let exchanged = tokio::time::timeout(options.origin_timeout, async {
+        timer.set(Instant::now() + options.origin_timeout);
+        let exchange = async {
             // Waiting for a free origin connection counts against the origin timeout.
             let permit = Arc::clone(&origin.limit)
                 .acquire_owned()
@@ -419,12 +427,16 @@ where
                     Err(error) => return Err(error),
                 }
             }
-        })
-        .await;
+        };
+        let exchanged = tokio::select! {
+            biased;
+            exchanged = exchange => Some(exchanged),
+            () = timer.expired() => None,
+        };
         let (_permit, mut origin_conn) = match exchanged {
-            Ok(Ok(exchanged)) => exchanged,
-            Ok(Err(error)) => return Err(error),
-            Err(_) => {
+            Some(Ok(exchanged)) => exchanged,
+            Some(Err(error)) => return Err(error),
+            None => {
                 return Err(ExchangeError::Proxy(ProxyError::OriginTimeout {
                     origin: origin_label(),
                     timeout: options.origin_timeout,
@@ -469,7 +481,7 @@ where
         origin_conn.buf.consume(response.len);
         download.coalesce(&mut self.out, &mut origin_conn.buf);
         let relayed = self
-            .relay(&mut origin_conn, &mut upload, &mut download)
+            .relay(&mut origin_conn, &mut upload, &mut download, timer)
             .await;
         let bytes = match relayed {
             Ok(bytes) => bytes,
@@ -610,12 +622,9 @@ where
         origin: &mut RawConn,
         upload: &mut Upload,
         download: &mut Download,
+        timer: &mut Timer,
     ) -> io::Result<u64> {
         let limit = self.conn.service.options.origin_timeout;
-        // Created here, armed only if a poll finds nothing to do: a response that is
-        // already buffered never touches the timer wheel.
-        let idle = tokio::time::sleep(limit);
-        tokio::pin!(idle);
         let mut seen = u64::MAX;
         poll_fn(|cx| {
             if !upload.done {
@@ -633,9 +642,9 @@ where
             let moved = upload.moved + download.sent;
             if moved != seen {
                 seen = moved;
-                idle.as_mut().reset(Instant::now() + limit);
+                timer.set(Instant::now() + limit);
             }
-            if idle.as_mut().poll(cx).is_ready() {
+            if timer.poll_expired(cx).is_ready() {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "nothing moved for the origin timeout",
