@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use defenra_config::Reload;
-use defenra_waf::{RequestInfo, Verdict, WafEngine, WafOptions};
-use http::{HeaderMap, Method, Uri};
+use defenra_waf::{RequestHeaders, RequestInfo, Verdict, WafEngine, WafOptions};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 /// The bench's rule script (one file, shared with `cargo xtask bench waf`).
 const DEFAULT_SCRIPT: &str = include_str!("bench_rules.lua");
@@ -39,17 +39,32 @@ fn main() {
     engine.reload(&Arc::new(compiled.snapshot), &mut issues);
     assert!(issues.is_empty(), "{issues:?}");
 
-    let mut headers = HeaderMap::new();
-    headers.insert("host", "example.com".parse().unwrap());
-    headers.insert("user-agent", "wrk/4.2 (bench)".parse().unwrap());
-    headers.insert("accept", "*/*".parse().unwrap());
-    let uri: Uri = "/index.html?page=1".parse().unwrap();
+    // As an HTTP/1 parser hands them over; `CHECK_COST_HEADERS=map` passes a `HeaderMap`
+    // instead, as the HTTP/2 path does.
+    let pairs: [(&str, &[u8]); 3] = [
+        ("Host", b"example.com"),
+        ("User-Agent", b"wrk/4.2 (bench)"),
+        ("Accept", b"*/*"),
+    ];
+    let map: HeaderMap = pairs
+        .iter()
+        .map(|(name, value)| {
+            (
+                HeaderName::from_bytes(name.as_bytes()).expect("valid name"),
+                HeaderValue::from_bytes(value).expect("valid value"),
+            )
+        })
+        .collect();
+    let headers = match std::env::var("CHECK_COST_HEADERS").as_deref() {
+        Ok("map") => RequestHeaders::Map(&map),
+        _ => RequestHeaders::Pairs(&pairs),
+    };
     let request = RequestInfo {
         domain: "example.com",
         host: "example.com",
         method: &Method::GET,
-        uri: &uri,
-        headers: &headers,
+        target: "/index.html?page=1",
+        headers,
         remote_addr: "127.0.0.1".parse().unwrap(),
         scheme: "http",
         server_port: 80,

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use base64::Engine as _;
 use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, Method};
 use md5::Digest as _;
 use mlua::{IntoLuaMulti as _, Lua, MultiValue, Table, Value, Variadic};
 use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_decode};
@@ -18,6 +18,7 @@ use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_decode};
 use crate::RequestInfo;
 use crate::clock::{Clock, utc_parts};
 use crate::dict::{DictHandle, SharedDicts};
+use crate::headers::HeaderList;
 use crate::limit::LogLimiter;
 use crate::re::RegexCache;
 
@@ -201,8 +202,9 @@ pub(crate) struct RequestData {
     pub(crate) domain: String,
     host: String,
     method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    /// Path and query as received.
+    target: String,
+    headers: HeaderList,
     remote_addr: IpAddr,
     scheme: &'static str,
     server_port: u16,
@@ -218,8 +220,8 @@ impl Default for RequestData {
             domain: String::new(),
             host: String::new(),
             method: Method::GET,
-            uri: Uri::default(),
-            headers: HeaderMap::new(),
+            target: String::new(),
+            headers: HeaderList::default(),
             remote_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             scheme: "http",
             server_port: 0,
@@ -236,13 +238,9 @@ impl RequestData {
         self.host.clear();
         self.host.push_str(request.host);
         self.method.clone_from(request.method);
-        self.uri.clone_from(request.uri);
-        // `HeaderMap::clone_from` allocates a new map every time; refilling this one keeps
-        // its buffers (names and values are reference-counted, so copying them is cheap).
-        self.headers.clear();
-        for (name, value) in request.headers {
-            self.headers.append(name.clone(), value.clone());
-        }
+        self.target.clear();
+        self.target.push_str(request.target);
+        self.headers.fill(request.headers);
         self.remote_addr = request.remote_addr;
         self.scheme = request.scheme;
         self.server_port = request.server_port;
@@ -251,13 +249,29 @@ impl RequestData {
     }
 
     fn request_uri(&self) -> &str {
-        self.uri.path_and_query().map_or("/", |pq| pq.as_str())
+        if self.target.is_empty() {
+            "/"
+        } else {
+            &self.target
+        }
+    }
+
+    /// The target without its query.
+    fn path(&self) -> &str {
+        let target = self.request_uri();
+        target.split_once('?').map_or(target, |(path, _)| path)
+    }
+
+    /// The query without `?`, `None` when the target has no `?`.
+    fn query(&self) -> Option<&str> {
+        self.target.split_once('?').map(|(_, query)| query)
     }
 
     fn normalized_path(&mut self) -> &[u8] {
-        let path = self.uri.path();
-        self.normalized_path
-            .get_or_insert_with(|| normalize_path(path))
+        if self.normalized_path.is_none() {
+            self.normalized_path = Some(normalize_path(self.path()));
+        }
+        self.normalized_path.get_or_insert_default()
     }
 }
 
@@ -363,8 +377,8 @@ pub(crate) fn host_table(
                 return Ok(Value::Nil);
             };
             let request = c.request.borrow();
-            match request.headers.get(&*name.to_string_lossy()) {
-                Some(value) => lua.create_string(value.as_bytes()).map(Value::String),
+            match request.headers.first_ignore_case(&name.as_bytes()) {
+                Some(value) => lua.create_string(value).map(Value::String),
                 None => Ok(Value::Nil),
             }
         })?,
@@ -381,15 +395,9 @@ pub(crate) fn host_table(
             let table = lua.create_table()?;
             let mut count = 0;
             let mut truncated = false;
-            'names: for name in request.headers.keys() {
-                let mut values = request.headers.get_all(name).iter();
-                let Some(first) = values.next() else {
-                    continue;
-                };
-                let mut all = vec![first];
-                all.extend(values);
-                let mut strings = Vec::with_capacity(all.len());
-                for value in all {
+            'names: for (name, values) in request.headers.grouped() {
+                let mut strings = Vec::new();
+                for value in values {
                     if max != 0 && count >= max {
                         truncated = true;
                         if strings.is_empty() {
@@ -398,12 +406,13 @@ pub(crate) fn host_table(
                         break;
                     }
                     count += 1;
-                    strings.push(lua.create_string(value.as_bytes())?);
+                    strings.push(lua.create_string(value)?);
                 }
+                let name = lua.create_string(name)?;
                 if strings.len() == 1 {
-                    table.raw_set(name.as_str(), strings.pop())?;
+                    table.raw_set(name, strings.pop())?;
                 } else {
-                    table.raw_set(name.as_str(), lua.create_sequence_from(strings)?)?;
+                    table.raw_set(name, lua.create_sequence_from(strings)?)?;
                 }
                 if truncated {
                     break;
@@ -429,7 +438,7 @@ pub(crate) fn host_table(
         "get_uri_args",
         lua.create_function(move |lua, max: Option<usize>| {
             let request = c.request.borrow();
-            let query = request.uri.query().unwrap_or("");
+            let query = request.query().unwrap_or("");
             decode_args(lua, query.as_bytes(), max.unwrap_or(100))
         })?,
     )?;
@@ -776,15 +785,11 @@ pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Re
         b"request_uri" => string(request.request_uri().as_bytes()),
         b"host" | b"server_name" => string(request.host.as_bytes()),
         b"request_method" => string(request.method.as_str().as_bytes()),
-        b"args" | b"query_string" => match request.uri.query() {
+        b"args" | b"query_string" => match request.query() {
             Some(query) => string(query.as_bytes()),
             None => Ok(Value::Nil),
         },
-        b"is_args" => string(if request.uri.query().is_some() {
-            b"?"
-        } else {
-            b""
-        }),
+        b"is_args" => string(if request.query().is_some() { b"?" } else { b"" }),
         b"scheme" => string(request.scheme.as_bytes()),
         b"https" => string(if request.scheme == "https" {
             b"on"
@@ -818,11 +823,11 @@ pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Re
                 header_var(lua, &request.headers, header)
             } else if let Some(cookie) = name.strip_prefix(b"cookie_") {
                 match find_cookie(&request.headers, cookie) {
-                    Some(value) => string(&value),
+                    Some(value) => string(value),
                     None => Ok(Value::Nil),
                 }
             } else if let Some(arg) = name.strip_prefix(b"arg_") {
-                let query = request.uri.query().unwrap_or("");
+                let query = request.query().unwrap_or("");
                 match find_arg(query.as_bytes(), arg) {
                     Some(value) => string(value),
                     None => Ok(Value::Nil),
@@ -889,39 +894,34 @@ impl std::fmt::Write for StackText {
 }
 
 /// `$http_<name>`: repeated headers joined with ", " (cookies with "; ").
-fn header_var(lua: &Lua, headers: &HeaderMap, name: &[u8]) -> mlua::Result<Value> {
-    // Looked up by `&str`, which `http` parses without allocating (a `HeaderName` of a
-    // non-standard header would copy it).
-    let Ok(name) = std::str::from_utf8(name) else {
-        return Ok(Value::Nil);
-    };
-    let mut values = headers.get_all(name).iter();
+fn header_var(lua: &Lua, headers: &HeaderList, name: &[u8]) -> mlua::Result<Value> {
+    let mut values = headers.get_all(name);
     let Some(first) = values.next() else {
         return Ok(Value::Nil);
     };
-    let separator: &[u8] = if name == "cookie" { b"; " } else { b", " };
+    let separator: &[u8] = if name == b"cookie" { b"; " } else { b", " };
     let mut joined: Option<Vec<u8>> = None;
     for value in values {
-        let buffer = joined.get_or_insert_with(|| first.as_bytes().to_vec());
+        let buffer = joined.get_or_insert_with(|| first.to_vec());
         buffer.extend_from_slice(separator);
-        buffer.extend_from_slice(value.as_bytes());
+        buffer.extend_from_slice(value);
     }
     match joined {
         Some(joined) => lua.create_string(joined).map(Value::String),
-        None => lua.create_string(first.as_bytes()).map(Value::String),
+        None => lua.create_string(first).map(Value::String),
     }
 }
 
-fn find_cookie(headers: &HeaderMap, name: &[u8]) -> Option<Vec<u8>> {
-    for header in headers.get_all(http::header::COOKIE) {
-        for pair in header.as_bytes().split(|&b| b == b';') {
+fn find_cookie<'h>(headers: &'h HeaderList, name: &[u8]) -> Option<&'h [u8]> {
+    for header in headers.get_all(b"cookie") {
+        for pair in header.split(|&b| b == b';') {
             let pair = pair.trim_ascii();
             let (key, value) = match pair.iter().position(|&b| b == b'=') {
                 Some(at) => (&pair[..at], &pair[at + 1..]),
                 None => continue,
             };
             if key.trim_ascii() == name {
-                return Some(value.trim_ascii().to_vec());
+                return Some(value.trim_ascii());
             }
         }
     }

@@ -17,6 +17,7 @@ mod api;
 mod clock;
 mod dict;
 mod engine;
+mod headers;
 mod limit;
 mod re;
 mod sandbox;
@@ -26,7 +27,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode, Uri};
+use http::{HeaderMap, Method, StatusCode};
 
 pub use clock::Clock;
 pub use engine::{WafEngine, check_scripts};
@@ -69,21 +70,39 @@ impl Default for WafOptions {
 }
 
 /// What the HTTP proxy knows about a request when it asks the WAF.
+///
+/// Everything is borrowed, and nothing needs building for the WAF: an HTTP/1 parser's raw
+/// slices fit as they are (see [`RequestHeaders::Pairs`]). The engine copies what the script
+/// may read into buffers its Lua state reuses.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestInfo<'a> {
     /// The matched domain (zone apex, normalised), which selects the script.
     pub domain: &'a str,
     /// The requested host, lower case, without port.
     pub host: &'a str,
+    /// `Method::from_bytes` makes one without allocating for the standard methods.
     pub method: &'a Method,
-    /// Path and query as received.
-    pub uri: &'a Uri,
-    pub headers: &'a HeaderMap,
+    /// The request target as received, in origin form: path and query (`/a/b?x=1`). An
+    /// empty target reads as `/`.
+    pub target: &'a str,
+    pub headers: RequestHeaders<'a>,
     pub remote_addr: IpAddr,
     /// `"http"` or `"https"`.
     pub scheme: &'static str,
     /// The port the client connected to.
     pub server_port: u16,
+}
+
+/// The request headers, in whichever form the caller already has them. Scripts see the
+/// same thing either way: names match case-insensitively, and repeated headers keep their
+/// order.
+#[derive(Debug, Clone, Copy)]
+pub enum RequestHeaders<'a> {
+    /// hyper's map (the HTTP/2 path).
+    Map(&'a HeaderMap),
+    /// Name/value pairs in arrival order: names as received (any case), values raw bytes
+    /// (an HTTP/1 parser's output, such as `httparse::Header`'s fields).
+    Pairs(&'a [(&'a str, &'a [u8])]),
 }
 
 /// The WAF's answer, which the HTTP proxy acts on without knowing Lua.

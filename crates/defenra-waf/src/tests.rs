@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use defenra_config::stats::StatsSource;
 use defenra_config::{Issue, Reload};
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-use crate::{Clock, RequestInfo, Verdict, WafEngine, WafOptions, check_scripts};
+use crate::{Clock, RequestHeaders, RequestInfo, Verdict, WafEngine, WafOptions, check_scripts};
 
 const DOMAIN: &str = "example.com";
 
@@ -16,27 +16,39 @@ const DOMAIN: &str = "example.com";
 struct Request {
     domain: &'static str,
     method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    target: String,
+    /// Names as a client sends them (any case), in arrival order.
+    headers: Vec<(String, String)>,
     remote_addr: IpAddr,
 }
 
-fn request(uri: &str) -> Request {
-    let mut headers = HeaderMap::new();
-    headers.insert("host", "www.example.com".parse().unwrap());
-    headers.insert("user-agent", "Mozilla/5.0".parse().unwrap());
+/// The two ways a caller can hand over request headers; scripts must not see a difference.
+#[derive(Debug, Clone, Copy)]
+enum Form {
+    /// An `http::HeaderMap`, as the HTTP/2 path has them.
+    Map,
+    /// Raw name/value pairs, as an HTTP/1 parser has them.
+    Pairs,
+}
+
+const FORMS: [Form; 2] = [Form::Map, Form::Pairs];
+
+fn request(target: &str) -> Request {
     Request {
         domain: DOMAIN,
         method: Method::GET,
-        uri: uri.parse().unwrap(),
-        headers,
+        target: target.to_owned(),
+        headers: vec![
+            ("Host".to_owned(), "www.example.com".to_owned()),
+            ("User-Agent".to_owned(), "Mozilla/5.0".to_owned()),
+        ],
         remote_addr: "192.0.2.7".parse().unwrap(),
     }
 }
 
 impl Request {
-    fn header(mut self, name: &'static str, value: &str) -> Self {
-        self.headers.append(name, value.parse().unwrap());
+    fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -50,13 +62,36 @@ impl Request {
         self
     }
 
+    /// Asks `engine` with the headers as a map.
     fn check(&self, engine: &WafEngine) -> Verdict {
+        self.check_as(engine, Form::Map)
+    }
+
+    fn check_as(&self, engine: &WafEngine, form: Form) -> Verdict {
+        let map: HeaderMap = self
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                )
+            })
+            .collect();
+        let pairs: Vec<(&str, &[u8])> = self
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes()))
+            .collect();
         engine.check(&RequestInfo {
             domain: self.domain,
             host: "www.example.com",
             method: &self.method,
-            uri: &self.uri,
-            headers: &self.headers,
+            target: &self.target,
+            headers: match form {
+                Form::Map => RequestHeaders::Map(&map),
+                Form::Pairs => RequestHeaders::Pairs(&pairs),
+            },
             remote_addr: self.remote_addr,
             scheme: "https",
             server_port: 443,
@@ -112,25 +147,35 @@ fn render(verdict: &Verdict) -> String {
     out
 }
 
-/// Runs `script` once for `GET /` and renders the verdict.
+/// Runs `script` once for `GET /` with each header form (a fresh engine each time) and
+/// checks the rendered verdict.
 fn check(script: &str, expected: &str) {
-    let engine = engine(script);
-    assert_eq!(
-        render(&request("/").check(&engine)),
-        expected,
-        "script: {script}"
-    );
+    for form in FORMS {
+        let engine = engine(script);
+        assert_eq!(
+            render(&request("/").check_as(&engine, form)),
+            expected,
+            "script: {script}, headers as {form:?}"
+        );
+    }
 }
 
-/// Runs `script` once for `req` and returns what it printed with `ngx.say`/`ngx.print`.
+/// Runs `script` once for `req` with each header form (a fresh engine each time), checks
+/// that both printed the same, and returns what the script printed with
+/// `ngx.say`/`ngx.print`.
 fn output_for(script: &str, req: Request) -> String {
-    let engine = engine(script);
-    match req.check(&engine) {
-        Verdict::Block { status, body, .. } if status == 200 => {
-            String::from_utf8(body.to_vec()).unwrap()
+    let outputs = FORMS.map(|form| {
+        let engine = engine(script);
+        match req.check_as(&engine, form) {
+            Verdict::Block { status, body, .. } if status == 200 => {
+                String::from_utf8(body.to_vec()).unwrap()
+            }
+            other => panic!("script did not print with {form:?}: {}", render(&other)),
         }
-        other => panic!("script did not print: {}", render(&other)),
-    }
+    });
+    let [map, pairs] = outputs;
+    assert_eq!(map, pairs, "the header forms differ for {script}");
+    map
 }
 
 fn output(script: &str) -> String {
@@ -721,6 +766,50 @@ fn legacy_request_table() {
         output_for(script, req),
         "GET /search?q=1 www.example.com 192.0.2.7\nMozilla/5.0 secret secret nil\n"
     );
+}
+
+#[test]
+fn request_headers_match_any_case_and_keep_their_order() {
+    // Names arrive in mixed case and repeated headers are interleaved with others; both
+    // header forms must give the same answers (`output_for` runs each).
+    let req = request("/")
+        .header("X-Forwarded-For", "1.1.1.1")
+        .header("Cookie", "a=1")
+        .header("x-forwarded-for", "2.2.2.2")
+        .header("COOKIE", "b=2; c=3");
+    let script = r#"
+        ngx.say(ngx.var.http_x_forwarded_for, " | ", ngx.var.http_cookie)
+        ngx.say(ngx.var.cookie_a, ngx.var.cookie_b, ngx.var.cookie_c)
+        local h = ngx.req.get_headers()
+        ngx.say(h["X-Forwarded-For"][1], " ", h.x_forwarded_for[2], " ", h.cookie[2])
+        local names = {}
+        for name in pairs(h) do names[#names + 1] = name end
+        table.sort(names)
+        ngx.say(table.concat(names, ","))
+        local cut, err = ngx.req.get_headers(3)
+        ngx.say(cut.host, " ", cut["user-agent"], " ", cut["x-forwarded-for"], " ",
+                tostring(cut.cookie), " ", err)
+        ngx.say(request.headers["COOKIE"], " ", request.headers["x-FORWARDED-for"])
+    "#;
+    assert_eq!(
+        output_for(script, req),
+        "1.1.1.1, 2.2.2.2 | a=1; b=2; c=3\n123\n1.1.1.1 2.2.2.2 b=2; c=3\n\
+         cookie,host,user-agent,x-forwarded-for\n\
+         www.example.com Mozilla/5.0 1.1.1.1 nil truncated\na=1 1.1.1.1\n"
+    );
+}
+
+#[test]
+fn targets_split_into_path_and_query() {
+    let script = r#"ngx.say(ngx.var.request_uri, "|", ngx.var.uri, "|", tostring(ngx.var.args),
+        "|", ngx.var.is_args, "|", tostring(ngx.req.get_uri_args().x))"#;
+    for (target, expected) in [
+        ("/a?", "/a?|/a||?|nil\n"),
+        ("/a?x=1?y", "/a?x=1?y|/a|x=1?y|?|1?y\n"),
+        ("", "/|/|nil||nil\n"),
+    ] {
+        assert_eq!(output_for(script, request(target)), expected, "{target:?}");
+    }
 }
 
 #[test]

@@ -329,12 +329,15 @@ impl RequestHead {
         }
     }
 
-    /// The fields as `(name, value)` pairs in arrival order, for the WAF.
-    pub(crate) fn pairs<'a>(&self, buf: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
-        self.fields
-            .list
-            .iter()
-            .map(move |field| (field.name.get(buf), field.value.get(buf)))
+    /// The fields as `(name, value)` pairs in arrival order, for the WAF. Names are
+    /// tokens (`httparse` checked), so ASCII.
+    pub(crate) fn pairs<'a>(&self, buf: &'a [u8]) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+        self.fields.list.iter().map(move |field| {
+            (
+                std::str::from_utf8(field.name.get(buf)).unwrap_or(""),
+                field.value.get(buf),
+            )
+        })
     }
 }
 

@@ -217,13 +217,13 @@ where
                 let target = std::str::from_utf8(path).map_err(|_| ProxyError::MissingHost)?;
                 let decision =
                     conn.decide(&method, host, target, &mut entry, |waf, domain, lower| {
-                        let (uri, headers) = waf_view(target, head, buf);
+                        let pairs: Vec<(&str, &[u8])> = head.pairs(buf).collect();
                         waf.check(&defenra_waf::RequestInfo {
                             domain,
                             host: lower,
                             method: &method,
-                            uri: &uri,
-                            headers: &headers,
+                            target,
+                            headers: defenra_waf::RequestHeaders::Pairs(&pairs),
                             remote_addr: conn.peer.ip().to_canonical(),
                             scheme: conn.listener.scheme(),
                             server_port: conn.local_port,
@@ -1095,21 +1095,6 @@ fn split_target(target: &[u8]) -> (Option<&[u8]>, &[u8]) {
         None => authority,
     };
     (Some(authority), if path.is_empty() { b"/" } else { path })
-}
-
-/// The request as the WAF takes it today: a `Uri` and a `HeaderMap`.
-fn waf_view(target: &str, head: &RequestHead, buf: &[u8]) -> (http::Uri, HeaderMap) {
-    let uri = target.parse().unwrap_or_default();
-    let mut headers = HeaderMap::new();
-    for (name, value) in head.pairs(buf) {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(name),
-            http::HeaderValue::from_bytes(value),
-        ) {
-            headers.append(name, value);
-        }
-    }
-    (uri, headers)
 }
 
 /// Writes `bytes` and flushes (TLS records go out on flush).
