@@ -2,16 +2,20 @@
 //! same script in nginx with Debian's Lua module (`access_by_lua_block`).
 //!
 //! Both proxies serve two hosts from the same nginx origin (a 1 KiB file): `plain.test`
-//! without a script and `waf.test` with the rule script below. wrk measures each host; a
-//! proxy's added latency is its `waf.test` median latency minus its `plain.test` one,
-//! measured with one connection so queueing does not hide it. A second run with many
-//! connections gives the throughput and the CPU time the proxy spent per request (from
-//! `/proc`), which is steadier than latency on a shared machine; the difference between
-//! the hosts is the script's CPU cost per request. Finally the `check_cost` example of
-//! `defenra-waf` prints the median cost of one `WafEngine::check` call in-process.
+//! without a script and `waf.test` with the rule script below. In every round each proxy
+//! serves both hosts, first with one connection (wrk's median latency) and then with many
+//! (throughput); the proxy's CPU time per request is counted during both runs from `/proc`.
+//! What the script adds is the `waf.test` figure minus the `plain.test` one of the same
+//! round. Rounds go in ABBA order (the proxy order flips every round, the host order every
+//! other round) so that drift on a shared machine cancels out, and the report gives the
+//! median and range over rounds, the agent's difference from nginx + lua round by round,
+//! and the ratio. Finally the `check_cost` example of `defenra-waf` prints the median cost
+//! of one `WafEngine::check` call in-process.
 //!
-//! Options: `--duration SECS` (8) per run, `--connections N` (50) for the throughput run,
-//! `--threads N` (2), `--rounds N` (3, the best round of each is kept), `--skip-build`.
+//! Options: `--duration SECS` (3) per run, `--connections N` (50) for the throughput run,
+//! `--threads N` (2), `--rounds N` (8), `--baseline PATH` (a second agent binary measured
+//! in the same rounds, to compare builds), `--skip-build`. The defaults take about 4
+//! minutes (6 with `--baseline`).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -72,11 +76,32 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let origin = Nginx::start(&dir, "origin", &origin_conf(&dir, origin_port))?;
     let nginx = Nginx::start(&dir, "proxy", &proxy_conf(&dir, origin_port, nginx_port))?;
     let agent = start_agent(&dir, &agent_binary, origin_port, agent_port)?;
-    for port in [origin_port, nginx_port, agent_port] {
+    // A second agent build measured in the same rounds, to compare builds under the same
+    // conditions (`--baseline PATH`).
+    let baseline_port = free_port()?;
+    let baseline = match &settings.baseline {
+        Some(binary) => {
+            let baseline_dir = dir.join("baseline");
+            fs::create_dir_all(&baseline_dir)?;
+            Some(start_agent(
+                &baseline_dir,
+                binary,
+                origin_port,
+                baseline_port,
+            )?)
+        }
+        None => None,
+    };
+    let mut ports = vec![("nginx", nginx_port), ("agent", agent_port)];
+    if baseline.is_some() {
+        ports.push(("baseline agent", baseline_port));
+    }
+    wait_for_port(origin_port)?;
+    for &(_, port) in &ports {
         wait_for_port(port)?;
     }
-    // The script must run in both proxies and block the same way before anything is measured.
-    for (name, port) in [("nginx", nginx_port), ("agent", agent_port)] {
+    // The script must run in every proxy and block the same way before anything is measured.
+    for &(name, port) in &ports {
         let plain = get(port, PLAIN_HOST, "/index.html", "bench")?;
         let checked = get(port, WAF_HOST, "/index.html", "bench")?;
         let blocked = get(port, WAF_HOST, "/index.html", "sqlmap/1.7")?;
@@ -95,45 +120,65 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
 
-    let ticks_per_second = clock_ticks_per_second();
-    let mut rows = Vec::new();
-    for (name, port, pid) in [
-        ("nginx + lua", nginx_port, nginx.child.id()),
-        ("agent", agent_port, agent.child.id()),
-    ] {
-        let mut row = Row::default();
-        for round in 0..settings.rounds {
-            eprintln!("{name}: round {}/{}", round + 1, settings.rounds);
-            let mut round_results = Vec::new();
-            for host in [PLAIN_HOST, WAF_HOST] {
-                let url = format!("http://127.0.0.1:{port}/index.html");
-                wrk(&url, host, 1, 1, Duration::from_secs(1))?;
-                let single = wrk(&url, host, 1, 1, settings.duration)?;
-                anyhow::ensure!(single.errors == 0, "{name} {host}: {}", single.raw);
-                let cpu_before = process_tree_cpu_ticks(pid);
-                let loaded = wrk(
-                    &url,
-                    host,
-                    settings.threads,
-                    settings.connections,
-                    settings.duration,
-                )?;
-                let cpu_ticks = process_tree_cpu_ticks(pid).saturating_sub(cpu_before);
-                anyhow::ensure!(loaded.errors == 0, "{name} {host}: {}", loaded.raw);
-                let cpu_us =
-                    cpu_ticks as f64 * 1e6 / ticks_per_second / loaded.requests.max(1) as f64;
-                round_results.push((single.p50_ms * 1000.0, loaded.requests_per_second, cpu_us));
-            }
-            let (plain, waf) = (round_results[0], round_results[1]);
-            row.plain_p50_us.push(plain.0);
-            row.waf_p50_us.push(waf.0);
-            row.plain_rps.push(plain.1);
-            row.waf_rps.push(waf.1);
-            row.plain_cpu_us.push(plain.2);
-            row.waf_cpu_us.push(waf.2);
-        }
-        rows.push((name, row));
+    let mut proxies = vec![
+        Proxy {
+            name: "nginx + lua".to_owned(),
+            port: nginx_port,
+            pid: nginx.child.id(),
+        },
+        Proxy {
+            name: "agent".to_owned(),
+            port: agent_port,
+            pid: agent.child.id(),
+        },
+    ];
+    if let Some(baseline) = &baseline {
+        proxies.push(Proxy {
+            name: "agent (baseline)".to_owned(),
+            port: baseline_port,
+            pid: baseline.child.id(),
+        });
     }
+    let mut series: Vec<Series> = proxies.iter().map(|_| Series::default()).collect();
+    for round in 0..settings.rounds {
+        // ABBA: the proxy order flips every round and the host order every other round, so
+        // drift on a shared machine hits both sides of each comparison alike.
+        let mut order: Vec<usize> = (0..proxies.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let hosts = if (round / 2) % 2 == 0 {
+            [PLAIN_HOST, WAF_HOST]
+        } else {
+            [WAF_HOST, PLAIN_HOST]
+        };
+        for index in order {
+            let proxy = &proxies[index];
+            let mut plain = None;
+            let mut waf = None;
+            for host in hosts {
+                let run = measure(proxy, host, &settings)?;
+                if host == PLAIN_HOST {
+                    plain = Some(run);
+                } else {
+                    waf = Some(run);
+                }
+            }
+            let (plain, waf) = (plain.expect("plain measured"), waf.expect("waf measured"));
+            eprintln!(
+                "round {}/{} {}: added p50 {:.1} µs, added CPU {:.2} µs/req loaded, {:.2} one connection",
+                round + 1,
+                settings.rounds,
+                proxy.name,
+                waf.p50_us - plain.p50_us,
+                waf.cpu_loaded_us - plain.cpu_loaded_us,
+                waf.cpu_single_us - plain.cpu_single_us,
+            );
+            series[index].plain.push(plain);
+            series[index].waf.push(waf);
+        }
+    }
+    drop(baseline);
     drop(agent);
     drop(nginx);
     drop(origin);
@@ -153,6 +198,11 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let check_median = metric("waf_check_median_ns").context("check_cost printed no median")?;
     let check_p90 = metric("waf_check_p90_ns").unwrap_or(f64::NAN);
 
+    let rows: Vec<(&str, &Series)> = proxies
+        .iter()
+        .map(|proxy| proxy.name.as_str())
+        .zip(&series)
+        .collect();
     println!("{}", render(&rows, check_median, check_p90, &settings));
     let _ = fs::remove_dir_all(&dir);
     Ok(())
@@ -164,16 +214,18 @@ struct Settings {
     threads: u32,
     rounds: u32,
     skip_build: bool,
+    baseline: Option<PathBuf>,
 }
 
 impl Settings {
     fn parse(args: &[String]) -> anyhow::Result<Self> {
         let mut settings = Settings {
-            duration: Duration::from_secs(8),
+            duration: Duration::from_secs(3),
             connections: 50,
             threads: 2,
-            rounds: 3,
+            rounds: 8,
             skip_build: false,
+            baseline: None,
         };
         let mut args = args.iter();
         while let Some(flag) = args.next() {
@@ -184,6 +236,12 @@ impl Settings {
             let value = args
                 .next()
                 .with_context(|| format!("{flag} needs a value"))?;
+            if flag == "--baseline" {
+                let path = PathBuf::from(value);
+                anyhow::ensure!(path.exists(), "{} is missing", path.display());
+                settings.baseline = Some(path);
+                continue;
+            }
             let number: u32 = value
                 .parse()
                 .with_context(|| format!("{flag} {value:?} is not a number"))?;
@@ -192,7 +250,7 @@ impl Settings {
                 "--duration" => settings.duration = Duration::from_secs(u64::from(number.min(30))),
                 "--connections" => settings.connections = number,
                 "--threads" => settings.threads = number,
-                "--rounds" => settings.rounds = number.min(5),
+                "--rounds" => settings.rounds = number.min(40),
                 other => anyhow::bail!("unknown option {other:?}"),
             }
         }
@@ -200,37 +258,106 @@ impl Settings {
     }
 }
 
-/// One proxy's measurements, one entry per round, for the host without and with the script.
-#[derive(Default)]
-struct Row {
-    /// wrk's median latency with one connection, in microseconds.
-    plain_p50_us: Vec<f64>,
-    waf_p50_us: Vec<f64>,
-    plain_rps: Vec<f64>,
-    waf_rps: Vec<f64>,
-    /// CPU time the proxy's processes used per request during the throughput run.
-    plain_cpu_us: Vec<f64>,
-    waf_cpu_us: Vec<f64>,
+/// A proxy under test: where it listens and whose CPU time to count.
+struct Proxy {
+    name: String,
+    port: u16,
+    pid: u32,
 }
 
-impl Row {
-    /// Median over rounds of the per-round difference, so slow drift on a shared machine
-    /// cancels out within each pair of runs.
-    fn added(with: &[f64], without: &[f64]) -> f64 {
-        median(with.iter().zip(without).map(|(a, b)| a - b).collect())
+/// One host of one proxy in one round.
+#[derive(Debug, Clone, Copy)]
+struct HostRun {
+    /// wrk's median latency with one connection.
+    p50_us: f64,
+    /// CPU time of the proxy's processes per request during that one-connection run.
+    cpu_single_us: f64,
+    /// The same during the many-connection run.
+    cpu_loaded_us: f64,
+    /// Requests per second of the many-connection run.
+    rps: f64,
+}
+
+/// One proxy's runs, one entry per round, without and with the script.
+#[derive(Default)]
+struct Series {
+    plain: Vec<HostRun>,
+    waf: Vec<HostRun>,
+}
+
+impl Series {
+    /// Per round, what the script added to `field`.
+    fn added(&self, field: fn(&HostRun) -> f64) -> Vec<f64> {
+        self.waf
+            .iter()
+            .zip(&self.plain)
+            .map(|(waf, plain)| field(waf) - field(plain))
+            .collect()
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// A warm-up, the one-connection latency run, then the many-connection run, each with the
+/// proxy's CPU time counted.
+fn measure(proxy: &Proxy, host: &str, settings: &Settings) -> anyhow::Result<HostRun> {
+    let url = format!("http://127.0.0.1:{}/index.html", proxy.port);
+    wrk(&url, host, 1, 1, Duration::from_secs(1))?;
+    let cpu_before = process_tree_cpu_ns(proxy.pid);
+    let single = wrk(&url, host, 1, 1, settings.duration)?;
+    let cpu_single = process_tree_cpu_ns(proxy.pid).saturating_sub(cpu_before);
+    anyhow::ensure!(single.errors == 0, "{} {host}: {}", proxy.name, single.raw);
+    let cpu_before = process_tree_cpu_ns(proxy.pid);
+    let loaded = wrk(
+        &url,
+        host,
+        settings.threads,
+        settings.connections,
+        settings.duration,
+    )?;
+    let cpu_loaded = process_tree_cpu_ns(proxy.pid).saturating_sub(cpu_before);
+    anyhow::ensure!(loaded.errors == 0, "{} {host}: {}", proxy.name, loaded.raw);
+    let per_request = |ns: u64, requests: u64| ns as f64 / 1000.0 / requests.max(1) as f64;
+    Ok(HostRun {
+        p50_us: single.p50_ms * 1000.0,
+        cpu_single_us: per_request(cpu_single, single.requests),
+        cpu_loaded_us: per_request(cpu_loaded, loaded.requests),
+        rps: loaded.requests_per_second,
+    })
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut values = values.to_vec();
     if values.is_empty() {
         return f64::NAN;
     }
     values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
 }
 
+/// `median [min, max]`.
+fn spread(values: &[f64], decimals: usize) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "{:.decimals$} [{min:.decimals$}, {max:.decimals$}]",
+        median(values)
+    )
+}
+
+type Field = fn(&HostRun) -> f64;
+
+const METRICS: [(&str, Field, usize); 3] = [
+    ("added latency µs (p50, 1 conn)", |run| run.p50_us, 1),
+    ("added CPU µs/req (loaded)", |run| run.cpu_loaded_us, 2),
+    ("added CPU µs/req (1 conn)", |run| run.cpu_single_us, 2),
+];
+
 fn render(
-    rows: &[(&str, Row)],
+    rows: &[(&str, &Series)],
     check_median_ns: f64,
     check_p90_ns: f64,
     settings: &Settings,
@@ -238,10 +365,12 @@ fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nSame rule script in both proxies, 1 KiB body from an nginx origin, {} round(s), \
-         medians over rounds.\n\
-         Latency: wrk -t1 -c1 -d{}s (median latency). Throughput and CPU: wrk -t{} -c{} -d{}s, \
-         CPU = user + system time of the proxy's processes / requests.\n",
+        "\nSame rule script in both proxies, 1 KiB body from an nginx origin, {} rounds in \
+         ABBA order; \"added\" is script minus no script within a round, shown as median \
+         [min, max] over rounds.\n\
+         Latency and \"1 conn\" CPU: wrk -t1 -c1 -d{}s. \"Loaded\" CPU and RPS: wrk -t{} -c{} \
+         -d{}s. CPU = time on CPU (user + system, /proc schedstat) of the proxy's processes \
+         and threads / requests.\n",
         settings.rounds,
         settings.duration.as_secs(),
         settings.threads,
@@ -250,26 +379,63 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "| proxy | p50 µs, no script | p50 µs, script | added latency µs | \
-         CPU µs/req, no script | CPU µs/req, script | added CPU µs/req | RPS, no script | RPS, script |"
+        "| proxy | p50 µs, no script → script | {} | {} | {} | RPS, no script → script |",
+        METRICS[0].0, METRICS[1].0, METRICS[2].0
     );
-    let _ = writeln!(
-        out,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    );
-    for (name, row) in rows {
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (name, series) in rows {
+        let column =
+            |(_, field, decimals): (&str, Field, usize)| spread(&series.added(field), decimals);
+        let p50 = |runs: &[HostRun]| median(&runs.iter().map(|run| run.p50_us).collect::<Vec<_>>());
+        let rps = |runs: &[HostRun]| median(&runs.iter().map(|run| run.rps).collect::<Vec<_>>());
         let _ = writeln!(
             out,
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
-            median(row.plain_p50_us.clone()),
-            median(row.waf_p50_us.clone()),
-            Row::added(&row.waf_p50_us, &row.plain_p50_us),
-            median(row.plain_cpu_us.clone()),
-            median(row.waf_cpu_us.clone()),
-            Row::added(&row.waf_cpu_us, &row.plain_cpu_us),
-            median(row.plain_rps.clone()),
-            median(row.waf_rps.clone()),
+            "| {name} | {:.1} → {:.1} | {} | {} | {} | {:.0} → {:.0} |",
+            p50(&series.plain),
+            p50(&series.waf),
+            column(METRICS[0]),
+            column(METRICS[1]),
+            column(METRICS[2]),
+            rps(&series.plain),
+            rps(&series.waf),
         );
+    }
+    // Every agent row against nginx + lua (the first row), round by round.
+    if let Some(((reference_name, reference), others)) = rows.split_first() {
+        for (name, series) in others {
+            let _ = writeln!(
+                out,
+                "\n| {name} vs {reference_name} | {} | {} | {} |",
+                METRICS[0].0, METRICS[1].0, METRICS[2].0
+            );
+            let _ = writeln!(out, "| --- | ---: | ---: | ---: |");
+            let mut difference = Vec::new();
+            let mut ratio = Vec::new();
+            let mut at_most = Vec::new();
+            for (_, field, decimals) in METRICS {
+                let ours = series.added(field);
+                let theirs = reference.added(field);
+                let per_round: Vec<f64> = ours.iter().zip(&theirs).map(|(a, b)| a - b).collect();
+                difference.push(spread(&per_round, decimals));
+                ratio.push(format!("{:.2}", median(&ours) / median(&theirs)));
+                let n_at_most = per_round.iter().filter(|value| **value <= 0.0).count();
+                at_most.push(format!("{n_at_most}/{}", per_round.len()));
+            }
+            for (label, cells) in [
+                ("difference per round, median [min, max]", &difference),
+                ("ratio of the medians", &ratio),
+                (
+                    "rounds where the agent added at most nginx + lua's",
+                    &at_most,
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "| {label} | {} | {} | {} |",
+                    cells[0], cells[1], cells[2]
+                );
+            }
+        }
     }
     let _ = writeln!(
         out,
@@ -280,22 +446,14 @@ fn render(
     out
 }
 
-/// `getconf CLK_TCK`, the unit of `/proc/<pid>/stat`'s CPU times (100 nearly everywhere).
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// User plus system CPU ticks of `pid` and its direct children (nginx's workers).
-fn process_tree_cpu_ticks(pid: u32) -> u64 {
-    let mut total = 0;
+/// Nanoseconds on CPU (user + system) of every thread of `pid` and of its direct children
+/// (nginx's workers), from `/proc/<pid>/task/<tid>/schedstat`: exact, where `stat`'s
+/// utime/stime come in 10 ms ticks.
+fn process_tree_cpu_ns(pid: u32) -> u64 {
     let Ok(entries) = fs::read_dir("/proc") else {
         return 0;
     };
+    let mut total = 0;
     for entry in entries.flatten() {
         let Some(candidate) = entry
             .file_name()
@@ -307,20 +465,29 @@ fn process_tree_cpu_ticks(pid: u32) -> u64 {
         let Ok(stat) = fs::read_to_string(format!("/proc/{candidate}/stat")) else {
             continue;
         };
-        // Fields after the parenthesised command: state(3) ppid(4) ... utime(14) stime(15).
+        // Fields after the parenthesised command: state(3) ppid(4) ...
         let Some((_, rest)) = stat.rsplit_once(')') else {
             continue;
         };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let parent = fields.get(1).and_then(|ppid| ppid.parse::<u32>().ok());
-        if candidate == pid || parent == Some(pid) {
-            let ticks = |index: usize| {
-                fields
-                    .get(index)
-                    .and_then(|value| value.parse::<u64>().ok())
-                    .unwrap_or(0)
+        let parent = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        if candidate != pid && parent != Some(pid) {
+            continue;
+        }
+        let Ok(tasks) = fs::read_dir(format!("/proc/{candidate}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(schedstat) = fs::read_to_string(task.path().join("schedstat")) else {
+                continue;
             };
-            total += ticks(11) + ticks(12);
+            total += schedstat
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .unwrap_or(0);
         }
     }
     total
@@ -586,6 +753,61 @@ mod tests {
         assert_eq!(result.requests, 98765);
         assert!((result.p50_ms - 0.081).abs() < 1e-9);
         assert_eq!(result.errors, 2);
+    }
+
+    #[test]
+    fn report_compares_the_agent_with_nginx_round_by_round() {
+        let run = |p50_us, cpu_us| HostRun {
+            p50_us,
+            cpu_single_us: cpu_us,
+            cpu_loaded_us: cpu_us,
+            rps: 1000.0,
+        };
+        // nginx adds 4, 6, 5 µs of CPU; the agent 3, 7, 4: at most nginx's in 2 of 3 rounds.
+        let nginx = Series {
+            plain: vec![run(50.0, 10.0); 3],
+            waf: vec![run(54.0, 14.0), run(56.0, 16.0), run(55.0, 15.0)],
+        };
+        let agent = Series {
+            plain: vec![run(40.0, 20.0); 3],
+            waf: vec![run(43.0, 23.0), run(47.0, 27.0), run(44.0, 24.0)],
+        };
+        let settings = Settings::parse(&[]).unwrap();
+        let report = render(
+            &[("nginx + lua", &nginx), ("agent", &agent)],
+            2500.0,
+            3000.0,
+            &settings,
+        );
+        assert!(
+            report.contains("| nginx + lua | 50.0 → 55.0 | 5.0 [4.0, 6.0] |"),
+            "{report}"
+        );
+        assert!(
+            report.contains("| agent | 40.0 → 44.0 | 4.0 [3.0, 7.0] |"),
+            "{report}"
+        );
+        assert!(
+            report.contains("| difference per round, median [min, max] | -1.0 [-1.0, 1.0] |"),
+            "{report}"
+        );
+        assert!(
+            report.contains("| ratio of the medians | 0.80 |"),
+            "{report}"
+        );
+        assert!(
+            report.contains("nginx + lua's | 2/3 | 2/3 | 2/3 |"),
+            "{report}"
+        );
+        assert!(report.contains("median 2.50 µs"), "{report}");
+    }
+
+    #[test]
+    fn medians_of_even_counts_average_the_middle_pair() {
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert!(median(&[]).is_nan());
+        assert_eq!(spread(&[2.0, -1.0, 5.0], 1), "2.0 [-1.0, 5.0]");
     }
 
     #[test]
