@@ -41,14 +41,14 @@ pub(crate) enum Outcome {
     OutOfMemory,
 }
 
-/// A loaded script: its function and the environment table its globals go to.
+/// A loaded script, ready to run.
 pub(crate) struct Chunk {
-    function: Function,
-    env: Table,
-    /// The `ngx.var` names from [`PREFETCH`] the source mentions, read before each run.
+    /// `sandbox.lua`'s runner for this chunk: resets the chunk's environment, takes the
+    /// prefetched variables as arguments, then calls the chunk.
+    runner: Function,
+    /// The `ngx.var` names from [`PREFETCH`] the source mentions, read before each run, in
+    /// the order the runner takes them.
     prefetch: Vec<&'static str>,
-    /// The same names as a Lua array, for `run`.
-    prefetch_names: Table,
 }
 
 /// Variables most scripts read, handed to the script with the call that starts it when its
@@ -72,9 +72,8 @@ pub(crate) struct Sandbox {
     ctx: Rc<Ctx>,
     /// `sandbox.lua`'s environment constructor.
     new_env: Function,
-    /// `sandbox.lua`'s `run(env, chunk)`: resets the environment and per-request slots,
-    /// then calls the chunk.
-    run: Function,
+    /// `sandbox.lua`'s `make_runner(env, chunk, names)`, which makes a [`Chunk`]'s runner.
+    make_runner: Function,
     limits: Limits,
 }
 
@@ -109,13 +108,13 @@ impl Sandbox {
         )?;
 
         let host = api::host_table(&lua, &ctx, dicts)?;
-        let (new_env, run): (Function, Function) =
+        let (new_env, make_runner): (Function, Function) =
             lua.load(PRELUDE).set_name("=sandbox").call(host)?;
         Ok(Sandbox {
             lua,
             ctx,
             new_env,
-            run,
+            make_runner,
             limits,
         })
     }
@@ -135,16 +134,15 @@ impl Sandbox {
             .copied()
             .filter(|name| mentions(source, name))
             .collect();
-        let prefetch_names = self
+        let names = self
             .lua
             .create_sequence_from(prefetch.iter().copied())
             .map_err(|error| error.to_string())?;
-        Ok(Chunk {
-            function,
-            env,
-            prefetch,
-            prefetch_names,
-        })
+        let runner = self
+            .make_runner
+            .call((env, function, names))
+            .map_err(|error| error.to_string())?;
+        Ok(Chunk { runner, prefetch })
     }
 
     /// Runs `chunk` for `request` within the limits.
@@ -155,9 +153,7 @@ impl Sandbox {
             .prefetch(chunk)
             .and_then(|[a, b, c, d, e, f, g, h, i, j]| {
                 // A fixed number of arguments: collecting the values would allocate each time.
-                let (env, function, names) = (&chunk.env, &chunk.function, &chunk.prefetch_names);
-                self.run
-                    .call::<()>((env, function, names, a, b, c, d, e, f, g, h, i, j))
+                chunk.runner.call::<()>((a, b, c, d, e, f, g, h, i, j))
             });
         let exit = self.ctx.exit.get();
         if exit.is_some() {

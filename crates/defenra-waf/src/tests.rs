@@ -616,6 +616,31 @@ fn globals_do_not_leak_between_requests() {
 }
 
 #[test]
+fn reassigned_sandbox_globals_are_restored_for_the_next_request() {
+    // Globals a script reads are kept in its environment between requests (a lookup
+    // shortcut); whatever a request changes there, by assignment, rawset or table.insert on
+    // _G, must be gone for the next one.
+    let engine = engine(
+        r#"
+        if type(string) ~= "userdata" or type(ipairs) ~= "function" or type(print) ~= "function"
+           or rawget(_G, "x") ~= nil or rawget(_G, 1) ~= nil or string.upper("a") ~= "A" then
+            return ngx.exit(500)
+        end
+        for _ in ipairs({}) do end
+        string = "replaced"
+        ipairs = nil
+        print = 5
+        rawset(_G, "x", 1)
+        table.insert(_G, "y")
+        "#,
+    );
+    for _ in 0..3 {
+        assert_eq!(render(&request("/").check(&engine)), "allow");
+    }
+    assert_eq!(engine.stats().domain_totals(DOMAIN), Some((3, 0, 0, 0)));
+}
+
+#[test]
 fn domains_do_not_share_globals() {
     let engine = WafEngine::default();
     let (snapshot, _) = config(&[

@@ -12,9 +12,13 @@
 //! and the ratio. Finally the `check_cost` example of `defenra-waf` prints the median cost
 //! of one `WafEngine::check` call in-process.
 //!
+//! Where there are two or more CPUs, processes are pinned (see [`Pin`]): the proxies, one
+//! worker each, and the origin share the last CPU; wrk runs there too for the
+//! one-connection runs and on the other CPUs for the loaded runs.
+//!
 //! Options: `--duration SECS` (3) per run, `--connections N` (50) for the throughput run,
 //! `--threads N` (2), `--rounds N` (8), `--baseline PATH` (a second agent binary measured
-//! in the same rounds, to compare builds), `--skip-build`. The defaults take about 4
+//! in the same rounds, to compare builds), `--pin off`, `--skip-build`. The defaults take about 4
 //! minutes (6 with `--baseline`).
 
 use std::fmt::Write as _;
@@ -73,9 +77,17 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let origin_port = free_port()?;
     let nginx_port = free_port()?;
     let agent_port = free_port()?;
-    let origin = Nginx::start(&dir, "origin", &origin_conf(&dir, origin_port))?;
-    let nginx = Nginx::start(&dir, "proxy", &proxy_conf(&dir, origin_port, nginx_port))?;
-    let agent = start_agent(&dir, &agent_binary, origin_port, agent_port)?;
+    let pin = settings.pin.as_ref();
+    let server_cpus = pin.map(|pin| pin.server.as_str());
+    let proxy_workers = if pin.is_some() { "1" } else { "auto" };
+    let origin = Nginx::start(&dir, "origin", &origin_conf(&dir, origin_port), server_cpus)?;
+    let nginx = Nginx::start(
+        &dir,
+        "proxy",
+        &proxy_conf(&dir, origin_port, nginx_port, proxy_workers),
+        server_cpus,
+    )?;
+    let agent = start_agent(&dir, &agent_binary, origin_port, agent_port, server_cpus)?;
     // A second agent build measured in the same rounds, to compare builds under the same
     // conditions (`--baseline PATH`).
     let baseline_port = free_port()?;
@@ -88,6 +100,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                 binary,
                 origin_port,
                 baseline_port,
+                server_cpus,
             )?)
         }
         None => None,
@@ -215,6 +228,39 @@ struct Settings {
     rounds: u32,
     skip_build: bool,
     baseline: Option<PathBuf>,
+    /// CPU pinning, on by default where there are at least two CPUs (`--pin off`).
+    pin: Option<Pin>,
+}
+
+/// Where each process runs. Unpinned, the scheduler places wrk, the proxy and the origin
+/// differently from one run to the next, and on a small VM a wake-up on another (idle) CPU
+/// costs tens of microseconds: one-connection latencies then swing by more than a script
+/// costs.
+struct Pin {
+    /// The proxies (one worker each) and the origin.
+    server: String,
+    /// wrk's throughput runs. Its one-connection runs share the server CPU, so a request
+    /// goes wrk → proxy → origin and back without waking another CPU, and the latency is
+    /// the work done.
+    load: String,
+}
+
+impl Pin {
+    fn for_cpus(n_cpus: usize) -> Option<Pin> {
+        if n_cpus < 2 {
+            return None;
+        }
+        let last = n_cpus - 1;
+        let load = if last == 1 {
+            "0".to_owned()
+        } else {
+            format!("0-{}", last - 1)
+        };
+        Some(Pin {
+            server: last.to_string(),
+            load,
+        })
+    }
 }
 
 impl Settings {
@@ -226,6 +272,7 @@ impl Settings {
             rounds: 8,
             skip_build: false,
             baseline: None,
+            pin: Pin::for_cpus(std::thread::available_parallelism().map_or(1, usize::from)),
         };
         let mut args = args.iter();
         while let Some(flag) = args.next() {
@@ -236,6 +283,11 @@ impl Settings {
             let value = args
                 .next()
                 .with_context(|| format!("{flag} needs a value"))?;
+            if flag == "--pin" {
+                anyhow::ensure!(value == "off", "--pin takes only \"off\"");
+                settings.pin = None;
+                continue;
+            }
             if flag == "--baseline" {
                 let path = PathBuf::from(value);
                 anyhow::ensure!(path.exists(), "{} is missing", path.display());
@@ -300,9 +352,14 @@ impl Series {
 /// proxy's CPU time counted.
 fn measure(proxy: &Proxy, host: &str, settings: &Settings) -> anyhow::Result<HostRun> {
     let url = format!("http://127.0.0.1:{}/index.html", proxy.port);
-    wrk(&url, host, 1, 1, Duration::from_secs(1))?;
+    let pin = settings.pin.as_ref();
+    let (single_cpus, load_cpus) = (
+        pin.map(|pin| pin.server.as_str()),
+        pin.map(|pin| pin.load.as_str()),
+    );
+    wrk(&url, host, 1, 1, Duration::from_secs(1), single_cpus)?;
     let cpu_before = process_tree_cpu_ns(proxy.pid);
-    let single = wrk(&url, host, 1, 1, settings.duration)?;
+    let single = wrk(&url, host, 1, 1, settings.duration, single_cpus)?;
     let cpu_single = process_tree_cpu_ns(proxy.pid).saturating_sub(cpu_before);
     anyhow::ensure!(single.errors == 0, "{} {host}: {}", proxy.name, single.raw);
     let cpu_before = process_tree_cpu_ns(proxy.pid);
@@ -312,6 +369,7 @@ fn measure(proxy: &Proxy, host: &str, settings: &Settings) -> anyhow::Result<Hos
         settings.threads,
         settings.connections,
         settings.duration,
+        load_cpus,
     )?;
     let cpu_loaded = process_tree_cpu_ns(proxy.pid).saturating_sub(cpu_before);
     anyhow::ensure!(loaded.errors == 0, "{} {host}: {}", proxy.name, loaded.raw);
@@ -377,6 +435,19 @@ fn render(
         settings.connections,
         settings.duration.as_secs()
     );
+    match &settings.pin {
+        Some(pin) => {
+            let _ = writeln!(
+                out,
+                "Pinned: each proxy (one worker) and the origin on CPU {}; wrk on CPU {} for the \
+                 one-connection runs and on CPU {} for the loaded runs.\n",
+                pin.server, pin.server, pin.load
+            );
+        }
+        None => {
+            let _ = writeln!(out, "Not pinned: the scheduler places every process.\n");
+        }
+    }
     let _ = writeln!(
         out,
         "| proxy | p50 µs, no script → script | {} | {} | {} | RPS, no script → script |",
@@ -517,6 +588,19 @@ fn ensure_tools() -> anyhow::Result<()> {
 const NDK_MODULE: &str = "/usr/lib/nginx/modules/ndk_http_module.so";
 const LUA_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_lua_module.so";
 
+/// `program`, run on `cpus` (taskset's list syntax) when given. taskset execs the program,
+/// so the child's pid is the program's.
+fn pinned(program: impl AsRef<std::ffi::OsStr>, cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(cpus) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", cpus]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// One `GET` with `Connection: close`; returns the response head and body as text.
 fn get(port: u16, host: &str, path: &str, user_agent: &str) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
@@ -542,7 +626,7 @@ fn origin_conf(dir: &Path, port: u16) -> String {
 
 /// nginx as the reverse proxy with upstream keep-alive, configured like the agent; the WAF
 /// host runs the script in `access_by_lua_block`.
-fn proxy_conf(dir: &Path, origin: u16, port: u16) -> String {
+fn proxy_conf(dir: &Path, origin: u16, port: u16, workers: &str) -> String {
     let location = |lua: &str| {
         format!(
             "location / {{\n{lua}\
@@ -563,7 +647,7 @@ fn proxy_conf(dir: &Path, origin: u16, port: u16) -> String {
          server {{ listen 127.0.0.1:{port}; server_name {PLAIN_HOST};\n{plain}}}\n\
          server {{ listen 127.0.0.1:{port}; server_name {WAF_HOST};\n{waf}}}\n\
          }}\n",
-        common = common_conf(dir, "proxy", "auto"),
+        common = common_conf(dir, "proxy", workers),
         http_common = http_common(dir, "proxy"),
         plain = location(""),
         waf = location(&format!("access_by_lua_block {{\n{SCRIPT}\n}}\n")),
@@ -576,10 +660,10 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(dir: &Path, name: &str, conf: &str) -> anyhow::Result<Self> {
+    fn start(dir: &Path, name: &str, conf: &str, cpus: Option<&str>) -> anyhow::Result<Self> {
         let conf_path = dir.join(format!("{name}.conf"));
         fs::write(&conf_path, conf)?;
-        let child = Command::new(nginx_binary())
+        let child = pinned(nginx_binary(), cpus)
             .arg("-p")
             .arg(dir)
             .arg("-c")
@@ -609,7 +693,13 @@ impl Drop for Agent {
     }
 }
 
-fn start_agent(dir: &Path, binary: &Path, origin_port: u16, port: u16) -> anyhow::Result<Agent> {
+fn start_agent(
+    dir: &Path,
+    binary: &Path,
+    origin_port: u16,
+    port: u16,
+    cpus: Option<&str>,
+) -> anyhow::Result<Agent> {
     let domain = |name: &str, script: Option<&str>| {
         let lua = script.map_or(String::new(), |code| {
             format!(r#", "luaCode": {}"#, json_string(code))
@@ -629,7 +719,12 @@ fn start_agent(dir: &Path, binary: &Path, origin_port: u16, port: u16) -> anyhow
     fs::write(&config_path, config)?;
     let state_dir: PathBuf = dir.join("agent-state");
     fs::create_dir_all(&state_dir)?;
-    let child = Command::new(binary)
+    let mut command = pinned(binary, cpus);
+    if cpus.is_some() {
+        // One worker, as nginx gets when pinned.
+        command.args(["--http-workers", "1"]);
+    }
+    let child = command
         .arg("--config")
         .arg(&config_path)
         .args([
@@ -668,8 +763,9 @@ fn wrk(
     threads: u32,
     connections: u32,
     duration: Duration,
+    cpus: Option<&str>,
 ) -> anyhow::Result<WrkResult> {
-    let output = Command::new("wrk")
+    let output = pinned("wrk", cpus)
         .args([
             "--latency",
             "-t",
@@ -812,7 +908,7 @@ mod tests {
 
     #[test]
     fn nginx_config_runs_the_script_only_for_the_waf_host() {
-        let conf = proxy_conf(Path::new("/tmp/x"), 1, 2);
+        let conf = proxy_conf(Path::new("/tmp/x"), 1, 2, "1");
         assert_eq!(conf.matches("access_by_lua_block").count(), 1);
         assert!(conf.contains("lua_shared_dict cache"));
         let waf_server = conf.split("server_name waf.test").nth(1).unwrap();
