@@ -6,20 +6,22 @@
 //! serves both hosts, first with one connection (wrk's median latency) and then with many
 //! (throughput); the proxy's CPU time per request is counted during both runs from `/proc`.
 //! What the script adds is the `waf.test` figure minus the `plain.test` one of the same
-//! round. Rounds go in ABBA order (the proxy order flips every round, the host order every
-//! other round) so that drift on a shared machine cancels out, and the report gives the
-//! median and range over rounds, the agent's difference from nginx + lua round by round,
-//! and the ratio. Finally the `check_cost` example of `defenra-waf` prints the median cost
-//! of one `WafEngine::check` call in-process.
+//! round. Rounds are short and many, in ABBA order (the proxy order flips every round, the
+//! host order every other round), so that the two hosts of a proxy are measured seconds
+//! apart and drift on a shared machine hits both sides alike. The report gives, over
+//! rounds, the median and a 95 % confidence interval of the median of what the script adds,
+//! of the agent's difference from nginx + lua round by round, and the ratio. Finally the
+//! `check_cost` example of `defenra-waf` prints the median cost of one `WafEngine::check`
+//! call in-process.
 //!
 //! Where there are two or more CPUs, processes are pinned (see [`Pin`]): the proxies, one
 //! worker each, and the origin share the last CPU; wrk runs there too for the
 //! one-connection runs and on the other CPUs for the loaded runs.
 //!
-//! Options: `--duration SECS` (3) per run, `--connections N` (50) for the throughput run,
-//! `--threads N` (2), `--rounds N` (8), `--baseline PATH` (a second agent binary measured
-//! in the same rounds, to compare builds), `--pin off`, `--skip-build`. The defaults take about 4
-//! minutes (6 with `--baseline`).
+//! Options: `--duration SECS` (1) per run, `--connections N` (50) for the throughput run,
+//! `--threads N` (2), `--rounds N` (24), `--baseline PATH` (a second agent binary measured
+//! in the same rounds, to compare builds), `--pin off`, `--skip-build`. The defaults take
+//! about 4 minutes (6 with `--baseline`).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -152,6 +154,13 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             pid: baseline.child.id(),
         });
     }
+    // Warm-up: connection pools, the agent's Lua state and LuaJIT's string table, nginx's
+    // JIT traces.
+    for proxy in &proxies {
+        for host in [PLAIN_HOST, WAF_HOST] {
+            measure(proxy, host, &settings)?;
+        }
+    }
     let mut series: Vec<Series> = proxies.iter().map(|_| Series::default()).collect();
     for round in 0..settings.rounds {
         // ABBA: the proxy order flips every round and the host order every other round, so
@@ -197,26 +206,18 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     drop(origin);
 
     eprintln!("measuring WafEngine::check in-process");
-    let output = Command::new(&check_cost)
-        .arg(dir.join("rules.lua"))
-        .output()
-        .context("cannot run check_cost")?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    anyhow::ensure!(output.status.success(), "check_cost failed: {text}");
-    let metric = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|value| value.trim().parse::<f64>().ok())
-    };
-    let check_median = metric("waf_check_median_ns").context("check_cost printed no median")?;
-    let check_p90 = metric("waf_check_p90_ns").unwrap_or(f64::NAN);
+    let rules = dir.join("rules.lua");
+    let hot = check_cost_ns(&check_cost, &rules, None, server_cpus)?;
+    // As in a proxy, where a request's socket and HTTP work evicts the Lua state from the
+    // CPU caches before the next check.
+    let cold = check_cost_ns(&check_cost, &rules, Some(4096), server_cpus)?;
 
     let rows: Vec<(&str, &Series)> = proxies
         .iter()
         .map(|proxy| proxy.name.as_str())
         .zip(&series)
         .collect();
-    println!("{}", render(&rows, check_median, check_p90, &settings));
+    println!("{}", render(&rows, hot, cold, &settings));
     let _ = fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -266,10 +267,10 @@ impl Pin {
 impl Settings {
     fn parse(args: &[String]) -> anyhow::Result<Self> {
         let mut settings = Settings {
-            duration: Duration::from_secs(3),
+            duration: Duration::from_secs(1),
             connections: 50,
             threads: 2,
-            rounds: 8,
+            rounds: 24,
             skip_build: false,
             baseline: None,
             pin: Pin::for_cpus(std::thread::available_parallelism().map_or(1, usize::from)),
@@ -302,7 +303,7 @@ impl Settings {
                 "--duration" => settings.duration = Duration::from_secs(u64::from(number.min(30))),
                 "--connections" => settings.connections = number,
                 "--threads" => settings.threads = number,
-                "--rounds" => settings.rounds = number.min(40),
+                "--rounds" => settings.rounds = number.min(100),
                 other => anyhow::bail!("unknown option {other:?}"),
             }
         }
@@ -324,7 +325,8 @@ struct HostRun {
     p50_us: f64,
     /// CPU time of the proxy's processes per request during that one-connection run.
     cpu_single_us: f64,
-    /// The same during the many-connection run.
+    /// CPU time per request during the many-connection run: when pinned, everything the
+    /// server CPU did (proxy, origin, kernel), otherwise the proxy's processes.
     cpu_loaded_us: f64,
     /// Requests per second of the many-connection run.
     rps: f64,
@@ -348,8 +350,8 @@ impl Series {
     }
 }
 
-/// A warm-up, the one-connection latency run, then the many-connection run, each with the
-/// proxy's CPU time counted.
+/// The one-connection latency run, then the many-connection run, each with the proxy's CPU
+/// time counted.
 fn measure(proxy: &Proxy, host: &str, settings: &Settings) -> anyhow::Result<HostRun> {
     let url = format!("http://127.0.0.1:{}/index.html", proxy.port);
     let pin = settings.pin.as_ref();
@@ -357,12 +359,17 @@ fn measure(proxy: &Proxy, host: &str, settings: &Settings) -> anyhow::Result<Hos
         pin.map(|pin| pin.server.as_str()),
         pin.map(|pin| pin.load.as_str()),
     );
-    wrk(&url, host, 1, 1, Duration::from_secs(1), single_cpus)?;
     let cpu_before = process_tree_cpu_ns(proxy.pid);
     let single = wrk(&url, host, 1, 1, settings.duration, single_cpus)?;
     let cpu_single = process_tree_cpu_ns(proxy.pid).saturating_sub(cpu_before);
     anyhow::ensure!(single.errors == 0, "{} {host}: {}", proxy.name, single.raw);
-    let cpu_before = process_tree_cpu_ns(proxy.pid);
+    // Loaded, the server CPU's busy time counts: per-process accounting under load moves the
+    // kernel's network work between processes and ksoftirqd from one run to the next.
+    let loaded_cpu_ns = || match pin {
+        Some(pin) => cpu_busy_ns(&pin.server),
+        None => process_tree_cpu_ns(proxy.pid),
+    };
+    let cpu_before = loaded_cpu_ns();
     let loaded = wrk(
         &url,
         host,
@@ -371,7 +378,7 @@ fn measure(proxy: &Proxy, host: &str, settings: &Settings) -> anyhow::Result<Hos
         settings.duration,
         load_cpus,
     )?;
-    let cpu_loaded = process_tree_cpu_ns(proxy.pid).saturating_sub(cpu_before);
+    let cpu_loaded = loaded_cpu_ns().saturating_sub(cpu_before);
     anyhow::ensure!(loaded.errors == 0, "{} {host}: {}", proxy.name, loaded.raw);
     let per_request = |ns: u64, requests: u64| ns as f64 / 1000.0 / requests.max(1) as f64;
     Ok(HostRun {
@@ -396,39 +403,74 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// `median [min, max]`.
+/// `median [low, high]`, the bounds being a 95 % confidence interval of the median.
 fn spread(values: &[f64], decimals: usize) -> String {
-    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (low, high) = median_interval(values);
     format!(
-        "{:.decimals$} [{min:.decimals$}, {max:.decimals$}]",
+        "{:.decimals$} [{low:.decimals$}, {high:.decimals$}]",
         median(values)
     )
+}
+
+/// A distribution-free 95 % (or wider) confidence interval of the median: the `k`-th
+/// smallest and `k`-th largest values, with `k` the largest count for which fewer than `k`
+/// of `n` fair coin flips come up heads with probability at most 2.5 % (the sign test).
+/// Below 9 values it is the whole range.
+fn median_interval(values: &[f64]) -> (f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let n = sorted.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    // P(B <= i) for B ~ Binomial(n, 1/2), accumulated term by term.
+    let mut term = 0.5f64.powi(n as i32);
+    let mut below = 0.0;
+    let mut k = 0;
+    for i in 0..n / 2 {
+        below += term;
+        if below > 0.025 {
+            break;
+        }
+        k = i + 1;
+        term *= (n - i) as f64 / (i + 1) as f64;
+    }
+    let k = k.saturating_sub(1);
+    (sorted[k], sorted[n - 1 - k])
 }
 
 type Field = fn(&HostRun) -> f64;
 
 const METRICS: [(&str, Field, usize); 3] = [
     ("added latency µs (p50, 1 conn)", |run| run.p50_us, 1),
-    ("added CPU µs/req (loaded)", |run| run.cpu_loaded_us, 2),
-    ("added CPU µs/req (1 conn)", |run| run.cpu_single_us, 2),
+    (
+        "added CPU µs/req (loaded, server CPU)",
+        |run| run.cpu_loaded_us,
+        2,
+    ),
+    (
+        "added CPU µs/req (1 conn, proxy)",
+        |run| run.cpu_single_us,
+        2,
+    ),
 ];
 
 fn render(
     rows: &[(&str, &Series)],
-    check_median_ns: f64,
-    check_p90_ns: f64,
+    check_hot_ns: (f64, f64),
+    check_cold_ns: (f64, f64),
     settings: &Settings,
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "\nSame rule script in both proxies, 1 KiB body from an nginx origin, {} rounds in \
-         ABBA order; \"added\" is script minus no script within a round, shown as median \
-         [min, max] over rounds.\n\
-         Latency and \"1 conn\" CPU: wrk -t1 -c1 -d{}s. \"Loaded\" CPU and RPS: wrk -t{} -c{} \
-         -d{}s. CPU = time on CPU (user + system, /proc schedstat) of the proxy's processes \
-         and threads / requests.\n",
+         ABBA order; \"added\" is script minus no script within a round, shown as the median \
+         over rounds [95 % confidence interval of the median].\n\
+         Latency and \"1 conn\" CPU: wrk -t1 -c1 -d{}s; CPU = time on CPU (user + system, \
+         /proc/<pid>/task/*/schedstat) of the proxy's processes and threads / requests. \
+         \"Loaded\" CPU and RPS: wrk -t{} -c{} -d{}s; CPU = busy time of the server CPU \
+         (/proc/stat: proxy, origin and kernel) / requests when pinned, else the proxy's.\n",
         settings.rounds,
         settings.duration.as_secs(),
         settings.threads,
@@ -493,7 +535,7 @@ fn render(
                 at_most.push(format!("{n_at_most}/{}", per_round.len()));
             }
             for (label, cells) in [
-                ("difference per round, median [min, max]", &difference),
+                ("difference per round, median [95 % CI]", &difference),
                 ("ratio of the medians", &ratio),
                 (
                     "rounds where the agent added at most nginx + lua's",
@@ -510,11 +552,75 @@ fn render(
     }
     let _ = writeln!(
         out,
-        "\nWafEngine::check in-process, same script: median {:.2} µs, p90 {:.2} µs per call.",
-        check_median_ns / 1000.0,
-        check_p90_ns / 1000.0
+        "\nWafEngine::check in-process, same script: median {:.2} µs (p90 {:.2}) per call in a \
+         loop; {:.2} µs (p90 {:.2}) with 4 MiB of other memory written before each call.",
+        check_hot_ns.0 / 1000.0,
+        check_hot_ns.1 / 1000.0,
+        check_cold_ns.0 / 1000.0,
+        check_cold_ns.1 / 1000.0
     );
     out
+}
+
+/// Busy time of CPU `cpu` (user, nice, system, irq and softirq; not steal) in nanoseconds,
+/// from `/proc/stat`'s ticks.
+fn cpu_busy_ns(cpu: &str) -> u64 {
+    let label = format!("cpu{cpu}");
+    let Ok(stat) = fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    let Some(line) = stat
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(label.as_str()))
+    else {
+        return 0;
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&index| ticks.get(index).copied().unwrap_or(0))
+        .sum();
+    (busy as f64 * 1e9 / clock_ticks_per_second()) as u64
+}
+
+/// `check_cost`'s median and p90 in nanoseconds, on `cpus` when given, with
+/// `CHECK_COST_EVICT_KIB` set to `evict_kib` when given.
+fn check_cost_ns(
+    binary: &Path,
+    script: &Path,
+    evict_kib: Option<u32>,
+    cpus: Option<&str>,
+) -> anyhow::Result<(f64, f64)> {
+    let mut command = pinned(binary, cpus);
+    command.arg(script);
+    if let Some(kib) = evict_kib {
+        command.env("CHECK_COST_EVICT_KIB", kib.to_string());
+    }
+    let output = command.output().context("cannot run check_cost")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(output.status.success(), "check_cost failed: {text}");
+    let metric = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+    };
+    let median = metric("waf_check_median_ns").context("check_cost printed no median")?;
+    Ok((median, metric("waf_check_p90_ns").unwrap_or(f64::NAN)))
+}
+
+/// `getconf CLK_TCK`, the unit of `/proc/stat` (100 nearly everywhere).
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// Nanoseconds on CPU (user + system) of every thread of `pid` and of its direct children
@@ -871,8 +977,8 @@ mod tests {
         let settings = Settings::parse(&[]).unwrap();
         let report = render(
             &[("nginx + lua", &nginx), ("agent", &agent)],
-            2500.0,
-            3000.0,
+            (2500.0, 3000.0),
+            (7000.0, 8000.0),
             &settings,
         );
         assert!(
@@ -884,7 +990,7 @@ mod tests {
             "{report}"
         );
         assert!(
-            report.contains("| difference per round, median [min, max] | -1.0 [-1.0, 1.0] |"),
+            report.contains("| difference per round, median [95 % CI] | -1.0 [-1.0, 1.0] |"),
             "{report}"
         );
         assert!(
@@ -895,7 +1001,8 @@ mod tests {
             report.contains("nginx + lua's | 2/3 | 2/3 | 2/3 |"),
             "{report}"
         );
-        assert!(report.contains("median 2.50 µs"), "{report}");
+        assert!(report.contains("median 2.50 µs (p90 3.00)"), "{report}");
+        assert!(report.contains("7.00 µs (p90 8.00) with 4 MiB"), "{report}");
     }
 
     #[test]
@@ -904,6 +1011,12 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert!(median(&[]).is_nan());
         assert_eq!(spread(&[2.0, -1.0, 5.0], 1), "2.0 [-1.0, 5.0]");
+        // n = 24: P(B <= 6) = 1.1 %, P(B <= 7) = 3.2 %, so the 7th smallest and largest.
+        let values: Vec<f64> = (1..=24).map(f64::from).collect();
+        assert_eq!(median_interval(&values), (7.0, 18.0));
+        // n = 8: P(B <= 1) = 3.5 %, so the whole range.
+        let values: Vec<f64> = (1..=8).map(f64::from).collect();
+        assert_eq!(median_interval(&values), (1.0, 8.0));
     }
 
     #[test]
