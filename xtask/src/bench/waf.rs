@@ -21,7 +21,7 @@
 //! Options: `--duration SECS` (1) per run, `--connections N` (50) for the throughput run,
 //! `--threads N` (2), `--rounds N` (24), `--baseline PATH` (a second agent binary measured
 //! in the same rounds, to compare builds), `--pin off`, `--skip-build`. The defaults take
-//! about 4 minutes (6 with `--baseline`).
+//! about 5 minutes (8 with `--baseline`).
 
 use std::fmt::Write as _;
 use std::fs;
