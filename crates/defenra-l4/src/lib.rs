@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use defenra_config::{Issue, L4Proxy, Reload, Snapshot};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -100,6 +101,12 @@ pub struct L4Service {
     desired: watch::Sender<Arc<Vec<L4Proxy>>>,
     stats: Arc<L4Stats>,
     serving: AtomicBool,
+    /// Runtimes the TCP listeners accept on, one `SO_REUSEPORT` socket each (see
+    /// [`with_workers`]). Empty: one socket per proxy, accepting on the runtime `serve`
+    /// runs on.
+    ///
+    /// [`with_workers`]: L4Service::with_workers
+    workers: Arc<[Handle]>,
 }
 
 impl L4Service {
@@ -110,7 +117,23 @@ impl L4Service {
             desired,
             stats: Arc::new(L4Stats::default()),
             serving: AtomicBool::new(false),
+            workers: Arc::from([]),
         }
+    }
+
+    /// Accepts TCP connections on each of `workers` instead of on the runtime `serve` runs
+    /// on: every TCP proxy binds one `SO_REUSEPORT` socket per worker and runs an accept
+    /// loop on each, so the kernel spreads new connections over the workers and a
+    /// connection lives on one thread from accept to close (with one current-thread
+    /// runtime per core, no work stealing and no cross-thread wake-ups; docs/l4.md).
+    ///
+    /// The runtimes must keep running until `serve` has returned: the connections and
+    /// their drain timers live on them. The connection cap counts across workers. UDP
+    /// listeners and the supervisor stay on `serve`'s runtime.
+    #[must_use]
+    pub fn with_workers(mut self, workers: Vec<Handle>) -> Self {
+        self.workers = Arc::from(workers);
+        self
     }
 
     /// Runs the supervisor until `shutdown` is cancelled. On shutdown it stops every
@@ -127,6 +150,7 @@ impl L4Service {
             Arc::clone(&self.options),
             Arc::clone(&self.stats),
             self.desired.subscribe(),
+            Arc::clone(&self.workers),
         );
         supervisor.run(shutdown).await;
         Ok(())
