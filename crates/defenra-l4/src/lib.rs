@@ -43,8 +43,13 @@ pub struct L4Options {
     pub udp_session_idle: Duration,
     /// Open TCP connections per proxy; further clients are accepted and closed at once.
     pub max_connections_per_proxy: usize,
-    /// UDP sessions per proxy; datagrams from further clients are dropped.
+    /// UDP sessions per proxy. A full table makes room for a new client by ending the
+    /// session idle the longest (of a sample), if idle for `udp_evictable_after`; otherwise
+    /// the new client's datagram is dropped.
     pub max_udp_sessions_per_proxy: usize,
+    /// How long a UDP session must have been idle before a full table may end it for a new
+    /// client. Sessions active more recently are never pushed out by a flood of new sources.
+    pub udp_evictable_after: Duration,
     /// How long connections of a stopped or changed proxy may keep running.
     pub drain_grace: Duration,
     /// Size of each of the two userspace copy buffers of a TCP connection. With `splice`
@@ -71,6 +76,7 @@ impl Default for L4Options {
             udp_session_idle: Duration::from_secs(60),
             max_connections_per_proxy: 10_000,
             max_udp_sessions_per_proxy: 4_096,
+            udp_evictable_after: Duration::from_secs(1),
             drain_grace: Duration::from_secs(30),
             tcp_buffer_size: 16 * 1024,
             splice: true,
