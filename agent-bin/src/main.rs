@@ -11,6 +11,7 @@ mod cli;
 #[cfg(test)]
 mod docsync;
 mod health;
+mod l4_workers;
 mod notify;
 mod run;
 

@@ -27,6 +27,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Listen, LogFormat, RunArgs, SourceChoice};
 use crate::health::{self, Observability};
+use crate::l4_workers::L4Workers;
 
 /// How often a file source is checked for changes.
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -95,10 +96,16 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             ..HttpOptions::default()
         },
     ));
-    let l4 = Arc::new(L4Service::new(L4Options {
-        bind_ip: args.l4_bind,
-        ..L4Options::default()
-    }));
+    // TCP forwards accept on one current-thread runtime per core, like HTTP: a connection
+    // stays on one thread from accept to close (docs/l4.md, "Workers").
+    let l4_workers = L4Workers::start(std::thread::available_parallelism().map_or(1, usize::from))?;
+    let l4 = Arc::new(
+        L4Service::new(L4Options {
+            bind_ip: args.l4_bind,
+            ..L4Options::default()
+        })
+        .with_workers(l4_workers.handles()),
+    );
 
     // Bind every listener before loading config: a port we cannot have is fatal at once.
     let dns_sockets = match args.dns_listen {
@@ -238,7 +245,12 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         let (l4, token) = (Arc::clone(&l4), shutdown.clone());
         spawn(
             "l4",
-            Box::pin(async move { l4.serve(token).await.context("L4 service failed") }),
+            Box::pin(async move {
+                let served = l4.serve(token).await;
+                // Only now: the drained connections lived on the workers.
+                l4_workers.stop();
+                served.context("L4 service failed")
+            }),
         );
     }
     let config_task = tokio::spawn(config.run(shutdown.clone()));

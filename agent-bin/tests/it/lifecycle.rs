@@ -245,3 +245,24 @@ fn http_runs_on_the_requested_worker_threads_and_each_serves() {
         assert_eq!(get(agent.addr("http"), "/").0, 404);
     }
 }
+
+#[test]
+fn tcp_forwards_get_one_worker_thread_per_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    write(&path, &doc("192.0.2.1"));
+    let agent = Agent::start(&["--config", path.to_str().unwrap()]);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let worker_threads = || {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| name.starts_with("l4-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let expected: Vec<String> = (0..cores).map(|index| format!("l4-{index}")).collect();
+    eventually("the L4 workers start", || worker_threads() == expected);
+}

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use defenra_config::{Issue, L4Proxy, Reload, Snapshot};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -42,15 +43,23 @@ pub struct L4Options {
     pub udp_session_idle: Duration,
     /// Open TCP connections per proxy; further clients are accepted and closed at once.
     pub max_connections_per_proxy: usize,
-    /// UDP sessions per proxy; datagrams from further clients are dropped.
+    /// UDP sessions per proxy. A full table makes room for a new client by ending the
+    /// session idle the longest (of a sample), if idle for `udp_evictable_after`; otherwise
+    /// the new client's datagram is dropped.
     pub max_udp_sessions_per_proxy: usize,
+    /// How long a UDP session must have been idle before a full table may end it for a new
+    /// client. Sessions active more recently are never pushed out by a flood of new sources.
+    pub udp_evictable_after: Duration,
     /// How long connections of a stopped or changed proxy may keep running.
     pub drain_grace: Duration,
-    /// Size of each of the two userspace copy buffers of a TCP connection. With `splice`
-    /// on, bulk data bypasses them, so they stay small; without it, 64 KiB copies faster.
+    /// Size of each of the two userspace copy buffers of a TCP connection, allocated when
+    /// bytes arrive and released when a read drains the socket. 48 KiB measured best on
+    /// loopback (docs/l4.md): a buffer as large as a 64 KiB segment makes every read look
+    /// short, so each one waits for the next readiness event.
     pub tcp_buffer_size: usize,
     /// Forward bulk TCP data with `splice(2)` (Linux; ignored elsewhere). A direction
-    /// switches once one read fills its userspace buffer.
+    /// switches once one read fills its userspace buffer. Off by default: it costs the proxy
+    /// less CPU per byte, but on loopback the endpoints pay more than it saves (docs/l4.md).
     pub splice: bool,
     /// First wait before retrying a port that could not be bound; doubles up to
     /// `bind_retry_max`.
@@ -70,9 +79,10 @@ impl Default for L4Options {
             udp_session_idle: Duration::from_secs(60),
             max_connections_per_proxy: 10_000,
             max_udp_sessions_per_proxy: 4_096,
+            udp_evictable_after: Duration::from_secs(1),
             drain_grace: Duration::from_secs(30),
-            tcp_buffer_size: 16 * 1024,
-            splice: true,
+            tcp_buffer_size: 48 * 1024,
+            splice: false,
             bind_retry_initial: Duration::from_secs(1),
             bind_retry_max: Duration::from_secs(30),
             dns_cache_ttl: Duration::from_secs(30),
@@ -100,6 +110,12 @@ pub struct L4Service {
     desired: watch::Sender<Arc<Vec<L4Proxy>>>,
     stats: Arc<L4Stats>,
     serving: AtomicBool,
+    /// Runtimes the TCP listeners accept on, one `SO_REUSEPORT` socket each (see
+    /// [`with_workers`]). Empty: one socket per proxy, accepting on the runtime `serve`
+    /// runs on.
+    ///
+    /// [`with_workers`]: L4Service::with_workers
+    workers: Arc<[Handle]>,
 }
 
 impl L4Service {
@@ -110,7 +126,23 @@ impl L4Service {
             desired,
             stats: Arc::new(L4Stats::default()),
             serving: AtomicBool::new(false),
+            workers: Arc::from([]),
         }
+    }
+
+    /// Accepts TCP connections on each of `workers` instead of on the runtime `serve` runs
+    /// on: every TCP proxy binds one `SO_REUSEPORT` socket per worker and runs an accept
+    /// loop on each, so the kernel spreads new connections over the workers and a
+    /// connection lives on one thread from accept to close (with one current-thread
+    /// runtime per core, no work stealing and no cross-thread wake-ups; docs/l4.md).
+    ///
+    /// The runtimes must keep running until `serve` has returned: the connections and
+    /// their drain timers live on them. The connection cap counts across workers. UDP
+    /// listeners and the supervisor stay on `serve`'s runtime.
+    #[must_use]
+    pub fn with_workers(mut self, workers: Vec<Handle>) -> Self {
+        self.workers = Arc::from(workers);
+        self
     }
 
     /// Runs the supervisor until `shutdown` is cancelled. On shutdown it stops every
@@ -127,6 +159,7 @@ impl L4Service {
             Arc::clone(&self.options),
             Arc::clone(&self.stats),
             self.desired.subscribe(),
+            Arc::clone(&self.workers),
         );
         supervisor.run(shutdown).await;
         Ok(())

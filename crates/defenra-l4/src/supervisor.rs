@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use defenra_config::{L4Protocol, L4Proxy};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,8 @@ pub(crate) struct Supervisor {
     /// Connections of stopped listeners and of replaced targets, finishing within the
     /// drain grace. Shutdown waits for them.
     drains: TaskTracker,
+    /// Runtimes TCP listeners accept on; empty for the supervisor's own.
+    workers: Arc<[Handle]>,
 }
 
 struct RunningListener {
@@ -43,11 +46,14 @@ struct RunningListener {
     stats: Arc<ProxyStats>,
 }
 
-/// What a listener task needs besides its target.
+/// What a listener task needs besides its target. Cloned into each worker's accept loop.
+#[derive(Clone)]
 pub(crate) struct ListenerContext {
     pub(crate) options: Arc<L4Options>,
     pub(crate) stats: Arc<ProxyStats>,
     pub(crate) drains: TaskTracker,
+    /// Runtimes a TCP listener accepts on, one socket each; empty for the current one.
+    pub(crate) workers: Arc<[Handle]>,
 }
 
 impl Supervisor {
@@ -55,6 +61,7 @@ impl Supervisor {
         options: Arc<L4Options>,
         stats: Arc<L4Stats>,
         desired: watch::Receiver<Arc<Vec<L4Proxy>>>,
+        workers: Arc<[Handle]>,
     ) -> Self {
         Supervisor {
             options,
@@ -62,6 +69,7 @@ impl Supervisor {
             desired,
             listeners: HashMap::new(),
             drains: TaskTracker::new(),
+            workers,
         }
     }
 
@@ -139,6 +147,7 @@ impl Supervisor {
             options: Arc::clone(&self.options),
             stats: Arc::clone(&stats),
             drains: self.drains.clone(),
+            workers: Arc::clone(&self.workers),
         };
         let task = match proxy.protocol {
             L4Protocol::Tcp => tokio::spawn(tcp::run(context, targets, stop.clone())),

@@ -20,16 +20,67 @@ use crate::resolve::Target;
 use crate::stats::GaugeGuard;
 use crate::supervisor::{ListenerContext, bind_with_retry};
 
-/// Accepts on the proxy's port until `stop`, forwarding each connection to the current
-/// target. A target change starts a new generation: new connections go to the new target
-/// while the old generation's connections drain for `drain_grace`.
+/// Binds the proxy's port (one `SO_REUSEPORT` socket per worker runtime, or one plain socket
+/// without workers) and accepts on it until `stop`. Returns once every accept loop has
+/// closed its socket, so the port is free when the supervisor moves on.
 pub(crate) async fn run(
     context: ListenerContext,
+    targets: watch::Receiver<Arc<Target>>,
+    stop: CancellationToken,
+) {
+    let sharing = if context.workers.is_empty() {
+        PortSharing::Exclusive
+    } else {
+        PortSharing::ReusePort(context.workers.len())
+    };
+    let Some(listeners) = bind_with_retry(&context, &stop, |address| bind(address, sharing)).await
+    else {
+        return;
+    };
+    if context.workers.is_empty() {
+        for listener in listeners {
+            accept_loop(context.clone(), listener, targets.clone(), stop.clone()).await;
+        }
+        return;
+    }
+    let loops: Vec<_> = context
+        .workers
+        .iter()
+        .zip(listeners)
+        .map(|(worker, listener)| {
+            worker.spawn(accept_loop(
+                context.clone(),
+                listener,
+                targets.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    for accept in loops {
+        // A worker runtime that shut down drops its loop, and with it the socket, so no
+        // connection waits in the queue of a socket nobody accepts on.
+        if let Err(error) = accept.await {
+            tracing::error!(port = context.stats.port, %error, "tcp accept loop ended abnormally");
+        }
+    }
+}
+
+/// Accepts on one socket until `stop`, forwarding each connection to the current target on
+/// the runtime this loop runs on. A target change starts a new generation: new connections
+/// go to the new target while the old generation's connections drain for `drain_grace`.
+async fn accept_loop(
+    context: ListenerContext,
+    listener: std::net::TcpListener,
     mut targets: watch::Receiver<Arc<Target>>,
     stop: CancellationToken,
 ) {
-    let Some(listener) = bind_with_retry(&context, &stop, bind).await else {
-        return;
+    // Registered with the reactor of the runtime that runs this loop.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(port = context.stats.port, %error, "tcp listener cannot be registered");
+            return;
+        }
     };
     let mut generation = Generation::new(Arc::clone(&targets.borrow_and_update()));
     loop {
@@ -220,16 +271,51 @@ async fn connect(target: &Target, deadline: Instant) -> io::Result<TcpStream> {
     Err(last_error.unwrap_or_else(|| io::Error::other("destination has no addresses")))
 }
 
-/// A listening socket with `SO_REUSEADDR` (so a restarted proxy rebinds while old
-/// connections sit in TIME_WAIT), `TCP_NODELAY` for the accepted sockets to inherit, and a
-/// deep accept backlog for connection bursts.
-fn bind(address: SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
+/// Whether a proxy's port is bound by one socket or shared by one socket per worker.
+#[derive(Clone, Copy)]
+enum PortSharing {
+    Exclusive,
+    /// This many sockets with `SO_REUSEPORT`; the kernel spreads connections over them. Only
+    /// sockets of the same user may join, so a port another server holds still fails.
+    ReusePort(usize),
+}
+
+/// The proxy's listening sockets, all on one port: `SO_REUSEADDR` (so a restarted proxy
+/// rebinds while old connections sit in TIME_WAIT), `TCP_NODELAY` for the accepted sockets to
+/// inherit, and a deep accept backlog for connection bursts. If one socket cannot be bound,
+/// none is kept.
+fn bind(
+    address: SocketAddr,
+    sharing: PortSharing,
+) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+    let (count, reuse_port) = match sharing {
+        PortSharing::Exclusive => (1, false),
+        PortSharing::ReusePort(count) => (count.max(1), true),
+    };
+    let first = bind_one(address, reuse_port)?;
+    // Port 0 picks one port for the whole group.
+    let local_addr = first.local_addr()?;
+    let mut listeners = Vec::with_capacity(count);
+    listeners.push(first);
+    for _ in 1..count {
+        listeners.push(bind_one(local_addr, reuse_port)?);
+    }
+    Ok((listeners, local_addr))
+}
+
+fn bind_one(address: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(
         Domain::for_address(address),
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
     if address.is_ipv6() {
         // `::` accepts IPv4 clients too.
         socket.set_only_v6(false)?;
@@ -239,9 +325,7 @@ fn bind(address: SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
     socket.set_tcp_nodelay(true)?;
     socket.bind(&address.into())?;
     socket.listen(4096)?;
-    let listener = TcpListener::from_std(socket.into())?;
-    let local_addr = listener.local_addr()?;
-    Ok((listener, local_addr))
+    Ok(socket.into())
 }
 
 #[cfg(test)]
@@ -251,9 +335,33 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay_from_the_listener() {
-        let (listener, address) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (mut listeners, address) =
+            bind("127.0.0.1:0".parse().unwrap(), PortSharing::Exclusive).unwrap();
+        let listener = TcpListener::from_std(listeners.remove(0)).unwrap();
         let _client = TcpStream::connect(address).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_reuseport_group_shares_one_port() {
+        let (listeners, address) =
+            bind("127.0.0.1:0".parse().unwrap(), PortSharing::ReusePort(3)).unwrap();
+        assert_eq!(listeners.len(), 3);
+        for listener in &listeners {
+            assert_eq!(listener.local_addr().unwrap(), address);
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_port_held_without_reuseport_cannot_be_joined() {
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = holder.local_addr().unwrap();
+        let error = bind(address, PortSharing::ReusePort(2)).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        drop(holder);
+        assert!(bind(address, PortSharing::ReusePort(2)).is_ok());
     }
 }

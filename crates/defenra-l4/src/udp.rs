@@ -1,11 +1,11 @@
 //! UDP forwarding: one session per client address, each with its own connected upstream
 //! socket, so replies (any number of them) find their way back to the right client.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -23,6 +23,10 @@ const MAX_DATAGRAM: usize = 65_507;
 /// Datagrams waiting for a session's upstream socket (it may still be resolving). When
 /// full, further datagrams from that client are dropped, never waited for.
 const SESSION_QUEUE: usize = 256;
+/// How many sessions a full table looks at to find the idlest one to end (Redis's sampled
+/// LRU idea): an exact search over thousands of sessions for every datagram of a new
+/// client would let a flood of new source addresses cost O(table) each.
+const EVICTION_CANDIDATES: usize = 16;
 
 /// Receives on the proxy's port until `stop`, routing each datagram to its client's
 /// session. A target change ends every session; the next datagram opens a new one.
@@ -39,11 +43,14 @@ pub(crate) async fn run(
         target: Arc::clone(&targets.borrow_and_update()),
         generation: stop.child_token(),
         sessions: HashMap::new(),
+        rotation: VecDeque::new(),
+        epoch: Instant::now(),
         next_id: 0,
         closed: mpsc::unbounded_channel(),
         stats: Arc::clone(&context.stats),
         max_sessions: context.options.max_udp_sessions_per_proxy,
         idle: context.options.udp_session_idle,
+        evictable_after: context.options.udp_evictable_after,
     };
     let socket = Arc::clone(&table.socket);
     // One receive buffer for the whole listener; each datagram is copied once into the
@@ -77,6 +84,11 @@ struct SessionTable {
     /// listener stops.
     generation: CancellationToken,
     sessions: HashMap<SocketAddr, SessionHandle>,
+    /// Every session once, oldest first, rotated as a full table looks for the idlest one.
+    /// Entries of ended sessions are dropped when they come round (a few per new session).
+    rotation: VecDeque<(SocketAddr, u64)>,
+    /// Sessions record their last activity as milliseconds since this instant.
+    epoch: Instant,
     next_id: u64,
     /// Sessions report here when they end, so the table forgets them. The id tells an
     /// ended session from a newer one of the same client.
@@ -84,6 +96,8 @@ struct SessionTable {
     stats: Arc<ProxyStats>,
     max_sessions: usize,
     idle: Duration,
+    /// A full table ends the idlest session it finds if it has been idle this long.
+    evictable_after: Duration,
 }
 
 /// A client whose session (with this id) ended.
@@ -92,6 +106,9 @@ type Ended = (SocketAddr, u64);
 struct SessionHandle {
     id: u64,
     queue: mpsc::Sender<Vec<u8>>,
+    /// When a datagram last moved either way, in ms since the table's epoch; written by the
+    /// session's task.
+    last_active_ms: Arc<AtomicU64>,
 }
 
 impl SessionTable {
@@ -116,12 +133,14 @@ impl SessionTable {
                 }
             }
         }
-        if self.sessions.len() >= self.max_sessions {
+        if self.sessions.len() >= self.max_sessions && !self.evict_idlest() {
+            let stats = &self.stats;
             stats.udp_sessions_rejected_total.fetch_add(1, Relaxed);
             stats.datagrams_dropped_total.fetch_add(1, Relaxed);
             tracing::debug!(%client, port = stats.port, "udp session table full; datagram dropped");
             return;
         }
+        let stats = &self.stats;
         self.next_id += 1;
         let id = self.next_id;
         let (queue, receiver) = mpsc::channel(SESSION_QUEUE);
@@ -129,12 +148,15 @@ impl SessionTable {
         let _ = queue.try_send(datagram);
         stats.udp_sessions_total.fetch_add(1, Relaxed);
         stats.udp_sessions_active.fetch_add(1, Relaxed);
+        let last_active_ms = Arc::new(AtomicU64::new(self.now_ms()));
         let session = Session {
             client,
             listen_socket: Arc::clone(&self.socket),
             target: Arc::clone(&self.target),
             stats: Arc::clone(&self.stats),
             idle: self.idle,
+            epoch: self.epoch,
+            last_active_ms: Arc::clone(&last_active_ms),
         };
         let cancel = self.generation.child_token();
         let closed = self.closed.0.clone();
@@ -142,15 +164,69 @@ impl SessionTable {
             session.run(receiver, cancel).await;
             let _ = closed.send((client, id));
         });
-        self.sessions.insert(client, SessionHandle { id, queue });
+        self.sessions.insert(
+            client,
+            SessionHandle {
+                id,
+                queue,
+                last_active_ms,
+            },
+        );
+        self.rotation.push_back((client, id));
+        // Two looked at per one added keeps the rotation near the live sessions' count.
+        for _ in 0..2 {
+            if let Some(entry) = self.rotation.pop_front()
+                && self.is_live(entry)
+            {
+                self.rotation.push_back(entry);
+            }
+        }
+    }
+
+    /// Ends the idlest of the next [`EVICTION_CANDIDATES`] sessions in the rotation if it has
+    /// been idle for `evictable_after`, so a full table makes room for a new client instead
+    /// of refusing it until a session expires. Sessions active more recently are kept.
+    fn evict_idlest(&mut self) -> bool {
+        let now_ms = self.now_ms();
+        let mut idlest: Option<(SocketAddr, u64)> = None;
+        for _ in 0..EVICTION_CANDIDATES.min(self.rotation.len()) {
+            let Some((client, id)) = self.rotation.pop_front() else {
+                break;
+            };
+            let Some(session) = self.sessions.get(&client).filter(|s| s.id == id) else {
+                continue;
+            };
+            let idle_ms = now_ms.saturating_sub(session.last_active_ms.load(Relaxed));
+            if idlest.is_none_or(|(_, most)| idle_ms > most) {
+                idlest = Some((client, idle_ms));
+            }
+            self.rotation.push_back((client, id));
+        }
+        let Some((client, idle_ms)) = idlest else {
+            return false;
+        };
+        if Duration::from_millis(idle_ms) < self.evictable_after {
+            return false;
+        }
+        // Dropping the queue ends the session's task (`SessionEnd::Forgotten`).
+        self.sessions.remove(&client);
+        self.stats.udp_sessions_evicted_total.fetch_add(1, Relaxed);
+        tracing::debug!(%client, idle_ms, port = self.stats.port, "udp session table full; idlest session ended");
+        true
+    }
+
+    fn is_live(&self, (client, id): (SocketAddr, u64)) -> bool {
+        self.sessions
+            .get(&client)
+            .is_some_and(|session| session.id == id)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn forget(&mut self, client: SocketAddr, id: u64) {
-        if self
-            .sessions
-            .get(&client)
-            .is_some_and(|session| session.id == id)
-        {
+        if self.is_live((client, id)) {
             self.sessions.remove(&client);
         }
     }
@@ -159,6 +235,7 @@ impl SessionTable {
         self.generation.cancel();
         self.generation = stop.child_token();
         self.sessions.clear();
+        self.rotation.clear();
         self.target = target;
     }
 }
@@ -170,6 +247,9 @@ struct Session {
     target: Arc<Target>,
     stats: Arc<ProxyStats>,
     idle: Duration,
+    /// The table's epoch and this session's entry for when a datagram last moved.
+    epoch: Instant,
+    last_active_ms: Arc<AtomicU64>,
 }
 
 enum SessionEnd {
@@ -207,7 +287,6 @@ impl Session {
         };
         let stats = &self.stats;
         let mut buffer: Vec<u8> = Vec::with_capacity(MAX_DATAGRAM);
-        let mut last_activity = Instant::now();
         let idle = tokio::time::sleep(self.idle);
         tokio::pin!(idle);
         loop {
@@ -216,7 +295,7 @@ impl Session {
                     let Some(datagram) = datagram else {
                         return SessionEnd::Forgotten;
                     };
-                    last_activity = Instant::now();
+                    self.touch();
                     if let Err(error) = upstream.send(&datagram).await {
                         stats.datagrams_dropped_total.fetch_add(1, Relaxed);
                         tracing::debug!(client = %self.client, %error, "udp send to destination failed");
@@ -225,7 +304,7 @@ impl Session {
                 received = upstream.recv_buf(&mut buffer) => {
                     match received {
                         Ok(n) => {
-                            last_activity = Instant::now();
+                            self.touch();
                             match self.listen_socket.send_to(&buffer[..n], self.client).await {
                                 Ok(_) => {
                                     stats.datagrams_to_client_total.fetch_add(1, Relaxed);
@@ -247,7 +326,9 @@ impl Session {
                 }
                 () = &mut idle => {
                     // Re-armed from the last datagram rather than reset on each one.
-                    let deadline = last_activity + self.idle;
+                    let last = self.epoch
+                        + Duration::from_millis(self.last_active_ms.load(Relaxed));
+                    let deadline = last + self.idle;
                     if deadline <= Instant::now() {
                         return SessionEnd::Expired;
                     }
@@ -255,6 +336,11 @@ impl Session {
                 }
             }
         }
+    }
+
+    fn touch(&self) {
+        self.last_active_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Relaxed);
     }
 
     /// A socket on an ephemeral port of the destination's family, connected to it, so the

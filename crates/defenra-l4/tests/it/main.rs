@@ -3,6 +3,7 @@
 mod reconcile;
 mod tcp;
 mod udp;
+mod workers;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -65,18 +66,84 @@ fn snapshot(proxies: &[L4Proxy]) -> Arc<Snapshot> {
     Arc::new(snapshot)
 }
 
+/// Threads each running a current-thread runtime until dropped, as agent-bin's L4
+/// workers do.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    stop: CancellationToken,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start(count: usize) -> Workers {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for _ in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("worker runtime");
+            handles.push(runtime.handle().clone());
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                runtime.block_on(stop.cancelled());
+            }));
+        }
+        Workers {
+            handles,
+            stop,
+            threads,
+        }
+    }
+
+    /// Tasks alive on each worker: its accept loops plus the connections it serves.
+    fn alive_tasks(&self) -> Vec<usize> {
+        self.handles
+            .iter()
+            .map(|handle| handle.metrics().num_alive_tasks())
+            .collect()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A running service; shuts down when dropped.
 struct Agent {
     service: Arc<L4Service>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
+    /// Dropped after the service is told to stop (fields drop after `Drop::drop`).
+    workers: Option<Workers>,
 }
 
 impl Agent {
     /// Reloads `proxies` before `serve` starts (as agent-bin may), then waits until every
     /// proxy is listening.
     async fn start(proxies: &[L4Proxy], options: L4Options) -> Agent {
-        let service = Arc::new(L4Service::new(options));
+        Agent::start_with(L4Service::new(options), None, proxies).await
+    }
+
+    /// As [`Agent::start`], with TCP accepted on `count` worker runtimes.
+    async fn start_on_workers(proxies: &[L4Proxy], options: L4Options, count: usize) -> Agent {
+        let workers = Workers::start(count);
+        let service = L4Service::new(options).with_workers(workers.handles.clone());
+        Agent::start_with(service, Some(workers), proxies).await
+    }
+
+    async fn start_with(
+        service: L4Service,
+        workers: Option<Workers>,
+        proxies: &[L4Proxy],
+    ) -> Agent {
+        let service = Arc::new(service);
         service.reload(&snapshot(proxies), &mut Vec::new());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
@@ -90,6 +157,7 @@ impl Agent {
             service,
             shutdown,
             task: Some(task),
+            workers,
         };
         for proxy in proxies {
             agent.wait_listening(proxy).await;
@@ -124,6 +192,10 @@ impl Agent {
 
     fn address(&self, proxy: &L4Proxy) -> SocketAddr {
         SocketAddr::new(LOCALHOST, proxy.listen_port)
+    }
+
+    fn workers(&self) -> &Workers {
+        self.workers.as_ref().expect("started on workers")
     }
 
     /// Cancels the shutdown token and waits for `serve` to return.

@@ -37,9 +37,9 @@ async fn echo_of_16_mib_each_way_arrives_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn echo_of_16_mib_each_way_arrives_intact_without_splice() {
+async fn echo_of_16_mib_each_way_arrives_intact_with_splice() {
     bulk_echo(L4Options {
-        splice: false,
+        splice: true,
         ..options()
     })
     .await;

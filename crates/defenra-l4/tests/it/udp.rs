@@ -112,3 +112,43 @@ async fn clients_beyond_the_session_cap_are_dropped() {
     let replies = exchange(&first, "first-again", 1).await;
     assert!(replies[0].starts_with("first-again|1|"));
 }
+
+#[tokio::test]
+async fn a_full_table_ends_the_idlest_session_for_a_new_client() {
+    let destination = udp_multi_echo(1).await;
+    let entry = proxy(L4Protocol::Udp, free_port(L4Protocol::Udp), destination);
+    let agent = Agent::start(
+        std::slice::from_ref(&entry),
+        L4Options {
+            max_udp_sessions_per_proxy: 2,
+            udp_evictable_after: Duration::from_millis(400),
+            ..options()
+        },
+    )
+    .await;
+
+    let idle = client(&agent, &entry).await;
+    let busy = client(&agent, &entry).await;
+    exchange(&idle, "idle", 1).await;
+    let busy_port = upstream_port(&exchange(&busy, "busy", 1).await[0]);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    exchange(&busy, "busy-again", 1).await;
+
+    // The table is full; the session idle for 600 ms makes room, the busy one stays.
+    let newcomer = client(&agent, &entry).await;
+    let replies = exchange(&newcomer, "new", 1).await;
+    assert!(replies[0].starts_with("new|1|"), "{replies:?}");
+    let counters = agent.counters(&entry);
+    assert_eq!(counters.udp_sessions_evicted_total, 1);
+    assert_eq!(counters.udp_sessions_rejected_total, 0);
+    let again = exchange(&busy, "busy-still", 1).await;
+    assert_eq!(upstream_port(&again[0]), busy_port);
+
+    // Now both sessions are fresh: the evicted client is refused, not let in by evicting.
+    idle.send(b"idle-again").await.unwrap();
+    eventually("evicted client refused", || {
+        agent.counters(&entry).udp_sessions_rejected_total == 1
+    })
+    .await;
+    assert_eq!(agent.counters(&entry).udp_sessions_evicted_total, 1);
+}
