@@ -110,7 +110,7 @@ pub struct L4Service {
     desired: watch::Sender<Arc<Vec<L4Proxy>>>,
     stats: Arc<L4Stats>,
     serving: AtomicBool,
-    /// Runtimes the TCP listeners accept on, one `SO_REUSEPORT` socket each (see
+    /// Runtimes the TCP listeners accept on, each with an accept loop on the proxy's socket (see
     /// [`with_workers`]). Empty: one socket per proxy, accepting on the runtime `serve`
     /// runs on.
     ///
@@ -131,9 +131,9 @@ impl L4Service {
     }
 
     /// Accepts TCP connections on each of `workers` instead of on the runtime `serve` runs
-    /// on: every TCP proxy binds one `SO_REUSEPORT` socket per worker and runs an accept
-    /// loop on each, so the kernel spreads new connections over the workers and a
-    /// connection lives on one thread from accept to close (with one current-thread
+    /// on: every TCP proxy runs an accept loop on each worker over its one socket, so the
+    /// first free worker takes a new connection and the connection lives on that thread
+    /// from accept to close (with one current-thread
     /// runtime per core, no work stealing and no cross-thread wake-ups; docs/l4.md).
     ///
     /// The runtimes must keep running until `serve` has returned: the connections and
