@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -103,6 +104,8 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> ResponseBody {
 pub(crate) struct RequestBody {
     inner: Incoming,
     remaining: u64,
+    /// Body bytes read so far, for the origin timeout to see that the upload moves.
+    progress: Arc<AtomicU64>,
 }
 
 impl RequestBody {
@@ -110,7 +113,13 @@ impl RequestBody {
         RequestBody {
             inner,
             remaining: limit,
+            progress: Arc::default(),
         }
+    }
+
+    /// A counter of the body bytes read, readable while the body is on its way.
+    pub(crate) fn progress(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.progress)
     }
 }
 
@@ -141,6 +150,7 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(BodyError::TooLarge)));
                     }
                     this.remaining -= size;
+                    this.progress.fetch_add(size, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

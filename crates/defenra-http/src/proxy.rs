@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,6 +51,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("client request failed: {0}")]
     Client(String),
+    #[error("client sent no body bytes within {timeout:?}")]
+    ClientTimeout { timeout: Duration },
     #[error("cannot connect to origin {origin}: {reason}")]
     OriginConnect { origin: String, reason: String },
     #[error("origin {origin} sent no response within {timeout:?}")]
@@ -73,7 +76,8 @@ pub enum ErrorSource {
 
 impl ProxyError {
     /// The status the client gets: 404 unknown host, 403 not proxied (or not on this
-    /// listener), 502 no or unreachable origin, 504 origin timeout, 413 body too large.
+    /// listener), 502 no or unreachable origin, 504 origin timeout, 413 body too large, 408
+    /// a request body that stopped coming.
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::MissingHost | ProxyError::Client(_) => StatusCode::BAD_REQUEST,
@@ -85,6 +89,7 @@ impl ProxyError {
             | ProxyError::Origin { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::OriginTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Agent(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,6 +100,7 @@ impl ProxyError {
             ProxyError::MissingHost
             | ProxyError::Connect
             | ProxyError::Client(_)
+            | ProxyError::ClientTimeout { .. }
             | ProxyError::BodyTooLarge { .. } => ErrorSource::Client,
             ProxyError::OriginConnect { .. }
             | ProxyError::OriginTimeout { .. }
@@ -378,7 +384,9 @@ impl Conn {
         parts.uri = origin_form(parts.uri);
         // Origins speak HTTP/1.1 (docs/http.md).
         parts.version = Version::HTTP_11;
-        let origin_request = Request::from_parts(parts, RequestBody::new(body, limit));
+        let body = RequestBody::new(body, limit);
+        let uploaded = body.progress();
+        let origin_request = Request::from_parts(parts, body);
 
         let pool = &self.service.origins;
         let timeout = self.service.options.origin_timeout;
@@ -394,10 +402,28 @@ impl Conn {
                 .map_err(|error| classify(error, origin, limit))?;
             Ok((permit, response, conn))
         };
-        let (permit, mut response, conn) = match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok(exchanged)) => exchanged,
-            Ok(Err(error)) => return Err(error),
-            Err(_) => {
+        // The timeout starts over while body bytes move (checked each time it runs out, so
+        // a stalled upload ends between one and two timeouts after its last byte).
+        let exchanged = {
+            tokio::pin!(exchange);
+            let mut seen = 0;
+            loop {
+                match tokio::time::timeout(timeout, &mut exchange).await {
+                    Ok(exchanged) => break Some(exchanged),
+                    Err(_) => {
+                        let now = uploaded.load(Ordering::Relaxed);
+                        if now == seen {
+                            break None;
+                        }
+                        seen = now;
+                    }
+                }
+            }
+        };
+        let (permit, mut response, conn) = match exchanged {
+            Some(Ok(exchanged)) => exchanged,
+            Some(Err(error)) => return Err(error),
+            None => {
                 return Err(ProxyError::OriginTimeout {
                     origin: origin.address.to_string(),
                     timeout,

@@ -95,6 +95,8 @@ enum ExchangeError {
     Proxy(ProxyError),
     /// A pooled connection the origin had closed before answering: try a new one.
     Stale,
+    /// Nothing moved for the origin timeout before the response head was complete.
+    OriginTimeout,
 }
 
 impl<S> Session<'_, S>
@@ -305,7 +307,7 @@ where
                 self.fail(error, &mut entry, keep_alive, true, is_head)
                     .await
             }
-            Err(ExchangeError::Stale) => false,
+            Err(ExchangeError::Stale | ExchangeError::OriginTimeout) => false,
         }
     }
 
@@ -384,63 +386,59 @@ where
         upload.head_request = request.is_head;
         let origin_label = || origin.address.to_string();
 
-        // Connect (or reuse), send the head, stream the body and wait for the response
-        // head, all within the origin timeout.
+        // Waiting for a free origin connection, connecting and each stretch of the upload
+        // and of the wait for the response head count against the origin timeout: it
+        // starts over whenever body bytes move, so a slow but steady upload (nginx's
+        // `proxy_send_timeout` between two writes) is not cut off.
         timer.set(Instant::now() + options.origin_timeout);
-        let exchange = async {
-            // Waiting for a free origin connection counts against the origin timeout.
-            let permit = Arc::clone(&origin.limit)
-                .acquire_owned()
-                .await
-                .map_err(|_| {
-                    ExchangeError::Proxy(ProxyError::Agent("origin limit closed".to_owned()))
-                })?;
-            let mut reuse = true;
-            loop {
-                let pooled = if reuse {
-                    self.conn.raw_pool.checkout(key)
-                } else {
-                    None
-                };
-                let reused = pooled.is_some();
-                let mut origin_conn = match pooled {
-                    Some(conn) => conn,
-                    None => pool.connect_raw(key).await.map_err(|error| {
+        let timed_out = || {
+            ExchangeError::Proxy(ProxyError::OriginTimeout {
+                origin: origin_label(),
+                timeout: options.origin_timeout,
+            })
+        };
+        let _permit = tokio::select! {
+            biased;
+            permit = Arc::clone(&origin.limit).acquire_owned() => permit.map_err(|_| {
+                ExchangeError::Proxy(ProxyError::Agent("origin limit closed".to_owned()))
+            })?,
+            () = timer.expired() => return Err(timed_out()),
+        };
+        let mut reuse = true;
+        let mut origin_conn = loop {
+            let pooled = if reuse {
+                self.conn.raw_pool.checkout(key)
+            } else {
+                None
+            };
+            let reused = pooled.is_some();
+            let mut origin_conn = match pooled {
+                Some(conn) => conn,
+                None => tokio::select! {
+                    biased;
+                    connected = pool.connect_raw(key) => connected.map_err(|error| {
                         ExchangeError::Proxy(ProxyError::OriginConnect {
                             origin: origin_label(),
                             reason: error.to_string(),
                         })
                     })?,
-                };
-                match self
-                    .send_and_wait(&mut origin_conn, &mut upload, request, reused)
-                    .await
-                {
-                    Ok(()) => return Ok((permit, origin_conn)),
-                    Err(ExchangeError::Stale) if reused && request.retryable => reuse = false,
-                    Err(ExchangeError::Stale) => {
-                        return Err(ExchangeError::Proxy(ProxyError::Origin {
-                            origin: origin_label(),
-                            reason: "connection closed before the response".to_owned(),
-                        }));
-                    }
-                    Err(error) => return Err(error),
+                    () = timer.expired() => return Err(timed_out()),
+                },
+            };
+            match self
+                .send_and_wait(&mut origin_conn, &mut upload, request, reused, timer)
+                .await
+            {
+                Ok(()) => break origin_conn,
+                Err(ExchangeError::Stale) if reused && request.retryable => reuse = false,
+                Err(ExchangeError::Stale) => {
+                    return Err(ExchangeError::Proxy(ProxyError::Origin {
+                        origin: origin_label(),
+                        reason: "connection closed before the response".to_owned(),
+                    }));
                 }
-            }
-        };
-        let exchanged = tokio::select! {
-            biased;
-            exchanged = exchange => Some(exchanged),
-            () = timer.expired() => None,
-        };
-        let (_permit, mut origin_conn) = match exchanged {
-            Some(Ok(exchanged)) => exchanged,
-            Some(Err(error)) => return Err(error),
-            None => {
-                return Err(ExchangeError::Proxy(ProxyError::OriginTimeout {
-                    origin: origin_label(),
-                    timeout: options.origin_timeout,
-                }));
+                Err(ExchangeError::OriginTimeout) => return Err(timed_out()),
+                Err(error) => return Err(error),
             }
         };
 
@@ -505,6 +503,7 @@ where
         upload: &mut Upload,
         request: &Request,
         reused: bool,
+        timer: &mut Timer,
     ) -> Result<(), ExchangeError> {
         // A small body that is already here goes out with the head.
         if let Framing::Length(length) = request.framing
@@ -517,7 +516,12 @@ where
             self.inbuf.consume(length as usize);
             upload.done = true;
         }
-        if let Err(error) = write_all_flush(&mut origin.stream, &self.out).await {
+        let written = tokio::select! {
+            biased;
+            written = write_all_flush(&mut origin.stream, &self.out) => written,
+            () = timer.expired() => return Err(ExchangeError::OriginTimeout),
+        };
+        if let Err(error) = written {
             return Err(if reused {
                 ExchangeError::Stale
             } else {
@@ -525,9 +529,16 @@ where
             });
         }
         let mut received_any = false;
+        let mut seen = upload.moved;
         loop {
             let waited = poll_fn(|cx| {
-                self.poll_exchange(cx, origin, upload, request.framing == Framing::None)
+                self.poll_exchange(
+                    cx,
+                    origin,
+                    upload,
+                    request.framing == Framing::None,
+                    (timer, &mut seen),
+                )
             })
             .await;
             match waited {
@@ -557,19 +568,25 @@ where
 
     /// One step of the exchange: body bytes from the client to the origin, the response
     /// head from the origin, and (once the body is sent) a look at whether the client is
-    /// still there. Ready when the response head is complete.
+    /// still there. Ready when the response head is complete. The timer (with the upload
+    /// count it was last set at) starts over when body bytes move.
     fn poll_exchange(
         &mut self,
         cx: &mut Context<'_>,
         origin: &mut RawConn,
         upload: &mut Upload,
         no_body: bool,
+        (timer, seen): (&mut Timer, &mut u64),
     ) -> Poll<Result<(), ExchangeError>> {
         if !upload.done {
             match upload.poll(cx, &mut self.io, &mut self.inbuf, &mut origin.stream) {
                 Poll::Ready(Ok(())) => upload.done = true,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Pending => {}
+            }
+            if upload.moved != *seen {
+                *seen = upload.moved;
+                timer.set(Instant::now() + self.conn.service.options.origin_timeout);
             }
         }
         if upload.done || no_body {
@@ -609,7 +626,20 @@ where
                 Poll::Ready(Err(error)) => {
                     return Poll::Ready(Err(origin_failed(error.to_string())));
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if timer.poll_expired(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // A body that stopped coming is the client's doing (nginx's
+                    // `client_body_timeout`, 408); one the origin stopped taking, or
+                    // no answer, the origin's.
+                    if !upload.done && upload.pending == 0 {
+                        return Poll::Ready(Err(ExchangeError::Proxy(ProxyError::ClientTimeout {
+                            timeout: self.conn.service.options.origin_timeout,
+                        })));
+                    }
+                    return Poll::Ready(Err(ExchangeError::OriginTimeout));
+                }
             }
         }
     }

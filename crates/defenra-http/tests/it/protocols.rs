@@ -1,5 +1,7 @@
 //! HTTP/2 (ALPN and prior knowledge) and upgraded (WebSocket) tunnels.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
@@ -7,8 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::{
-    Origin, Proxy, TLS_ALL, TestCert, collect, config, http2_over, proxied_domain, read_head,
-    tls_connect,
+    Origin, Proxy, TLS_ALL, TestCert, TrickleBody, collect, config, http2_over, proxied_domain,
+    read_head, tls_connect,
 };
 
 fn h2_request(uri: &str) -> Request<Full<Bytes>> {
@@ -64,6 +66,25 @@ async fn http2_prior_knowledge_works_on_plain_http() {
     .await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-echo-path"), "/h2c");
+}
+
+#[tokio::test]
+async fn a_slow_steady_http2_upload_is_not_cut_off_by_the_origin_timeout() {
+    let origin = Origin::start().await;
+    let mut options = crate::support::options(origin.addr.port());
+    options.origin_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start_with(&config(vec![proxied_domain("example.com")]), options).await;
+    let stream = TcpStream::connect(proxy.http).await.unwrap();
+    let mut sender = http2_over(stream).await;
+    // Ten 1 KiB pieces 200 ms apart: two seconds in all, never 500 ms without a byte.
+    let request = Request::builder()
+        .method("POST")
+        .uri("http://example.com/drain")
+        .body(TrickleBody::new(10, 1024, Duration::from_millis(200)))
+        .unwrap();
+    let reply = collect(sender.send_request(request).await.unwrap()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "10240");
 }
 
 #[tokio::test]

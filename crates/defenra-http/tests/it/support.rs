@@ -425,9 +425,12 @@ pub(crate) async fn http1_over(
 }
 
 /// An HTTP/2 sender over any established stream.
-pub(crate) async fn http2_over<S>(stream: S) -> hyper::client::conn::http2::SendRequest<Full<Bytes>>
+pub(crate) async fn http2_over<S, B>(stream: S) -> hyper::client::conn::http2::SendRequest<B>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -515,6 +518,49 @@ impl TestCert {
     /// The `ssl` object of a domain using this certificate.
     pub(crate) fn ssl(&self) -> Value {
         json!({ "enabled": true, "certificate": self.cert_pem, "privateKey": self.key_pem })
+    }
+}
+
+/// `pieces` frames of `size` bytes, one every `gap`: a slow but steady upload.
+pub(crate) struct TrickleBody {
+    pieces: usize,
+    size: usize,
+    gap: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TrickleBody {
+    pub(crate) fn new(pieces: usize, size: usize, gap: Duration) -> Self {
+        TrickleBody {
+            pieces,
+            size,
+            gap,
+            sleep: Box::pin(tokio::time::sleep(gap)),
+        }
+    }
+}
+
+impl Body for TrickleBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.pieces == 0 {
+            return Poll::Ready(None);
+        }
+        std::task::ready!(self.sleep.as_mut().poll(cx));
+        self.pieces -= 1;
+        let next = tokio::time::Instant::now() + self.gap;
+        self.sleep.as_mut().reset(next);
+        let size = self.size;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; size])))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact((self.pieces * self.size) as u64)
     }
 }
 

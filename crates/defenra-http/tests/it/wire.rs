@@ -339,3 +339,42 @@ async fn an_origin_that_closes_mid_body_ends_the_client_connection() {
     assert!(read.is_ok(), "the client connection stayed open");
     assert_eq!(rest, b"0123456789");
 }
+
+#[tokio::test]
+async fn a_slow_steady_upload_is_not_cut_off_by_the_origin_timeout_but_a_stalled_one_is() {
+    let origin = Origin::start().await;
+    let mut options = crate::support::options(origin.addr.port());
+    options.origin_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start_with(&config(vec![proxied_domain("example.com")]), options).await;
+
+    // Ten 1 KiB pieces 200 ms apart: two seconds in all, but never 500 ms without a byte.
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(b"POST /drain HTTP/1.1\r\nHost: example.com\r\nContent-Length: 10240\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stream.write_all(&[b'x'; 1024]).await.unwrap();
+    }
+    let response = read_response(&mut stream, false).await;
+    assert_eq!(response.status(), 200, "{}", response.head);
+    assert_eq!(response.body, b"10240");
+
+    // Half the body, then silence from the client: 408 once the timeout passes without a
+    // byte, and the connection closes (the rest of the body cannot be told from a next
+    // request).
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(b"POST /drain HTTP/1.1\r\nHost: example.com\r\nContent-Length: 2048\r\n\r\n")
+        .await
+        .unwrap();
+    stream.write_all(&[b'x'; 1024]).await.unwrap();
+    let started = std::time::Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(5), read_response(&mut stream, false))
+        .await
+        .expect("answered after the origin timeout");
+    assert_eq!(response.status(), 408, "{}", response.head);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(closes(&mut stream).await);
+}
