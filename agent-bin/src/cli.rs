@@ -76,6 +76,11 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
     pub(crate) health_listen: Listen,
 
+    /// Threads serving the TCP forwards, sharing each listening socket (a connection stays
+    /// on the thread that accepted it); 0 means one per CPU core.
+    #[arg(long, env = "L4_WORKERS", default_value_t = 0)]
+    pub(crate) l4_workers: usize,
+
     /// Address the TCP/UDP forwards listen on.
     #[arg(long, env = "L4_BIND", default_value = "0.0.0.0")]
     pub(crate) l4_bind: IpAddr,
@@ -101,8 +106,8 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "ORIGIN_HTTPS_PORT", default_value_t = 443)]
     pub(crate) origin_https_port: u16,
 
-    /// How long to wait for an origin's response headers before answering 504
-    /// (`60`, `60s`, `500ms`, `2m`).
+    /// How long to wait for an origin's response headers before answering 504, counted
+    /// again from each move of the request body (`60`, `60s`, `500ms`, `2m`).
     #[arg(long, env = "ORIGIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub(crate) origin_timeout: Duration,
 

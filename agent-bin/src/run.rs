@@ -98,7 +98,10 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     ));
     // TCP forwards accept on one current-thread runtime per core, like HTTP: a connection
     // stays on one thread from accept to close (docs/l4.md, "Workers").
-    let l4_workers = L4Workers::start(std::thread::available_parallelism().map_or(1, usize::from))?;
+    let l4_workers = L4Workers::start(match args.l4_workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        workers => workers,
+    })?;
     let l4 = Arc::new(
         L4Service::new(L4Options {
             bind_ip: args.l4_bind,

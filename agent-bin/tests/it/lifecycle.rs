@@ -216,22 +216,25 @@ fn access_log_lines_appear_only_when_enabled() {
     }
 }
 
+/// The sorted names of the process's threads that start with `prefix`.
+fn thread_names(pid: u32, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| name.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn http_runs_on_the_requested_worker_threads_and_each_serves() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.json");
     write(&path, &doc("192.0.2.1"));
     let agent = Agent::start(&["--config", path.to_str().unwrap(), "--http-workers", "3"]);
-    let worker_threads = || {
-        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
-            .unwrap()
-            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-            .map(|name| name.trim().to_owned())
-            .filter(|name| name.starts_with("http"))
-            .collect();
-        names.sort();
-        names
-    };
+    let worker_threads = || thread_names(agent.pid(), "http");
     eventually("the HTTP workers start", || worker_threads().len() == 6);
     assert_eq!(
         worker_threads(),
@@ -247,22 +250,21 @@ fn http_runs_on_the_requested_worker_threads_and_each_serves() {
 }
 
 #[test]
-fn tcp_forwards_get_one_worker_thread_per_core() {
+fn tcp_forwards_get_one_worker_thread_per_core_or_as_many_as_asked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.json");
     write(&path, &doc("192.0.2.1"));
     let agent = Agent::start(&["--config", path.to_str().unwrap()]);
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let worker_threads = || {
-        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
-            .unwrap()
-            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-            .map(|name| name.trim().to_owned())
-            .filter(|name| name.starts_with("l4-"))
-            .collect();
-        names.sort();
-        names
-    };
+    let worker_threads = || thread_names(agent.pid(), "l4-");
     let expected: Vec<String> = (0..cores).map(|index| format!("l4-{index}")).collect();
     eventually("the L4 workers start", || worker_threads() == expected);
+    drop(agent);
+
+    // `--l4-workers` sets the count.
+    let agent = Agent::start(&["--config", path.to_str().unwrap(), "--l4-workers", "3"]);
+    let worker_threads = || thread_names(agent.pid(), "l4-");
+    eventually("three L4 workers start", || {
+        worker_threads() == ["l4-0", "l4-1", "l4-2"]
+    });
 }
