@@ -19,6 +19,7 @@ use crate::dict::SharedDicts;
 use crate::limit::LogLimiter;
 use crate::sandbox::{self, Chunk, Limits, Outcome, Sandbox};
 use crate::stats::{DomainCounters, WafStats};
+use crate::watchdog::Watchdog;
 use crate::{RequestInfo, Verdict, WafError, WafOptions};
 
 /// Error log lines per second for failing scripts, over all domains.
@@ -42,6 +43,7 @@ struct Shared {
     stats: Arc<WafStats>,
     error_logs: LogLimiter,
     script_logs: Arc<LogLimiter>,
+    watchdog: Watchdog,
 }
 
 /// The scripts of one snapshot, keyed by domain name.
@@ -132,6 +134,7 @@ impl WafEngine {
                 dicts,
                 error_logs: LogLimiter::new(ERROR_LOGS_PER_SECOND),
                 script_logs: Arc::new(LogLimiter::new(SCRIPT_LOGS_PER_SECOND)),
+                watchdog: Watchdog::new(),
                 options,
             }),
         }
@@ -214,6 +217,7 @@ impl WafEngine {
             &self.shared.dicts,
             self.shared.options.clock.clone(),
             Arc::clone(&self.shared.script_logs),
+            &self.shared.watchdog,
         )
         .map_err(|error| WafError::State(error.to_string()))?;
         workers.push(Worker {

@@ -10,6 +10,12 @@
 //! memory cap per state, and no state shared between requests except the dictionaries.
 //! It never does I/O on the request path and never prints.
 //!
+//! Process-wide effects a host should know of: once an engine has a Lua state, it runs one
+//! `waf-watchdog` thread (woken every 5 ms) and installs a handler for the real-time signal
+//! `SIGRTMIN+7`, which the watchdog sends to a worker thread whose script runs long, to
+//! turn the instruction hook on (`watchdog.rs`). If that signal already has a handler, the
+//! engine leaves it alone and keeps the hook on for every run instead.
+//!
 //! Start reading at [`WafEngine::check`] (engine.rs), then `sandbox.rs` and `sandbox.lua`
 //! for the sandbox, and `api.rs` for the `ngx` functions. `docs/waf.md` lists the API.
 
@@ -22,6 +28,7 @@ mod limit;
 mod re;
 mod sandbox;
 mod stats;
+mod watchdog;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -38,10 +45,11 @@ pub use stats::{DomainCounters, WafStats};
 pub struct WafOptions {
     /// Answer 503 instead of letting the request through when a script fails.
     pub fail_closed: bool,
-    /// VM instructions one run may execute before it is aborted (checked every 1000).
+    /// VM instructions one run may execute before it is aborted (checked every 1000, once
+    /// the budget watchdog has armed the run: runs shorter than 5-10 ms are not counted).
     pub instruction_budget: u64,
-    /// Wall time one run may take before it is aborted (checked every 1000 instructions,
-    /// counted from the run's first check).
+    /// Wall time one run may take before it is aborted (checked every 1000 instructions
+    /// once the run is armed, counted from one watchdog tick before the first check).
     /// It counts time the thread was preempted, so on a badly overloaded machine a normal
     /// script can, rarely, be aborted (and fail open).
     pub time_budget: Duration,

@@ -1,6 +1,8 @@
-//! One sandboxed LuaJIT state: safe libraries only, JIT off, instruction hook, memory cap,
+//! One sandboxed LuaJIT state: safe libraries only, JIT off, instruction hook (armed by the
+//! watchdog for long runs), memory cap,
 //! and a fresh-per-request global environment for every domain's chunk.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +14,7 @@ use crate::api::{self, Abort, Ctx, ResponseData};
 use crate::clock::Clock;
 use crate::dict::SharedDicts;
 use crate::limit::LogLimiter;
+use crate::watchdog::{self, Slot, Watchdog};
 
 /// VM instructions between two budget checks. Each check costs one `Instant::now()`, so at
 /// this interval the hook adds well under 5% to a busy loop, and a runaway loop is caught
@@ -75,6 +78,10 @@ pub(crate) struct Sandbox {
     /// `sandbox.lua`'s `make_runner(env, chunk, names)`, which makes a [`Chunk`]'s runner.
     make_runner: Function,
     limits: Limits,
+    /// With a watchdog, the hook is off during runs until the watchdog sees one last a
+    /// tick (`watchdog.rs`); without, it is on all the time.
+    slot: Option<Arc<Slot>>,
+    runs: Cell<u64>,
 }
 
 impl Sandbox {
@@ -84,6 +91,7 @@ impl Sandbox {
         dicts: &Arc<SharedDicts>,
         clock: Clock,
         script_logs: Arc<LogLimiter>,
+        watchdog: &Watchdog,
     ) -> mlua::Result<Self> {
         let libs =
             StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::OS | StdLib::BIT | StdLib::JIT;
@@ -96,16 +104,43 @@ impl Sandbox {
 
         let ctx = Rc::new(Ctx::new(clock, script_logs, limits.memory));
         let hook_ctx = Rc::clone(&ctx);
+        let mut slot = watchdog.register();
+        let hook_slot = slot.clone();
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(HOOK_INTERVAL),
-            move |_, _| match hook_ctx.tick() {
-                Ok(()) => Ok(VmState::Continue),
-                Err(Abort::Instructions) => {
-                    Err(mlua::Error::runtime("waf instruction budget exceeded"))
+            move |_, _| {
+                if let Some(slot) = &hook_slot {
+                    slot.fired();
                 }
-                Err(Abort::Time) => Err(mlua::Error::runtime("waf time budget exceeded")),
+                match hook_ctx.tick() {
+                    Ok(()) => Ok(VmState::Continue),
+                    Err(Abort::Instructions) => {
+                        Err(mlua::Error::runtime("waf instruction budget exceeded"))
+                    }
+                    Err(Abort::Time) => Err(mlua::Error::runtime("waf time budget exceeded")),
+                }
             },
         )?;
+        if let Some(watched) = &slot {
+            // mlua's hook function (which calls the closure above) is what the watchdog
+            // turns back on; until then the hook is off.
+            let mut bound = false;
+            // SAFETY: `state` is this Lua's main state, alive as long as `lua`; reading
+            // and clearing the hook on the owning thread is ordinary API use.
+            #[allow(unsafe_code)]
+            unsafe {
+                lua.exec_raw::<()>((), |state| {
+                    if let Some(hook) = mlua::ffi::lua_gethook(state) {
+                        watched.bind(state, hook, HOOK_INTERVAL as std::ffi::c_int);
+                        mlua::ffi::lua_sethook(state, None, 0, 0);
+                        bound = true;
+                    }
+                })?;
+            }
+            if !bound {
+                slot = None;
+            }
+        }
 
         let host = api::host_table(&lua, &ctx, dicts)?;
         let (new_env, make_runner): (Function, Function) =
@@ -116,6 +151,8 @@ impl Sandbox {
             new_env,
             make_runner,
             limits,
+            slot,
+            runs: Cell::new(0),
         })
     }
 
@@ -148,12 +185,26 @@ impl Sandbox {
     /// Runs `chunk` for `request` within the limits.
     pub(crate) fn run(&self, chunk: &Chunk, request: &RequestInfo<'_>) -> Outcome {
         let hooks = self.limits.instructions.div_ceil(u64::from(HOOK_INTERVAL));
-        self.ctx.begin(request, hooks, self.limits.time);
+        // Under the watchdog the first hook call comes at least a tick into the run.
+        let time = match self.slot {
+            Some(_) => self.limits.time.saturating_sub(watchdog::TICK),
+            None => self.limits.time,
+        };
+        self.ctx.begin(request, hooks, time);
         let result = self
             .prefetch(chunk)
             .and_then(|[a, b, c, d, e, f, g, h, i, j]| {
+                if let Some(slot) = &self.slot {
+                    let run = self.runs.get() + 1;
+                    self.runs.set(run);
+                    slot.begin(run);
+                }
                 // A fixed number of arguments: collecting the values would allocate each time.
-                chunk.runner.call::<()>((a, b, c, d, e, f, g, h, i, j))
+                let called = chunk.runner.call::<()>((a, b, c, d, e, f, g, h, i, j));
+                if let Some(slot) = &self.slot {
+                    slot.end();
+                }
+                called
             });
         let exit = self.ctx.exit.get();
         if exit.is_some() {
@@ -257,7 +308,122 @@ fn mentions(source: &str, name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
+    use http::Method;
+
     use super::*;
+
+    fn sandbox(watchdog: &Watchdog, limits: Limits) -> Sandbox {
+        Sandbox::new(
+            limits,
+            &Arc::new(SharedDicts::new(4, 1 << 20, Clock::system())),
+            Clock::system(),
+            Arc::new(LogLimiter::new(10)),
+            watchdog,
+        )
+        .unwrap()
+    }
+
+    fn run(sandbox: &Sandbox, source: &str) -> Outcome {
+        let chunk = sandbox.load("example.com", source).unwrap();
+        let method = Method::GET;
+        sandbox.run(
+            &chunk,
+            &RequestInfo {
+                domain: "example.com",
+                host: "example.com",
+                method: &method,
+                target: "/",
+                headers: crate::RequestHeaders::Pairs(&[]),
+                remote_addr: "192.0.2.1".parse().unwrap(),
+                scheme: "http",
+                server_port: 80,
+            },
+        )
+    }
+
+    fn fired(sandbox: &Sandbox) -> u64 {
+        let slot = sandbox.slot.as_ref().expect("the watchdog is in use");
+        slot.hook_calls()
+    }
+
+    const GENEROUS: Limits = Limits {
+        instructions: u64::MAX,
+        time: Duration::from_secs(5),
+        memory: 64 << 20,
+    };
+
+    #[test]
+    fn short_runs_have_no_hook_and_long_ones_get_it_from_the_watchdog() {
+        let watchdog = Watchdog::new();
+        let sandbox = sandbox(&watchdog, GENEROUS);
+        // Short: a few thousand instructions, never hooked.
+        for _ in 0..50 {
+            let outcome = run(&sandbox, "local n = 0 for i = 1, 2000 do n = n + i end");
+            assert!(
+                matches!(outcome, Outcome::Finished { exit: None }),
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(fired(&sandbox), 0, "a short run went through the hook");
+        // Long (40 ms of the process's CPU time, so at least 20 ms here): armed after a
+        // tick or two, and ends normally.
+        let outcome = run(
+            &sandbox,
+            "local t = os.clock() while os.clock() - t < 0.04 do end",
+        );
+        assert!(
+            matches!(outcome, Outcome::Finished { exit: None }),
+            "{outcome:?}"
+        );
+        let after_long = fired(&sandbox);
+        assert!(after_long > 0, "the watchdog never armed the long run");
+        // The hook is off again for the next short run.
+        let outcome = run(&sandbox, "local n = 0 for i = 1, 2000 do n = n + i end");
+        assert!(
+            matches!(outcome, Outcome::Finished { exit: None }),
+            "{outcome:?}"
+        );
+        assert_eq!(fired(&sandbox), after_long);
+    }
+
+    #[test]
+    fn runs_ending_as_the_watchdog_arms_leave_the_budget_working() {
+        // On a thread of its own, so a budget that no longer works fails the test instead
+        // of hanging it.
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let watchdog = Watchdog::new();
+            let sandbox = sandbox(
+                &watchdog,
+                Limits {
+                    time: Duration::from_millis(30),
+                    ..GENEROUS
+                },
+            );
+            // Runs of about one tick: many end while the watchdog is arming them.
+            for _ in 0..150 {
+                let outcome = run(
+                    &sandbox,
+                    "local t = os.clock() while os.clock() - t < 0.005 do end",
+                );
+                assert!(
+                    matches!(outcome, Outcome::Finished { exit: None }),
+                    "{outcome:?}"
+                );
+            }
+            // A runaway loop afterwards is still stopped by the time budget.
+            let started = Instant::now();
+            let outcome = run(&sandbox, "while true do end");
+            let _ = done.send((format!("{outcome:?}"), started.elapsed()));
+        });
+        let (outcome, took) = outcome
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the runaway loop was not stopped");
+        assert_eq!(outcome, "Aborted(Time)");
+        assert!(took < Duration::from_millis(100), "took {took:?}");
+    }
 
     #[test]
     fn mentions_matches_variable_reads_only() {
