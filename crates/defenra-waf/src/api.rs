@@ -501,44 +501,56 @@ pub(crate) fn host_table(
         })?,
     )?;
     let c = Rc::clone(ctx);
-    host.raw_set(
-        "header_set",
-        lua.create_function(
-            move |_, (_proxy, name, value): (Value, mlua::LuaString, Value)| {
-                let mut cache = c.header_cache.borrow_mut();
-                let name = cache.name(&name.as_bytes())?;
-                let mut response = c.response.borrow_mut();
-                let headers = &mut response.headers;
-                let values = match &value {
-                    Value::Nil => Vec::new(),
-                    Value::Table(list) => {
-                        let mut values = Vec::new();
-                        for item in list.sequence_values::<Value>() {
-                            values.push(cache.value(&item?)?);
-                        }
-                        values
+    let header_set = lua.create_function(
+        move |_, (_proxy, name, value): (Value, mlua::LuaString, Value)| {
+            let mut cache = c.header_cache.borrow_mut();
+            let name = cache.name(&name.as_bytes())?;
+            let mut response = c.response.borrow_mut();
+            let headers = &mut response.headers;
+            let values = match &value {
+                Value::Nil => Vec::new(),
+                Value::Table(list) => {
+                    let mut values = Vec::new();
+                    for item in list.sequence_values::<Value>() {
+                        values.push(cache.value(&item?)?);
                     }
-                    single => {
-                        // The common case, without a `Vec`.
-                        let value = cache.value(single)?;
-                        if headers.remove(&name).is_none() && headers.len() >= MAX_HEADERS {
-                            return Err(mlua::Error::runtime("too many response headers"));
-                        }
-                        headers.append(name, value);
-                        return Ok(());
+                    values
+                }
+                single => {
+                    // The common case, without a `Vec`.
+                    let value = cache.value(single)?;
+                    if headers.remove(&name).is_none() && headers.len() >= MAX_HEADERS {
+                        return Err(mlua::Error::runtime("too many response headers"));
                     }
-                };
-                headers.remove(&name);
-                if headers.len() + values.len() > MAX_HEADERS {
-                    return Err(mlua::Error::runtime("too many response headers"));
+                    headers.append(name, value);
+                    return Ok(());
                 }
-                for value in values {
-                    headers.append(name.clone(), value);
-                }
-                Ok(())
-            },
-        )?,
+            };
+            headers.remove(&name);
+            if headers.len() + values.len() > MAX_HEADERS {
+                return Err(mlua::Error::runtime("too many response headers"));
+            }
+            for value in values {
+                headers.append(name.clone(), value);
+            }
+            Ok(())
+        },
     )?;
+    // `ngx.header[name] = "value"` is the common case: a raw C function does it, without
+    // mlua's callback machinery; anything else goes to the function above.
+    let ctx_ptr: *const Ctx = Rc::as_ptr(ctx);
+    // SAFETY: the light userdata points at the `Ctx` that the state's own callbacks hold
+    // (`c` clones), so it lives as long as the state; `header_set` is pushed as a value.
+    #[allow(unsafe_code)]
+    let fast: mlua::Function = unsafe {
+        lua.exec_raw(header_set, |state| {
+            // The slow function is the one argument on the stack: make it upvalue 2.
+            mlua::ffi::lua_pushlightuserdata(state, ctx_ptr as *mut std::ffi::c_void);
+            mlua::ffi::lua_insert(state, -2);
+            mlua::ffi::lua_pushcclosure(state, raw_header_set, 2);
+        })?
+    };
+    host.raw_set("header_set", fast)?;
 
     let c = Rc::clone(ctx);
     host.raw_set(
@@ -1143,15 +1155,73 @@ impl HeaderCache {
         let Value::String(text) = value else {
             return header_value(value);
         };
-        let raw = text.as_bytes();
+        self.value_bytes(&text.as_bytes())
+    }
+
+    fn value_bytes(&mut self, raw: &[u8]) -> mlua::Result<HeaderValue> {
         if let Some((_, value)) = self.values.iter().find(|(key, _)| **key == *raw) {
             return Ok(value.clone());
         }
-        let parsed = header_value(value)?;
+        let parsed = HeaderValue::from_bytes(raw)
+            .map_err(|_| mlua::Error::runtime("invalid header value"))?;
         if self.values.len() < HEADER_CACHE_ENTRIES && raw.len() <= HEADER_CACHE_BYTES {
-            self.values.push((raw.as_ref().into(), parsed.clone()));
+            self.values.push((raw.into(), parsed.clone()));
         }
         Ok(parsed)
+    }
+}
+
+/// `__newindex` of `ngx.header`: `(proxy, name, value)`. A string name and a string value
+/// are set here; anything else is passed to upvalue 2, the general mlua function.
+#[allow(unsafe_code)]
+unsafe extern "C-unwind" fn raw_header_set(state: *mut mlua::ffi::lua_State) -> std::ffi::c_int {
+    use mlua::ffi;
+    // SAFETY (whole function): plain stack API on the calling state; the upvalue is the
+    // `Ctx` pointer `host_table` stored, valid while the state lives. Every value with a
+    // destructor is gone before a Lua error is raised (it unwinds through this frame).
+    unsafe {
+        if ffi::lua_type(state, 2) != ffi::LUA_TSTRING
+            || ffi::lua_type(state, 3) != ffi::LUA_TSTRING
+        {
+            let args = ffi::lua_gettop(state);
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(2));
+            ffi::lua_insert(state, 1);
+            ffi::lua_call(state, args, 0);
+            return 0;
+        }
+        let outcome: Result<(), &'static std::ffi::CStr> = {
+            let ctx = &*(ffi::lua_touserdata(state, ffi::lua_upvalueindex(1)) as *const Ctx);
+            let bytes = |index| {
+                let mut len = 0;
+                let text = ffi::lua_tolstring(state, index, &mut len);
+                std::slice::from_raw_parts(text.cast::<u8>(), len)
+            };
+            let (name, value) = (bytes(2), bytes(3));
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let (Ok(mut cache), Ok(mut response)) = (
+                    ctx.header_cache.try_borrow_mut(),
+                    ctx.response.try_borrow_mut(),
+                ) else {
+                    return Err(c"ngx.header is busy");
+                };
+                let name = cache.name(name).map_err(|_| c"invalid header name")?;
+                let value = cache
+                    .value_bytes(value)
+                    .map_err(|_| c"invalid header value")?;
+                let headers = &mut response.headers;
+                if headers.remove(&name).is_none() && headers.len() >= MAX_HEADERS {
+                    return Err(c"too many response headers");
+                }
+                headers.append(name, value);
+                Ok(())
+            }))
+            .unwrap_or(Err(c"ngx.header failed"))
+        };
+        if let Err(message) = outcome {
+            ffi::lua_pushstring(state, message.as_ptr());
+            ffi::lua_error(state);
+        }
+        0
     }
 }
 

@@ -320,6 +320,24 @@ fn bad_header_values_are_script_errors() {
     );
 }
 
+#[test]
+fn header_errors_can_be_caught_and_the_cap_holds() {
+    assert_eq!(
+        output(
+            r#"
+            ngx.say(pcall(function() ngx.header["Bad Name"] = "v" end))
+            ngx.say(pcall(function() ngx.header["X-E"] = "a\nb" end))
+            for i = 1, 100 do ngx.header["X-" .. i] = "v" end
+            ngx.say(pcall(function() ngx.header["X-101"] = "v" end))
+            ngx.header["X-1"] = "again"
+            ngx.say(ngx.header["X-1"])
+            "#
+        ),
+        "falseinvalid header name\nfalseinvalid header value\n\
+         falsetoo many response headers\nagain\n"
+    );
+}
+
 // ---- failures -------------------------------------------------------------------------
 
 #[test]
@@ -899,6 +917,25 @@ fn shared_dict_api() {
         "nil\ntrue v\nfalseexistsfalse\ntrue w\nfalsenot foundfalse\n\
          nilnot found\n12 13nilfalse\nnilnot a number\nfalse true\nnil\n\
          10 0 nil\ntrue 5\n3 falsebad value typefalse\nnilnil key\n0\ntrue nil\n"
+    );
+}
+
+#[test]
+fn shared_dict_incr_arguments() {
+    let script = r#"
+        local d = ngx.shared.cache
+        ngx.say(d:incr(nil, 1))
+        ngx.say(d:incr("", 1))
+        ngx.say(d:incr({}, 1))
+        ngx.say(d:incr(7, 2, 40), " ", d:get("7"), " ", d:incr("7", "3"))
+        ngx.say(pcall(d.incr, d, "k", "x"))
+        ngx.say(pcall(d.incr, d, "k"))
+    "#;
+    assert_eq!(
+        output(script),
+        "nilnil key\nnilempty key\nnilbad key type\n42 42 45nilfalse\n\
+         falsebad argument #2 to 'incr' (number expected)\n\
+         falsebad argument #2 to 'incr' (number expected)\n"
     );
 }
 
