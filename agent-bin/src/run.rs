@@ -98,10 +98,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     ));
     // TCP forwards accept on one current-thread runtime per core, like HTTP: a connection
     // stays on one thread from accept to close (docs/l4.md, "Workers").
-    let l4_workers = L4Workers::start(match args.l4_workers {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        workers => workers,
-    })?;
+    let l4_workers = L4Workers::start(workers_or_cores(args.l4_workers))?;
     let l4 = Arc::new(
         L4Service::new(L4Options {
             bind_ip: args.l4_bind,
@@ -121,10 +118,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         }
         Listen::Off => None,
     };
-    let http_workers = match args.http_workers {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        workers => workers,
-    };
+    let http_workers = workers_or_cores(args.http_workers);
     let http_listener = bind_workers("http", args.http_listen, http_workers)?;
     let https_listener = bind_workers("https", args.https_listen, http_workers)?;
     let health_listener = bind_tcp("health", args.health_listen).await?;
@@ -318,6 +312,14 @@ async fn bind_tcp(name: &'static str, listen: Listen) -> anyhow::Result<Option<T
     let local = listener.local_addr().unwrap_or(addr);
     info!(service = name, addr = %local, "listening");
     Ok(Some(listener))
+}
+
+/// A `--*-workers` flag's count: 0 means one per CPU core.
+fn workers_or_cores(workers: usize) -> usize {
+    match workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        workers => workers,
+    }
 }
 
 /// `workers` listening sockets on one address, all with `SO_REUSEPORT`, so the kernel

@@ -519,11 +519,7 @@ pub(crate) fn host_table(
                 single => {
                     // The common case, without a `Vec`.
                     let value = cache.value(single)?;
-                    if headers.remove(&name).is_none() && headers.len() >= MAX_HEADERS {
-                        return Err(mlua::Error::runtime("too many response headers"));
-                    }
-                    headers.append(name, value);
-                    return Ok(());
+                    return set_single(headers, name, value).map_err(mlua::Error::runtime);
                 }
             };
             headers.remove(&name);
@@ -1171,6 +1167,19 @@ impl HeaderCache {
     }
 }
 
+/// `ngx.header[name] = value` with one value: replaces the header's values, within the cap.
+fn set_single(
+    headers: &mut HeaderMap,
+    name: HeaderName,
+    value: HeaderValue,
+) -> Result<(), &'static str> {
+    if headers.remove(&name).is_none() && headers.len() >= MAX_HEADERS {
+        return Err("too many response headers");
+    }
+    headers.append(name, value);
+    Ok(())
+}
+
 /// `__newindex` of `ngx.header`: `(proxy, name, value)`. A string name and a string value
 /// are set here; anything else is passed to upvalue 2, the general mlua function.
 #[allow(unsafe_code)]
@@ -1208,12 +1217,8 @@ unsafe extern "C-unwind" fn raw_header_set(state: *mut mlua::ffi::lua_State) -> 
                 let value = cache
                     .value_bytes(value)
                     .map_err(|_| c"invalid header value")?;
-                let headers = &mut response.headers;
-                if headers.remove(&name).is_none() && headers.len() >= MAX_HEADERS {
-                    return Err(c"too many response headers");
-                }
-                headers.append(name, value);
-                Ok(())
+                set_single(&mut response.headers, name, value)
+                    .map_err(|_| c"too many response headers")
             }))
             .unwrap_or(Err(c"ngx.header failed"))
         };

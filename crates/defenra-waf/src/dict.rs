@@ -732,13 +732,7 @@ unsafe extern "C-unwind" fn raw_incr(state: *mut mlua::ffi::lua_State) -> std::f
             ffi::LUA_TNIL | ffi::LUA_TNONE => Err("nil key"),
             _ => Err("bad key type"),
         };
-        let key = key.and_then(|key| {
-            if key.is_empty() {
-                Err("empty key")
-            } else {
-                Ok(key)
-            }
-        });
+        // An empty key is `incr`'s own error ("empty key").
         let dict = index.and_then(|index| list.try_borrow().ok()?.get(index).cloned());
         match (dict, delta, key) {
             (None, ..) => Err(c"bad dictionary"),

@@ -2,7 +2,6 @@
 //! watchdog for long runs), memory cap,
 //! and a fresh-per-request global environment for every domain's chunk.
 
-use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +80,6 @@ pub(crate) struct Sandbox {
     /// With a watchdog, the hook is off during runs until the watchdog sees one last a
     /// tick (`watchdog.rs`); without, it is on all the time.
     slot: Option<Arc<Slot>>,
-    runs: Cell<u64>,
 }
 
 impl Sandbox {
@@ -152,7 +150,6 @@ impl Sandbox {
             make_runner,
             limits,
             slot,
-            runs: Cell::new(0),
         })
     }
 
@@ -195,9 +192,7 @@ impl Sandbox {
             .prefetch(chunk)
             .and_then(|[a, b, c, d, e, f, g, h, i, j]| {
                 if let Some(slot) = &self.slot {
-                    let run = self.runs.get() + 1;
-                    self.runs.set(run);
-                    slot.begin(run);
+                    slot.begin();
                 }
                 // A fixed number of arguments: collecting the values would allocate each time.
                 let called = chunk.runner.call::<()>((a, b, c, d, e, f, g, h, i, j));

@@ -106,11 +106,12 @@ impl Slot {
         self.fired.load(Ordering::Relaxed)
     }
 
-    /// A run starts on this thread.
-    pub(crate) fn begin(self: &Arc<Self>, generation: u64) {
+    /// A run starts on this thread, with the next generation (only this thread starts
+    /// runs, and between runs the state is IDLE, so the word is this thread's to bump).
+    pub(crate) fn begin(self: &Arc<Self>) {
         CURRENT.with(|current| current.set(Arc::as_ptr(self)));
-        self.state
-            .store(generation << 2 | RUNNING, Ordering::Release);
+        let next = (self.state.load(Ordering::Relaxed) & !PHASE).wrapping_add(PHASE + 1);
+        self.state.store(next | RUNNING, Ordering::Release);
     }
 
     /// The run ends: nothing can arm it any more, and a hook the watchdog set is off.

@@ -529,16 +529,9 @@ where
             });
         }
         let mut received_any = false;
-        let mut seen = upload.moved;
         loop {
             let waited = poll_fn(|cx| {
-                self.poll_exchange(
-                    cx,
-                    origin,
-                    upload,
-                    request.framing == Framing::None,
-                    (timer, &mut seen),
-                )
+                self.poll_exchange(cx, origin, upload, request.framing == Framing::None, timer)
             })
             .await;
             match waited {
@@ -568,24 +561,24 @@ where
 
     /// One step of the exchange: body bytes from the client to the origin, the response
     /// head from the origin, and (once the body is sent) a look at whether the client is
-    /// still there. Ready when the response head is complete. The timer (with the upload
-    /// count it was last set at) starts over when body bytes move.
+    /// still there. Ready when the response head is complete. The timer starts over when
+    /// body bytes move.
     fn poll_exchange(
         &mut self,
         cx: &mut Context<'_>,
         origin: &mut RawConn,
         upload: &mut Upload,
         no_body: bool,
-        (timer, seen): (&mut Timer, &mut u64),
+        timer: &mut Timer,
     ) -> Poll<Result<(), ExchangeError>> {
         if !upload.done {
+            let moved = upload.moved;
             match upload.poll(cx, &mut self.io, &mut self.inbuf, &mut origin.stream) {
                 Poll::Ready(Ok(())) => upload.done = true,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Pending => {}
             }
-            if upload.moved != *seen {
-                *seen = upload.moved;
+            if upload.moved != moved {
                 timer.set(Instant::now() + self.conn.service.options.origin_timeout);
             }
         }
