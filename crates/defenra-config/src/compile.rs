@@ -250,7 +250,13 @@ fn compile_domain(raw: &wire::Domain, path: &str, issues: &mut Vec<Issue>) -> Op
         })
         .collect();
 
-    let http_proxy = compile_http_proxy(http_proxy.as_ref(), path, issues);
+    let http_proxy_settings = http_proxy.as_ref();
+    let anti_ddos = anti_ddos::compile_anti_ddos(
+        http_proxy_settings.and_then(|settings| settings.anti_d_do_s.as_ref()),
+        &format!("{path}.httpProxy.antiDDoS"),
+        issues,
+    );
+    let http_proxy = compile_http_proxy(http_proxy_settings, path, issues);
     let mut encryption_mode = EncryptionMode::Off;
     let mut tls = None;
     let mut redirect_to_https = false;
@@ -350,6 +356,7 @@ fn compile_domain(raw: &wire::Domain, path: &str, issues: &mut Vec<Issue>) -> Op
         redirect_to_https,
         acme_challenge,
         lua_code,
+        anti_ddos,
     })
 }
 
@@ -361,6 +368,7 @@ fn compile_http_proxy(
     let Some(wire::HttpProxy {
         kind,
         enabled,
+        // Compiled on its own by `anti_ddos::compile_anti_ddos`.
         anti_d_do_s: _,
     }) = raw
     else {
@@ -985,5 +993,6 @@ impl std::io::Write for HashWriter {
     }
 }
 
+mod anti_ddos;
 #[cfg(test)]
 mod tests;

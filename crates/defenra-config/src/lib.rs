@@ -14,6 +14,7 @@
 //!
 //! [`ConfigLoop`] runs those steps on a timer. Start reading at [`compile`].
 
+mod cidr;
 pub mod compile;
 pub mod model;
 mod runner;
@@ -30,6 +31,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 
+pub use cidr::{Cidr, CidrError, parse_cidr_list};
 pub use compile::{Compiled, compile};
 pub use model::*;
 pub use runner::{ConfigLoop, ConfigStats, IntervalPolicy, PollOutcome};

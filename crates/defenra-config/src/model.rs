@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rustls::sign::CertifiedKey;
+
+use crate::Cidr;
 
 /// One complete, validated configuration. Services never see a half-applied update:
 /// the whole snapshot is swapped through one pointer.
@@ -74,6 +76,9 @@ pub struct Domain {
     pub acme_challenge: Option<Box<AcmeChallenge>>,
     /// The WAF script, untouched. `defenra-waf` compiles it.
     pub lua_code: Option<Arc<str>>,
+    /// `httpProxy.antiDDoS` when Core sent one (enabled or not); `None` when it is absent or
+    /// `null`, which is how most domains arrive.
+    pub anti_ddos: Option<Arc<AntiDdos>>,
 }
 
 impl Domain {
@@ -278,6 +283,97 @@ impl Default for HttpProxy {
         HttpProxy {
             enabled: false,
             listeners: ProxyListeners::Both,
+        }
+    }
+}
+
+/// `httpProxy.antiDDoS`, validated. Every value is in range; the defaults are Core's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AntiDdos {
+    /// Nothing below applies unless this is set (bans are agent-wide and apply anyway).
+    pub enabled: bool,
+    pub rate_limit: RateLimit,
+    /// How long an address that went over the rate limit stays blocked for this domain.
+    pub block_duration: Duration,
+    pub slowloris: Slowloris,
+    pub js_challenge: JsChallenge,
+    /// `logging.enabled`: log each block and ban decision (rate-limited).
+    pub logging: bool,
+    /// Addresses that bypass limits, challenges and blocks for this domain.
+    pub ip_whitelist: Vec<Cidr>,
+    /// Request headers that carry the client address when the agent sits behind another
+    /// proxy, lower case, in order of preference (`cf-connecting-ip`).
+    pub proxy_ip_headers: Vec<String>,
+}
+
+impl Default for AntiDdos {
+    fn default() -> Self {
+        AntiDdos {
+            enabled: false,
+            rate_limit: RateLimit::default(),
+            block_duration: Duration::from_secs(300),
+            slowloris: Slowloris::default(),
+            js_challenge: JsChallenge::default(),
+            logging: true,
+            ip_whitelist: Vec::new(),
+            proxy_ip_headers: Vec::new(),
+        }
+    }
+}
+
+/// `antiDDoS.rateLimit`: at most `max_requests` in any `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub window: Duration,
+    pub max_requests: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            window: Duration::from_secs(5),
+            max_requests: 100,
+        }
+    }
+}
+
+/// `antiDDoS.slowloris`: guards against clients that hold connections open cheaply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slowloris {
+    /// A request body must bring at least this many bytes per `max_header_timeout`.
+    pub min_content_length: u64,
+    /// Time a client has to send a complete request head.
+    pub max_header_timeout: Duration,
+    /// Concurrent connections per client address.
+    pub max_connections: u32,
+}
+
+impl Default for Slowloris {
+    fn default() -> Self {
+        Slowloris {
+            min_content_length: 128,
+            max_header_timeout: Duration::from_secs(20),
+            max_connections: 1000,
+        }
+    }
+}
+
+/// `antiDDoS.jsChallenge`: the browser proof-of-work challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsChallenge {
+    pub enabled: bool,
+    /// Name of the clearance cookie; a valid cookie token (RFC 6265 §4.1.1).
+    pub cookie_name: String,
+    /// How long a clearance lasts.
+    pub ttl: Duration,
+}
+
+impl Default for JsChallenge {
+    fn default() -> Self {
+        JsChallenge {
+            enabled: false,
+            cookie_name: "defenra_js_challenge".to_owned(),
+            ttl: Duration::from_secs(900),
         }
     }
 }

@@ -97,7 +97,66 @@ pub struct HttpProxy {
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub enabled: Option<bool>,
-    pub anti_d_do_s: Option<serde_json::Value>,
+    /// `antiDDoS`; Core sends `null` until the Anti-DDoS tab is saved once.
+    pub anti_d_do_s: Option<Item<AntiDdos>>,
+}
+
+/// `httpProxy.antiDDoS`: the domain's protection settings. Every field is decoded on its
+/// own, so a string where a number belongs costs that field (an issue, the default used),
+/// not the whole object.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AntiDdos {
+    pub enabled: Option<Item<bool>>,
+    pub rate_limit: Option<Item<AntiDdosRateLimit>>,
+    pub block_duration_seconds: Option<Item<f64>>,
+    pub slowloris: Option<Item<AntiDdosSlowloris>>,
+    pub js_challenge: Option<Item<AntiDdosJsChallenge>>,
+    pub logging: Option<Item<AntiDdosLogging>>,
+    pub ip_whitelist: Option<Item<StringList>>,
+    pub proxy_ip_headers: Option<Item<StringList>>,
+}
+
+/// `antiDDoS.rateLimit`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AntiDdosRateLimit {
+    pub window_seconds: Option<Item<f64>>,
+    pub max_requests: Option<Item<f64>>,
+}
+
+/// `antiDDoS.slowloris`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AntiDdosSlowloris {
+    pub min_content_length: Option<Item<f64>>,
+    pub max_header_timeout_seconds: Option<Item<f64>>,
+    pub max_connections: Option<Item<f64>>,
+}
+
+/// `antiDDoS.jsChallenge`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AntiDdosJsChallenge {
+    pub enabled: Option<Item<bool>>,
+    pub cookie_name: Option<Item<String>>,
+    pub ttl_seconds: Option<Item<f64>>,
+}
+
+/// `antiDDoS.logging`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AntiDdosLogging {
+    pub enabled: Option<Item<bool>>,
+}
+
+/// A list of strings that Core's form may also send as one string (entries separated by
+/// commas or newlines).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StringList {
+    One(String),
+    Many(Vec<Item<String>>),
 }
 
 /// `ssl`: the domain's certificate and how the agent talks to the origin.
