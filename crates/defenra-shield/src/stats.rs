@@ -1,0 +1,89 @@
+//! The shield's counters: atomics bumped where decisions are made, read by `/stats` and
+//! `/metrics`.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Agent-wide counters. Per-domain ones are in [`crate::DomainCounters`].
+#[derive(Debug, Default)]
+pub struct ShieldStats {
+    /// Requests refused because their address was over a domain's rate limit or blocked.
+    pub requests_limited: AtomicU64,
+    /// Blocks started (an address went over a domain's limit).
+    pub blocks: AtomicU64,
+    /// Bans made by escalation (repeated blocks).
+    pub bans_escalated: AtomicU64,
+    /// Requests refused because the address a trusted proxy reported is banned.
+    pub requests_banned: AtomicU64,
+    /// HTTP/HTTPS connections closed at accept because the peer is banned.
+    pub connections_refused_banned: AtomicU64,
+    /// HTTP/HTTPS connections closed at accept: the peer was at its connection cap.
+    pub connections_refused_cap: AtomicU64,
+    /// L4 TCP connections closed at accept because the peer is banned.
+    pub l4_connections_refused_banned: AtomicU64,
+    /// L4 TCP connections closed at accept: the peer was at `--l4-max-conns-per-ip`.
+    pub l4_connections_refused_cap: AtomicU64,
+    /// L4 TCP connections closed at accept: over `--l4-new-conns-per-ip-per-minute`.
+    pub l4_connections_refused_rate: AtomicU64,
+    /// L4 UDP datagrams dropped because the sender is banned.
+    pub datagrams_dropped_banned: AtomicU64,
+    /// Requests and connections of whitelisted addresses.
+    pub whitelisted: AtomicU64,
+    /// Request bodies ended because they came slower than `slowloris.minContentLength`
+    /// per header timeout.
+    pub slow_bodies: AtomicU64,
+    /// Block and ban log lines left out by the log rate limit.
+    pub log_lines_suppressed: AtomicU64,
+}
+
+/// A plain copy of every counter and gauge, for rendering.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShieldStatsSnapshot {
+    pub requests_limited: u64,
+    pub blocks: u64,
+    pub bans_escalated: u64,
+    pub requests_banned: u64,
+    pub connections_refused_banned: u64,
+    pub connections_refused_cap: u64,
+    pub l4_connections_refused_banned: u64,
+    pub l4_connections_refused_cap: u64,
+    pub l4_connections_refused_rate: u64,
+    pub datagrams_dropped_banned: u64,
+    pub whitelisted: u64,
+    pub slow_bodies: u64,
+    pub log_lines_suppressed: u64,
+    /// Bans in force (gauge).
+    pub bans_active: u64,
+    /// Automatic bans not made because the ban list was full.
+    pub bans_refused_full: u64,
+    /// Occupied slots of the state table (gauge).
+    pub table_entries: u64,
+    /// Slots of the state table.
+    pub table_capacity: u64,
+    /// Idle entries replaced by new addresses.
+    pub table_evictions: u64,
+    /// Addresses not tracked because their bucket held only blocked entries.
+    pub table_untracked: u64,
+    /// Addresses with HTTP/HTTPS connections open (gauge).
+    pub connected_addresses: u64,
+    /// Enabled domains in the current config (gauge).
+    pub protected_domains: u64,
+}
+
+impl ShieldStats {
+    pub(crate) fn fill(&self, snapshot: &mut ShieldStatsSnapshot) {
+        snapshot.requests_limited = self.requests_limited.load(Relaxed);
+        snapshot.blocks = self.blocks.load(Relaxed);
+        snapshot.bans_escalated = self.bans_escalated.load(Relaxed);
+        snapshot.requests_banned = self.requests_banned.load(Relaxed);
+        snapshot.connections_refused_banned = self.connections_refused_banned.load(Relaxed);
+        snapshot.connections_refused_cap = self.connections_refused_cap.load(Relaxed);
+        snapshot.l4_connections_refused_banned = self.l4_connections_refused_banned.load(Relaxed);
+        snapshot.l4_connections_refused_cap = self.l4_connections_refused_cap.load(Relaxed);
+        snapshot.l4_connections_refused_rate = self.l4_connections_refused_rate.load(Relaxed);
+        snapshot.datagrams_dropped_banned = self.datagrams_dropped_banned.load(Relaxed);
+        snapshot.whitelisted = self.whitelisted.load(Relaxed);
+        snapshot.slow_bodies = self.slow_bodies.load(Relaxed);
+        snapshot.log_lines_suppressed = self.log_lines_suppressed.load(Relaxed);
+    }
+}
