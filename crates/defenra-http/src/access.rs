@@ -119,7 +119,8 @@ impl WafOutcome {
 #[derive(Debug)]
 pub(crate) struct AccessEntry {
     started: Instant,
-    client: IpAddr,
+    /// The peer, replaced by the address a trusted proxy reported when the domain says so.
+    pub(crate) client: IpAddr,
     listener: Listener,
     pub(crate) host: Option<String>,
     method: Method,

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use defenra_config::{Issue, Reload, Snapshot};
+use defenra_shield::Shield;
 use defenra_waf::WafEngine;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -51,7 +52,9 @@ pub struct HttpOptions {
     /// Largest request body passed to an origin; larger ones get 413.
     pub max_request_body: u64,
     /// Time a client has to send a complete request head (and to finish the TLS
-    /// handshake) before the connection is closed: the slowloris guard.
+    /// handshake) before the connection is closed: the slowloris guard. When domains with
+    /// Anti-DDoS are configured, the smallest of their `maxHeaderTimeoutSeconds` applies
+    /// instead.
     pub header_read_timeout: Duration,
     /// An idle connection (no byte either way for this long) is closed gracefully.
     pub keepalive_timeout: Duration,
@@ -121,6 +124,8 @@ pub enum HttpError {
 /// swaps in the routes and certificates of each new snapshot.
 pub struct HttpService {
     waf: Arc<WafEngine>,
+    /// Per-client protection: asked at accept and for every request of a protected domain.
+    shield: Arc<Shield>,
     options: HttpOptions,
     /// The routes (and through them the certificates) of the current snapshot. Requests
     /// and TLS handshakes load it once; `reload` replaces it whole.
@@ -136,8 +141,17 @@ pub struct HttpService {
 
 impl HttpService {
     /// A proxy with no routes: every host answers 404 and every TLS handshake is refused
-    /// until the first `reload`.
+    /// until the first `reload`. It gets a shield of its own with the default options;
+    /// use [`HttpService::with_shield`] to share one with other listeners (L4) and the
+    /// operator's ban commands.
     pub fn new(waf: Arc<WafEngine>, options: HttpOptions) -> Self {
+        let shield = Arc::new(Shield::new(defenra_shield::ShieldOptions::default()));
+        HttpService::with_shield(waf, shield, options)
+    }
+
+    /// As [`HttpService::new`], asking `shield` at accept and for every request of a
+    /// domain with Anti-DDoS enabled.
+    pub fn with_shield(waf: Arc<WafEngine>, shield: Arc<Shield>, options: HttpOptions) -> Self {
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
         let origins = Arc::new(origin::OriginPool::new(&options, Arc::clone(&routes)));
         let tls_acceptor = tls::acceptor(Arc::clone(&routes));
@@ -145,6 +159,7 @@ impl HttpService {
             access::AccessLog::new(options.access_log, options.access_log_max_per_second);
         HttpService {
             waf,
+            shield,
             options,
             routes,
             origin_limits: parking_lot::Mutex::default(),
@@ -192,12 +207,31 @@ impl HttpService {
     pub fn routes(&self) -> Arc<RouteTable> {
         self.routes.load_full()
     }
+
+    /// The shield this proxy asks.
+    pub fn shield(&self) -> &Arc<Shield> {
+        &self.shield
+    }
+
+    /// Time a client has for a complete request head: the protected domains' smallest
+    /// `slowloris.maxHeaderTimeoutSeconds` when there are any, else the listener default.
+    pub(crate) fn header_timeout(&self) -> Duration {
+        self.shield
+            .header_timeout()
+            .unwrap_or(self.options.header_read_timeout)
+    }
 }
 
 impl Reload for HttpService {
     fn reload(&self, snapshot: &Arc<Snapshot>, issues: &mut Vec<Issue>) {
         let mut limits = self.origin_limits.lock();
-        let table = RouteTable::build_with_limits(snapshot, &self.options, issues, &mut limits);
+        let table = RouteTable::build_with_limits(
+            snapshot,
+            &self.options,
+            issues,
+            &mut limits,
+            &mut |domain| self.shield.policy(domain),
+        );
         self.routes.store(Arc::new(table));
     }
 }

@@ -3,12 +3,13 @@
 
 use std::convert::Infallible;
 use std::error::Error as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use defenra_shield::Check;
 use defenra_waf::WafEngine;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
@@ -142,6 +143,19 @@ impl Local {
         }
     }
 
+    /// `429 Too Many Requests` for an address over a rate limit or blocked, with the
+    /// seconds left in `Retry-After` (RFC 6585 §4).
+    pub(crate) fn limited(retry_after: u32) -> Local {
+        let mut local = Local::plain(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("429 Too Many Requests\nretry in {retry_after} s\n"),
+        );
+        local
+            .headers
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        local
+    }
+
     /// `404 Not Found` and the like: the status and its reason, nothing else.
     pub(crate) fn error_page(status: StatusCode) -> Local {
         let text = format!(
@@ -165,9 +179,12 @@ pub(crate) enum Decision {
     /// Answer without contacting the origin.
     Respond(Local),
     /// Proxy to the route's origin, adding the WAF's `extra_headers` to the response.
+    /// `client` is the request's client address (the peer, or the address a trusted proxy
+    /// reported in one of the domain's `proxyIpHeaders`).
     Proxy {
         route: Arc<Route>,
         extra_headers: Option<HeaderMap>,
+        client: IpAddr,
     },
 }
 
@@ -180,6 +197,9 @@ pub(crate) struct Conn {
     pub(crate) listener: Listener,
     /// The port the client connected to, for the WAF's `ngx.var.server_port`.
     pub(crate) local_port: u16,
+    /// Time this connection's clients have for each request head (and the TLS handshake),
+    /// fixed at accept from the shield's policies.
+    pub(crate) header_timeout: Duration,
     pub(crate) shutdown: CancellationToken,
     /// Idle origin connections of this listener loop's HTTP/1 exchanges.
     pub(crate) raw_pool: Arc<crate::origin::RawPool>,
@@ -215,18 +235,20 @@ impl Conn {
         Ok(response.map(|body| ServedBody::new(body, entry)))
     }
 
-    /// Routing, in this order: host → ACME answer → proxied? → redirect to HTTPS →
-    /// listener type → WAF. `host` is without port; `target` is the path and query.
-    /// `waf_check` runs the domain's script when it has one (it gets the engine, the
-    /// domain and the lower-cased host), so each protocol hands over its own view of the
-    /// request.
-    pub(crate) fn decide(
+    /// Routing, in this order: host → ACME answer → shield (client address, rate limit) →
+    /// proxied? → redirect to HTTPS → listener type → WAF. `host` is without port;
+    /// `target` is the path and query. `header(name)` gives the last field of a lower-case
+    /// header name (for `proxyIpHeaders`). `waf_check` runs the domain's script when it has
+    /// one (it gets the engine, the domain, the lower-cased host and the client address), so
+    /// each protocol hands over its own view of the request.
+    pub(crate) fn decide<'h>(
         &self,
         method: &Method,
         host: &str,
         target: &str,
         entry: &mut Option<Box<AccessEntry>>,
-        waf_check: impl FnOnce(&WafEngine, &str, &str) -> defenra_waf::Verdict,
+        header: impl FnMut(&str) -> Option<&'h [u8]>,
+        waf_check: impl FnOnce(&WafEngine, &str, &str, IpAddr) -> defenra_waf::Verdict,
     ) -> Result<Decision, ProxyError> {
         // A reverse proxy is no tunnel: CONNECT would reach the origin in authority form.
         if method == Method::CONNECT {
@@ -249,6 +271,24 @@ impl Conn {
         if let Some(local) = acme_answer(&route, method, target) {
             return Ok(Decision::Respond(local));
         }
+        let peer = self.peer.ip().to_canonical();
+        let mut client = peer;
+        if let Some(policy) = route.shield.as_deref() {
+            let shield = &self.service.shield;
+            client = shield.client_addr(Some(policy), peer, header);
+            if let Some(entry) = entry {
+                entry.client = client;
+            }
+            match shield.check(policy, client) {
+                Check::Proceed | Check::Whitelisted => {}
+                Check::Limited { retry_after, .. } => {
+                    return Ok(Decision::Respond(Local::limited(retry_after)));
+                }
+                Check::Banned => {
+                    return Ok(Decision::Respond(Local::error_page(StatusCode::FORBIDDEN)));
+                }
+            }
+        }
         if !route.proxied {
             return Err(ProxyError::NotProxied(host.to_owned()));
         }
@@ -270,9 +310,10 @@ impl Conn {
         let mut extra_headers = None;
         let waf = &self.service.waf;
         if waf.has_script(&domain.name) {
-            let verdict =
-                with_lower_host(host, |lower_host| waf_check(waf, &domain.name, lower_host))
-                    .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
+            let verdict = with_lower_host(host, |lower_host| {
+                waf_check(waf, &domain.name, lower_host, client)
+            })
+            .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
             match verdict {
                 defenra_waf::Verdict::Allow {
                     extra_headers: extra,
@@ -307,6 +348,7 @@ impl Conn {
         Ok(Decision::Proxy {
             route,
             extra_headers,
+            client,
         })
     }
 
@@ -334,25 +376,30 @@ impl Conn {
             host,
             target,
             entry,
-            |waf, domain, lower_host| {
+            |name| {
+                let values = request.headers().get_all(name);
+                values.iter().last().map(HeaderValue::as_bytes)
+            },
+            |waf, domain, lower_host, client| {
                 waf.check(&defenra_waf::RequestInfo {
                     domain,
                     host: lower_host,
                     method: request.method(),
                     target,
                     headers: defenra_waf::RequestHeaders::Map(request.headers()),
-                    remote_addr: self.peer.ip().to_canonical(),
+                    remote_addr: client,
                     scheme: self.listener.scheme(),
                     server_port: self.local_port,
                 })
             },
         )?;
-        let (route, extra_headers) = match decision {
+        let (route, extra_headers, client) = match decision {
             Decision::Respond(local) => return Ok(local.into_response()),
             Decision::Proxy {
                 route,
                 extra_headers,
-            } => (route, extra_headers),
+                client,
+            } => (route, extra_headers, client),
         };
         let Some(origin) = route.origin.as_ref() else {
             return Err(ProxyError::NoOrigin(host.to_owned()));
@@ -374,9 +421,14 @@ impl Conn {
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::join_cookies(&mut parts.headers);
         parts.headers.insert(header::HOST, host_value.clone());
+        let client_ip = if client == self.peer.ip().to_canonical() {
+            self.peer_ip.clone()
+        } else {
+            headers::ip_value(client)
+        };
         headers::add_forwarding(
             &mut parts.headers,
-            &self.peer_ip,
+            &client_ip,
             self.listener.scheme(),
             Some(&host_value),
         );

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use defenra_config::{Domain, EncryptionMode, Issue, Record, RecordData, Snapshot};
+use defenra_shield::DomainPolicy;
 use http::uri::Authority;
 use tokio::sync::Semaphore;
 
@@ -41,7 +42,12 @@ pub(crate) struct Route {
     pub(crate) proxied: bool,
     /// Where requests go; `None` when no usable A, AAAA or CNAME record was found.
     pub(crate) origin: Option<Origin>,
+    /// The domain's protection policy when it has Anti-DDoS enabled.
+    pub(crate) shield: Option<Arc<DomainPolicy>>,
 }
+
+/// Gives the shield policy of a domain while a table is built.
+pub(crate) type PolicyOf<'a> = dyn FnMut(&Domain) -> Option<Arc<DomainPolicy>> + 'a;
 
 /// The origin of a route, fixed when the table is built.
 #[derive(Debug, Clone)]
@@ -75,7 +81,13 @@ impl RouteTable {
     /// Compiles the routes of `snapshot`. A host that appears in two domains belongs to the
     /// more specific zone (`a.sub.example.com` to `sub.example.com`); the other is reported.
     pub fn build(snapshot: &Snapshot, options: &HttpOptions, issues: &mut Vec<Issue>) -> Self {
-        RouteTable::build_with_limits(snapshot, options, issues, &mut OriginLimits::new())
+        RouteTable::build_with_limits(
+            snapshot,
+            options,
+            issues,
+            &mut OriginLimits::new(),
+            &mut |_| None,
+        )
     }
 
     /// As [`RouteTable::build`], reusing the connection limits of origins that stay and
@@ -85,8 +97,17 @@ impl RouteTable {
         options: &HttpOptions,
         issues: &mut Vec<Issue>,
         limits: &mut OriginLimits,
+        policy_of: &mut PolicyOf<'_>,
     ) -> Self {
         let mut used: OriginLimits = HashMap::new();
+        // One policy per domain, shared by its routes.
+        let mut policies: HashMap<*const Domain, Option<Arc<DomainPolicy>>> = HashMap::new();
+        let mut policy = |domain: &Arc<Domain>| {
+            policies
+                .entry(Arc::as_ptr(domain))
+                .or_insert_with(|| policy_of(domain))
+                .clone()
+        };
         let mut domains: Vec<(usize, &Arc<Domain>)> = snapshot.domains.iter().enumerate().collect();
         // Most specific zone first, so it claims its names before a parent zone does.
         domains.sort_by_key(|(_, domain)| std::cmp::Reverse(domain.name.len()));
@@ -153,6 +174,7 @@ impl RouteTable {
                                 domain: Arc::clone(&entry.domain),
                                 proxied: entry.proxied,
                                 origin: None,
+                                shield: policy(&entry.domain),
                             })
                         }),
                 ),
@@ -160,6 +182,7 @@ impl RouteTable {
                     domain: Arc::clone(&entry.domain),
                     proxied: entry.proxied,
                     origin: Some(origin),
+                    shield: policy(&entry.domain),
                 }),
             };
             match name.strip_prefix("*.") {

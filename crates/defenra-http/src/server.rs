@@ -20,6 +20,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use defenra_shield::{Admission, ConnKind, ConnTicket};
+
 use crate::proxy::Conn;
 use crate::stats::{Event, ListenerStats};
 use crate::{HttpError, HttpOptions, HttpService};
@@ -99,8 +101,20 @@ pub(crate) async fn serve(
                 }
             },
         };
+        // Banned peers and peers at their connection cap are closed before TLS or any
+        // read, with a reset: no TIME_WAIT is kept for them.
+        let ticket = match service.shield.admit(peer.ip(), ConnKind::Http) {
+            Admission::Proceed(ticket) => ticket,
+            Admission::Refuse(_) => {
+                // SO_LINGER 0: close() sends RST at once and never blocks.
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(Conn {
+            header_timeout: service.header_timeout(),
             service: Arc::clone(&service),
             peer,
             peer_ip: crate::headers::ip_value(peer.ip().to_canonical()),
@@ -113,7 +127,7 @@ pub(crate) async fn serve(
             conn,
             stream,
             Arc::clone(&builders),
-            permit,
+            (permit, ticket),
         ));
     }
     drop(listener);
@@ -149,7 +163,8 @@ async fn serve_connection(
     conn: Arc<Conn>,
     stream: TcpStream,
     builders: Arc<Builders>,
-    _permit: OwnedSemaphorePermit,
+    // Held until the connection ends: the listener's slot and the shield's count.
+    _admitted: (OwnedSemaphorePermit, ConnTicket),
 ) {
     let listener_stats = conn.service.stats.listener(conn.listener);
     listener_stats.connection_opened();
@@ -164,7 +179,7 @@ async fn serve_connection(
 }
 
 async fn serve_plain(conn: &Arc<Conn>, stream: TcpStream, builders: &Builders, meter: &Arc<Meter>) {
-    let timeout = conn.service.options.header_read_timeout;
+    let timeout = conn.header_timeout;
     let Ok(Some(h2)) = tokio::time::timeout(timeout, opens_with_h2_preface(&stream)).await else {
         // Closed, broken or silent before the first bytes: nothing to answer.
         return;
@@ -208,7 +223,7 @@ async fn serve_tls(conn: &Arc<Conn>, stream: TcpStream, builders: &Builders, met
         inner: stream,
         meter: Arc::clone(meter),
     };
-    let timeout = conn.service.options.header_read_timeout;
+    let timeout = conn.header_timeout;
     let handshake = conn.service.tls_acceptor.accept(io);
     match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(tls)) => {

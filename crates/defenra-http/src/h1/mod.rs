@@ -17,6 +17,7 @@ mod timer;
 
 use std::future::poll_fn;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -109,7 +110,7 @@ where
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         // Every wait's deadline: next head, origin answer, an exchange's idle limit.
-        let mut timer = Timer::new(Instant::now() + self.conn.service.options.header_read_timeout);
+        let mut timer = Timer::new(Instant::now() + self.conn.header_timeout);
         let mut first = true;
         loop {
             match self.read_head(first, cancelled.as_mut(), &mut timer).await {
@@ -149,7 +150,7 @@ where
         timer.set(
             Instant::now()
                 + if first || started {
-                    options.header_read_timeout
+                    self.conn.header_timeout
                 } else {
                     options.keepalive_timeout
                 },
@@ -164,7 +165,7 @@ where
                 if !started {
                     started = true;
                     if !first {
-                        timer.set(Instant::now() + options.header_read_timeout);
+                        timer.set(Instant::now() + self.conn.header_timeout);
                     }
                 }
                 if !self.inbuf.has_room() && !self.inbuf.grow(self.max_head) {
@@ -217,8 +218,18 @@ where
             .and_then(|host_value| {
                 let host = strip_port(host_value);
                 let target = std::str::from_utf8(path).map_err(|_| ProxyError::MissingHost)?;
-                let decision =
-                    conn.decide(&method, host, target, &mut entry, |waf, domain, lower| {
+                let decision = conn.decide(
+                    &method,
+                    host,
+                    target,
+                    &mut entry,
+                    |name| {
+                        head.pairs(buf)
+                            .filter(|(field, _)| field.eq_ignore_ascii_case(name))
+                            .last()
+                            .map(|(_, value)| value)
+                    },
+                    |waf, domain, lower, client| {
                         let pairs: Vec<(&str, &[u8])> = head.pairs(buf).collect();
                         waf.check(&defenra_waf::RequestInfo {
                             domain,
@@ -226,11 +237,12 @@ where
                             method: &method,
                             target,
                             headers: defenra_waf::RequestHeaders::Pairs(&pairs),
-                            remote_addr: conn.peer.ip().to_canonical(),
+                            remote_addr: client,
                             scheme: conn.listener.scheme(),
                             server_port: conn.local_port,
                         })
-                    })?;
+                    },
+                )?;
                 Ok((decision, host_value, host))
             });
         let (route, extra, key) = match routed {
@@ -248,6 +260,7 @@ where
                 Decision::Proxy {
                     route,
                     extra_headers,
+                    client,
                 },
                 host_value,
                 host,
@@ -256,9 +269,9 @@ where
                 &route,
                 head,
                 buf,
-                host_value,
-                host,
+                (host_value, host),
                 path,
+                client,
                 &mut self.out,
             ) {
                 Ok(key) => (route, extra_headers, key),
@@ -1055,17 +1068,17 @@ fn set_status(entry: &mut Option<Box<AccessEntry>>, status: StatusCode) {
     }
 }
 
-/// Checks what the origin request needs and writes its head into `out`. Returns the pool
-/// key.
+/// Checks what the origin request needs and writes its head into `out`. `host` is the
+/// Host value as sent and without its port. Returns the pool key.
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     conn: &Conn,
     route: &Route,
     head: &RequestHead,
     buf: &[u8],
-    host_value: &str,
-    host: &str,
+    (host_value, host): (&str, &str),
     path: &[u8],
+    client: IpAddr,
     out: &mut Vec<u8>,
 ) -> Result<PoolKey, ProxyError> {
     let origin = route
@@ -1080,6 +1093,14 @@ fn prepare(
     }
     let key = pool_key(origin, host)?;
     out.clear();
+    // The connection's own text unless a trusted proxy named another client.
+    let client_text;
+    let client_ip = if client == conn.peer.ip().to_canonical() {
+        conn.peer_ip.as_bytes()
+    } else {
+        client_text = client.to_string();
+        client_text.as_bytes()
+    };
     head::write_origin_request(
         out,
         buf,
@@ -1087,7 +1108,7 @@ fn prepare(
         &Forwarding {
             host: host_value.as_bytes(),
             path: if path.is_empty() { b"/" } else { path },
-            client_ip: conn.peer_ip.as_bytes(),
+            client_ip,
             scheme: conn.listener.scheme(),
             upgrade: head.upgrade(buf),
         },

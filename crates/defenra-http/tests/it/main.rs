@@ -7,6 +7,7 @@ mod limits;
 mod pool;
 mod protocols;
 mod routing;
+mod shield;
 mod support;
 mod tls;
 mod wire;

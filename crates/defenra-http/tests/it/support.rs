@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use defenra_config::{Reload, SnapshotCell};
 use defenra_http::{HttpOptions, HttpService};
+use defenra_shield::{Shield, ShieldOptions};
 use defenra_waf::{WafEngine, WafOptions};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
@@ -252,8 +253,18 @@ impl Proxy {
     }
 
     pub(crate) async fn start_with(config: &Value, options: HttpOptions) -> Proxy {
+        let shield = Arc::new(Shield::new(ShieldOptions::default()));
+        Proxy::start_shielded(config, options, shield).await
+    }
+
+    /// A proxy asking `shield` (built by the test, on a manual clock say).
+    pub(crate) async fn start_shielded(
+        config: &Value,
+        options: HttpOptions,
+        shield: Arc<Shield>,
+    ) -> Proxy {
         let waf = Arc::new(WafEngine::new(WafOptions::default()));
-        let service = Arc::new(HttpService::new(Arc::clone(&waf), options));
+        let service = Arc::new(HttpService::with_shield(Arc::clone(&waf), shield, options));
         let proxy_http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_https = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = proxy_http.local_addr().unwrap();
@@ -282,6 +293,7 @@ impl Proxy {
         let snapshot = self.cell.publish(compiled.snapshot);
         let mut issues = Vec::new();
         self.waf.reload(&snapshot, &mut issues);
+        self.service.shield().reload(&snapshot, &mut issues);
         self.service.reload(&snapshot, &mut issues);
         assert!(issues.is_empty(), "{issues:?}");
     }
@@ -370,6 +382,29 @@ where
 
 pub(crate) async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
     send(addr, request(host, path)).await
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (any 127.x works).
+pub(crate) async fn connect_from(source: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.parse().expect("source address"), 0))?;
+    socket.connect(addr).await
+}
+
+/// Sends one HTTP/1.1 request from `source` on a new connection; `None` when the proxy
+/// closed the connection without an answer.
+pub(crate) async fn send_from(
+    source: &str,
+    addr: SocketAddr,
+    request: Request<Full<Bytes>>,
+) -> Option<Reply> {
+    let stream = connect_from(source, addr).await.ok()?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await.ok()?;
+    Some(collect(response).await)
 }
 
 pub(crate) fn request(host: &str, path: &str) -> Request<Full<Bytes>> {
