@@ -378,7 +378,7 @@ impl Conn {
             entry,
             |name| {
                 let values = request.headers().get_all(name);
-                values.iter().last().map(HeaderValue::as_bytes)
+                values.iter().next_back().map(HeaderValue::as_bytes)
             },
             |waf, domain, lower_host, client| {
                 waf.check(&defenra_waf::RequestInfo {
