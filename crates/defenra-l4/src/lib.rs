@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use defenra_config::{Issue, L4Proxy, Reload, Snapshot};
+use defenra_shield::Shield;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -116,6 +117,8 @@ pub struct L4Service {
     ///
     /// [`with_workers`]: L4Service::with_workers
     workers: Arc<[Handle]>,
+    /// Bans and per-address caps; none when the embedding program gives no shield.
+    shield: Option<Arc<Shield>>,
 }
 
 impl L4Service {
@@ -127,7 +130,17 @@ impl L4Service {
             stats: Arc::new(L4Stats::default()),
             serving: AtomicBool::new(false),
             workers: Arc::from([]),
+            shield: None,
         }
+    }
+
+    /// Asks `shield` at every TCP accept (banned peers, `--l4-max-conns-per-ip`,
+    /// `--l4-new-conns-per-ip-per-minute`: closed at once with a reset) and for every UDP
+    /// datagram (a banned sender's are dropped).
+    #[must_use]
+    pub fn with_shield(mut self, shield: Arc<Shield>) -> Self {
+        self.shield = Some(shield);
+        self
     }
 
     /// Accepts TCP connections on each of `workers` instead of on the runtime `serve` runs
@@ -160,6 +173,7 @@ impl L4Service {
             Arc::clone(&self.stats),
             self.desired.subscribe(),
             Arc::clone(&self.workers),
+            self.shield.clone(),
         );
         supervisor.run(shutdown).await;
         Ok(())

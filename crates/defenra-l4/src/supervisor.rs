@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use defenra_config::{L4Protocol, L4Proxy};
+use defenra_shield::Shield;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -34,6 +35,7 @@ pub(crate) struct Supervisor {
     drains: TaskTracker,
     /// Runtimes TCP listeners accept on; empty for the supervisor's own.
     workers: Arc<[Handle]>,
+    shield: Option<Arc<Shield>>,
 }
 
 struct RunningListener {
@@ -54,6 +56,8 @@ pub(crate) struct ListenerContext {
     pub(crate) drains: TaskTracker,
     /// Runtimes a TCP listener accepts on, one socket each; empty for the current one.
     pub(crate) workers: Arc<[Handle]>,
+    /// Asked at each TCP accept and for each UDP datagram (bans, per-address caps).
+    pub(crate) shield: Option<Arc<Shield>>,
 }
 
 impl Supervisor {
@@ -62,6 +66,7 @@ impl Supervisor {
         stats: Arc<L4Stats>,
         desired: watch::Receiver<Arc<Vec<L4Proxy>>>,
         workers: Arc<[Handle]>,
+        shield: Option<Arc<Shield>>,
     ) -> Self {
         Supervisor {
             options,
@@ -70,6 +75,7 @@ impl Supervisor {
             listeners: HashMap::new(),
             drains: TaskTracker::new(),
             workers,
+            shield,
         }
     }
 
@@ -148,6 +154,7 @@ impl Supervisor {
             stats: Arc::clone(&stats),
             drains: self.drains.clone(),
             workers: Arc::clone(&self.workers),
+            shield: self.shield.clone(),
         };
         let task = match proxy.protocol {
             L4Protocol::Tcp => tokio::spawn(tcp::run(context, targets, stop.clone())),

@@ -14,6 +14,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use defenra_shield::{Admission, ConnKind, ConnTicket};
+
 use crate::proxy_protocol;
 use crate::relay::{CopyMode, RelayEnd, relay};
 use crate::resolve::Target;
@@ -154,6 +156,19 @@ fn accept_one(
     client: TcpStream,
     peer: SocketAddr,
 ) {
+    // Banned peers and peers over their caps are reset before anything else happens.
+    let ticket = match &context.shield {
+        None => ConnTicket::default(),
+        Some(shield) => match shield.admit(peer.ip(), ConnKind::L4) {
+            Admission::Proceed(ticket) => ticket,
+            // Counted by the shield.
+            Admission::Refuse(_) => {
+                // SO_LINGER 0: close() sends RST at once and never blocks.
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                return;
+            }
+        },
+    };
     let stats = Arc::clone(&context.stats);
     stats.connections_total.fetch_add(1, Relaxed);
     let active = stats.connections_active.fetch_add(1, Relaxed) + 1;
@@ -168,6 +183,7 @@ fn accept_one(
     let options = Arc::clone(&context.options);
     generation.connections.spawn(async move {
         let _active = GaugeGuard(&stats.connections_active);
+        let _ticket = ticket;
         let connection = Connection {
             peer,
             target: &target,

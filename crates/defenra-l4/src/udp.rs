@@ -67,7 +67,16 @@ pub(crate) async fn run(
             }
             Some((client, id)) = table.closed.1.recv() => table.forget(client, id),
             received = socket.recv_from(&mut buffer) => match received {
-                Ok((n, client)) => table.route(client, &buffer[..n]),
+                Ok((n, client)) => {
+                    // A banned sender's datagrams are dropped (and counted by the shield).
+                    let admitted = context
+                        .shield
+                        .as_ref()
+                        .is_none_or(|shield| shield.admit_datagram(client.ip()));
+                    if admitted {
+                        table.route(client, &buffer[..n]);
+                    }
+                }
                 Err(error) => {
                     tracing::debug!(port = context.stats.port, %error, "udp receive failed");
                 }

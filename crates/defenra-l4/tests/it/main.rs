@@ -1,6 +1,7 @@
 //! Integration tests: a real `L4Service` on loopback, real clients and destination servers.
 
 mod reconcile;
+mod shield;
 mod tcp;
 mod udp;
 mod workers;
