@@ -7,3 +7,4 @@ mod geo;
 mod protocol;
 mod records;
 mod support;
+mod tcp;
