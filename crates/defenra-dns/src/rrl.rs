@@ -644,6 +644,17 @@ mod tests {
     }
 
     #[test]
+    fn log_lines_are_capped_per_second_and_the_suppressed_ones_reported() {
+        let rrl = limiter(1, 2, 64);
+        let allowed: Vec<Option<u64>> = (0..12).map(|_| rrl.log_allowed(5_000_000)).collect();
+        assert_eq!(allowed[..10], [Some(0); 10]);
+        assert_eq!(allowed[10..], [None, None]);
+        // The next second's first line says how many were left out.
+        assert_eq!(rrl.log_allowed(6_000_001), Some(2));
+        assert_eq!(rrl.log_allowed(6_000_002), Some(0));
+    }
+
+    #[test]
     fn cidrs_parse_and_match() {
         let cidr: Cidr = "10.1.2.3/8".parse().unwrap();
         assert!(cidr.contains(ip("10.200.0.1")));

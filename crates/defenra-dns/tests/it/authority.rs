@@ -214,17 +214,71 @@ async fn names_are_case_insensitive_and_the_question_is_echoed_as_sent() {
     assert!(!response.metadata.recursion_available);
 }
 
-#[tokio::test]
-async fn any_gets_a_minimal_answer() {
-    let server = TestServer::start(ZONE).await;
-    let response = server.udp(&query("example.com.", RecordType::ANY)).await;
-    assert_eq!(response.answers.len(), 1, "{:?}", response.answers);
-    let types: std::collections::BTreeSet<_> = response
+/// The record types of an answer section, sorted.
+fn answer_types(response: &hickory_proto::op::Message) -> Vec<RecordType> {
+    let mut types: Vec<RecordType> = response
         .answers
         .iter()
         .map(|record| record.record_type())
         .collect();
-    assert_eq!(types.len(), 1);
+    types.sort_unstable_by_key(|kind| u16::from(*kind));
+    types
+}
+
+#[tokio::test]
+async fn any_over_udp_gets_one_rrset_and_over_tcp_every_rrset() {
+    let server = TestServer::start(ZONE).await;
+    // RFC 8482 §4.1 over UDP: one RRset, the smallest (the apex's A).
+    let udp = server.udp(&query("example.com.", RecordType::ANY)).await;
+    assert_eq!(answer_types(&udp), [RecordType::A]);
+    assert!(!udp.metadata.truncation);
+    // Over TCP the client is who it says it is: the full set.
+    let tcp = server.tcp(&query("example.com.", RecordType::ANY)).await;
+    assert_eq!(
+        answer_types(&tcp),
+        [
+            RecordType::A,
+            RecordType::NS,
+            RecordType::SOA,
+            RecordType::MX,
+            RecordType::TXT,
+            RecordType::AAAA,
+            RecordType::CAA
+        ]
+    );
+    // Two A records at www: one RRset is both records.
+    let www = server
+        .tcp(&query("www.example.com.", RecordType::ANY))
+        .await;
+    assert_eq!(answer_types(&www), [RecordType::A, RecordType::A]);
+    // An empty non-terminal has no RRset: NODATA either way.
+    for response in [
+        server
+            .udp(&query("b.deep.example.com.", RecordType::ANY))
+            .await,
+        server
+            .tcp(&query("b.deep.example.com.", RecordType::ANY))
+            .await,
+    ] {
+        assert!(response.answers.is_empty());
+        assert_eq!(response.authorities.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn any_at_a_cname_is_the_cname_itself() {
+    // RFC 1034 §4.3.2 step 3a: ANY matches the CNAME, so it is not chased.
+    let server = TestServer::start(ZONE).await;
+    server
+        .check(
+            "alias.example.com. ANY",
+            "NOERROR aa | answer: alias.example.com. 300 CNAME www.example.com.",
+        )
+        .await;
+    let tcp = server
+        .tcp(&query("alias.example.com.", RecordType::ANY))
+        .await;
+    assert_eq!(answer_types(&tcp), [RecordType::CNAME]);
 }
 
 #[tokio::test]
