@@ -245,7 +245,7 @@ pub(crate) struct DnsArgs {
         env = "DNS_RRL_TABLE_SIZE",
         value_name = "CLASSES",
         default_value_t = 1_000_000,
-        value_parser = clap::value_parser!(u64).range(64..=(1 << 28))
+        value_parser = clap::value_parser!(u64).range(64..=(1 << 26))
     )]
     pub(crate) rrl_table_size: u64,
 

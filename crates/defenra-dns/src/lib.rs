@@ -141,7 +141,8 @@ impl DnsService {
 
     /// Answers one query message as the socket loops do, writing the response into `out`
     /// (cleared first). Returns false when the packet gets no response (too short to be a
-    /// query, or a response itself). Never panics, whatever `packet` holds.
+    /// query, a response itself, or a UDP response dropped by rate limiting). Never
+    /// panics, whatever `packet` holds.
     pub fn answer(
         &self,
         packet: &[u8],

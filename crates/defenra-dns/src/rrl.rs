@@ -36,7 +36,8 @@ pub struct RrlOptions {
     /// Clients inside these networks are never limited.
     pub whitelist: Vec<Cidr>,
     /// Classes tracked at once; when full, the least recently active class of a table
-    /// row gives way. Rounded up to a power of two times 8 (8 bytes each).
+    /// row gives way. Rounded up to a power of two times 8, at most 2^26 (8 bytes each:
+    /// 8 MiB for the default, 512 MiB at most).
     pub table_size: usize,
 }
 
@@ -199,6 +200,8 @@ const COUNTER_MASK: u64 = 0x7f;
 const OCCUPIED: u64 = 1 << 32;
 /// Attempts at a contended row before the response is let through.
 const ATTEMPTS: usize = 4;
+/// The largest table: 2^26 classes, 512 MiB.
+const MAX_CLASSES: usize = 1 << 26;
 /// Log lines about limiting per second, whatever the flood.
 const LOG_LINES_PER_SECOND: u64 = 10;
 
@@ -248,7 +251,12 @@ impl Rrl {
         let bucket = ((f64::from(rate) * window.as_secs_f64()).round() as u64).max(1);
         // At most 60 s: well inside the 2^31 µs half-lap of the stored TAT.
         let tolerance_us = ((bucket - 1) * u64::from(interval_us)).min(60_000_000) as u32;
-        let n_rows = options.table_size.div_ceil(WAYS).max(1).next_power_of_two();
+        let n_rows = options
+            .table_size
+            .min(MAX_CLASSES)
+            .div_ceil(WAYS)
+            .max(1)
+            .next_power_of_two();
         let rows: Box<[Row]> = (0..n_rows).map(|_| Row::default()).collect();
         let ipv4_prefix = options.ipv4_prefix.min(32);
         let ipv6_prefix = options.ipv6_prefix.min(128);
