@@ -14,7 +14,7 @@ use crate::wire::{
     self, CLASS_ANY, CLASS_IN, ParseError, Query, Rcode, ResponseFlags, TYPE_A, TYPE_AAAA,
     TYPE_ANY, TYPE_AXFR, TYPE_CNAME, TYPE_IXFR, TYPE_MAILA, TYPE_MAILB, TYPE_OPT,
 };
-use crate::zone::{ZoneIndex, push_address_tail};
+use crate::zone::{Node, ZoneIndex, push_address_tail};
 
 /// "No node" / "no zone" in [`Answer`].
 const NONE: u32 = u32::MAX;
@@ -390,9 +390,7 @@ fn resolve(
                         answer.geo = true;
                     }
                 }
-                for rrset in index.rrsets(node) {
-                    answer.n_answers += push_rrset(out, owner, index.bytes(rrset.bytes()));
-                }
+                answer.n_answers += push_all_rrsets(index, node, owner, out);
                 if answer.n_answers == 0 {
                     push_soa(index, node.zone, out, &mut answer);
                 }
@@ -441,9 +439,7 @@ fn resolve(
         }
 
         if full_any && !index.rrsets(node).is_empty() {
-            for rrset in index.rrsets(node) {
-                answer.n_answers += push_rrset(out, owner, index.bytes(rrset.bytes()));
-            }
+            answer.n_answers += push_all_rrsets(index, node, owner, out);
             return answer;
         }
         let rrset = if qtype == TYPE_ANY {
@@ -489,6 +485,24 @@ fn push_soa(index: &ZoneIndex, zone_id: u32, out: &mut Vec<u8>, answer: &mut Ans
         ttl.copy_from_slice(&zone.negative_ttl.to_be_bytes());
     }
     answer.n_authority += added;
+}
+
+/// Appends every RRset of `node` (ANY over TCP) that fits in one TCP message, keeping room
+/// for the OPT record; returns how many records.
+fn push_all_rrsets(index: &ZoneIndex, node: &Node, owner: Owner<'_>, out: &mut Vec<u8>) -> u16 {
+    /// A TCP message is at most 65,535 bytes (RFC 1035 §4.2.2); leave room for the OPT.
+    const ROOM: usize = u16::MAX as usize - 512;
+    let mut n_records = 0;
+    for rrset in index.rrsets(node) {
+        let before = out.len();
+        let added = push_rrset(out, owner, index.bytes(rrset.bytes()));
+        if out.len() > ROOM {
+            out.truncate(before);
+            break;
+        }
+        n_records += added;
+    }
+    n_records
 }
 
 /// Appends every record of a compiled record set (`tails`: type, class, TTL, RDLENGTH and

@@ -311,3 +311,37 @@ async fn the_soa_keeps_its_ttl_in_answers_and_the_negative_ttl_in_authority() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn any_over_tcp_sends_the_rrsets_that_fit_in_one_message() {
+    // 4,000 A records (56 KB) and 2,000 AAAA records (52 KB) at one name: both cannot go in
+    // one 65,535-byte TCP message, so the answer holds the RRsets that fit.
+    let mut records = Vec::new();
+    for n in 0..4000u32 {
+        records.push(format!(
+            r#"{{"name":"many","type":"A","value":"10.0.{}.{}"}}"#,
+            n / 250,
+            n % 250 + 1
+        ));
+    }
+    for n in 0..2000u32 {
+        records.push(format!(
+            r#"{{"name":"many","type":"AAAA","value":"2001:db8::{:x}"}}"#,
+            n + 1
+        ));
+    }
+    let config = format!(
+        r#"{{"domains":[{{"domain":"example.com","dnsRecords":[{}]}}]}}"#,
+        records.join(",")
+    );
+    let server = TestServer::start(&config).await;
+    let response = server.tcp(&query("many.example.com.", RecordType::ANY)).await;
+    assert!(!response.metadata.truncation);
+    assert_eq!(response.answers.len(), 4000);
+    assert!(
+        response
+            .answers
+            .iter()
+            .all(|record| record.record_type() == RecordType::A)
+    );
+}
