@@ -335,7 +335,9 @@ async fn any_over_tcp_sends_the_rrsets_that_fit_in_one_message() {
         records.join(",")
     );
     let server = TestServer::start(&config).await;
-    let response = server.tcp(&query("many.example.com.", RecordType::ANY)).await;
+    let response = server
+        .tcp(&query("many.example.com.", RecordType::ANY))
+        .await;
     assert!(!response.metadata.truncation);
     assert_eq!(response.answers.len(), 4000);
     assert!(
