@@ -59,6 +59,9 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "DNS_LISTEN", default_value = "0.0.0.0:53")]
     pub(crate) dns_listen: Listen,
 
+    #[command(flatten)]
+    pub(crate) dns: DnsArgs,
+
     /// Plain HTTP listener, or `off`.
     #[arg(long, env = "HTTP_LISTEN", default_value = "0.0.0.0:80")]
     pub(crate) http_listen: Listen,
@@ -167,6 +170,166 @@ impl FromStr for Listen {
         full.parse().map(Listen::On).map_err(|_| {
             format!("{text:?} is not an address like 0.0.0.0:53, [::]:53, :53 or `off`")
         })
+    }
+}
+
+/// DNS abuse resistance: response rate limiting of UDP answers and TCP limits
+/// (docs/dns.md, "Abuse resistance").
+#[derive(Debug, Clone, Args)]
+pub(crate) struct DnsArgs {
+    /// UDP responses per second allowed per client prefix and response class (response
+    /// rate limiting); 0 turns it off. 20 suits most authoritative servers.
+    #[arg(
+        long = "dns-rrl-rate",
+        env = "DNS_RRL_RATE",
+        value_name = "PER_SECOND",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u32).range(0..=1_000_000)
+    )]
+    pub(crate) rrl_rate: u32,
+
+    /// Rate limiting: a class may burst rate × window responses (1ms-60s).
+    #[arg(
+        long = "dns-rrl-window",
+        env = "DNS_RRL_WINDOW",
+        value_name = "DURATION",
+        default_value = "1s",
+        value_parser = parse_rrl_window
+    )]
+    pub(crate) rrl_window: Duration,
+
+    /// Rate limiting: every Nth limited response is sent truncated (TC=1) instead of
+    /// dropped, so a real resolver retries over TCP; 0 drops all, 1 truncates all.
+    #[arg(
+        long = "dns-rrl-slip",
+        env = "DNS_RRL_SLIP",
+        value_name = "N",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u32).range(0..=100)
+    )]
+    pub(crate) rrl_slip: u32,
+
+    /// Rate limiting: IPv4 clients are grouped by this prefix length.
+    #[arg(
+        long = "dns-rrl-ipv4-prefix",
+        env = "DNS_RRL_IPV4_PREFIX",
+        value_name = "BITS",
+        default_value_t = 24,
+        value_parser = clap::value_parser!(u8).range(0..=32)
+    )]
+    pub(crate) rrl_ipv4_prefix: u8,
+
+    /// Rate limiting: IPv6 clients are grouped by this prefix length.
+    #[arg(
+        long = "dns-rrl-ipv6-prefix",
+        env = "DNS_RRL_IPV6_PREFIX",
+        value_name = "BITS",
+        default_value_t = 56,
+        value_parser = clap::value_parser!(u8).range(0..=128)
+    )]
+    pub(crate) rrl_ipv6_prefix: u8,
+
+    /// Rate limiting never applies to clients in these networks (comma-separated).
+    #[arg(
+        long = "dns-rrl-whitelist",
+        env = "DNS_RRL_WHITELIST",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
+    pub(crate) rrl_whitelist: Vec<defenra_dns::Cidr>,
+
+    /// Rate limiting: classes tracked at once, 8 bytes each (8 MiB for the default);
+    /// when full, the least recently active class of a table row gives way.
+    #[arg(
+        long = "dns-rrl-table-size",
+        env = "DNS_RRL_TABLE_SIZE",
+        value_name = "CLASSES",
+        default_value_t = 1_000_000,
+        value_parser = clap::value_parser!(u64).range(64..=(1 << 26))
+    )]
+    pub(crate) rrl_table_size: u64,
+
+    /// DNS over TCP: connections at once from one address; more are closed when accepted.
+    #[arg(
+        long = "dns-tcp-max-conns-per-ip",
+        env = "DNS_TCP_MAX_CONNS_PER_IP",
+        value_name = "N",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) tcp_max_conns_per_ip: u32,
+
+    /// DNS over TCP: connections at once. When full, the one idle the longest is closed
+    /// to make room; when none is idle, the new one is closed.
+    #[arg(
+        long = "dns-tcp-max-conns",
+        env = "DNS_TCP_MAX_CONNS",
+        value_name = "N",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) tcp_max_conns: u32,
+
+    /// DNS over TCP: each message must arrive whole within this time of the previous
+    /// answer (or the accept), or the connection is closed.
+    #[arg(
+        long = "dns-tcp-idle-timeout",
+        env = "DNS_TCP_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_tcp_timeout
+    )]
+    pub(crate) tcp_idle_timeout: Duration,
+
+    /// DNS over TCP: a connection is closed after this many queries.
+    #[arg(
+        long = "dns-tcp-max-queries",
+        env = "DNS_TCP_MAX_QUERIES",
+        value_name = "N",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) tcp_max_queries: u32,
+}
+
+impl DnsArgs {
+    /// The DNS service's options from these flags and `--agent-ip`.
+    pub(crate) fn options(&self, agent_ip: Option<IpAddr>) -> defenra_dns::DnsOptions {
+        defenra_dns::DnsOptions {
+            agent_ip,
+            tcp_idle_timeout: self.tcp_idle_timeout,
+            tcp_max_connections: self.tcp_max_conns as usize,
+            tcp_max_connections_per_ip: self.tcp_max_conns_per_ip as usize,
+            tcp_max_queries: self.tcp_max_queries as usize,
+            rrl: defenra_dns::RrlOptions {
+                rate: self.rrl_rate,
+                window: self.rrl_window,
+                slip: self.rrl_slip,
+                ipv4_prefix: self.rrl_ipv4_prefix,
+                ipv6_prefix: self.rrl_ipv6_prefix,
+                whitelist: self.rrl_whitelist.clone(),
+                table_size: self.rrl_table_size as usize,
+            },
+            ..defenra_dns::DnsOptions::default()
+        }
+    }
+}
+
+fn parse_rrl_window(text: &str) -> Result<Duration, String> {
+    let window = parse_duration(text)?;
+    if (Duration::from_millis(1)..=Duration::from_secs(60)).contains(&window) {
+        Ok(window)
+    } else {
+        Err(format!("{text:?} must be between 1ms and 60s"))
+    }
+}
+
+fn parse_tcp_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if (Duration::from_millis(1)..=Duration::from_secs(3600)).contains(&timeout) {
+        Ok(timeout)
+    } else {
+        Err(format!("{text:?} must be between 1ms and 1h"))
     }
 }
 
@@ -343,6 +506,64 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_poll_interval("0").is_err());
+    }
+
+    #[test]
+    fn dns_abuse_flags_reach_the_dns_options() {
+        let defaults = Cli::try_parse_from(["defenra-agent"])
+            .unwrap()
+            .run
+            .dns
+            .options(None);
+        let library = defenra_dns::DnsOptions::default();
+        assert_eq!(
+            defaults.rrl, library.rrl,
+            "flag defaults match the library's"
+        );
+        assert_eq!(defaults.tcp_idle_timeout, library.tcp_idle_timeout);
+        assert_eq!(defaults.tcp_max_connections, library.tcp_max_connections);
+        assert_eq!(
+            defaults.tcp_max_connections_per_ip,
+            library.tcp_max_connections_per_ip
+        );
+        assert_eq!(defaults.tcp_max_queries, library.tcp_max_queries);
+
+        let args = Cli::try_parse_from([
+            "defenra-agent",
+            "--dns-rrl-rate",
+            "20",
+            "--dns-rrl-window",
+            "2s",
+            "--dns-rrl-slip",
+            "3",
+            "--dns-rrl-ipv4-prefix",
+            "32",
+            "--dns-rrl-whitelist",
+            "192.0.2.0/24,2001:db8::/32",
+            "--dns-tcp-max-conns-per-ip",
+            "4",
+            "--dns-tcp-idle-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        let options = args.run.dns.options(None);
+        assert_eq!(options.rrl.rate, 20);
+        assert_eq!(options.rrl.window, Duration::from_secs(2));
+        assert_eq!(options.rrl.slip, 3);
+        assert_eq!(options.rrl.ipv4_prefix, 32);
+        assert_eq!(options.rrl.whitelist.len(), 2);
+        assert_eq!(options.tcp_max_connections_per_ip, 4);
+        assert_eq!(options.tcp_idle_timeout, Duration::from_millis(500));
+        for bad in [
+            ["--dns-rrl-whitelist", "192.0.2.0/33"],
+            ["--dns-rrl-ipv4-prefix", "33"],
+            ["--dns-rrl-window", "0s"],
+            ["--dns-tcp-max-conns", "0"],
+        ] {
+            let mut argv = vec!["defenra-agent"];
+            argv.extend(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

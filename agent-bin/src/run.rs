@@ -13,7 +13,7 @@ use defenra_config::{
     SnapshotCell, StateDir,
 };
 
-use defenra_dns::{DnsOptions, DnsService, DnsSockets};
+use defenra_dns::{DnsService, DnsSockets};
 use defenra_geo::{GeoLookup, MaxMindGeo};
 use defenra_http::{HttpOptions, HttpService};
 use defenra_l4::{L4Options, L4Service};
@@ -74,13 +74,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         }
     };
 
-    let dns = Arc::new(DnsService::new(
-        geo,
-        DnsOptions {
-            agent_ip: args.agent_ip,
-            ..DnsOptions::default()
-        },
-    ));
+    let dns = Arc::new(DnsService::new(geo, args.dns.options(args.agent_ip)));
     let waf = Arc::new(WafEngine::new(WafOptions {
         fail_closed: args.waf_fail_closed,
         ..WafOptions::default()

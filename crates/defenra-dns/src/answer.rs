@@ -1,16 +1,23 @@
 //! The query handler: one packet in, one response (or nothing) out, written into a reused
-//! buffer. No allocation, no lock, no I/O.
+//! buffer. No allocation, no lock, no I/O (a rate-limit log line, at most a few a second,
+//! is the one exception).
 
+use std::fmt;
 use std::net::IpAddr;
 
 use defenra_geo::GeoLookup;
+use tracing::info;
 
+use crate::rrl::{Class, Limit, Rrl};
 use crate::stats::DnsStats;
 use crate::wire::{
     self, CLASS_ANY, CLASS_IN, ParseError, Query, Rcode, ResponseFlags, TYPE_A, TYPE_AAAA,
     TYPE_ANY, TYPE_AXFR, TYPE_CNAME, TYPE_IXFR, TYPE_MAILA, TYPE_MAILB, TYPE_OPT,
 };
-use crate::zone::{ZoneIndex, push_address_tail};
+use crate::zone::{Node, ZoneIndex, push_address_tail};
+
+/// "No node" / "no zone" in [`Answer`].
+const NONE: u32 = u32::MAX;
 
 /// Longest CNAME chain followed inside served zones.
 const MAX_CHAIN: usize = 8;
@@ -34,6 +41,10 @@ pub(crate) struct Context<'a> {
     pub(crate) stats: &'a DnsStats,
     /// The largest UDP payload we send, whatever the client offers (EDNS clamp).
     pub(crate) udp_payload_limit: u16,
+    /// Response rate limiting of UDP answers, when on.
+    pub(crate) rrl: Option<&'a Rrl>,
+    /// The rate limiter's time, in microseconds.
+    pub(crate) now_us: u64,
 }
 
 /// Answers `packet` from `source` into `out` (cleared first). Returns false when nothing
@@ -55,6 +66,10 @@ pub(crate) fn handle(
             return false;
         }
         Err(ParseError::Reply(rcode)) => {
+            let limit = rate_limit(ctx, source, transport, Class::Error);
+            if limit == Limit::Drop {
+                return false;
+            }
             // Parse guarantees a 12-byte header when it asks for a reply.
             let flags = u16::from_be_bytes([packet[2], packet[3]]);
             out.resize(12, 0);
@@ -64,7 +79,7 @@ pub(crate) fn handle(
                 &ResponseFlags {
                     opcode: ((flags >> 11) & 0xf) as u8,
                     authoritative: false,
-                    truncated: false,
+                    truncated: limit == Limit::Slip,
                     recursion_desired: flags & 0x0100 != 0,
                     checking_disabled: flags & 0x0010 != 0,
                     rcode,
@@ -80,7 +95,7 @@ pub(crate) fn handle(
     };
 
     out.extend_from_slice(&packet[..query.question_end]);
-    let limit = match (transport, &query.edns) {
+    let size_limit = match (transport, &query.edns) {
         (Transport::Tcp, _) => usize::from(u16::MAX),
         (Transport::Udp, None) => usize::from(MIN_UDP_PAYLOAD),
         (Transport::Udp, Some(edns)) => usize::from(
@@ -111,19 +126,32 @@ pub(crate) fn handle(
                     Some(subnet) if subnet.source_prefix > 0 => subnet.address,
                     _ => source,
                 };
-                resolve(ctx, &query, client, random, out)
+                resolve(ctx, &query, client, transport, random, out)
             }
         }
     };
 
-    let scope = match (answer.geo, &subnet) {
+    // Response rate limiting (UDP only: a TCP client cannot spoof its address).
+    let limit = rate_limit(ctx, source, transport, answer.class(query.qtype));
+    if limit == Limit::Drop {
+        return false;
+    }
+
+    let scope = match (answer.geo && limit == Limit::Send, &subnet) {
         (true, Some(subnet)) if subnet.family == 1 => GEO_SCOPE_V4,
         (true, Some(_)) => GEO_SCOPE_V6,
         _ => 0,
     };
     let mut counts = [1, answer.n_answers, answer.n_authority, 0];
     let mut truncated = false;
-    if out.len() + query.edns.map_or(0, |_| wire::opt_len(subnet.as_ref())) > limit {
+    if limit == Limit::Slip {
+        // Slipped: the question alone with TC=1 (OPT kept), so that a real resolver in
+        // the limited prefix retries over TCP and gets its answer there.
+        out.truncate(query.question_end);
+        counts[1] = 0;
+        counts[2] = 0;
+        truncated = true;
+    } else if out.len() + query.edns.map_or(0, |_| wire::opt_len(subnet.as_ref())) > size_limit {
         // RFC 2181 §9: set TC and send what fits; we send the question alone, and the
         // client retries over TCP.
         out.truncate(query.question_end);
@@ -173,6 +201,11 @@ struct Answer {
     n_authority: u16,
     /// The answer came from the GeoDNS plan (its ECS scope is not 0).
     geo: bool,
+    /// The node the question's name led to (the name, or the wildcard synthesising it),
+    /// or [`NONE`].
+    node: u32,
+    /// The zone whose SOA went into the authority section, or [`NONE`].
+    zone: u32,
 }
 
 impl Answer {
@@ -183,6 +216,70 @@ impl Answer {
             n_answers: 0,
             n_authority: 0,
             geo: false,
+            node: NONE,
+            zone: NONE,
+        }
+    }
+
+    /// The rate-limit class of this answer: the name and type for answers with records,
+    /// the zone for NXDOMAIN and NODATA (so random names of one zone are one class), and
+    /// one class for every error.
+    fn class(&self, qtype: u16) -> Class {
+        match self.rcode {
+            Rcode::NxDomain => Class::Negative { zone: self.zone },
+            Rcode::NoError if self.n_answers == 0 => Class::Negative { zone: self.zone },
+            Rcode::NoError => Class::Positive {
+                node: self.node,
+                qtype,
+            },
+            _ => Class::Error,
+        }
+    }
+}
+
+/// Charges the response to its class when rate limiting is on and it goes over UDP, and
+/// writes a log line when a class starts being limited (a few lines a second at most).
+fn rate_limit(ctx: &Context<'_>, source: IpAddr, transport: Transport, class: Class) -> Limit {
+    let (Transport::Udp, Some(rrl)) = (transport, ctx.rrl) else {
+        return Limit::Send;
+    };
+    let decision = rrl.check(source, class, ctx.index.generation, ctx.now_us, ctx.stats);
+    if decision.started
+        && let Some(suppressed) = rrl.log_allowed(ctx.now_us)
+    {
+        info!(
+            prefix = %rrl.prefix_of(source),
+            class = %ClassName { index: ctx.index, class },
+            suppressed_lines = suppressed,
+            "dns rrl: responses over the rate are dropped or truncated"
+        );
+    }
+    decision.limit
+}
+
+/// A class for log lines: `www.example.com A`, `example.com NXDOMAIN/NODATA`, `errors`.
+struct ClassName<'a> {
+    index: &'a ZoneIndex,
+    class: Class,
+}
+
+impl fmt::Display for ClassName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.class {
+            Class::Positive { node, qtype } => {
+                let name = self.index.node_name(node);
+                let name = if name.is_empty() { "." } else { name };
+                write!(f, "{name} ")?;
+                match wire::type_name(qtype) {
+                    Some(mnemonic) => f.write_str(mnemonic),
+                    // RFC 3597 §5: unknown types as TYPEnnn.
+                    None => write!(f, "TYPE{qtype}"),
+                }
+            }
+            Class::Negative { zone } => {
+                write!(f, "{} NXDOMAIN/NODATA", self.index.zone_name(zone))
+            }
+            Class::Error => f.write_str("errors"),
         }
     }
 }
@@ -239,6 +336,7 @@ fn resolve(
     ctx: &Context<'_>,
     query: &Query,
     client: IpAddr,
+    transport: Transport,
     random: u64,
     out: &mut Vec<u8>,
 ) -> Answer {
@@ -249,6 +347,8 @@ fn resolve(
         n_answers: 0,
         n_authority: 0,
         geo: false,
+        node: NONE,
+        zone: NONE,
     };
     let mut node_id = match find(index, query.name()) {
         Lookup::Found(id) => id,
@@ -262,7 +362,11 @@ fn resolve(
             return Answer::bare(Rcode::Refused);
         }
     };
+    answer.node = node_id;
     let qtype = query.qtype;
+    // RFC 8482 §4.1 minimises ANY over UDP, where the source can be spoofed; over TCP
+    // the client is who it says it is and gets every RRset of the name.
+    let full_any = qtype == TYPE_ANY && transport == Transport::Tcp;
     let mut owner = Owner::Question;
     let mut visited = [u32::MAX; MAX_CHAIN];
     for depth in 0..=MAX_CHAIN {
@@ -273,6 +377,25 @@ fn resolve(
         {
             let plan = index.zone(node.zone).plan.as_ref();
             let place = ctx.geo.and_then(|geo| geo.place(client));
+            if full_any {
+                // Both address families from the plan, then the name's other RRsets.
+                for ipv4 in [true, false] {
+                    if let Some(selection) = plan.and_then(|plan| plan.choose(ipv4, place, random))
+                    {
+                        for ip in selection.addresses {
+                            owner.write(out);
+                            push_address_tail(out, *ip, ttl);
+                        }
+                        answer.n_answers += selection.addresses.len() as u16;
+                        answer.geo = true;
+                    }
+                }
+                answer.n_answers += push_all_rrsets(index, node, owner, out);
+                if answer.n_answers == 0 {
+                    push_soa(index, node.zone, out, &mut answer);
+                }
+                return answer;
+            }
             match plan.and_then(|plan| plan.choose(qtype != TYPE_AAAA, place, random)) {
                 Some(selection) => {
                     for ip in selection.addresses {
@@ -292,7 +415,8 @@ fn resolve(
         {
             push_rrset(out, owner, index.bytes(cname.rrset));
             answer.n_answers += 1;
-            if depth == MAX_CHAIN {
+            // RFC 1034 §4.3.2 step 3a: ANY matches the CNAME itself, which is not chased.
+            if depth == MAX_CHAIN || qtype == TYPE_ANY {
                 return answer;
             }
             visited[depth] = node_id;
@@ -314,9 +438,17 @@ fn resolve(
             }
         }
 
+        if full_any && !index.rrsets(node).is_empty() {
+            answer.n_answers += push_all_rrsets(index, node, owner, out);
+            return answer;
+        }
         let rrset = if qtype == TYPE_ANY {
-            // RFC 8482 §4.1: answer ANY with one RRset.
-            index.rrsets(node).first()
+            // RFC 8482 §4.1: answer ANY over UDP with one RRset, the smallest, so that
+            // ANY amplifies no more than any single type.
+            index
+                .rrsets(node)
+                .iter()
+                .min_by_key(|rrset| rrset.bytes().len())
         } else {
             index.rrsets(node).iter().find(|rrset| rrset.rtype == qtype)
         };
@@ -339,8 +471,9 @@ fn resolve(
 
 /// Appends the zone's SOA to the authority section, with the negative-caching TTL
 /// (RFC 2308 §3) in place of the record's own.
-fn push_soa(index: &ZoneIndex, zone: u32, out: &mut Vec<u8>, answer: &mut Answer) {
-    let zone = index.zone(zone);
+fn push_soa(index: &ZoneIndex, zone_id: u32, out: &mut Vec<u8>, answer: &mut Answer) {
+    answer.zone = zone_id;
+    let zone = index.zone(zone_id);
     let at = out.len() + index.bytes(zone.apex_wire).len();
     let added = push_rrset(
         out,
@@ -352,6 +485,24 @@ fn push_soa(index: &ZoneIndex, zone: u32, out: &mut Vec<u8>, answer: &mut Answer
         ttl.copy_from_slice(&zone.negative_ttl.to_be_bytes());
     }
     answer.n_authority += added;
+}
+
+/// Appends every RRset of `node` (ANY over TCP) that fits in one TCP message, keeping room
+/// for the OPT record; returns how many records.
+fn push_all_rrsets(index: &ZoneIndex, node: &Node, owner: Owner<'_>, out: &mut Vec<u8>) -> u16 {
+    /// A TCP message is at most 65,535 bytes (RFC 1035 §4.2.2); leave room for the OPT.
+    const ROOM: usize = u16::MAX as usize - 512;
+    let mut n_records = 0;
+    for rrset in index.rrsets(node) {
+        let before = out.len();
+        let added = push_rrset(out, owner, index.bytes(rrset.bytes()));
+        if out.len() > ROOM {
+            out.truncate(before);
+            break;
+        }
+        n_records += added;
+    }
+    n_records
 }
 
 /// Appends every record of a compiled record set (`tails`: type, class, TTL, RDLENGTH and

@@ -75,6 +75,8 @@ impl DnsService {
 
             to_send.clear();
             addresses.clear();
+            // One clock read per batch: the datagrams arrived together.
+            let now_us = self.rrl_now();
             for (slot, (len, address, truncated)) in received.iter().enumerate() {
                 let Some(peer) = address.as_ref().and_then(to_std) else {
                     continue;
@@ -87,7 +89,14 @@ impl DnsService {
                 random = crate::server::xorshift(random);
                 let query = &queries[slot][..(*len).min(QUERY_BUFFER)];
                 let source = crate::server::canonical(peer.ip());
-                if self.answer_with(query, source, Transport::Udp, random, &mut answers[slot]) {
+                if self.answer_with(
+                    query,
+                    source,
+                    Transport::Udp,
+                    random,
+                    now_us,
+                    &mut answers[slot],
+                ) {
                     to_send.push(slot);
                     addresses.push(*address);
                 }

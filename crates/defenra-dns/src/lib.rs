@@ -13,13 +13,16 @@
 mod answer;
 #[cfg(target_os = "linux")]
 mod batch;
+mod rrl;
 mod server;
 mod stats;
+mod tcp;
 mod wire;
 mod zone;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -27,6 +30,7 @@ use defenra_config::{Issue, Reload, Snapshot};
 use defenra_geo::GeoLookup;
 
 pub use answer::Transport;
+pub use rrl::{Cidr, Clock, MonotonicClock, RrlOptions};
 pub use server::DnsSockets;
 pub use stats::DnsStats;
 pub use zone::{GEO_TTL, ZoneIndex};
@@ -40,13 +44,24 @@ pub struct DnsOptions {
     /// The largest UDP response we send, whatever the client's EDNS buffer says. 1232
     /// avoids IP fragmentation (DNS Flag Day 2020).
     pub udp_payload_limit: u16,
-    /// A TCP connection with no query for this long is closed (RFC 7766 §6.2.3).
+    /// Each TCP message must arrive whole within this time of the moment the connection
+    /// began waiting for it (after the previous answer, or the accept), however its bytes
+    /// are spread; otherwise the connection is closed (RFC 7766 §6.2.3). Writing the
+    /// answers has the same bound.
     pub tcp_idle_timeout: Duration,
-    /// At most this many TCP connections at once; more are closed when accepted.
+    /// At most this many TCP connections at once. When full, the connection idle the
+    /// longest is closed to make room; when none is idle, the new one is closed.
     pub tcp_max_connections: usize,
+    /// At most this many TCP connections at once from one address; more are closed when
+    /// accepted.
+    pub tcp_max_connections_per_ip: usize,
+    /// A TCP connection is closed after this many messages.
+    pub tcp_max_queries: usize,
     /// UDP datagrams taken per `recvmmsg(2)` on Linux (at most 64); 1 receives and sends
     /// one datagram per system call.
     pub udp_batch: usize,
+    /// Response rate limiting of UDP answers (off by default).
+    pub rrl: RrlOptions,
 }
 
 impl Default for DnsOptions {
@@ -55,8 +70,11 @@ impl Default for DnsOptions {
             agent_ip: None,
             udp_payload_limit: 1232,
             tcp_idle_timeout: Duration::from_secs(10),
-            tcp_max_connections: 1024,
+            tcp_max_connections: 1000,
+            tcp_max_connections_per_ip: 10,
+            tcp_max_queries: 1000,
             udp_batch: 32,
+            rrl: RrlOptions::default(),
         }
     }
 }
@@ -70,18 +88,39 @@ pub struct DnsService {
     geo: Option<Arc<dyn GeoLookup>>,
     options: DnsOptions,
     stats: Arc<DnsStats>,
+    /// Response rate limiting; `None` when off.
+    rrl: Option<rrl::Rrl>,
+    /// The rate limiter's time.
+    clock: Arc<dyn Clock>,
+    /// Numbers zone indexes, so rate-limit classes of an older index stay apart.
+    generation: AtomicU64,
 }
 
 impl DnsService {
     /// `geo` locates clients for GeoDNS; without it every GeoDNS answer comes from the
     /// `default` key or `agent_ip`.
     pub fn new(geo: Option<Arc<dyn GeoLookup>>, options: DnsOptions) -> Self {
+        let stats = Arc::new(DnsStats::default());
+        let rrl = rrl::Rrl::new(&options.rrl);
+        if let Some(rrl) = &rrl {
+            stats.rrl_enabled(rrl.capacity());
+        }
         DnsService {
             zones: ArcSwap::from_pointee(ZoneIndex::default()),
             geo,
             options,
-            stats: Arc::new(DnsStats::default()),
+            stats,
+            rrl,
+            clock: Arc::new(MonotonicClock::new()),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Replaces the rate limiter's clock (tests move one by hand).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The service's counters; `DnsStats` implements
@@ -102,7 +141,8 @@ impl DnsService {
 
     /// Answers one query message as the socket loops do, writing the response into `out`
     /// (cleared first). Returns false when the packet gets no response (too short to be a
-    /// query, or a response itself). Never panics, whatever `packet` holds.
+    /// query, a response itself, or a UDP response dropped by rate limiting). Never
+    /// panics, whatever `packet` holds.
     pub fn answer(
         &self,
         packet: &[u8],
@@ -118,16 +158,28 @@ impl DnsService {
             source,
             transport,
             u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            self.rrl_now(),
             out,
         )
     }
 
-    fn answer_with(
+    /// The rate limiter's time in microseconds (0 when it is off: no clock is read).
+    pub(crate) fn rrl_now(&self) -> u64 {
+        match self.rrl {
+            Some(_) => self.clock.now().as_micros() as u64,
+            None => 0,
+        }
+    }
+
+    /// [`DnsService::answer`] with the pool choice's random number and the rate limiter's
+    /// time (from [`DnsService::rrl_now`], read once per batch by the UDP loops).
+    pub(crate) fn answer_with(
         &self,
         packet: &[u8],
         source: IpAddr,
         transport: Transport,
         random: u64,
+        now_us: u64,
         out: &mut Vec<u8>,
     ) -> bool {
         let index = self.zones.load();
@@ -136,6 +188,8 @@ impl DnsService {
             geo: self.geo.as_deref(),
             stats: &self.stats,
             udp_payload_limit: self.options.udp_payload_limit,
+            rrl: self.rrl.as_ref(),
+            now_us,
         };
         answer::handle(&context, packet, source, transport, random, out)
     }
@@ -143,7 +197,8 @@ impl DnsService {
 
 impl Reload for DnsService {
     fn reload(&self, snapshot: &Arc<Snapshot>, issues: &mut Vec<Issue>) {
-        let index = ZoneIndex::build(snapshot, self.options.agent_ip, issues);
+        let mut index = ZoneIndex::build(snapshot, self.options.agent_ip, issues);
+        index.generation = self.generation.fetch_add(1, Relaxed) + 1;
         self.stats.reloaded(index.n_zones(), index.n_records());
         self.zones.store(Arc::new(index));
     }

@@ -1,5 +1,5 @@
 //! Sockets and loops: one blocking recv/answer/send thread per UDP socket (SO_REUSEPORT,
-//! one per core) and a tokio task per TCP connection.
+//! one per core) and the TCP accept loop (connections themselves are in `tcp.rs`).
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr, TcpListener as StdTcpListener, UdpSocket};
@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::answer::Transport;
+use crate::tcp::{Admission, ConnTable};
 use crate::{DnsError, DnsService};
 
 /// How often a UDP thread wakes up to look at the shutdown token.
@@ -172,22 +171,37 @@ impl DnsService {
         }
         info!(addr = %local_addr, udp_sockets = n_udp, "dns listening");
 
-        let permits = Arc::new(Semaphore::new(self.options.tcp_max_connections.max(1)));
+        let table = Arc::new(ConnTable::new(
+            self.options.tcp_max_connections,
+            self.options.tcp_max_connections_per_ip,
+        ));
         loop {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                            self.stats.tcp_rejected_one();
-                            drop(stream);
-                            continue;
+                        // Over a cap the new connection is closed at once (dropped here).
+                        let guard = match table.admit(canonical(peer.ip()), &self.stats) {
+                            Admission::Admitted { guard, evicted } => {
+                                if evicted {
+                                    self.stats.count_tcp_evicted();
+                                }
+                                guard
+                            }
+                            Admission::RefusedPerAddress => {
+                                self.stats.count_tcp_rejected_per_ip();
+                                continue;
+                            }
+                            Admission::RefusedFull => {
+                                self.stats.tcp_rejected_one();
+                                continue;
+                            }
                         };
                         let service = Arc::clone(&self);
                         let token = shutdown.clone();
                         tokio::spawn(async move {
-                            service.tcp_connection(stream, peer, token, permit).await;
+                            service.tcp_connection(stream, peer, token, guard).await;
                         });
                     }
                     Err(error) => {
@@ -252,6 +266,7 @@ impl DnsService {
                 source,
                 Transport::Udp,
                 random,
+                self.rrl_now(),
                 &mut response,
             ) && let Err(error) = socket.send_to(&response, peer)
             {
@@ -259,79 +274,6 @@ impl DnsService {
                 debug!(%peer, %error, "dns udp send failed");
             }
         }
-    }
-
-    /// One TCP connection: length-prefixed queries (RFC 1035 §4.2.2), answered in order
-    /// as they arrive; pipelined queries are read without waiting for earlier answers to
-    /// be flushed (RFC 7766 §6.2.1.1).
-    async fn tcp_connection(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        shutdown: CancellationToken,
-        _permit: OwnedSemaphorePermit,
-    ) {
-        self.stats.tcp_opened();
-        let _ = stream.set_nodelay(true);
-        let (read_half, write_half) = stream.into_split();
-        let mut reader = BufReader::new(read_half);
-        let mut writer = BufWriter::new(write_half);
-        // Grown to the largest message seen, so idle connections stay small.
-        let mut packet = Vec::with_capacity(512);
-        let mut response = Vec::with_capacity(512);
-        let idle = self.options.tcp_idle_timeout;
-        let source = canonical(peer.ip());
-        let mut random = seed(u64::from(peer.port()));
-        let result: std::io::Result<()> = async {
-            loop {
-                if reader.buffer().is_empty() {
-                    writer.flush().await?;
-                }
-                let len = tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    read = tokio::time::timeout(idle, reader.read_u16()) => match read {
-                        Err(_) => {
-                            self.stats.count_tcp_timeout();
-                            return Ok(());
-                        }
-                        Ok(Err(error)) if error.kind() == ErrorKind::UnexpectedEof => return Ok(()),
-                        Ok(read) => usize::from(read?),
-                    },
-                };
-                if len == 0 {
-                    return Ok(());
-                }
-                packet.resize(len, 0);
-                match tokio::time::timeout(idle, reader.read_exact(&mut packet)).await {
-                    Err(_) => {
-                        self.stats.count_tcp_timeout();
-                        return Ok(());
-                    }
-                    Ok(read) => {
-                        read?;
-                    }
-                }
-                random = xorshift(random);
-                if self.answer_with(
-                    &packet[..len],
-                    source,
-                    Transport::Tcp,
-                    random,
-                    &mut response,
-                ) {
-                    writer
-                        .write_all(&(response.len() as u16).to_be_bytes())
-                        .await?;
-                    writer.write_all(&response).await?;
-                }
-            }
-        }
-        .await;
-        let _ = writer.flush().await;
-        if let Err(error) = result {
-            debug!(%peer, %error, "dns tcp connection ended");
-        }
-        self.stats.tcp_closed();
     }
 }
 
@@ -343,7 +285,7 @@ pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn seed(salt: u64) -> u64 {
+pub(crate) fn seed(salt: u64) -> u64 {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos() as u64);

@@ -27,11 +27,30 @@ pub struct DnsStats {
     geo_answers: AtomicU64,
     ecs_queries: AtomicU64,
     tcp_connections: AtomicU64,
+    /// New connections closed at once: the table was full and none was idle.
     tcp_rejected: AtomicU64,
+    /// New connections closed at once: their address held its share already.
+    tcp_rejected_per_ip: AtomicU64,
+    /// Idle connections closed to make room for a new one.
+    tcp_evicted: AtomicU64,
+    /// Connections closed because a message (or the writing of answers) missed its deadline.
     tcp_timeouts: AtomicU64,
+    /// Connections closed after answering their query budget.
+    tcp_query_budget: AtomicU64,
     send_errors: AtomicU64,
     /// Gauge: open TCP connections.
     tcp_active: AtomicU64,
+    /// Gauge: open TCP connections waiting for a new message with nothing buffered.
+    tcp_idle: AtomicU64,
+    /// UDP responses dropped by response rate limiting.
+    rrl_dropped: AtomicU64,
+    /// UDP responses sent truncated by response rate limiting.
+    rrl_slipped: AtomicU64,
+    /// Classes replaced in the rate limiter's table by newer ones.
+    rrl_evictions: AtomicU64,
+    /// Gauges: classes in the rate limiter's table, and its capacity.
+    rrl_classes: AtomicU64,
+    rrl_capacity: AtomicU64,
     /// Gauges: what the current index serves.
     zones: AtomicU64,
     records: AtomicU64,
@@ -62,9 +81,54 @@ impl DnsStats {
         self.truncated.load(Relaxed)
     }
 
-    /// TCP connections closed at once because the cap was reached.
+    /// TCP connections closed at once because the table was full of busy connections.
     pub fn tcp_rejected(&self) -> u64 {
         self.tcp_rejected.load(Relaxed)
+    }
+
+    /// TCP connections closed at once because their address held its share.
+    pub fn tcp_rejected_per_ip(&self) -> u64 {
+        self.tcp_rejected_per_ip.load(Relaxed)
+    }
+
+    /// Idle TCP connections closed to make room for new ones.
+    pub fn tcp_evicted(&self) -> u64 {
+        self.tcp_evicted.load(Relaxed)
+    }
+
+    /// TCP connections closed because a message missed its deadline.
+    pub fn tcp_timeouts(&self) -> u64 {
+        self.tcp_timeouts.load(Relaxed)
+    }
+
+    /// Open TCP connections.
+    pub fn tcp_active(&self) -> u64 {
+        self.tcp_active.load(Relaxed)
+    }
+
+    /// Open TCP connections waiting, with nothing buffered, for their next message.
+    pub fn tcp_idle(&self) -> u64 {
+        self.tcp_idle.load(Relaxed)
+    }
+
+    /// UDP responses dropped by response rate limiting.
+    pub fn rrl_dropped(&self) -> u64 {
+        self.rrl_dropped.load(Relaxed)
+    }
+
+    /// UDP responses sent truncated (TC=1) by response rate limiting.
+    pub fn rrl_slipped(&self) -> u64 {
+        self.rrl_slipped.load(Relaxed)
+    }
+
+    /// Classes in the rate limiter's table.
+    pub fn rrl_classes(&self) -> u64 {
+        self.rrl_classes.load(Relaxed)
+    }
+
+    /// Classes replaced in the rate limiter's table by newer ones.
+    pub fn rrl_evictions(&self) -> u64 {
+        self.rrl_evictions.load(Relaxed)
     }
 
     pub(crate) fn count_query(&self, transport: Transport) {
@@ -120,6 +184,37 @@ impl DnsStats {
     }
     pub(crate) fn tcp_rejected_one(&self) {
         self.tcp_rejected.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn count_tcp_rejected_per_ip(&self) {
+        self.tcp_rejected_per_ip.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn count_tcp_evicted(&self) {
+        self.tcp_evicted.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn count_tcp_query_budget(&self) {
+        self.tcp_query_budget.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn tcp_idle_changed(&self, idle: bool) {
+        if idle {
+            self.tcp_idle.fetch_add(1, Relaxed);
+        } else {
+            self.tcp_idle.fetch_sub(1, Relaxed);
+        }
+    }
+    pub(crate) fn count_rrl_dropped(&self) {
+        self.rrl_dropped.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn count_rrl_slipped(&self) {
+        self.rrl_slipped.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn count_rrl_eviction(&self) {
+        self.rrl_evictions.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn rrl_class_added(&self) {
+        self.rrl_classes.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn rrl_enabled(&self, capacity: usize) {
+        self.rrl_capacity.store(capacity as u64, Relaxed);
     }
     pub(crate) fn reloaded(&self, n_zones: usize, n_records: usize) {
         self.zones.store(n_zones as u64, Relaxed);
@@ -202,13 +297,43 @@ impl StatsSource for DnsStats {
             ),
             (
                 "tcp_rejected_total",
-                "TCP connections closed at once (connection cap)",
+                "TCP connections closed at once (table full, none idle)",
                 &self.tcp_rejected,
             ),
             (
+                "tcp_rejected_per_ip_total",
+                "TCP connections closed at once (per-address cap)",
+                &self.tcp_rejected_per_ip,
+            ),
+            (
+                "tcp_evicted_total",
+                "Idle TCP connections closed to make room for new ones",
+                &self.tcp_evicted,
+            ),
+            (
                 "tcp_timeouts_total",
-                "TCP connections closed when idle",
+                "TCP connections closed when a message missed its deadline",
                 &self.tcp_timeouts,
+            ),
+            (
+                "tcp_query_budget_total",
+                "TCP connections closed after their query budget",
+                &self.tcp_query_budget,
+            ),
+            (
+                "rrl_dropped_total",
+                "UDP responses dropped by rate limiting",
+                &self.rrl_dropped,
+            ),
+            (
+                "rrl_slipped_total",
+                "UDP responses sent truncated by rate limiting",
+                &self.rrl_slipped,
+            ),
+            (
+                "rrl_evictions_total",
+                "Rate-limit classes replaced by newer ones",
+                &self.rrl_evictions,
             ),
             (
                 "send_errors_total",
@@ -223,6 +348,21 @@ impl StatsSource for DnsStats {
             "tcp_active",
             "Open TCP connections",
             load(&self.tcp_active) as f64,
+        ));
+        out.push(Metric::gauge(
+            "tcp_idle",
+            "Open TCP connections waiting for a message",
+            load(&self.tcp_idle) as f64,
+        ));
+        out.push(Metric::gauge(
+            "rrl_classes",
+            "Rate-limit classes tracked",
+            load(&self.rrl_classes) as f64,
+        ));
+        out.push(Metric::gauge(
+            "rrl_table_size",
+            "Rate-limit classes the table holds at most (0: off)",
+            load(&self.rrl_capacity) as f64,
         ));
         out.push(Metric::gauge(
             "zones",

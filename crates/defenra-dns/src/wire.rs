@@ -31,6 +31,26 @@ pub(crate) const CLASS_ANY: u16 = 255;
 /// EDNS option code of Client Subnet (RFC 7871 §6).
 const OPTION_ECS: u16 = 8;
 
+/// The mnemonic of a record type we know by name.
+pub(crate) fn type_name(rtype: u16) -> Option<&'static str> {
+    Some(match rtype {
+        TYPE_A => "A",
+        TYPE_NS => "NS",
+        TYPE_CNAME => "CNAME",
+        TYPE_SOA => "SOA",
+        TYPE_MX => "MX",
+        TYPE_TXT => "TXT",
+        TYPE_AAAA => "AAAA",
+        TYPE_SRV => "SRV",
+        TYPE_OPT => "OPT",
+        TYPE_CAA => "CAA",
+        TYPE_IXFR => "IXFR",
+        TYPE_AXFR => "AXFR",
+        TYPE_ANY => "ANY",
+        _ => return None,
+    })
+}
+
 /// Response codes, including the extended BADVERS (RFC 6891 §6.1.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Rcode {

@@ -47,6 +47,9 @@ pub struct ZoneIndex {
     /// One arena for all bytes: node names, record sets, wire-form names.
     bytes: Vec<u8>,
     n_records: usize,
+    /// Set by the service at reload: tells indexes apart in the rate limiter, whose
+    /// classes hold node and zone ids of one index.
+    pub(crate) generation: u64,
 }
 
 /// "None" for the `u32` links of [`Node`] and the slots of the name table.
@@ -62,6 +65,10 @@ pub(crate) struct Span {
 impl Span {
     fn range(self) -> std::ops::Range<usize> {
         self.start as usize..self.start as usize + self.len as usize
+    }
+
+    pub(crate) fn len(self) -> usize {
+        self.len as usize
     }
 }
 
@@ -254,6 +261,38 @@ impl ZoneIndex {
 
     pub(crate) fn node(&self, id: u32) -> &Node {
         &self.nodes[id as usize]
+    }
+
+    /// The lower-case dotted name of node `id` (empty for the root or an unknown id), for
+    /// log lines.
+    pub(crate) fn node_name(&self, id: u32) -> &str {
+        self.nodes
+            .get(id as usize)
+            .and_then(|node| std::str::from_utf8(self.bytes(node.name())).ok())
+            .unwrap_or("")
+    }
+
+    /// The dotted apex name of zone `id` (empty for an unknown id), for log lines.
+    pub(crate) fn zone_name(&self, id: u32) -> String {
+        let mut name = String::new();
+        let Some(zone) = self.zones.get(id as usize) else {
+            return name;
+        };
+        let mut wire = self.bytes(zone.apex_wire);
+        while let Some((&len, rest)) = wire.split_first() {
+            let Some(label) = rest
+                .get(..usize::from(len))
+                .filter(|label| !label.is_empty())
+            else {
+                break;
+            };
+            if !name.is_empty() {
+                name.push('.');
+            }
+            name.push_str(&String::from_utf8_lossy(label));
+            wire = &rest[label.len()..];
+        }
+        name
     }
 
     pub(crate) fn zone(&self, id: u32) -> &Zone {

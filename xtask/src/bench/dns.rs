@@ -374,7 +374,7 @@ fn render_report(
 }
 
 /// Installs knot and dnsperf from Debian when missing.
-fn install_tools() -> anyhow::Result<()> {
+pub(crate) fn install_tools() -> anyhow::Result<()> {
     let present = |tool: &str| {
         Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -401,7 +401,7 @@ fn install_tools() -> anyhow::Result<()> {
 
 /// Runs cargo in the project root with the default target dir (the release binary is
 /// shared with the lead's builds, whatever CARGO_TARGET_DIR this shell has).
-fn cargo_release(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn cargo_release(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     eprintln!("$ cargo {}", args.join(" "));
     let status = Command::new(crate::cargo())
         .args(args)
@@ -413,13 +413,13 @@ fn cargo_release(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn path_str(path: &Path) -> anyhow::Result<&str> {
+pub(crate) fn path_str(path: &Path) -> anyhow::Result<&str> {
     path.to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
 /// A port free for both UDP and TCP on 127.0.0.1 right now.
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     for _ in 0..32 {
         let udp = UdpSocket::bind("127.0.0.1:0")?;
         let port = udp.local_addr()?.port();
@@ -539,7 +539,7 @@ fn agent_config(domains: usize) -> String {
 }
 
 /// A server process, killed when dropped.
-struct Server {
+pub(crate) struct Server {
     name: &'static str,
     child: Child,
 }
@@ -555,7 +555,7 @@ impl Server {
     }
 
     /// Starts the server and waits (at most 60 s) until `probe` answers with an address.
-    fn start_waiting_for(
+    pub(crate) fn start_waiting_for(
         name: &'static str,
         command: &mut Command,
         work: &Path,
@@ -587,6 +587,11 @@ impl Server {
         }
         let _ = server.child.kill();
         bail!("{name} did not answer {probe} within 60 s")
+    }
+
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Resident memory (VmRSS) in KiB.
@@ -720,7 +725,7 @@ fn dnsperf(
     Ok(run)
 }
 
-fn percentile(sorted: &[f64], percent: usize) -> Option<f64> {
+pub(crate) fn percentile(sorted: &[f64], percent: usize) -> Option<f64> {
     (!sorted.is_empty()).then(|| sorted[(sorted.len() * percent / 100).min(sorted.len() - 1)])
 }
 
@@ -772,7 +777,7 @@ fn probe_latencies(port: u16, packets: &[Vec<u8>], until: Instant) -> Vec<f64> {
 
 /// A query as dnsperf `-e` sends it (EDNS, 4096-byte buffer), with [`ECS_OPTION`] when
 /// `ecs`.
-fn query_packet(name: &str, kind: &str, ecs: bool) -> Vec<u8> {
+pub(crate) fn query_packet(name: &str, kind: &str, ecs: bool) -> Vec<u8> {
     let qtype: u16 = match kind {
         "AAAA" => 28,
         "MX" => 15,
@@ -816,7 +821,7 @@ fn parse_dnsperf(output: &str) -> anyhow::Result<Run> {
     })
 }
 
-fn knot_version() -> String {
+pub(crate) fn knot_version() -> String {
     Command::new("knotd")
         .arg("--version")
         .output()

@@ -2,19 +2,23 @@
 
 mod common;
 mod dns;
+mod dns_rrl;
 mod http;
 mod l4;
 mod waf;
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let Some((area, rest)) = args.split_first() else {
-        anyhow::bail!("usage: cargo xtask bench <dns|http|waf|l4> [options]");
+        anyhow::bail!("usage: cargo xtask bench <dns|dns-rrl|http|waf|l4> [options]");
     };
     match area.as_str() {
         "dns" => dns::run(rest),
+        "dns-rrl" => dns_rrl::run(rest),
         "http" => http::run(rest),
         "waf" => waf::run(rest),
         "l4" => l4::run(rest),
-        other => anyhow::bail!("unknown bench area {other:?}: expected dns, http, waf or l4"),
+        other => {
+            anyhow::bail!("unknown bench area {other:?}: expected dns, dns-rrl, http, waf or l4")
+        }
     }
 }

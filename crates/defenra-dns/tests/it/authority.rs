@@ -214,17 +214,71 @@ async fn names_are_case_insensitive_and_the_question_is_echoed_as_sent() {
     assert!(!response.metadata.recursion_available);
 }
 
-#[tokio::test]
-async fn any_gets_a_minimal_answer() {
-    let server = TestServer::start(ZONE).await;
-    let response = server.udp(&query("example.com.", RecordType::ANY)).await;
-    assert_eq!(response.answers.len(), 1, "{:?}", response.answers);
-    let types: std::collections::BTreeSet<_> = response
+/// The record types of an answer section, sorted.
+fn answer_types(response: &hickory_proto::op::Message) -> Vec<RecordType> {
+    let mut types: Vec<RecordType> = response
         .answers
         .iter()
         .map(|record| record.record_type())
         .collect();
-    assert_eq!(types.len(), 1);
+    types.sort_unstable_by_key(|kind| u16::from(*kind));
+    types
+}
+
+#[tokio::test]
+async fn any_over_udp_gets_one_rrset_and_over_tcp_every_rrset() {
+    let server = TestServer::start(ZONE).await;
+    // RFC 8482 §4.1 over UDP: one RRset, the smallest (the apex's A).
+    let udp = server.udp(&query("example.com.", RecordType::ANY)).await;
+    assert_eq!(answer_types(&udp), [RecordType::A]);
+    assert!(!udp.metadata.truncation);
+    // Over TCP the client is who it says it is: the full set.
+    let tcp = server.tcp(&query("example.com.", RecordType::ANY)).await;
+    assert_eq!(
+        answer_types(&tcp),
+        [
+            RecordType::A,
+            RecordType::NS,
+            RecordType::SOA,
+            RecordType::MX,
+            RecordType::TXT,
+            RecordType::AAAA,
+            RecordType::CAA
+        ]
+    );
+    // Two A records at www: one RRset is both records.
+    let www = server
+        .tcp(&query("www.example.com.", RecordType::ANY))
+        .await;
+    assert_eq!(answer_types(&www), [RecordType::A, RecordType::A]);
+    // An empty non-terminal has no RRset: NODATA either way.
+    for response in [
+        server
+            .udp(&query("b.deep.example.com.", RecordType::ANY))
+            .await,
+        server
+            .tcp(&query("b.deep.example.com.", RecordType::ANY))
+            .await,
+    ] {
+        assert!(response.answers.is_empty());
+        assert_eq!(response.authorities.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn any_at_a_cname_is_the_cname_itself() {
+    // RFC 1034 §4.3.2 step 3a: ANY matches the CNAME, so it is not chased.
+    let server = TestServer::start(ZONE).await;
+    server
+        .check(
+            "alias.example.com. ANY",
+            "NOERROR aa | answer: alias.example.com. 300 CNAME www.example.com.",
+        )
+        .await;
+    let tcp = server
+        .tcp(&query("alias.example.com.", RecordType::ANY))
+        .await;
+    assert_eq!(answer_types(&tcp), [RecordType::CNAME]);
 }
 
 #[tokio::test]
@@ -256,4 +310,40 @@ async fn the_soa_keeps_its_ttl_in_answers_and_the_negative_ttl_in_authority() {
         )
         .await;
     }
+}
+
+#[tokio::test]
+async fn any_over_tcp_sends_the_rrsets_that_fit_in_one_message() {
+    // 4,000 A records (56 KB) and 2,000 AAAA records (52 KB) at one name: both cannot go in
+    // one 65,535-byte TCP message, so the answer holds the RRsets that fit.
+    let mut records = Vec::new();
+    for n in 0..4000u32 {
+        records.push(format!(
+            r#"{{"name":"many","type":"A","value":"10.0.{}.{}"}}"#,
+            n / 250,
+            n % 250 + 1
+        ));
+    }
+    for n in 0..2000u32 {
+        records.push(format!(
+            r#"{{"name":"many","type":"AAAA","value":"2001:db8::{:x}"}}"#,
+            n + 1
+        ));
+    }
+    let config = format!(
+        r#"{{"domains":[{{"domain":"example.com","dnsRecords":[{}]}}]}}"#,
+        records.join(",")
+    );
+    let server = TestServer::start(&config).await;
+    let response = server
+        .tcp(&query("many.example.com.", RecordType::ANY))
+        .await;
+    assert!(!response.metadata.truncation);
+    assert_eq!(response.answers.len(), 4000);
+    assert!(
+        response
+            .answers
+            .iter()
+            .all(|record| record.record_type() == RecordType::A)
+    );
 }

@@ -233,6 +233,28 @@ async fn the_apex_of_a_geo_domain_answers_with_agents_and_keeps_other_types() {
 }
 
 #[tokio::test]
+async fn any_at_a_proxied_name_is_one_family_over_udp_and_both_over_tcp() {
+    let server = geo_server().await;
+    // A French client: the map holds both an IPv4 and an IPv6 address for France.
+    let udp = server
+        .udp(&ecs_query("www.geo.example.", RecordType::ANY, "82.1.2.0"))
+        .await;
+    assert_eq!(addresses(&udp), ["10.0.0.3"]);
+    let tcp = server
+        .tcp(&ecs_query("www.geo.example.", RecordType::ANY, "82.1.2.0"))
+        .await;
+    assert_eq!(addresses(&tcp), ["10.0.0.3", "2001:db8::3"]);
+    assert!(!render(&tcp).contains("203.0.113.50"), "no origin");
+    // The apex also has its MX.
+    let apex = server
+        .tcp(&ecs_query("geo.example.", RecordType::ANY, "82.1.2.0"))
+        .await;
+    let kinds: Vec<RecordType> = apex.answers.iter().map(|r| r.record_type()).collect();
+    assert!(kinds.contains(&RecordType::MX), "{kinds:?}");
+    assert!(kinds.contains(&RecordType::A), "{kinds:?}");
+}
+
+#[tokio::test]
 async fn without_a_geoip_database_answers_come_from_default() {
     let options = DnsOptions {
         agent_ip: Some("192.0.2.254".parse().unwrap()),

@@ -6,4 +6,6 @@ mod fuzz;
 mod geo;
 mod protocol;
 mod records;
+mod rrl;
 mod support;
+mod tcp;

@@ -1,4 +1,5 @@
-//! EDNS, truncation and TCP fallback, TCP pipelining and limits, malformed packets.
+//! EDNS, truncation and TCP fallback, TCP pipelining, malformed packets (TCP limits are in
+//! `tcp.rs`).
 
 use std::time::Duration;
 
@@ -10,8 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::support::{
-    TestServer, echoed_subnet, eventually, query, read_tcp_message, render, udp_exchange, udp_raw,
-    with_edns,
+    TestServer, echoed_subnet, query, read_tcp_message, render, udp_exchange, udp_raw, with_edns,
 };
 
 /// A zone whose TXT answer (about 3 KB) cannot fit in 512 or 1232 bytes.
@@ -168,36 +168,6 @@ async fn idle_tcp_connections_are_closed() {
     .await
     .expect("the server closes the connection");
     assert_eq!(read.unwrap(), 0, "closed without data");
-}
-
-#[tokio::test]
-async fn tcp_connections_over_the_cap_are_closed_and_counted() {
-    let options = DnsOptions {
-        tcp_max_connections: 1,
-        ..DnsOptions::default()
-    };
-    let server = TestServer::start_with(crate::support::ZONE, None, options).await;
-    let mut first = TcpStream::connect(server.addr).await.unwrap();
-    // The first connection works.
-    let bytes = query("example.com.", RecordType::A).to_vec().unwrap();
-    first
-        .write_all(&(bytes.len() as u16).to_be_bytes())
-        .await
-        .unwrap();
-    first.write_all(&bytes).await.unwrap();
-    read_tcp_message(&mut first).await;
-    let _second = TcpStream::connect(server.addr).await.unwrap();
-    let stats = server.service.stats();
-    assert!(eventually(|| stats.tcp_rejected() == 1).await);
-    // UDP is unaffected.
-    assert_eq!(
-        server
-            .udp(&query("example.com.", RecordType::A))
-            .await
-            .answers
-            .len(),
-        1
-    );
 }
 
 #[tokio::test]

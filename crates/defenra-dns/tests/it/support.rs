@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use defenra_config::{Reload, SnapshotCell};
-use defenra_dns::{DnsOptions, DnsService, DnsSockets};
+use defenra_dns::{Clock, DnsOptions, DnsService, DnsSockets, MonotonicClock};
 use defenra_geo::GeoLookup;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
@@ -38,7 +38,17 @@ impl TestServer {
         geo: Option<Arc<dyn GeoLookup>>,
         options: DnsOptions,
     ) -> TestServer {
-        let service = Arc::new(DnsService::new(geo, options));
+        Self::start_with_clock(config, geo, options, Arc::new(MonotonicClock::new())).await
+    }
+
+    /// A server whose rate limiter reads `clock`.
+    pub(crate) async fn start_with_clock(
+        config: &str,
+        geo: Option<Arc<dyn GeoLookup>>,
+        options: DnsOptions,
+        clock: Arc<dyn Clock>,
+    ) -> TestServer {
+        let service = Arc::new(DnsService::new(geo, options).with_clock(clock));
         let sockets = DnsSockets::bind("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
