@@ -28,6 +28,48 @@ pub(crate) enum Command {
     },
     /// Print the version and exit.
     Version,
+    /// Ban an address or prefix agent-wide on the running agent (its HTTP, HTTPS and L4
+    /// listeners close the address's connections at accept).
+    Ban {
+        /// `203.0.113.7`, `198.51.100.0/24` or `2001:db8::/48`.
+        address: defenra_config::Cidr,
+        /// How long (`10m`, `2h`, `7d`); without it the ban lasts until `unban`.
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Why, shown by `bans` and `/banned-ips`.
+        #[arg(long, default_value = "operator ban")]
+        reason: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Lift a ban made by `ban` (or by escalation) on the running agent.
+    Unban {
+        /// Exactly as banned: `203.0.113.7` or `198.51.100.0/24`.
+        address: defenra_config::Cidr,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// List the bans in force on the running agent.
+    Bans {
+        /// Print JSON (as `GET /banned-ips`) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+/// Where the ban commands find the running agent.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ControlArgs {
+    /// The running agent's state directory; its control socket is `control.sock` there.
+    #[arg(
+        long = "state-dir",
+        env = "STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/defenra-agent"
+    )]
+    pub(crate) state_dir: PathBuf,
 }
 
 /// Flags of the agent itself (the default command).
@@ -61,6 +103,9 @@ pub(crate) struct RunArgs {
 
     #[command(flatten)]
     pub(crate) dns: DnsArgs,
+
+    #[command(flatten)]
+    pub(crate) shield: ShieldArgs,
 
     /// Plain HTTP listener, or `off`.
     #[arg(long, env = "HTTP_LISTEN", default_value = "0.0.0.0:80")]
@@ -333,6 +378,89 @@ fn parse_tcp_timeout(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// Protection state (docs/shield.md): the per-address table, bans, trusted proxies, L4 caps.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ShieldArgs {
+    /// Peers whose `proxyIpHeaders` (antiDDoS setting) are believed, as CIDRs
+    /// (`173.245.48.0/20,2400:cb00::/32`); unset, every peer's are.
+    #[arg(
+        long = "trusted-proxies",
+        env = "TRUSTED_PROXIES",
+        value_name = "CIDR,...",
+        value_delimiter = ',',
+        value_parser = parse_cidr
+    )]
+    pub(crate) trusted_proxies: Vec<defenra_config::Cidr>,
+
+    /// Addresses tracked at once per (domain, address) for rate limits and blocks
+    /// (32 bytes each); when full, the idlest unblocked entries make room.
+    #[arg(
+        long = "shield-table-size",
+        env = "SHIELD_TABLE_SIZE",
+        value_name = "N",
+        default_value_t = 1 << 20,
+        value_parser = clap::value_parser!(u64).range(64..=(1 << 30))
+    )]
+    pub(crate) table_size: u64,
+
+    /// Most bans held at once; escalations beyond it are refused and counted (an
+    /// operator's `ban` always gets in).
+    #[arg(
+        long = "max-bans",
+        env = "MAX_BANS",
+        value_name = "N",
+        default_value_t = 100_000,
+        value_parser = clap::value_parser!(u64).range(1..=10_000_000)
+    )]
+    pub(crate) max_bans: u64,
+
+    /// TCP forwards: concurrent connections per client address (0: no cap).
+    #[arg(
+        long = "l4-max-conns-per-ip",
+        env = "L4_MAX_CONNS_PER_IP",
+        default_value_t = 0
+    )]
+    pub(crate) l4_max_conns_per_ip: u32,
+
+    /// TCP forwards: new connections per client address per minute (0: no limit).
+    #[arg(
+        long = "l4-new-conns-per-ip-per-minute",
+        env = "L4_NEW_CONNS_PER_IP_PER_MINUTE",
+        default_value_t = 0
+    )]
+    pub(crate) l4_new_conns_per_minute: u32,
+
+    /// Also enforce bans in the kernel: `nftables` mirrors them into the sets of table
+    /// `inet defenra` (needs CAP_NET_ADMIN and the `nft` command).
+    #[arg(long = "ban-backend", env = "BAN_BACKEND", value_enum, default_value_t = BanBackend::None)]
+    pub(crate) ban_backend: BanBackend,
+}
+
+/// Where bans are enforced besides the agent's own accept check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BanBackend {
+    None,
+    Nftables,
+}
+
+impl ShieldArgs {
+    pub(crate) fn options(&self) -> defenra_shield::ShieldOptions {
+        defenra_shield::ShieldOptions {
+            table_size: self.table_size as usize,
+            max_bans: self.max_bans as usize,
+            trusted_proxies: self.trusted_proxies.clone(),
+            l4_max_conns_per_ip: self.l4_max_conns_per_ip,
+            l4_new_conns_per_minute: self.l4_new_conns_per_minute,
+            ..defenra_shield::ShieldOptions::default()
+        }
+    }
+}
+
+fn parse_cidr(text: &str) -> Result<defenra_config::Cidr, String> {
+    text.parse()
+        .map_err(|error: defenra_config::CidrError| error.to_string())
+}
+
 /// Which config source the flags select.
 pub(crate) enum SourceChoice {
     File(PathBuf),
@@ -398,7 +526,7 @@ fn parse_poll_interval(text: &str) -> Result<u64, String> {
     }
 }
 
-/// `60`, `60s`, `500ms`, `2m`, `1h`.
+/// `60`, `60s`, `500ms`, `2m`, `1h`, `7d`.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -413,6 +541,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => number / 1000.0,
         "m" => number * 60.0,
         "h" => number * 3600.0,
+        "d" => number * 86_400.0,
         other => {
             return Err(format!(
                 "unknown unit {other:?} in {text:?}: use ms, s, m or h"

@@ -8,6 +8,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use defenra_config::stats::{Metric, MetricKind, StatsSource};
 use defenra_config::{ConfigStats, SnapshotCell};
+use defenra_shield::Shield;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -31,6 +32,8 @@ pub(crate) struct Observability {
     config: Arc<ConfigStats>,
     /// Per-service counters, in `/stats` order.
     services: Vec<Arc<dyn StatsSource>>,
+    /// For `/banned-ips`.
+    shield: Option<Arc<Shield>>,
 }
 
 impl Observability {
@@ -44,7 +47,14 @@ impl Observability {
             cell,
             config,
             services,
+            shield: None,
         }
+    }
+
+    /// Serves `GET /banned-ips` from `shield`.
+    pub(crate) fn with_shield(mut self, shield: Arc<Shield>) -> Self {
+        self.shield = Some(shield);
+        self
     }
 
     /// `GET /health`: 200 once a config is loaded, 503 `starting` before.
@@ -272,6 +282,10 @@ fn route(observability: &Arc<Observability>, request: &Request<Incoming>) -> Res
             json_response(status, &body)
         }
         "/stats" => json_response(StatusCode::OK, &observability.stats()),
+        "/banned-ips" => match &observability.shield {
+            Some(shield) => json_response(StatusCode::OK, &crate::control::bans_json(shield)),
+            None => json_response(StatusCode::OK, &json!({ "bans": [] })),
+        },
         "/metrics" => {
             let mut response = Response::new(Full::new(Bytes::from(observability.metrics())));
             response.headers_mut().insert(

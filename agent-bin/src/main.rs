@@ -8,6 +8,7 @@
 mod alloc;
 mod check;
 mod cli;
+mod control;
 #[cfg(test)]
 mod docsync;
 mod health;
@@ -29,6 +30,28 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::CheckConfig { file }) => check::check_config(&file),
+        Some(Command::Ban {
+            address,
+            duration,
+            reason,
+            control,
+        }) => control_command(
+            &control.state_dir,
+            &control::Request::Ban {
+                address,
+                seconds: duration.map(|duration| duration.as_secs().max(1)),
+                reason,
+            },
+            false,
+        ),
+        Some(Command::Unban { address, control }) => control_command(
+            &control.state_dir,
+            &control::Request::Unban { address },
+            false,
+        ),
+        Some(Command::Bans { json, control }) => {
+            control_command(&control.state_dir, &control::Request::Bans, json)
+        }
         None => {
             let source = match cli.run.source() {
                 Ok(source) => source,
@@ -63,4 +86,56 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Runs one control-socket command and prints its outcome: a line for `ban` and `unban`,
+/// a table (or the JSON with `json`) for `bans`. Exit 1 when the agent refused or could not
+/// be reached.
+fn control_command(
+    state_dir: &std::path::Path,
+    request: &control::Request,
+    json: bool,
+) -> ExitCode {
+    let answer = match control::call(state_dir, request) {
+        Ok(answer) => answer,
+        Err(error) => {
+            eprintln!("defenra-agent: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if answer["ok"] != serde_json::Value::Bool(true) {
+        let error = answer["error"].as_str().unwrap_or("the agent refused");
+        eprintln!("defenra-agent: {error}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(message) = answer["message"].as_str() {
+        println!("{message}");
+        return ExitCode::SUCCESS;
+    }
+    if json {
+        println!("{}", serde_json::json!({ "bans": answer["bans"] }));
+        return ExitCode::SUCCESS;
+    }
+    let bans = answer["bans"].as_array().cloned().unwrap_or_default();
+    if bans.is_empty() {
+        println!("no bans in force");
+        return ExitCode::SUCCESS;
+    }
+    println!("{:<43} {:<10} {:>10}  REASON", "ADDRESS", "SOURCE", "LEFT");
+    for ban in bans {
+        let address = format!(
+            "{}/{}",
+            ban["address"].as_str().unwrap_or("?"),
+            ban["prefix"].as_u64().unwrap_or(0)
+        );
+        let left = ban["remainingSeconds"]
+            .as_u64()
+            .map_or_else(|| "forever".to_owned(), |seconds| format!("{seconds}s"));
+        println!(
+            "{address:<43} {:<10} {left:>10}  {}",
+            ban["source"].as_str().unwrap_or("?"),
+            ban["reason"].as_str().unwrap_or("")
+        );
+    }
+    ExitCode::SUCCESS
 }

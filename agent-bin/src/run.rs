@@ -17,6 +17,7 @@ use defenra_dns::{DnsService, DnsSockets};
 use defenra_geo::{GeoLookup, MaxMindGeo};
 use defenra_http::{HttpOptions, HttpService};
 use defenra_l4::{L4Options, L4Service};
+use defenra_shield::Shield;
 use defenra_waf::{WafEngine, WafOptions};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -25,12 +26,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Listen, LogFormat, RunArgs, SourceChoice};
+use crate::cli::{BanBackend, Listen, LogFormat, RunArgs, SourceChoice};
 use crate::health::{self, Observability};
 use crate::l4_workers::L4Workers;
 
 /// How often a file source is checked for changes.
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// The ban list's file in the state directory.
+const BAN_FILE: &str = "bans.json";
 /// Poll interval when neither the flag nor Core sets one.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -79,8 +82,20 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         fail_closed: args.waf_fail_closed,
         ..WafOptions::default()
     }));
-    let http = Arc::new(HttpService::new(
+    // Protection state outlives every snapshot; bans saved before a restart come back
+    // with their remaining time.
+    let shield = Arc::new(Shield::new(args.shield.options()));
+    let ban_file = args.state_dir.as_ref().map(|dir| dir.join(BAN_FILE));
+    if let Some(path) = &ban_file {
+        match shield.load_bans(path) {
+            Ok(0) => {}
+            Ok(loaded) => info!(loaded, path = %path.display(), "bans restored"),
+            Err(error) => warn!(%error, "saved bans not restored"),
+        }
+    }
+    let http = Arc::new(HttpService::with_shield(
         Arc::clone(&waf),
+        Arc::clone(&shield),
         HttpOptions {
             origin_http_port: args.origin_http_port,
             origin_https_port: args.origin_https_port,
@@ -98,7 +113,8 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             bind_ip: args.l4_bind,
             ..L4Options::default()
         })
-        .with_workers(l4_workers.handles()),
+        .with_workers(l4_workers.handles())
+        .with_shield(Arc::clone(&shield)),
     );
 
     // Bind every listener before loading config: a port we cannot have is fatal at once.
@@ -141,6 +157,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     let mut config = ConfigLoop::new(source, Arc::clone(&cell), policy)
         .with_service(dns.clone())
         .with_service(waf.clone())
+        .with_service(shield.clone())
         .with_service(http.clone())
         .with_service(l4.clone())
         .with_service(Arc::new(crate::alloc::ReturnFreedMemory));
@@ -150,16 +167,20 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     let reload = config.reload_handle();
     let config_stats = config.stats();
 
-    let observability = Arc::new(Observability::new(
-        Arc::clone(&cell),
-        Arc::clone(&config_stats),
-        vec![
-            dns.stats() as Arc<dyn StatsSource>,
-            http.stats() as Arc<dyn StatsSource>,
-            waf.stats() as Arc<dyn StatsSource>,
-            l4.stats() as Arc<dyn StatsSource>,
-        ],
-    ));
+    let observability = Arc::new(
+        Observability::new(
+            Arc::clone(&cell),
+            Arc::clone(&config_stats),
+            vec![
+                dns.stats() as Arc<dyn StatsSource>,
+                http.stats() as Arc<dyn StatsSource>,
+                waf.stats() as Arc<dyn StatsSource>,
+                l4.stats() as Arc<dyn StatsSource>,
+                shield.clone() as Arc<dyn StatsSource>,
+            ],
+        )
+        .with_shield(Arc::clone(&shield)),
+    );
 
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     let mut spawn = |name: &'static str, future: ServiceFuture| {
@@ -172,6 +193,47 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             Box::pin(async move {
                 health::serve(listener, observability, token).await;
                 Ok(())
+            }),
+        );
+    }
+
+    {
+        let (shield, token) = (Arc::clone(&shield), shutdown.clone());
+        spawn(
+            "shield",
+            Box::pin(async move {
+                shield.run_background(ban_file, token).await;
+                Ok(())
+            }),
+        );
+    }
+    if let Some(dir) = &args.state_dir {
+        match crate::control::bind(dir) {
+            Ok((listener, path)) => {
+                let (shield, token) = (Arc::clone(&shield), shutdown.clone());
+                spawn(
+                    "control",
+                    Box::pin(async move {
+                        crate::control::serve(listener, path, shield, token).await;
+                        Ok(())
+                    }),
+                );
+            }
+            Err(error) => warn!("{error:#}; the ban commands cannot reach this agent"),
+        }
+    }
+    if args.shield.ban_backend == BanBackend::Nftables {
+        let (shield, token) = (Arc::clone(&shield), shutdown.clone());
+        spawn(
+            "nftables",
+            Box::pin(async move {
+                defenra_shield::nft::mirror(
+                    shield,
+                    defenra_shield::nft::NftOptions::default(),
+                    token,
+                )
+                .await
+                .context("nftables ban mirror failed")
             }),
         );
     }

@@ -115,6 +115,13 @@ impl serde::Serialize for Cidr {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Parses a list of prefixes given as one string: entries separated by commas, spaces or
 /// newlines (`"203.0.113.7, 198.51.100.0/24"`). Returns the good ones and the bad texts.
 pub fn parse_cidr_list(text: &str) -> (Vec<Cidr>, Vec<CidrError>) {

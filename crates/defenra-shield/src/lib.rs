@@ -17,6 +17,7 @@ mod cidrset;
 mod client;
 mod clock;
 mod conns;
+pub mod nft;
 mod persist;
 mod policy;
 mod stats;

@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use defenra_config::stats::{Metric, StatsSource};
+
 /// Agent-wide counters. Per-domain ones are in [`crate::DomainCounters`].
 #[derive(Debug, Default)]
 pub struct ShieldStats {
@@ -85,5 +87,130 @@ impl ShieldStats {
         snapshot.whitelisted = self.whitelisted.load(Relaxed);
         snapshot.slow_bodies = self.slow_bodies.load(Relaxed);
         snapshot.log_lines_suppressed = self.log_lines_suppressed.load(Relaxed);
+    }
+}
+
+impl StatsSource for crate::Shield {
+    fn service(&self) -> &'static str {
+        "shield"
+    }
+
+    fn collect(&self, out: &mut Vec<Metric>) {
+        let s = self.stats();
+        out.push(Metric::counter(
+            "requests_limited_total",
+            "Requests refused (429) because the address was over a domain's rate limit or blocked.",
+            s.requests_limited,
+        ));
+        out.push(Metric::counter(
+            "blocks_total",
+            "Blocks started: an address went over a domain's rate limit.",
+            s.blocks,
+        ));
+        out.push(Metric::counter(
+            "bans_escalated_total",
+            "Agent-wide bans made because an address was blocked again within an hour.",
+            s.bans_escalated,
+        ));
+        out.push(Metric::counter(
+            "requests_banned_total",
+            "Requests refused because the address a trusted proxy reported is banned.",
+            s.requests_banned,
+        ));
+        for (listener, reason, value) in [
+            ("http", "banned", s.connections_refused_banned),
+            ("http", "cap", s.connections_refused_cap),
+            ("l4", "banned", s.l4_connections_refused_banned),
+            ("l4", "cap", s.l4_connections_refused_cap),
+            ("l4", "rate", s.l4_connections_refused_rate),
+        ] {
+            out.push(
+                Metric::counter(
+                    "connections_refused_total",
+                    "Connections closed at accept, by listener kind and reason.",
+                    value,
+                )
+                .label("listener", listener)
+                .label("reason", reason),
+            );
+        }
+        out.push(Metric::counter(
+            "datagrams_dropped_total",
+            "L4 UDP datagrams dropped because the sender is banned.",
+            s.datagrams_dropped_banned,
+        ));
+        out.push(Metric::counter(
+            "whitelisted_total",
+            "Requests of whitelisted addresses (limits skipped).",
+            s.whitelisted,
+        ));
+        out.push(Metric::counter(
+            "slow_bodies_total",
+            "Request bodies ended for coming slower than slowloris.minContentLength per header timeout.",
+            s.slow_bodies,
+        ));
+        out.push(Metric::counter(
+            "log_lines_suppressed_total",
+            "Block and ban log lines left out by the log rate limit.",
+            s.log_lines_suppressed,
+        ));
+        out.push(Metric::gauge(
+            "bans_active",
+            "Bans in force (addresses and prefixes).",
+            s.bans_active as f64,
+        ));
+        out.push(Metric::counter(
+            "bans_refused_total",
+            "Automatic bans not made because the ban list was full.",
+            s.bans_refused_full,
+        ));
+        out.push(Metric::gauge(
+            "table_entries",
+            "Occupied slots of the per-address state table.",
+            s.table_entries as f64,
+        ));
+        out.push(Metric::gauge(
+            "table_capacity",
+            "Slots of the per-address state table.",
+            s.table_capacity as f64,
+        ));
+        out.push(Metric::counter(
+            "table_evictions_total",
+            "Idle table entries replaced by new addresses.",
+            s.table_evictions,
+        ));
+        out.push(Metric::counter(
+            "table_untracked_total",
+            "Addresses not tracked because their table bucket held only blocked entries.",
+            s.table_untracked,
+        ));
+        out.push(Metric::gauge(
+            "connected_addresses",
+            "Addresses with HTTP/HTTPS connections open, as counted for the cap.",
+            s.connected_addresses as f64,
+        ));
+        out.push(Metric::gauge(
+            "protected_domains",
+            "Domains with Anti-DDoS enabled in the current config.",
+            s.protected_domains as f64,
+        ));
+        for (domain, counters) in self.domain_stats() {
+            out.push(
+                Metric::counter(
+                    "domain_requests_limited_total",
+                    "Requests refused by a domain's rate limit, by domain.",
+                    counters.requests_limited,
+                )
+                .label("domain", domain.to_string()),
+            );
+            out.push(
+                Metric::counter(
+                    "domain_blocks_total",
+                    "Blocks started, by domain.",
+                    counters.blocks,
+                )
+                .label("domain", domain.to_string()),
+            );
+        }
     }
 }
