@@ -13,6 +13,7 @@
 //! except the ban file it is pointed at. Start reading at [`Shield`].
 
 mod bans;
+pub mod challenge;
 mod cidrset;
 mod client;
 mod clock;
@@ -33,6 +34,7 @@ use defenra_config::{Cidr, Domain, Issue, Reload, Snapshot};
 use parking_lot::Mutex;
 
 pub use bans::{BanEntry, BanError, BanSource};
+pub use challenge::{KeyRing, ShieldKey};
 pub use cidrset::{CidrMap, CidrSet};
 pub use clock::{Clock, ManualClock};
 pub use conns::ConnTicket;
