@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use cookie::{Clearance, CookieValues, Scheme, cookie_values, set_cookie};
 pub use form::{FormError, MAX_SUBMISSION_BYTES, Submission, is_safe_redirect, parse_submission};
 pub use key::{Fingerprint, KeyFileError, KeyRing, ShieldKey};
+pub(crate) use token::decimal;
 pub use token::{CHALLENGE_LEN, CLEARANCE_LEN, ChallengeString, ClearanceToken, leading_zero_bits};
 
 /// Where the challenge page posts its solution. The proxy answers this path itself for
