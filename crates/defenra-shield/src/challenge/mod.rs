@@ -99,31 +99,24 @@ pub fn unix_now() -> u64 {
 /// (DNS names have at most 253 characters, so no routed host is ever cut).
 const MAX_HOST: usize = 255;
 
-/// A client address as it goes into a tag: a family byte and 16 address bytes (IPv4 in
-/// the first four), after mapping `::ffff:a.b.c.d` to IPv4.
-fn address_bytes(ip: IpAddr) -> [u8; 17] {
-    let mut out = [0; 17];
+/// A client address as it goes into a tag: 16 bytes, IPv4 as IPv4-mapped IPv6 (so
+/// `192.0.2.7` and `::ffff:192.0.2.7` are the same client).
+fn address_bytes(ip: IpAddr) -> [u8; 16] {
     match ip.to_canonical() {
-        IpAddr::V4(v4) => {
-            out[0] = 4;
-            out[1..5].copy_from_slice(&v4.octets());
-        }
-        IpAddr::V6(v6) => {
-            out[0] = 6;
-            out[1..17].copy_from_slice(&v6.octets());
-        }
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
     }
-    out
 }
 
 /// The network a clearance is bound to: the /24 of an IPv4 address, the /64 of an IPv6
 /// one, so a visitor whose address changes within its network (NAT pools, IPv6 privacy
 /// addresses) keeps its pass.
-fn network_bytes(ip: IpAddr) -> [u8; 17] {
+fn network_bytes(ip: IpAddr) -> [u8; 16] {
     let mut out = address_bytes(ip);
-    match out[0] {
-        4 => out[4] = 0,
-        _ => out[9..17].fill(0),
+    if ip.to_canonical().is_ipv4() {
+        out[15] = 0;
+    } else {
+        out[8..].fill(0);
     }
     out
 }
@@ -131,7 +124,7 @@ fn network_bytes(ip: IpAddr) -> [u8; 17] {
 /// A 32-bit FNV-1a hash of the bound address and host, carried in the clear inside a token
 /// (and covered by its tag) so a mismatch is told apart from a forgery without hashing:
 /// it decides only which counter a refusal goes to, never whether a token is accepted.
-fn binding(address: &[u8; 17], host: &[u8]) -> [u8; 4] {
+fn binding(address: &[u8; 16], host: &[u8]) -> [u8; 4] {
     let mut hash: u32 = 0x811c_9dc5;
     for &byte in address.iter().chain(host) {
         hash ^= u32::from(byte);

@@ -6,8 +6,11 @@
 //!   0 kind = 1 | 1..3 key id | 3 difficulty | 4..12 issued (Unix s, BE) | 12..16 binding | 16..48 tag
 //! clearance (47 bytes, 63 characters):
 //!   0 kind = 2 | 1..3 key id | 3..11 expires (Unix s, BE) | 11..15 binding | 15..47 tag
-//! tag = HMAC-SHA256(key, label | bytes before the tag | address (17 bytes) | host length | host)
+//! tag = HMAC-SHA256(key, bytes before the tag | address (16 bytes) | host length | host)
 //! ```
+//! The kind byte keeps the two apart (a challenge is never a clearance). The tag's message
+//! stays within one SHA-256 block for hosts of up to 23 bytes (15 + 16 + 1 + 23 = 55), so a
+//! clearance costs two compressions with the key's precomputed pads.
 //! The challenge is exactly 64 characters, one SHA-256 block, so the page's script hashes
 //! that block once and then only the block holding the nonce for every attempt.
 
@@ -31,12 +34,10 @@ const CHALLENGE_BYTES: usize = 48;
 const CLEARANCE_BYTES: usize = 47;
 const KIND_CHALLENGE: u8 = 1;
 const KIND_CLEARANCE: u8 = 2;
-const LABEL_CHALLENGE: &[u8; 8] = b"dfr.chl1";
-const LABEL_CLEARANCE: &[u8; 8] = b"dfr.clr1";
 /// The most digits of a nonce: the script counts in exact JavaScript integers (< 2^53).
 const MAX_NONCE_DIGITS: usize = 16;
-/// label | signed bytes | address | host length | host.
-const MAX_MESSAGE: usize = 8 + 16 + 17 + 1 + super::MAX_HOST;
+/// signed bytes | address | host length | host.
+const MAX_MESSAGE: usize = 16 + 16 + 1 + super::MAX_HOST;
 
 /// A challenge string: 64 URL-safe characters.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -109,7 +110,7 @@ impl KeyRing {
         bytes[4..12].copy_from_slice(&now.to_be_bytes());
         bytes[12..16].copy_from_slice(&binding(&address, host));
         let (signed, tag) = bytes.split_at_mut(16);
-        sign(&key.hmac, LABEL_CHALLENGE, signed, &address, host, tag);
+        sign(&key.hmac, signed, &address, host, tag);
         let mut out = [0; CHALLENGE_LEN];
         base64::encode_url_safe(&bytes, &mut out);
         ChallengeString(out)
@@ -165,7 +166,7 @@ impl KeyRing {
         }
         let (signed, tag) = bytes.split_at(16);
         let mut message = [0; MAX_MESSAGE];
-        let message = message_into(&mut message, LABEL_CHALLENGE, signed, &address, host);
+        let message = message_into(&mut message, signed, &address, host);
         self.verify([bytes[1], bytes[2]], now, message, tag)?;
         let mut context = digest::Context::new(&digest::SHA256);
         context.update(challenge);
@@ -194,7 +195,7 @@ impl KeyRing {
         bytes[3..11].copy_from_slice(&now.saturating_add(ttl.as_secs()).to_be_bytes());
         bytes[11..15].copy_from_slice(&binding(&network, host));
         let (signed, tag) = bytes.split_at_mut(15);
-        sign(&key.hmac, LABEL_CLEARANCE, signed, &network, host, tag);
+        sign(&key.hmac, signed, &network, host, tag);
         let mut out = [0; CLEARANCE_LEN];
         base64::encode_url_safe(&bytes, &mut out);
         ClearanceToken(out)
@@ -231,7 +232,7 @@ impl KeyRing {
         }
         let (signed, tag) = bytes.split_at(15);
         let mut message = [0; MAX_MESSAGE];
-        let message = message_into(&mut message, LABEL_CLEARANCE, signed, &network, host);
+        let message = message_into(&mut message, signed, &network, host);
         self.verify([bytes[1], bytes[2]], now, message, tag)
     }
 }
@@ -274,28 +275,20 @@ pub(crate) fn decimal(mut value: u64, buffer: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-fn sign(
-    key: &hmac::Key,
-    label: &[u8; 8],
-    signed: &[u8],
-    address: &[u8; 17],
-    host: &[u8],
-    tag_out: &mut [u8],
-) {
+fn sign(key: &hmac::Key, signed: &[u8], address: &[u8; 16], host: &[u8], tag_out: &mut [u8]) {
     let mut message = [0; MAX_MESSAGE];
-    let message = message_into(&mut message, label, signed, address, host);
+    let message = message_into(&mut message, signed, address, host);
     tag_out.copy_from_slice(hmac::sign(key, message).as_ref());
 }
 
 fn message_into<'b>(
     buffer: &'b mut [u8; MAX_MESSAGE],
-    label: &[u8; 8],
     signed: &[u8],
-    address: &[u8; 17],
+    address: &[u8; 16],
     host: &[u8],
 ) -> &'b [u8] {
     let mut at = 0;
-    for part in [&label[..], signed, address, &[host.len() as u8], host] {
+    for part in [signed, &address[..], &[host.len() as u8], host] {
         buffer[at..at + part.len()].copy_from_slice(part);
         at += part.len();
     }
