@@ -283,3 +283,10 @@ fn html_goes_to_browsers_and_one_line_to_everyone_else() {
     assert_eq!(format(&["text/html; q=0.000, text/plain"]), Format::Text);
     assert_eq!(format(&["text/htmlx"]), Format::Text);
 }
+
+#[test]
+fn the_page_table_is_in_the_order_of_its_kinds() {
+    for (index, text) in KINDS.iter().enumerate() {
+        assert_eq!(text.kind as usize, index, "{}", text.heading);
+    }
+}
