@@ -18,6 +18,8 @@ pub(crate) fn run(_args: &[String]) -> anyhow::Result<()> {
             "warnings",
         ],
     )?;
+    // The browser tests fail without Chromium rather than pass; install it first.
+    crate::chromium::ensure_installed()?;
     run_command(&cargo, &["test", "--workspace"])?;
     crate::tidy::run()?;
     let has_deny = Command::new(&cargo)

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's own automation, plain Rust over `std::process::Command`.
 //!
+//! - `chromium <install | dump URL>`: Debian's headless Chromium for the browser tests;
 //! - `ci`: the checks CI runs (fmt, clippy, tests, tidy, and cargo-deny when installed);
 //! - `demo`: runs the agent on `examples/demo.json` on unprivileged loopback ports;
 //! - `e2e`: the binary's black-box tests against its release build;
@@ -8,6 +9,7 @@
 //! - `tidy`: checks that every crate root and module opens with a `//!` doc comment.
 
 mod bench;
+mod chromium;
 mod ci;
 mod demo;
 mod e2e;
@@ -27,6 +29,7 @@ fn main() -> anyhow::Result<()> {
     };
     match command.as_str() {
         "ci" => ci::run(rest),
+        "chromium" => chromium::run(rest),
         "demo" => demo::run(rest),
         "e2e" => e2e::run(rest),
         "soak" => soak::run(rest),
@@ -47,6 +50,8 @@ fn print_usage() {
     println!(
         "usage: cargo xtask <command>\n\n\
          commands:\n  \
+         chromium install   install Debian's chromium for the browser tests (as root)\n  \
+         chromium dump URL  print the DOM headless Chromium ends with on URL [--budget MS]\n  \
          ci                 fmt check, clippy -D warnings, tests, tidy (+ cargo-deny when installed)\n  \
          demo               run the agent on examples/demo.json on loopback ports\n  \
          e2e                black-box tests of the release binary (fake Core, all services)\n  \

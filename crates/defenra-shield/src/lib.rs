@@ -13,11 +13,13 @@
 //! except the ban file it is pointed at. Start reading at [`Shield`].
 
 mod bans;
+pub mod challenge;
 mod cidrset;
 mod client;
 mod clock;
 mod conns;
 pub mod nft;
+pub mod pages;
 mod persist;
 mod policy;
 mod stats;
@@ -34,9 +36,11 @@ use defenra_config::{Cidr, Domain, Issue, Reload, Snapshot};
 use parking_lot::Mutex;
 
 pub use bans::{BanEntry, BanError, BanSource};
+pub use challenge::{KeyRing, ShieldKey};
 pub use cidrset::{CidrMap, CidrSet};
 pub use clock::{Clock, ManualClock};
 pub use conns::ConnTicket;
+pub use pages::{Pages, RequestIds};
 pub use persist::BanFileError;
 pub use policy::{DomainCounters, DomainCountersSnapshot, DomainPolicy};
 pub use stats::{ShieldStats, ShieldStatsSnapshot};

@@ -1,6 +1,8 @@
 //! The shield through its public API, on a manual clock: limits, blocks, escalation,
 //! whitelists, caps, bans and their file, reloads and a flood of new addresses.
 
+mod browser;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
