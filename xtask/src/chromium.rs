@@ -16,6 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
+use crate::packages::is_executable;
+
 /// Where Debian's `chromium` package puts the browser.
 pub(crate) const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -56,24 +58,8 @@ pub(crate) fn ensure_installed() -> anyhow::Result<PathBuf> {
     if is_executable(&path) {
         return Ok(path);
     }
-    anyhow::ensure!(
-        is_root()?,
-        "{CHROMIUM} is missing and installing it needs root: run `sudo apt-get install -y chromium` \
-         (or `cargo xtask chromium install` as root)"
-    );
     eprintln!("{CHROMIUM} is missing; installing Debian's chromium package (a minute or two)");
-    apt_get(&["update", "-qq"])?;
-    apt_get(&[
-        "install",
-        "-y",
-        "-qq",
-        "--no-install-recommends",
-        "chromium",
-    ])?;
-    anyhow::ensure!(
-        is_executable(&path),
-        "apt-get installed chromium but {CHROMIUM} is still missing"
-    );
+    crate::packages::ensure(&[(CHROMIUM, "chromium")])?;
     Ok(path)
 }
 
@@ -151,33 +137,4 @@ fn drain(mut pipe: impl std::io::Read + Send + 'static) -> std::thread::JoinHand
 
 fn join(reader: std::thread::JoinHandle<Vec<u8>>) -> Vec<u8> {
     reader.join().unwrap_or_default()
-}
-
-fn apt_get(args: &[&str]) -> anyhow::Result<()> {
-    eprintln!("$ apt-get {}", args.join(" "));
-    let status = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("cannot start apt-get")?;
-    anyhow::ensure!(
-        status.success(),
-        "`apt-get {}` failed with {status}",
-        args.join(" ")
-    );
-    Ok(())
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .is_ok_and(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
-}
-
-fn is_root() -> anyhow::Result<bool> {
-    let output = Command::new("id")
-        .arg("-u")
-        .output()
-        .context("cannot run `id -u`")?;
-    Ok(String::from_utf8_lossy(&output.stdout).trim() == "0")
 }

@@ -20,6 +20,7 @@ pub(crate) fn run(_args: &[String]) -> anyhow::Result<()> {
     )?;
     // The browser tests fail without Chromium rather than pass; install it first.
     crate::chromium::ensure_installed()?;
+    crate::packages::ensure(crate::packages::TEST_PACKAGES)?;
     run_command(&cargo, &["test", "--workspace"])?;
     crate::tidy::run()?;
     let has_deny = Command::new(&cargo)

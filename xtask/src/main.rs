@@ -13,6 +13,7 @@ mod chromium;
 mod ci;
 mod demo;
 mod e2e;
+mod packages;
 mod soak;
 mod tidy;
 

@@ -29,7 +29,21 @@ pub(crate) struct Agent {
 impl Agent {
     /// Starts the agent with every listener on an ephemeral loopback port, plus `extra`.
     pub(crate) fn start(extra: &[&str]) -> Agent {
-        let mut child = Command::new(binary())
+        Agent::start_wrapped(&[], extra)
+    }
+
+    /// As [`Agent::start`], run through `wrapper` (a command and its arguments that
+    /// `exec`s the rest of its command line, such as `unshare --net ...`).
+    pub(crate) fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Agent {
+        let mut command = match wrapper.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = command
             .args([
                 "--dns-listen",
                 "127.0.0.1:0",
