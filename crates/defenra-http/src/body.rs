@@ -104,9 +104,13 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> ResponseBody {
 pub(crate) struct RequestBody {
     inner: Incoming,
     remaining: u64,
-    /// Body bytes read so far, for the origin timeout to see that the upload moves.
+    /// Body bytes read so far, for the origin timeout to see that the upload moves, with
+    /// [`BODY_DONE`] set once the body has ended.
     progress: Arc<AtomicU64>,
 }
+
+/// The bit of [`RequestBody::progress`] that says the body has ended.
+pub(crate) const BODY_DONE: u64 = 1 << 63;
 
 impl RequestBody {
     pub(crate) fn new(inner: Incoming, limit: u64) -> Self {
@@ -117,7 +121,8 @@ impl RequestBody {
         }
     }
 
-    /// A counter of the body bytes read, readable while the body is on its way.
+    /// A counter of the body bytes read, readable while the body is on its way; the
+    /// [`BODY_DONE`] bit is set once it has ended.
     pub(crate) fn progress(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.progress)
     }
@@ -152,10 +157,16 @@ impl Body for RequestBody {
                     this.remaining -= size;
                     this.progress.fetch_add(size, Ordering::Relaxed);
                 }
+                if this.inner.is_end_stream() {
+                    this.progress.fetch_or(BODY_DONE, Ordering::Relaxed);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(BodyError::Client(error)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.progress.fetch_or(BODY_DONE, Ordering::Relaxed);
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

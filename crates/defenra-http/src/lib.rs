@@ -19,6 +19,7 @@ mod origin;
 mod proxy;
 mod route;
 mod server;
+mod slow;
 mod stats;
 mod tls;
 

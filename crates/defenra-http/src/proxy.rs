@@ -19,11 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::HttpService;
 use crate::access::{AccessEntry, ServedBody, WafOutcome};
-use crate::body::{BodyError, Lease, OriginBody, RequestBody, ResponseBody, full};
+use crate::body::{BODY_DONE, BodyError, Lease, OriginBody, RequestBody, ResponseBody, full};
 use crate::headers;
 use crate::origin::{ExchangeError, PoolKey};
 use crate::route::{Origin, OriginKind, Route, strip_port, with_lower_host};
 use crate::server::Listener;
+use crate::slow::BodyRate;
 use crate::stats::Event;
 
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -54,6 +55,8 @@ pub enum ProxyError {
     Client(String),
     #[error("client sent no body bytes within {timeout:?}")]
     ClientTimeout { timeout: Duration },
+    #[error("client sent fewer than {min_bytes} body bytes in {period:?}")]
+    SlowBody { min_bytes: u64, period: Duration },
     #[error("cannot connect to origin {origin}: {reason}")]
     OriginConnect { origin: String, reason: String },
     #[error("origin {origin} sent no response within {timeout:?}")]
@@ -78,7 +81,7 @@ pub enum ErrorSource {
 impl ProxyError {
     /// The status the client gets: 404 unknown host, 403 not proxied (or not on this
     /// listener), 502 no or unreachable origin, 504 origin timeout, 413 body too large, 408
-    /// a request body that stopped coming.
+    /// a request body that stopped coming or came too slowly.
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::MissingHost | ProxyError::Client(_) => StatusCode::BAD_REQUEST,
@@ -90,7 +93,9 @@ impl ProxyError {
             | ProxyError::Origin { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::OriginTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientTimeout { .. } | ProxyError::SlowBody { .. } => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             ProxyError::Agent(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -102,6 +107,7 @@ impl ProxyError {
             | ProxyError::Connect
             | ProxyError::Client(_)
             | ProxyError::ClientTimeout { .. }
+            | ProxyError::SlowBody { .. }
             | ProxyError::BodyTooLarge { .. } => ErrorSource::Client,
             ProxyError::OriginConnect { .. }
             | ProxyError::OriginTimeout { .. }
@@ -455,19 +461,45 @@ impl Conn {
             Ok((permit, response, conn))
         };
         // The timeout starts over while body bytes move (checked each time it runs out, so
-        // a stalled upload ends between one and two timeouts after its last byte).
+        // a stalled upload ends between one and two timeouts after its last byte). A
+        // protected domain's slow-body rule is checked at the end of each of its windows.
+        let mut rate = BodyRate::for_route(&route);
         let exchanged = {
             tokio::pin!(exchange);
             let mut seen = 0;
+            let mut last_move = tokio::time::Instant::now();
             loop {
-                match tokio::time::timeout(timeout, &mut exchange).await {
+                let progress = uploaded.load(Ordering::Relaxed);
+                let body_done = progress & BODY_DONE != 0;
+                let wake = match rate.as_mut().filter(|_| !body_done) {
+                    Some(rate) => {
+                        match rate.check(progress & !BODY_DONE, tokio::time::Instant::now()) {
+                            Ok(window_end) => window_end.min(last_move + timeout),
+                            Err(slow) => {
+                                self.service
+                                    .shield
+                                    .counters()
+                                    .slow_bodies
+                                    .fetch_add(1, Ordering::Relaxed);
+                                return Err(ProxyError::SlowBody {
+                                    min_bytes: slow.min_bytes,
+                                    period: slow.period,
+                                });
+                            }
+                        }
+                    }
+                    None => last_move + timeout,
+                };
+                match tokio::time::timeout_at(wake, &mut exchange).await {
                     Ok(exchanged) => break Some(exchanged),
                     Err(_) => {
                         let now = uploaded.load(Ordering::Relaxed);
-                        if now == seen {
+                        if now != seen {
+                            seen = now;
+                            last_move = tokio::time::Instant::now();
+                        } else if last_move.elapsed() >= timeout {
                             break None;
                         }
-                        seen = now;
                     }
                 }
             }

@@ -33,6 +33,7 @@ use crate::origin::{PoolKey, RawConn};
 use crate::proxy::{Conn, Decision, ErrorSource, Local, ProxyError, pool_key};
 use crate::route::{Route, strip_port};
 use crate::server::Meter;
+use crate::slow::BodyRate;
 use crate::stats::{Event, ListenerStats};
 use buffer::Buffer;
 use chunked::ChunkedScanner;
@@ -397,6 +398,11 @@ where
         let limit = options.max_request_body;
         let mut upload = Upload::new(request.framing, limit);
         upload.head_request = request.is_head;
+        let mut rate = if upload.done {
+            None
+        } else {
+            BodyRate::for_route(route)
+        };
         let origin_label = || origin.address.to_string();
 
         // Waiting for a free origin connection, connecting and each stretch of the upload
@@ -439,7 +445,14 @@ where
                 },
             };
             match self
-                .send_and_wait(&mut origin_conn, &mut upload, request, reused, timer)
+                .send_and_wait(
+                    &mut origin_conn,
+                    &mut upload,
+                    request,
+                    reused,
+                    timer,
+                    &mut rate,
+                )
                 .await
             {
                 Ok(()) => break origin_conn,
@@ -517,6 +530,7 @@ where
         request: &Request,
         reused: bool,
         timer: &mut Timer,
+        rate: &mut Option<BodyRate>,
     ) -> Result<(), ExchangeError> {
         // A small body that is already here goes out with the head.
         if let Framing::Length(length) = request.framing
@@ -544,7 +558,8 @@ where
         let mut received_any = false;
         loop {
             let waited = poll_fn(|cx| {
-                self.poll_exchange(cx, origin, upload, request.framing == Framing::None, timer)
+                let no_body = request.framing == Framing::None;
+                self.poll_exchange(cx, origin, upload, no_body, timer, rate)
             })
             .await;
             match waited {
@@ -575,7 +590,7 @@ where
     /// One step of the exchange: body bytes from the client to the origin, the response
     /// head from the origin, and (once the body is sent) a look at whether the client is
     /// still there. Ready when the response head is complete. The timer starts over when
-    /// body bytes move.
+    /// body bytes move; a protected domain's `rate` ends a body that comes too slowly.
     fn poll_exchange(
         &mut self,
         cx: &mut Context<'_>,
@@ -583,6 +598,7 @@ where
         upload: &mut Upload,
         no_body: bool,
         timer: &mut Timer,
+        rate: &mut Option<BodyRate>,
     ) -> Poll<Result<(), ExchangeError>> {
         if !upload.done {
             let moved = upload.moved;
@@ -633,6 +649,24 @@ where
                     return Poll::Ready(Err(origin_failed(error.to_string())));
                 }
                 Poll::Pending => {
+                    // Bytes received from the client (written or waiting in the buffer):
+                    // an origin that reads slowly is not the client's fault.
+                    let received = upload.moved + upload.pending as u64;
+                    if !upload.done
+                        && let Some(rate) = rate.as_mut()
+                        && let Poll::Ready(slow) = rate.poll_slow(cx, received)
+                    {
+                        self.conn
+                            .service
+                            .shield
+                            .counters()
+                            .slow_bodies
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Poll::Ready(Err(ExchangeError::Proxy(ProxyError::SlowBody {
+                            min_bytes: slow.min_bytes,
+                            period: slow.period,
+                        })));
+                    }
                     if timer.poll_expired(cx).is_pending() {
                         return Poll::Pending;
                     }

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
-    Origin, Proxy, TLS_ALL, TestCert, config, connect_from, http1_over, http2_over, options,
-    request, send_from, tls_connect,
+    Origin, Proxy, TLS_ALL, TestCert, TrickleBody, config, connect_from, http1_over, http2_over,
+    options, request, send_from, tls_connect,
 };
 
 /// `shop.test` proxied to the origin, with `anti_ddos` as its settings.
@@ -299,4 +299,87 @@ async fn a_reload_keeps_blocks_and_applies_a_new_policy_to_the_next_request() {
     proxy.reload(&protected(json!({ "enabled": false })));
     assert_eq!(status_from(&proxy, "127.0.0.2").await, 200);
     assert_eq!(status_from(&proxy, "127.0.0.3").await, 200);
+}
+
+/// A POST of `total` bytes to `/drain` sent `piece` bytes every `gap`, over HTTP/1.1 from
+/// 127.0.0.2; returns the status line's code (0 when closed without an answer) and how
+/// long it took.
+async fn trickle(proxy: &Proxy, total: usize, piece: usize, gap: Duration) -> (u16, Duration) {
+    let started = std::time::Instant::now();
+    let mut stream = connect_from("127.0.0.2", proxy.http).await.unwrap();
+    let head =
+        format!("POST /drain HTTP/1.1\r\nHost: shop.test\r\nContent-Length: {total}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut sent = 0;
+        while sent < total {
+            let n = piece.min(total - sent);
+            if write.write_all(&vec![b'x'; n]).await.is_err() {
+                return;
+            }
+            sent += n;
+            tokio::time::sleep(gap).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), read.read_to_end(&mut answer)).await;
+    writer.abort();
+    let status = std::str::from_utf8(&answer)
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (status, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_body_slower_than_min_content_length_per_header_timeout_gets_408() {
+    let settings = json!({ "enabled": true,
+        "slowloris": { "minContentLength": 100, "maxHeaderTimeoutSeconds": 1 } });
+    let (proxy, _origin, _clock) = start(settings, ShieldOptions::default()).await;
+    // 20 bytes every 300 ms: about 67 bytes a second, under 100.
+    let (status, took) = trickle(&proxy, 1000, 20, Duration::from_millis(300)).await;
+    assert_eq!(status, 408, "after {took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert_eq!(proxy.service.shield().stats().slow_bodies, 1);
+    // 100 bytes every 300 ms passes, though the whole body takes 3 s.
+    let (status, took) = trickle(&proxy, 1000, 100, Duration::from_millis(300)).await;
+    assert_eq!(status, 200, "after {took:?}");
+}
+
+fn settings_off() -> Value {
+    json!({ "enabled": false, "slowloris": { "minContentLength": 100, "maxHeaderTimeoutSeconds": 1 } })
+}
+
+#[tokio::test]
+async fn the_slow_body_rule_applies_to_http2_streams_and_only_to_protected_domains() {
+    let settings = json!({ "enabled": true,
+        "slowloris": { "minContentLength": 100, "maxHeaderTimeoutSeconds": 1 } });
+    let (proxy, _origin, _clock) = start(settings, ShieldOptions::default()).await;
+    let stream = connect_from("127.0.0.1", proxy.http).await.unwrap();
+    let mut h2 = http2_over::<_, TrickleBody>(stream).await;
+    // 20 bytes every 300 ms.
+    let request = Request::builder()
+        .method("POST")
+        .uri("http://shop.test/drain")
+        .body(TrickleBody::new(50, 20, Duration::from_millis(300)))
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), h2.send_request(request))
+        .await
+        .expect("answered in time")
+        .expect("a response");
+    assert_eq!(reply.status(), StatusCode::REQUEST_TIMEOUT);
+    let request = Request::builder()
+        .method("POST")
+        .uri("http://shop.test/drain")
+        .body(TrickleBody::new(10, 100, Duration::from_millis(300)))
+        .unwrap();
+    let reply = h2.send_request(request).await.expect("a response");
+    assert_eq!(reply.status(), StatusCode::OK, "fast enough");
+
+    // Unprotected: the same slow body is passed on.
+    let (proxy, _origin, _clock) = start(settings_off(), ShieldOptions::default()).await;
+    let (status, took) = trickle(&proxy, 200, 20, Duration::from_millis(300)).await;
+    assert_eq!(status, 200, "after {took:?}");
 }
