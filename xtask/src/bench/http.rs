@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::common::{
-    common_conf, free_port, http_common, json_string, nginx_binary, on_path, stop, wait_for_port,
+    common_conf, free_port, http_common, json_string, nginx_binary, on_path,
+    process_tree_cpu_ticks, process_tree_rss_kib, stop, wait_for_port,
 };
 use crate::{cargo, run_command};
 
@@ -382,74 +383,6 @@ fn measured(url: &str, settings: &Settings, pid: u32) -> anyhow::Result<WrkResul
         result.user_us_per_request = Some(user as f64 * 10_000.0 / result.requests as f64);
     }
     Ok(result)
-}
-
-/// User and system CPU ticks of `pid` and its direct children.
-fn process_tree_cpu_ticks(pid: u32) -> (u64, u64) {
-    let ticks = |pid: u32| {
-        fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let rest = stat.rsplit_once(')')?.1.to_owned();
-                let fields: Vec<&str> = rest.split_whitespace().collect();
-                // After the command come state (3), ..., utime (14) and stime (15).
-                let utime: u64 = fields.get(11)?.parse().ok()?;
-                let stime: u64 = fields.get(12)?.parse().ok()?;
-                Some((utime, stime))
-            })
-            .unwrap_or((0, 0))
-    };
-    std::iter::once(pid)
-        .chain(children(pid))
-        .map(ticks)
-        .fold((0, 0), |(user, system), (u, s)| (user + u, system + s))
-}
-
-/// Direct children of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        // Field 4 (after the parenthesised command) is the parent pid.
-        let parent = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|ppid| ppid.parse::<u32>().ok());
-        if parent == Some(pid) {
-            found.push(child);
-        }
-    }
-    found
-}
-
-/// Sum of `VmRSS` of `pid` and its direct children, in KiB.
-fn process_tree_rss_kib(pid: u32) -> u64 {
-    rss_kib(pid) + children(pid).into_iter().map(rss_kib).sum::<u64>()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|value| value.split_whitespace().next())
-                .and_then(|kib| kib.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Runs wrk with `rss_connections` connections and returns the highest RSS seen.
