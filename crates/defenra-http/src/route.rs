@@ -115,22 +115,31 @@ impl RouteTable {
         // First pass: each host's own origin target, before CNAMEs are followed.
         let mut hosts: HashMap<String, HostEntry> = HashMap::new();
         for (index, domain) in domains {
+            // Records grouped by owner once, in document order: a domain with 100,000
+            // records is built in linear time (a scan per name was quadratic: 53 s).
+            let mut by_name: HashMap<&str, Vec<&Record>> = HashMap::new();
             let mut names: Vec<&str> = vec![domain.name.as_str()];
+            by_name.insert(domain.name.as_str(), Vec::new());
             for record in &domain.records {
-                if !names.contains(&&*record.name) {
-                    names.push(&record.name);
-                }
+                by_name
+                    .entry(&record.name)
+                    .or_insert_with(|| {
+                        names.push(&record.name);
+                        Vec::new()
+                    })
+                    .push(record);
             }
-            for name in names {
-                if hosts.contains_key(name) {
+            let apex = &by_name[domain.name.as_str()];
+            for name in &names {
+                if hosts.contains_key(*name) {
                     issues.push(Issue::new(
                         format!("domains[{index}]"),
                         format!("host {name} already belongs to a more specific domain; skipped"),
                     ));
                     continue;
                 }
-                let entry = HostEntry::new(domain, name);
-                hosts.insert(name.to_owned(), entry);
+                let entry = HostEntry::new(domain, &by_name[name], apex);
+                hosts.insert((*name).to_owned(), entry);
             }
         }
 
@@ -380,21 +389,16 @@ enum Target {
 }
 
 impl HostEntry {
-    fn new(domain: &Arc<Domain>, name: &str) -> Self {
-        let own: Vec<&Record> = domain.records.iter().filter(|r| &*r.name == name).collect();
-        let apex: Vec<&Record> = domain
-            .records
-            .iter()
-            .filter(|r| *r.name == domain.name)
-            .collect();
+    /// The host whose records are `own`, in `domain` whose apex records are `apex`.
+    fn new(domain: &Arc<Domain>, own: &[&Record], apex: &[&Record]) -> Self {
         let enabled = domain.http_proxy.enabled;
         let proxied = enabled || own.iter().any(|record| record.http_proxy);
         // The host's flagged record, then (for a domain proxied as a whole) any of its
         // address records, then the same at the apex.
-        let target = pick(&own, true)
-            .or_else(|| enabled.then(|| pick(&own, false)).flatten())
-            .or_else(|| pick(&apex, true))
-            .or_else(|| enabled.then(|| pick(&apex, false)).flatten());
+        let target = pick(own, true)
+            .or_else(|| enabled.then(|| pick(own, false)).flatten())
+            .or_else(|| pick(apex, true))
+            .or_else(|| enabled.then(|| pick(apex, false)).flatten());
         HostEntry {
             domain: Arc::clone(domain),
             proxied,
@@ -487,6 +491,28 @@ mod tests {
             "192.0.2.2:80"
         );
         assert_eq!(issues.len(), 1, "{issues:?}");
+    }
+
+    #[test]
+    fn a_domain_with_a_hundred_thousand_records_builds_in_linear_time() {
+        // Quadratic before: 53 s in a release build for this table. Linear, it takes well
+        // under a second even unoptimised; 10 s leaves room for a loaded machine.
+        let records: Vec<serde_json::Value> = (0..100_000)
+            .map(|n| {
+                serde_json::json!({ "name": format!("h{n}"), "type": "A",
+                                    "value": "192.0.2.1", "httpProxyEnabled": true })
+            })
+            .collect();
+        let document = serde_json::json!({ "success": true, "domains": [
+            { "domain": "example.com", "dnsRecords": records } ] });
+        let compiled = defenra_config::compile(document.to_string().as_bytes()).unwrap();
+        let mut issues = compiled.issues;
+        let started = std::time::Instant::now();
+        let routes = RouteTable::build(&compiled.snapshot, &HttpOptions::default(), &mut issues);
+        let took = started.elapsed();
+        assert!(issues.is_empty());
+        assert!(routes.lookup("h99999.example.com").unwrap().proxied);
+        assert!(took < std::time::Duration::from_secs(10), "{took:?}");
     }
 
     #[test]
