@@ -99,8 +99,8 @@ pub fn compile_response(response: &wire::PollResponse) -> Compiled {
         domains.push(Arc::new(domain));
     }
 
-    let proxies = compile_proxies(&response.proxies, &mut issues);
     let agents = compile_agents(&response.agents, &mut issues);
+    let proxies = compile_proxies(&response.proxies, &agents, &mut issues);
 
     let next_poll_interval = response
         .next_poll_interval
@@ -842,8 +842,12 @@ fn parse_certified_key(
     }
 }
 
-fn compile_proxies(raw: &[Item<wire::Proxy>], issues: &mut Vec<Issue>) -> Vec<L4Proxy> {
-    let mut proxies = Vec::new();
+fn compile_proxies(
+    raw: &[Item<wire::Proxy>],
+    agents: &[Agent],
+    issues: &mut Vec<Issue>,
+) -> Vec<L4Proxy> {
+    let mut proxies: Vec<(usize, L4Proxy)> = Vec::new();
     let mut seen = BTreeMap::new();
     for (index, item) in raw.iter().enumerate() {
         let path = format!("proxies[{index}]");
@@ -930,17 +934,51 @@ fn compile_proxies(raw: &[Item<wire::Proxy>], issues: &mut Vec<Issue>) -> Vec<L4
             seen.insert((protocol, listen_port), first);
             continue;
         }
-        proxies.push(L4Proxy {
-            id: id.clone(),
-            name: name.clone(),
-            protocol,
-            listen_port,
-            destination_host: host.to_owned(),
-            destination_port,
-            proxy_protocol: proxy_protocol.unwrap_or(false),
-        });
+        proxies.push((
+            index,
+            L4Proxy {
+                id: id.clone(),
+                name: name.clone(),
+                protocol,
+                listen_port,
+                destination_host: host.to_owned(),
+                destination_port,
+                proxy_protocol: proxy_protocol.unwrap_or(false),
+            },
+        ));
     }
+    // A forward to a port this agent itself listens on (on loopback, any address, or an
+    // agent's own address: every agent runs every forward) would connect to itself, and
+    // each connection would open another until descriptors run out.
+    let is_self = |host: &str| {
+        host.eq_ignore_ascii_case("localhost")
+            || host.parse::<IpAddr>().is_ok_and(|ip| {
+                let ip = ip.to_canonical();
+                ip.is_loopback() || ip.is_unspecified() || agents.iter().any(|a| a.ip == ip)
+            })
+    };
+    let listening: HashSet<(L4Protocol, u16)> = proxies
+        .iter()
+        .map(|(_, proxy)| (proxy.protocol, proxy.listen_port))
+        .collect();
     proxies
+        .into_iter()
+        .filter_map(|(index, proxy)| {
+            let target = (proxy.protocol, proxy.destination_port);
+            if is_self(&proxy.destination_host) && listening.contains(&target) {
+                issues.push(Issue::new(
+                    format!("proxies[{index}].destinationHost"),
+                    format!(
+                        "{}:{} is a forward of this agent: the proxy would connect to itself \
+                         without end; proxy skipped",
+                        proxy.destination_host, proxy.destination_port
+                    ),
+                ));
+                return None;
+            }
+            Some(proxy)
+        })
+        .collect()
 }
 
 fn compile_agents(raw: &[Item<wire::Agent>], issues: &mut Vec<Issue>) -> Vec<Agent> {

@@ -318,6 +318,9 @@ pub(crate) struct ProxyStats {
     pub(crate) datagrams_to_client_total: AtomicU64,
     pub(crate) datagrams_dropped_total: AtomicU64,
     pub(crate) bind_errors_total: AtomicU64,
+    /// Throttles the per-connection "destination unreachable" warning: (second of the last
+    /// line written, lines left out since).
+    pub(crate) connect_error_log: Mutex<(u64, u64)>,
 }
 
 impl ProxyStats {
@@ -343,6 +346,7 @@ impl ProxyStats {
             datagrams_to_client_total: AtomicU64::new(0),
             datagrams_dropped_total: AtomicU64::new(0),
             bind_errors_total: AtomicU64::new(0),
+            connect_error_log: Mutex::new((0, 0)),
         }
     }
 

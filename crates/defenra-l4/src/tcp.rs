@@ -202,7 +202,24 @@ fn accept_one(
                 }
                 Err(ForwardError::Connect(error)) => {
                     stats.connect_errors_total.fetch_add(1, Relaxed);
-                    tracing::warn!(%peer, port = stats.port, %error, "tcp destination unreachable");
+                    // One line a second per forward: a destination that is down must not
+                    // write a line for every client that tries.
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |since| since.as_secs());
+                    let suppressed = {
+                        let mut log = stats.connect_error_log.lock();
+                        if log.0 == now {
+                            log.1 += 1;
+                            None
+                        } else {
+                            log.0 = now;
+                            Some(std::mem::take(&mut log.1))
+                        }
+                    };
+                    if let Some(suppressed) = suppressed {
+                        tracing::warn!(%peer, port = stats.port, %error, suppressed, "tcp destination unreachable");
+                    }
                 }
                 Err(ForwardError::Relay(error)) => {
                     tracing::debug!(%peer, port = stats.port, %error, "tcp connection ended with an error");
@@ -233,7 +250,8 @@ impl Connection<'_> {
         #[cfg(not(target_os = "linux"))]
         let _ = client.set_nodelay(true);
         let deadline = Instant::now() + self.options.connect_timeout;
-        let mut upstream = connect(self.target, deadline)
+        let own = SocketAddr::new(self.options.bind_ip, self.stats.port);
+        let mut upstream = connect(self.target, deadline, own)
             .await
             .map_err(ForwardError::Connect)?;
         let _ = upstream.set_nodelay(true);
@@ -263,14 +281,26 @@ impl Connection<'_> {
 }
 
 /// Tries each of the destination's addresses in turn until one accepts or `deadline`
-/// passes (resolution included).
-async fn connect(target: &Target, deadline: Instant) -> io::Result<TcpStream> {
+/// passes (resolution included). An address that is the forward's own listener (`own`, or
+/// its port on loopback or any address) is refused: connecting to it would open one more
+/// connection of this forward for every connection, without end.
+async fn connect(target: &Target, deadline: Instant, own: SocketAddr) -> io::Result<TcpStream> {
     let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
     let addresses = tokio::time::timeout_at(deadline, target.addresses())
         .await
         .map_err(|_| timed_out())??;
     let mut last_error = None;
     for address in addresses.iter() {
+        let ip = address.ip().to_canonical();
+        if address.port() == own.port()
+            && (ip == own.ip().to_canonical() || ip.is_loopback() || ip.is_unspecified())
+        {
+            last_error = Some(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{address} is this forward's own listener"),
+            ));
+            continue;
+        }
         match tokio::time::timeout_at(deadline, TcpStream::connect(address)).await {
             Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(error)) => {

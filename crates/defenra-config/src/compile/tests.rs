@@ -338,6 +338,36 @@ fn bad_proxies_are_skipped_with_their_json_path() {
 }
 
 #[test]
+fn forwards_to_the_agents_own_forwards_are_loops_and_skipped() {
+    let doc = r#"{"agents":[{"agentId":"a1","agentIp":"198.51.100.9"}],
+      "proxies":[
+        {"type":"tcp","sourcePort":9000,"destinationHost":"127.0.0.1","destinationPort":9000},
+        {"type":"tcp","sourcePort":9001,"destinationHost":"localhost","destinationPort":9000},
+        {"type":"tcp","sourcePort":9002,"destinationHost":"198.51.100.9","destinationPort":9001},
+        {"type":"udp","sourcePort":9003,"destinationHost":"0.0.0.0","destinationPort":9003},
+        {"type":"tcp","sourcePort":9004,"destinationHost":"127.0.0.1","destinationPort":9003},
+        {"type":"tcp","sourcePort":9005,"destinationHost":"10.0.0.5","destinationPort":9000}]}"#;
+    let compiled = check(doc);
+    let kept: Vec<u16> = compiled
+        .snapshot
+        .proxies
+        .iter()
+        .map(|proxy| proxy.listen_port)
+        .collect();
+    // 9004 reaches UDP 9003 over TCP (nothing listens there: not a loop); 9005 leaves.
+    assert_eq!(kept, vec![9004, 9005]);
+    let issues: Vec<_> = compiled.issues.iter().map(ToString::to_string).collect();
+    for (index, issue) in issues.iter().enumerate() {
+        assert!(
+            issue.starts_with(&format!("proxies[{index}].destinationHost"))
+                && issue.contains("connect to itself"),
+            "{issues:?}"
+        );
+    }
+    assert_eq!(issues.len(), 4);
+}
+
+#[test]
 fn geo_entries_with_bad_addresses_are_reported() {
     let doc = r#"{"domains":[{"domain":"example.com",
         "dnsRecords":[{"name":"asia","type":"A","value":"nope","locationCode":"asia"},

@@ -245,3 +245,26 @@ async fn read_proxy_v2(stream: &mut TcpStream) -> (SocketAddr, SocketAddr) {
     let destination = SocketAddr::new(ip(&body[4..8]), u16::from_be_bytes([body[10], body[11]]));
     (source, destination)
 }
+
+#[tokio::test]
+async fn a_forward_to_its_own_listener_is_refused_instead_of_looping() {
+    // The config refuses such a forward (an issue); a hand-built snapshot or a name that
+    // resolves to this agent still meets the run-time check.
+    let port = free_port(L4Protocol::Tcp);
+    let looped = proxy(L4Protocol::Tcp, port, SocketAddr::new(LOCALHOST, port));
+    let agent = Agent::start(std::slice::from_ref(&looped), options()).await;
+    let mut client = within("connect", TcpStream::connect(agent.address(&looped)))
+        .await
+        .expect("accepted");
+    assert!(closed_by_peer(&mut client).await);
+    eventually("the connect error is counted", || {
+        agent.counters(&looped).connect_errors_total == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        agent.counters(&looped).connections_total,
+        1,
+        "the forward connected to itself"
+    );
+}
