@@ -6,4 +6,5 @@ mod check_config;
 mod e2e;
 mod e2e_support;
 mod lifecycle;
+mod proxied_names;
 mod support;
