@@ -26,6 +26,17 @@ pub(crate) enum Command {
         /// A Core-format JSON document.
         file: PathBuf,
     },
+    /// Enrol this host with Core's one-time connect URL (from Core's "add agent" dialog) and
+    /// write CORE_URL, AGENT_ID, AGENT_KEY and POLLING_INTERVAL into the env file. Run it on
+    /// the edge host itself: Core records the caller's address and location as the agent's.
+    /// A connect URL works once.
+    Connect {
+        /// https://CORE/api/agent/connect/TOKEN
+        url: String,
+        /// The env file to update (atomically, mode 0600, other lines kept).
+        #[arg(long, value_name = "PATH", default_value = "/etc/defenra-agent/env")]
+        env_file: PathBuf,
+    },
     /// Print the version and exit.
     Version,
 }
@@ -49,6 +60,12 @@ pub(crate) struct RunArgs {
     /// This agent's key at Core (sent only to CORE_URL, as a Bearer token).
     #[arg(long, env = "AGENT_KEY", hide_env_values = true)]
     pub(crate) agent_key: Option<String>,
+
+    /// One-time connect URL from Core's "add agent" dialog. When no AGENT_KEY is set, the
+    /// agent enrols with it at start (run it on the edge host: Core records the caller's
+    /// address as the agent's), keeps the credentials in --state-dir, then runs.
+    #[arg(long, env = "CONNECT_URL", value_name = "URL", hide_env_values = true)]
+    pub(crate) connect_url: Option<String>,
 
     /// Seconds between polls of Core. When not set, Core's `nextPollInterval` decides
     /// (default 60).
@@ -178,14 +195,18 @@ pub(crate) enum SourceChoice {
         agent_id: String,
         agent_key: String,
     },
+    /// No key yet, but a connect URL: enrol (or reuse an earlier enrolment), then poll Core.
+    Enrol {
+        connect_url: String,
+    },
 }
 
 impl RunArgs {
-    /// `--config`, or all three Core settings.
+    /// `--config`, or all three Core settings, or a connect URL to get them with.
     ///
     /// # Errors
     ///
-    /// A usage message when neither is complete.
+    /// A usage message when none is complete.
     pub(crate) fn source(&self) -> Result<SourceChoice, String> {
         if let Some(path) = &self.config {
             return Ok(SourceChoice::File(path.clone()));
@@ -208,6 +229,9 @@ impl RunArgs {
                 agent_key,
             }),
             (url, id, key) => {
+                if let Some(connect_url) = non_empty(&self.connect_url) {
+                    return Ok(SourceChoice::Enrol { connect_url });
+                }
                 let missing: Vec<&str> = [
                     (url.is_none(), "--core-url/CORE_URL"),
                     (id.is_none(), "--agent-id/AGENT_ID"),
@@ -218,7 +242,8 @@ impl RunArgs {
                 .collect();
                 Err(format!(
                     "no configuration source: pass --config FILE (DEFENRA_CONFIG), or all of \
-                     --core-url, --agent-id and --agent-key (missing: {})",
+                     --core-url, --agent-id and --agent-key (missing: {}), or --connect-url \
+                     (CONNECT_URL) to enrol",
                     missing.join(", ")
                 ))
             }
@@ -355,5 +380,28 @@ mod tests {
         );
         let args = Cli::try_parse_from(["defenra-agent", "--config", "x.json"]).unwrap();
         assert!(matches!(args.run.source(), Ok(SourceChoice::File(_))));
+        let args = Cli::try_parse_from([
+            "defenra-agent",
+            "--connect-url",
+            "https://core/api/agent/connect/t",
+        ])
+        .unwrap();
+        assert!(matches!(args.run.source(), Ok(SourceChoice::Enrol { .. })));
+        let args = Cli::try_parse_from([
+            "defenra-agent",
+            "--connect-url",
+            "https://core/api/agent/connect/t",
+            "--core-url",
+            "https://core",
+            "--agent-id",
+            "a",
+            "--agent-key",
+            "k",
+        ])
+        .unwrap();
+        assert!(
+            matches!(args.run.source(), Ok(SourceChoice::Core { .. })),
+            "a key wins over the connect URL"
+        );
     }
 }

@@ -8,6 +8,7 @@
 mod alloc;
 mod check;
 mod cli;
+mod connect;
 #[cfg(test)]
 mod docsync;
 mod health;
@@ -19,7 +20,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, SourceChoice};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::CheckConfig { file }) => check::check_config(&file),
+        Some(Command::Connect { url, env_file }) => connect::connect_command(&url, &env_file),
         None => {
             let source = match cli.run.source() {
                 Ok(source) => source,
@@ -43,6 +45,24 @@ fn main() -> ExitCode {
                 eprintln!("defenra-agent: {error:#}");
                 return ExitCode::from(2);
             }
+            // Before the runtime: one blocking request, and nothing runs without credentials.
+            let source = match source {
+                SourceChoice::Enrol { connect_url } => {
+                    match connect::enrol_at_start(&connect_url, cli.run.state_dir.as_deref()) {
+                        Ok(credentials) => SourceChoice::Core {
+                            url: credentials.core_url,
+                            agent_id: credentials.agent_id,
+                            agent_key: credentials.agent_key,
+                        },
+                        Err(error) => {
+                            tracing::error!("{error:#}");
+                            eprintln!("defenra-agent: {error:#}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+                other => other,
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

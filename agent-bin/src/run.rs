@@ -134,13 +134,14 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             agent_id.clone(),
             agent_key.clone(),
         ))),
+        SourceChoice::Enrol { .. } => {
+            anyhow::bail!("enrolment must be done before the agent runs (main does it)")
+        }
     };
     let policy = match (&source_choice, args.poll_interval) {
         (SourceChoice::File(_), _) => IntervalPolicy::Fixed(FILE_CHECK_INTERVAL),
-        (SourceChoice::Core { .. }, Some(seconds)) => {
-            IntervalPolicy::Fixed(Duration::from_secs(seconds))
-        }
-        (SourceChoice::Core { .. }, None) => IntervalPolicy::CoreDecides {
+        (_, Some(seconds)) => IntervalPolicy::Fixed(Duration::from_secs(seconds)),
+        (_, None) => IntervalPolicy::CoreDecides {
             default: DEFAULT_POLL_INTERVAL,
         },
     };

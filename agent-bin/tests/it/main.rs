@@ -3,6 +3,7 @@
 //! 127.0.0.1:0; ports come from the JSON logs.
 
 mod check_config;
+mod connect;
 mod e2e;
 mod e2e_support;
 mod lifecycle;

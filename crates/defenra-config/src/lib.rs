@@ -16,6 +16,7 @@
 
 mod cidr;
 pub mod compile;
+pub mod enrol;
 pub mod model;
 mod runner;
 mod source;
@@ -33,6 +34,7 @@ use arc_swap::ArcSwapOption;
 
 pub use cidr::{Cidr, CidrError, parse_cidr_list};
 pub use compile::{Compiled, compile};
+pub use enrol::{ConnectError, ConnectUrl, Enrolment};
 pub use model::*;
 pub use runner::{ConfigLoop, ConfigStats, IntervalPolicy, PollOutcome};
 pub use source::{ConfigSource, CoreSource, CoreSourceOptions, FileSource, SourceError};
