@@ -103,7 +103,8 @@ pub(crate) struct RunArgs {
     pub(crate) l4_bind: IpAddr,
 
     /// MaxMind-format GeoIP database (GeoLite2/GeoIP2 City or Country, DB-IP lite).
-    /// Without it, GeoDNS answers with each domain's `default` location.
+    /// Watched and re-read on SIGHUP; while it is missing or unusable, GeoDNS answers with
+    /// each domain's `default` location and /health says "degraded".
     #[arg(long, env = "GEOIP_DB", value_name = "FILE")]
     pub(crate) geoip_db: Option<PathBuf>,
 

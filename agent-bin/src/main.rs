@@ -11,6 +11,7 @@ mod cli;
 mod connect;
 #[cfg(test)]
 mod docsync;
+mod geoip;
 mod health;
 mod l4_workers;
 mod notify;

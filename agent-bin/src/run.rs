@@ -14,7 +14,7 @@ use defenra_config::{
 };
 
 use defenra_dns::{DnsOptions, DnsService, DnsSockets};
-use defenra_geo::{GeoLookup, MaxMindGeo};
+use defenra_geo::GeoLookup;
 use defenra_http::{HttpOptions, HttpService};
 use defenra_l4::{L4Options, L4Service};
 use defenra_waf::{WafEngine, WafOptions};
@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Listen, LogFormat, RunArgs, SourceChoice};
+use crate::geoip::GeoIp;
 use crate::health::{self, Observability};
 use crate::l4_workers::L4Workers;
 
@@ -58,20 +59,21 @@ type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 ///
 /// # Errors
 ///
-/// A listener that cannot be bound, or a GeoIP database that cannot be opened.
+/// A listener that cannot be bound.
 pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let cell = Arc::new(SnapshotCell::new());
 
     // Services first, so the config loop can reload them from the first snapshot on.
-    let geo: Option<Arc<dyn GeoLookup>> = match &args.geoip_db {
-        Some(path) => Some(Arc::new(MaxMindGeo::open(path).with_context(|| {
-            format!("cannot open the GeoIP database {}", path.display())
-        })?)),
-        None => {
-            info!("no --geoip-db: GeoDNS answers with each domain's default location");
-            None
-        }
+    // A missing or unusable database is a warning: GeoDNS answers without it, /health says
+    // "degraded", and the file is watched, so a database that appears later is used.
+    let geoip = Arc::new(GeoIp::new(args.geoip_db.clone()));
+    let geo: Option<Arc<dyn GeoLookup>> = if geoip.is_configured() {
+        geoip.check(false).await;
+        Some(geoip.database())
+    } else {
+        info!("no --geoip-db: GeoDNS answers with each domain's default location");
+        None
     };
 
     let dns = Arc::new(DnsService::new(
@@ -157,16 +159,20 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     let reload = config.reload_handle();
     let config_stats = config.stats();
 
-    let observability = Arc::new(Observability::new(
-        Arc::clone(&cell),
-        Arc::clone(&config_stats),
-        vec![
-            dns.stats() as Arc<dyn StatsSource>,
-            http.stats() as Arc<dyn StatsSource>,
-            waf.stats() as Arc<dyn StatsSource>,
-            l4.stats() as Arc<dyn StatsSource>,
-        ],
-    ));
+    let observability = Arc::new(
+        Observability::new(
+            Arc::clone(&cell),
+            Arc::clone(&config_stats),
+            vec![
+                dns.stats() as Arc<dyn StatsSource>,
+                http.stats() as Arc<dyn StatsSource>,
+                waf.stats() as Arc<dyn StatsSource>,
+                l4.stats() as Arc<dyn StatsSource>,
+                Arc::clone(&geoip) as Arc<dyn StatsSource>,
+            ],
+        )
+        .with_geoip(Arc::clone(&geoip)),
+    );
 
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     let mut spawn = |name: &'static str, future: ServiceFuture| {
@@ -252,6 +258,13 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         );
     }
     let config_task = tokio::spawn(config.run(shutdown.clone()));
+    // The GeoIP file is watched like the config file and re-read on SIGHUP.
+    let geoip_reload = Arc::new(tokio::sync::Notify::new());
+    let geoip_task = tokio::spawn(Arc::clone(&geoip).watch(
+        FILE_CHECK_INTERVAL,
+        Arc::clone(&geoip_reload),
+        shutdown.clone(),
+    ));
     // systemd readiness: listeners are bound; ready once a config is loaded too.
     if loaded {
         crate::notify::notify("READY=1\nSTATUS=serving");
@@ -274,7 +287,11 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); break None; }
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); break None; }
-            _ = hangup.recv() => { info!("SIGHUP: reloading config"); reload.notify_one(); }
+            _ = hangup.recv() => {
+                info!("SIGHUP: reloading config and the GeoIP database");
+                reload.notify_one();
+                geoip_reload.notify_one();
+            }
             Some(joined) = tasks.join_next() => match joined {
                 Ok((name, Ok(()))) => info!(service = name, "service stopped"),
                 Ok((name, Err(error))) => break Some(error.context(format!("{name} stopped"))),
@@ -294,6 +311,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         warn!(grace = ?args.shutdown_grace, "grace period over; exiting with work still in flight");
     }
     config_task.abort();
+    geoip_task.abort();
     match failure {
         Some(error) => Err(error),
         None => {
