@@ -67,6 +67,11 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "CONNECT_URL", value_name = "URL", hide_env_values = true)]
     pub(crate) connect_url: Option<String>,
 
+    /// Send no traffic or client reports to Core (they go to /api/statistics and
+    /// /api/clients after each successful poll; never with --config).
+    #[arg(long, env = "NO_REPORT")]
+    pub(crate) no_report: bool,
+
     /// Seconds between polls of Core. When not set, Core's `nextPollInterval` decides
     /// (default 60).
     #[arg(long, env = "POLLING_INTERVAL", value_name = "SECONDS", value_parser = parse_poll_interval)]

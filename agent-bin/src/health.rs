@@ -369,6 +369,7 @@ mod tests {
                 waf.stats(),
                 l4.stats(),
                 Arc::new(crate::geoip::GeoIp::new(None)),
+                Arc::new(crate::report::ReportStats::default()),
             ],
         );
         let mut rows: BTreeMap<String, (String, BTreeMap<&str, ()>, &str)> = BTreeMap::new();

@@ -15,6 +15,7 @@ mod geoip;
 mod health;
 mod l4_workers;
 mod notify;
+mod report;
 mod run;
 
 use std::process::ExitCode;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use defenra_config::stats::StatsSource;
 use defenra_config::{
-    ConfigLoop, ConfigSource, CoreSource, CoreSourceOptions, FileSource, IntervalPolicy,
-    SnapshotCell, StateDir,
+    ConfigLoop, ConfigSource, CoreReporter, CoreSource, CoreSourceOptions, FileSource,
+    IntervalPolicy, ReporterOptions, SnapshotCell, StateDir,
 };
 
 use defenra_dns::{DnsOptions, DnsService, DnsSockets};
@@ -29,9 +29,12 @@ use crate::cli::{Listen, LogFormat, RunArgs, SourceChoice};
 use crate::geoip::GeoIp;
 use crate::health::{self, Observability};
 use crate::l4_workers::L4Workers;
+use crate::report::{ClientBook, Ledger, ReportStats, Reporter};
 
 /// How often a file source is checked for changes.
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Bounds each report request to Core.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poll interval when neither the flag nor Core sets one.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -83,6 +86,9 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             ..DnsOptions::default()
         },
     ));
+    // Reports to Core exist only with the Core source; the proxy queues client addresses
+    // only when they will be reported.
+    let reporting = matches!(source_choice, SourceChoice::Core { .. }) && !args.no_report;
     let waf = Arc::new(WafEngine::new(WafOptions {
         fail_closed: args.waf_fail_closed,
         ..WafOptions::default()
@@ -95,6 +101,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             origin_timeout: args.origin_timeout,
             access_log: args.access_log,
             access_log_max_per_second: args.access_log_max_per_second,
+            record_clients: reporting,
             ..HttpOptions::default()
         },
     ));
@@ -158,6 +165,8 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     }
     let reload = config.reload_handle();
     let config_stats = config.stats();
+    let poll_successes = config.successes();
+    let report_stats = Arc::new(ReportStats::default());
 
     let observability = Arc::new(
         Observability::new(
@@ -169,6 +178,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
                 waf.stats() as Arc<dyn StatsSource>,
                 l4.stats() as Arc<dyn StatsSource>,
                 Arc::clone(&geoip) as Arc<dyn StatsSource>,
+                Arc::clone(&report_stats) as Arc<dyn StatsSource>,
             ],
         )
         .with_geoip(Arc::clone(&geoip)),
@@ -258,6 +268,31 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         );
     }
     let config_task = tokio::spawn(config.run(shutdown.clone()));
+    let report_task = match &source_choice {
+        SourceChoice::Core {
+            url,
+            agent_id,
+            agent_key,
+        } if reporting => {
+            let reporter = Reporter {
+                sender: Arc::new(CoreReporter::new(ReporterOptions {
+                    url: url.clone(),
+                    agent_key: agent_key.clone(),
+                    timeout: REPORT_TIMEOUT,
+                })),
+                agent_id: agent_id.clone(),
+                cell: Arc::clone(&cell),
+                http: Arc::clone(&http),
+                l4: l4.stats(),
+                geo: geoip.is_configured().then(|| geoip.database()),
+                stats: Arc::clone(&report_stats),
+                ledger: Ledger::default(),
+                clients: ClientBook::default(),
+            };
+            Some(tokio::spawn(reporter.run(poll_successes, shutdown.clone())))
+        }
+        _ => None,
+    };
     // The GeoIP file is watched like the config file and re-read on SIGHUP.
     let geoip_reload = Arc::new(tokio::sync::Notify::new());
     let geoip_task = tokio::spawn(Arc::clone(&geoip).watch(
@@ -312,6 +347,9 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     }
     config_task.abort();
     geoip_task.abort();
+    if let Some(task) = report_task {
+        task.abort();
+    }
     match failure {
         Some(error) => Err(error),
         None => {

@@ -9,4 +9,5 @@ mod e2e_support;
 mod geoip;
 mod lifecycle;
 mod proxied_names;
+mod reports;
 mod support;

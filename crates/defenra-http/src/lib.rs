@@ -21,6 +21,7 @@ mod route;
 mod server;
 mod stats;
 mod tls;
+mod traffic;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,7 @@ pub use access::ACCESS_TARGET;
 pub use proxy::{ErrorSource, ProxyError};
 pub use route::RouteTable;
 pub use stats::HttpStats;
+pub use traffic::{ClientLog, DomainTraffic, SeenClient, TrafficTotals};
 
 /// Limits and origin settings of the proxy. `Default` gives the production values.
 #[derive(Clone, Debug)]
@@ -80,6 +82,9 @@ pub struct HttpOptions {
     /// Most access lines written per second; the others are counted in
     /// `access_log_suppressed_total`.
     pub access_log_max_per_second: u32,
+    /// Queue each client address (with its `User-Agent`) once an hour for
+    /// [`HttpService::clients`], for reports to Core. Off costs one branch per request.
+    pub record_clients: bool,
 }
 
 impl Default for HttpOptions {
@@ -100,6 +105,7 @@ impl Default for HttpOptions {
             origin_dns_max_ttl: Duration::from_secs(300),
             access_log: false,
             access_log_max_per_second: 1000,
+            record_clients: false,
         }
     }
 }
@@ -132,7 +138,13 @@ pub struct HttpService {
     tls_acceptor: tokio_rustls::TlsAcceptor,
     stats: Arc<HttpStats>,
     access_log: access::AccessLog,
+    /// Per-domain counters, kept across reloads; routes carry their domain's.
+    traffic: traffic::TrafficRegistry,
+    clients: traffic::ClientLog,
 }
+
+/// Clients queued for reports at most; the oldest is dropped first.
+const CLIENT_QUEUE: usize = 10_000;
 
 impl HttpService {
     /// A proxy with no routes: every host answers 404 and every TLS handshake is refused
@@ -143,6 +155,7 @@ impl HttpService {
         let tls_acceptor = tls::acceptor(Arc::clone(&routes));
         let access_log =
             access::AccessLog::new(options.access_log, options.access_log_max_per_second);
+        let clients = traffic::ClientLog::new(options.record_clients, CLIENT_QUEUE);
         HttpService {
             waf,
             options,
@@ -152,6 +165,8 @@ impl HttpService {
             tls_acceptor,
             stats: Arc::new(HttpStats::default()),
             access_log,
+            traffic: traffic::TrafficRegistry::default(),
+            clients,
         }
     }
 
@@ -192,12 +207,28 @@ impl HttpService {
     pub fn routes(&self) -> Arc<RouteTable> {
         self.routes.load_full()
     }
+
+    /// Every configured domain's traffic counters since it was configured, by domain name.
+    pub fn traffic(&self) -> Vec<(String, TrafficTotals)> {
+        self.traffic.totals()
+    }
+
+    /// The client addresses queued for reports (empty unless `record_clients`).
+    pub fn clients(&self) -> &ClientLog {
+        &self.clients
+    }
 }
 
 impl Reload for HttpService {
     fn reload(&self, snapshot: &Arc<Snapshot>, issues: &mut Vec<Issue>) {
         let mut limits = self.origin_limits.lock();
-        let table = RouteTable::build_with_limits(snapshot, &self.options, issues, &mut limits);
+        let table = RouteTable::build_with_limits(
+            snapshot,
+            &self.options,
+            issues,
+            &mut limits,
+            &self.traffic,
+        );
         self.routes.store(Arc::new(table));
     }
 }

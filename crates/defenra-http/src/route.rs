@@ -13,6 +13,7 @@ use http::uri::Authority;
 use tokio::sync::Semaphore;
 
 use crate::HttpOptions;
+use crate::traffic::{DomainTraffic, TrafficRegistry};
 
 /// Longest host name accepted (RFC 1035 §2.3.4: 253 characters in text form).
 const MAX_HOST_LEN: usize = 253;
@@ -41,6 +42,8 @@ pub(crate) struct Route {
     pub(crate) proxied: bool,
     /// Where requests go; `None` when no usable A, AAAA or CNAME record was found.
     pub(crate) origin: Option<Origin>,
+    /// The domain's traffic counters, the same across reloads.
+    pub(crate) traffic: Arc<DomainTraffic>,
 }
 
 /// The origin of a route, fixed when the table is built.
@@ -75,17 +78,32 @@ impl RouteTable {
     /// Compiles the routes of `snapshot`. A host that appears in two domains belongs to the
     /// more specific zone (`a.sub.example.com` to `sub.example.com`); the other is reported.
     pub fn build(snapshot: &Snapshot, options: &HttpOptions, issues: &mut Vec<Issue>) -> Self {
-        RouteTable::build_with_limits(snapshot, options, issues, &mut OriginLimits::new())
+        RouteTable::build_with_limits(
+            snapshot,
+            options,
+            issues,
+            &mut OriginLimits::new(),
+            &TrafficRegistry::default(),
+        )
     }
 
     /// As [`RouteTable::build`], reusing the connection limits of origins that stay and
-    /// dropping those of origins that went.
+    /// dropping those of origins that went, and the traffic counters of domains that stay.
     pub(crate) fn build_with_limits(
         snapshot: &Snapshot,
         options: &HttpOptions,
         issues: &mut Vec<Issue>,
         limits: &mut OriginLimits,
+        registry: &TrafficRegistry,
     ) -> Self {
+        let traffic =
+            registry.reconcile(snapshot.domains.iter().map(|domain| domain.name.as_str()));
+        let traffic_of = |domain: &Domain| {
+            traffic
+                .get(domain.name.as_str())
+                .cloned()
+                .unwrap_or_default()
+        };
         let mut used: OriginLimits = HashMap::new();
         let mut domains: Vec<(usize, &Arc<Domain>)> = snapshot.domains.iter().enumerate().collect();
         // Most specific zone first, so it claims its names before a parent zone does.
@@ -153,6 +171,7 @@ impl RouteTable {
                                 domain: Arc::clone(&entry.domain),
                                 proxied: entry.proxied,
                                 origin: None,
+                                traffic: traffic_of(&entry.domain),
                             })
                         }),
                 ),
@@ -160,6 +179,7 @@ impl RouteTable {
                     domain: Arc::clone(&entry.domain),
                     proxied: entry.proxied,
                     origin: Some(origin),
+                    traffic: traffic_of(&entry.domain),
                 }),
             };
             match name.strip_prefix("*.") {

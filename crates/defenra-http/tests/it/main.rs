@@ -9,4 +9,5 @@ mod protocols;
 mod routing;
 mod support;
 mod tls;
+mod traffic;
 mod wire;
