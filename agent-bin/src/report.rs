@@ -15,7 +15,7 @@ use defenra_config::stats::{Metric, StatsSource};
 use defenra_config::wire::{ClientReport, TrafficReport};
 use defenra_config::{CoreReporter, L4Protocol, ReportError, SnapshotCell};
 use defenra_geo::GeoDatabase;
-use defenra_http::{HttpService, SeenClient};
+use defenra_http::{ClientLog, HttpService, SeenClient};
 use defenra_l4::L4Stats;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -322,7 +322,7 @@ impl Reporter {
     pub(crate) async fn cycle(&mut self) {
         self.ledger.observe(self.observe());
         let due = self.ledger.due();
-        let clients = self.pick_clients(Instant::now());
+        let clients = pick_clients(self.http.clients(), &mut self.clients, Instant::now());
         if due.is_empty() && clients.is_empty() {
             self.publish_gauges();
             return;
@@ -477,26 +477,24 @@ impl Reporter {
         }
         observations
     }
+}
 
-    /// Up to [`MAX_CLIENTS_PER_CYCLE`] queued clients not reported within the hour.
-    fn pick_clients(&mut self, now: Instant) -> Vec<SeenClient> {
-        let log = self.http.clients();
-        let mut picked: Vec<SeenClient> = Vec::new();
-        while picked.len() < MAX_CLIENTS_PER_CYCLE {
-            let drained = log.drain(MAX_CLIENTS_PER_CYCLE - picked.len());
-            if drained.is_empty() {
-                break;
-            }
-            for client in drained {
-                if !self.clients.is_recent(client.ip, now)
-                    && !picked.iter().any(|other| other.ip == client.ip)
-                {
-                    picked.push(client);
-                }
+/// Up to [`MAX_CLIENTS_PER_CYCLE`] queued clients not reported within the hour, oldest first.
+fn pick_clients(log: &ClientLog, book: &mut ClientBook, now: Instant) -> Vec<SeenClient> {
+    let mut picked: Vec<SeenClient> = Vec::new();
+    while picked.len() < MAX_CLIENTS_PER_CYCLE {
+        let drained = log.drain(MAX_CLIENTS_PER_CYCLE - picked.len());
+        if drained.is_empty() {
+            break;
+        }
+        for client in drained {
+            if !book.is_recent(client.ip, now) && !picked.iter().any(|other| other.ip == client.ip)
+            {
+                picked.push(client);
             }
         }
-        picked
     }
+    picked
 }
 
 /// Sends the traffic reports, then the client reports, stopping at the first sign that
@@ -643,6 +641,29 @@ mod tests {
         let mut ledger = Ledger::default();
         ledger.observe(vec![no_id]);
         assert!(ledger.due().is_empty());
+    }
+
+    #[test]
+    fn at_most_500_clients_per_cycle_and_none_reported_within_the_hour() {
+        let log = ClientLog::new(true, 10_000);
+        for n in 0..1200u32 {
+            log.note(IpAddr::from((0x0a00_0000 + n).to_be_bytes()), || None);
+        }
+        let mut book = ClientBook::default();
+        let now = Instant::now();
+        let first = pick_clients(&log, &mut book, now);
+        assert_eq!(first.len(), MAX_CLIENTS_PER_CYCLE);
+        assert_eq!(first[0].ip, IpAddr::from([10, 0, 0, 0]), "oldest first");
+        assert_eq!(log.len(), 700);
+        book.mark(IpAddr::from([10, 0, 2, 0x58]), now); // the 601st client
+        let second = pick_clients(&log, &mut book, now);
+        assert_eq!(second.len(), 500);
+        assert!(
+            !second
+                .iter()
+                .any(|client| client.ip == IpAddr::from([10, 0, 2, 0x58]))
+        );
+        assert_eq!(pick_clients(&log, &mut book, now).len(), 199);
     }
 
     #[test]

@@ -150,7 +150,7 @@ pub struct ClientLog {
 
 impl ClientLog {
     /// `capacity` entries at most; when `enabled` is false, [`ClientLog::note`] does nothing.
-    pub(crate) fn new(enabled: bool, capacity: usize) -> Self {
+    pub fn new(enabled: bool, capacity: usize) -> Self {
         let slots = if enabled { FILTER_SLOTS } else { 0 };
         ClientLog {
             enabled,
@@ -165,7 +165,7 @@ impl ClientLog {
 
     /// Notes a request from `ip`. Only an address not queued within the hour costs more than
     /// a hash and an atomic load: then `user_agent` is called and the client queued.
-    pub(crate) fn note<'a>(&self, ip: IpAddr, user_agent: impl FnOnce() -> Option<&'a [u8]>) {
+    pub fn note<'a>(&self, ip: IpAddr, user_agent: impl FnOnce() -> Option<&'a [u8]>) {
         if !self.enabled {
             return;
         }
