@@ -37,13 +37,17 @@ pub(crate) struct Context<'a> {
 }
 
 /// Answers `packet` from `source` into `out` (cleared first). Returns false when nothing
-/// is to be sent. `random` drives weighted pool choices.
+/// is to be sent.
+///
+/// `_random` is unused: weighted pools now choose by client subnet, not at random.
+/// FIXME: drop it from the socket loops (`server.rs`, `batch.rs`, `lib.rs`) once the DNS
+/// TCP rework that touches them has landed; kept so the two changes merge cleanly.
 pub(crate) fn handle(
     ctx: &Context<'_>,
     packet: &[u8],
     source: IpAddr,
     transport: Transport,
-    random: u64,
+    _random: u64,
     out: &mut Vec<u8>,
 ) -> bool {
     out.clear();
@@ -111,7 +115,7 @@ pub(crate) fn handle(
                     Some(subnet) if subnet.source_prefix > 0 => subnet.address,
                     _ => source,
                 };
-                resolve(ctx, &query, client, random, out)
+                resolve(ctx, &query, client, out)
             }
         }
     };
@@ -235,13 +239,7 @@ impl Owner<'_> {
     }
 }
 
-fn resolve(
-    ctx: &Context<'_>,
-    query: &Query,
-    client: IpAddr,
-    random: u64,
-    out: &mut Vec<u8>,
-) -> Answer {
+fn resolve(ctx: &Context<'_>, query: &Query, client: IpAddr, out: &mut Vec<u8>) -> Answer {
     let index = ctx.index;
     let mut answer = Answer {
         rcode: Rcode::NoError,
@@ -273,7 +271,8 @@ fn resolve(
         {
             let plan = index.zone(node.zone).plan.as_ref();
             let place = ctx.geo.and_then(|geo| geo.place(client));
-            match plan.and_then(|plan| plan.choose(qtype != TYPE_AAAA, place, random)) {
+            // Pools pick by the client's /24 or /56 (the ECS scope we echo).
+            match plan.and_then(|plan| plan.choose(qtype != TYPE_AAAA, place, client)) {
                 Some(selection) => {
                     for ip in selection.addresses {
                         owner.write(out);
