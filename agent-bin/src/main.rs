@@ -17,6 +17,7 @@ mod l4_workers;
 mod notify;
 mod report;
 mod run;
+mod watchdog;
 
 use std::process::ExitCode;
 

@@ -30,9 +30,13 @@ use crate::geoip::GeoIp;
 use crate::health::{self, Observability};
 use crate::l4_workers::L4Workers;
 use crate::report::{ClientBook, Ledger, ReportStats, Reporter};
+use crate::watchdog::Liveness;
 
 /// How often a file source is checked for changes.
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// A config fetch and reload running longer than this means the config loop is stuck
+/// (a fetch is bounded by 30 s), and the systemd watchdog stops its pings.
+const CONFIG_STUCK_AFTER: Duration = Duration::from_secs(300);
 /// Bounds each report request to Core.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poll interval when neither the flag nor Core sets one.
@@ -66,6 +70,15 @@ type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let cell = Arc::new(SnapshotCell::new());
+    // systemd's watchdog: every runtime that serves listeners gets a heart (below).
+    let watchdog = crate::watchdog::interval_from_env().map(|interval| {
+        let beat = crate::watchdog::beat_period(interval);
+        info!(interval = ?interval, "systemd watchdog on");
+        (interval, beat, Arc::new(Liveness::new()))
+    });
+    let hearts = watchdog
+        .as_ref()
+        .map(|(_, beat, liveness)| (*beat, Arc::clone(liveness)));
 
     // Services first, so the config loop can reload them from the first snapshot on.
     // A missing or unusable database is a warning: GeoDNS answers without it, /health says
@@ -108,6 +121,12 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     // TCP forwards accept on one current-thread runtime per core, like HTTP: a connection
     // stays on one thread from accept to close (docs/l4.md, "Workers").
     let l4_workers = L4Workers::start(workers_or_cores(args.l4_workers))?;
+    if let Some((beat, liveness)) = &hearts {
+        for (index, handle) in l4_workers.handles().iter().enumerate() {
+            let heart = liveness.heart(format!("l4-{index}"));
+            handle.spawn(crate::watchdog::beat(heart, *beat, shutdown.clone()));
+        }
+    }
     let l4 = Arc::new(
         L4Service::new(L4Options {
             bind_ip: args.l4_bind,
@@ -233,6 +252,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
                 "http",
                 listeners,
                 shutdown.clone(),
+                hearts.clone(),
                 serve,
                 "HTTP service failed",
             ),
@@ -250,6 +270,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
                 "https",
                 listeners,
                 shutdown.clone(),
+                hearts.clone(),
                 serve,
                 "HTTPS service failed",
             ),
@@ -267,7 +288,34 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             }),
         );
     }
-    let config_task = tokio::spawn(config.run(shutdown.clone()));
+    // Dropped when the config task ends, even by a panic: the watchdog sees it.
+    let config_running = Arc::new(());
+    let config_alive = Arc::downgrade(&config_running);
+    let config_task = tokio::spawn({
+        let token = shutdown.clone();
+        async move {
+            let _running = config_running;
+            config.run(token).await;
+        }
+    });
+    if let Some((interval, beat, liveness)) = watchdog {
+        let heart = liveness.heart("main");
+        tokio::spawn(crate::watchdog::beat(heart, beat, shutdown.clone()));
+        let stats = Arc::clone(&config_stats);
+        liveness.check("config loop", move || {
+            let busy_since = stats
+                .busy_since_unix
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let stuck = busy_since > 0
+                && unix_now().saturating_sub(busy_since) > CONFIG_STUCK_AFTER.as_secs();
+            config_alive.strong_count() > 0 && !stuck
+        });
+        let token = shutdown.clone();
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || crate::watchdog::run(liveness, interval, token))
+            .context("cannot start the watchdog thread")?;
+    }
     let report_task = match &source_choice {
         SourceChoice::Core {
             url,
@@ -422,6 +470,7 @@ fn per_core<S, F>(
     name: &'static str,
     listeners: Vec<std::net::TcpListener>,
     shutdown: CancellationToken,
+    hearts: Option<(Duration, Arc<Liveness>)>,
     serve: S,
     context: &'static str,
 ) -> ServiceFuture
@@ -433,6 +482,11 @@ where
     for (index, listener) in listeners.into_iter().enumerate() {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let (serve, token) = (serve.clone(), shutdown.clone());
+        // The watchdog's heart for this worker's runtime: it stops beating when the
+        // runtime is stuck, or when the worker has stopped.
+        let heart = hearts
+            .as_ref()
+            .map(|(beat, liveness)| (*beat, liveness.heart(format!("{name}-{index}"))));
         let spawned = std::thread::Builder::new()
             .name(format!("{name}-{index}"))
             .spawn(move || {
@@ -443,6 +497,11 @@ where
                     .and_then(|runtime| {
                         runtime.block_on(async move {
                             let listener = TcpListener::from_std(listener)?;
+                            let beating = CancellationToken::new();
+                            let _stop_beating = beating.clone().drop_guard();
+                            if let Some((beat, heart)) = heart {
+                                tokio::spawn(crate::watchdog::beat(heart, beat, beating));
+                            }
                             serve(listener, token).await.map_err(anyhow::Error::from)
                         })
                     });
@@ -478,4 +537,10 @@ fn bind_hint(name: &str, addr: SocketAddr) -> String {
         ""
     };
     format!("cannot listen for {name} on {addr}{hint}")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }

@@ -38,6 +38,9 @@ pub struct ConfigStats {
     pub last_success_unix: AtomicU64,
     /// Unix seconds of the last fetch attempt (0 = never).
     pub last_poll_unix: AtomicU64,
+    /// Unix seconds the fetch (and reload) in progress started; 0 between fetches. A
+    /// watchdog reads it to tell a stuck config loop from one waiting for its next poll.
+    pub busy_since_unix: AtomicU64,
     /// Current poll interval in milliseconds.
     pub interval_ms: AtomicU64,
     /// Version of the published snapshot (0 = none yet).
@@ -276,7 +279,9 @@ impl ConfigLoop {
     /// One fetch, compile and (when the content changed) publish. A success is announced
     /// to [`ConfigLoop::successes`] once the services have the new snapshot.
     pub async fn poll_once(&mut self) -> PollOutcome {
+        self.stats.busy_since_unix.store(unix_now(), Relaxed);
         let outcome = self.fetch_and_apply().await;
+        self.stats.busy_since_unix.store(0, Relaxed);
         if outcome != PollOutcome::Failed {
             self.successes.send_modify(|count| *count += 1);
         }
