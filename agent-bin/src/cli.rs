@@ -26,6 +26,17 @@ pub(crate) enum Command {
         /// A Core-format JSON document.
         file: PathBuf,
     },
+    /// Enrol this host with Core's one-time connect URL (from Core's "add agent" dialog) and
+    /// write CORE_URL, AGENT_ID, AGENT_KEY and POLLING_INTERVAL into the env file. Run it on
+    /// the edge host itself: Core records the caller's address and location as the agent's.
+    /// A connect URL works once.
+    Connect {
+        /// https://CORE/api/agent/connect/TOKEN
+        url: String,
+        /// The env file to update (atomically, mode 0600, other lines kept).
+        #[arg(long, value_name = "PATH", default_value = "/etc/defenra-agent/env")]
+        env_file: PathBuf,
+    },
     /// Print the version and exit.
     Version,
     /// Ban an address or prefix agent-wide on the running agent (its HTTP, HTTPS and L4
@@ -92,6 +103,17 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "AGENT_KEY", hide_env_values = true)]
     pub(crate) agent_key: Option<String>,
 
+    /// One-time connect URL from Core's "add agent" dialog. When no AGENT_KEY is set, the
+    /// agent enrols with it at start (run it on the edge host: Core records the caller's
+    /// address as the agent's), keeps the credentials in --state-dir, then runs.
+    #[arg(long, env = "CONNECT_URL", value_name = "URL", hide_env_values = true)]
+    pub(crate) connect_url: Option<String>,
+
+    /// Send no traffic or client reports to Core (they go to /api/statistics and
+    /// /api/clients after each successful poll; never with --config).
+    #[arg(long, env = "NO_REPORT")]
+    pub(crate) no_report: bool,
+
     /// Seconds between polls of Core. When not set, Core's `nextPollInterval` decides
     /// (default 60).
     #[arg(long, env = "POLLING_INTERVAL", value_name = "SECONDS", value_parser = parse_poll_interval)]
@@ -134,7 +156,8 @@ pub(crate) struct RunArgs {
     pub(crate) l4_bind: IpAddr,
 
     /// MaxMind-format GeoIP database (GeoLite2/GeoIP2 City or Country, DB-IP lite).
-    /// Without it, GeoDNS answers with each domain's `default` location.
+    /// Watched and re-read on SIGHUP; while it is missing or unusable, GeoDNS answers with
+    /// each domain's `default` location and /health says "degraded".
     #[arg(long, env = "GEOIP_DB", value_name = "FILE")]
     pub(crate) geoip_db: Option<PathBuf>,
 
@@ -469,14 +492,18 @@ pub(crate) enum SourceChoice {
         agent_id: String,
         agent_key: String,
     },
+    /// No key yet, but a connect URL: enrol (or reuse an earlier enrolment), then poll Core.
+    Enrol {
+        connect_url: String,
+    },
 }
 
 impl RunArgs {
-    /// `--config`, or all three Core settings.
+    /// `--config`, or all three Core settings, or a connect URL to get them with.
     ///
     /// # Errors
     ///
-    /// A usage message when neither is complete.
+    /// A usage message when none is complete.
     pub(crate) fn source(&self) -> Result<SourceChoice, String> {
         if let Some(path) = &self.config {
             return Ok(SourceChoice::File(path.clone()));
@@ -499,6 +526,9 @@ impl RunArgs {
                 agent_key,
             }),
             (url, id, key) => {
+                if let Some(connect_url) = non_empty(&self.connect_url) {
+                    return Ok(SourceChoice::Enrol { connect_url });
+                }
                 let missing: Vec<&str> = [
                     (url.is_none(), "--core-url/CORE_URL"),
                     (id.is_none(), "--agent-id/AGENT_ID"),
@@ -509,7 +539,8 @@ impl RunArgs {
                 .collect();
                 Err(format!(
                     "no configuration source: pass --config FILE (DEFENRA_CONFIG), or all of \
-                     --core-url, --agent-id and --agent-key (missing: {})",
+                     --core-url, --agent-id and --agent-key (missing: {}), or --connect-url \
+                     (CONNECT_URL) to enrol",
                     missing.join(", ")
                 ))
             }
@@ -705,5 +736,28 @@ mod tests {
         );
         let args = Cli::try_parse_from(["defenra-agent", "--config", "x.json"]).unwrap();
         assert!(matches!(args.run.source(), Ok(SourceChoice::File(_))));
+        let args = Cli::try_parse_from([
+            "defenra-agent",
+            "--connect-url",
+            "https://core/api/agent/connect/t",
+        ])
+        .unwrap();
+        assert!(matches!(args.run.source(), Ok(SourceChoice::Enrol { .. })));
+        let args = Cli::try_parse_from([
+            "defenra-agent",
+            "--connect-url",
+            "https://core/api/agent/connect/t",
+            "--core-url",
+            "https://core",
+            "--agent-id",
+            "a",
+            "--agent-key",
+            "k",
+        ])
+        .unwrap();
+        assert!(
+            matches!(args.run.source(), Ok(SourceChoice::Core { .. })),
+            "a key wins over the connect URL"
+        );
     }
 }

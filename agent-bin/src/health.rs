@@ -25,6 +25,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::geoip::{GeoIp, GeoState};
+
 /// Everything the endpoint reports on. Reads atomics and the snapshot pointer only.
 pub(crate) struct Observability {
     started: Instant,
@@ -34,6 +36,8 @@ pub(crate) struct Observability {
     services: Vec<Arc<dyn StatsSource>>,
     /// For `/banned-ips`.
     shield: Option<Arc<Shield>>,
+    /// The GeoIP database's state, which `/health` reports.
+    geoip: Option<Arc<GeoIp>>,
 }
 
 impl Observability {
@@ -48,7 +52,14 @@ impl Observability {
             config,
             services,
             shield: None,
+            geoip: None,
         }
+    }
+
+    /// Reports the GeoIP database's state in `/health` (and "degraded" while it is not right).
+    pub(crate) fn with_geoip(mut self, geoip: Arc<GeoIp>) -> Self {
+        self.geoip = Some(geoip);
+        self
     }
 
     /// Serves `GET /banned-ips` from `shield`.
@@ -57,12 +68,23 @@ impl Observability {
         self
     }
 
-    /// `GET /health`: 200 once a config is loaded, 503 `starting` before.
+    /// `GET /health`: 200 once a config is loaded (`ok`, or `degraded` while the GeoIP
+    /// database is missing, unusable or stale), 503 `starting` before.
     pub(crate) fn health(&self) -> (StatusCode, Value) {
         let snapshot = self.cell.load();
         let last_poll = self.config.last_success_unix.load(Relaxed);
+        let geoip = self
+            .geoip
+            .as_ref()
+            .map_or(GeoState::Off, |geoip| geoip.state());
+        let status = match (snapshot.is_some(), geoip.is_degraded()) {
+            (false, _) => "starting",
+            (true, false) => "ok",
+            (true, true) => "degraded",
+        };
         let body = json!({
-            "status": if snapshot.is_some() { "ok" } else { "starting" },
+            "status": status,
+            "geoip": geoip.as_str(),
             "uptime_s": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
             "config_version": snapshot.as_ref().map(|snapshot| snapshot.version),
@@ -355,7 +377,14 @@ mod tests {
         let observability = Observability::new(
             cell,
             Arc::new(ConfigStats::default()),
-            vec![dns.stats(), http.stats(), waf.stats(), l4.stats()],
+            vec![
+                dns.stats(),
+                http.stats(),
+                waf.stats(),
+                l4.stats(),
+                Arc::new(crate::geoip::GeoIp::new(None)),
+                Arc::new(crate::report::ReportStats::default()),
+            ],
         );
         let mut rows: BTreeMap<String, (String, BTreeMap<&str, ()>, &str)> = BTreeMap::new();
         for (service, metric) in observability.all_metrics() {

@@ -8,19 +8,23 @@
 mod alloc;
 mod check;
 mod cli;
+mod connect;
 mod control;
 #[cfg(test)]
 mod docsync;
+mod geoip;
 mod health;
 mod l4_workers;
 mod notify;
+mod report;
 mod run;
+mod watchdog;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, SourceChoice};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Some(Command::Bans { json, control }) => {
             control_command(&control.state_dir, &control::Request::Bans, json)
         }
+        Some(Command::Connect { url, env_file }) => connect::connect_command(&url, &env_file),
         None => {
             let source = match cli.run.source() {
                 Ok(source) => source,
@@ -66,6 +71,24 @@ fn main() -> ExitCode {
                 eprintln!("defenra-agent: {error:#}");
                 return ExitCode::from(2);
             }
+            // Before the runtime: one blocking request, and nothing runs without credentials.
+            let source = match source {
+                SourceChoice::Enrol { connect_url } => {
+                    match connect::enrol_at_start(&connect_url, cli.run.state_dir.as_deref()) {
+                        Ok(credentials) => SourceChoice::Core {
+                            url: credentials.core_url,
+                            agent_id: credentials.agent_id,
+                            agent_key: credentials.agent_key,
+                        },
+                        Err(error) => {
+                            tracing::error!("{error:#}");
+                            eprintln!("defenra-agent: {error:#}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+                other => other,
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -9,12 +9,12 @@ use std::time::Duration;
 use anyhow::Context;
 use defenra_config::stats::StatsSource;
 use defenra_config::{
-    ConfigLoop, ConfigSource, CoreSource, CoreSourceOptions, FileSource, IntervalPolicy,
-    SnapshotCell, StateDir,
+    ConfigLoop, ConfigSource, CoreReporter, CoreSource, CoreSourceOptions, FileSource,
+    IntervalPolicy, ReporterOptions, SnapshotCell, StateDir,
 };
 
 use defenra_dns::{DnsService, DnsSockets};
-use defenra_geo::{GeoLookup, MaxMindGeo};
+use defenra_geo::GeoLookup;
 use defenra_http::{HttpOptions, HttpService};
 use defenra_l4::{L4Options, L4Service};
 use defenra_shield::Shield;
@@ -27,13 +27,21 @@ use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{BanBackend, Listen, LogFormat, RunArgs, SourceChoice};
+use crate::geoip::GeoIp;
 use crate::health::{self, Observability};
 use crate::l4_workers::L4Workers;
+use crate::report::{ClientBook, Ledger, ReportStats, Reporter};
+use crate::watchdog::Liveness;
 
 /// How often a file source is checked for changes.
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// The ban list's file in the state directory.
 const BAN_FILE: &str = "bans.json";
+/// A config fetch and reload running longer than this means the config loop is stuck
+/// (a fetch is bounded by 30 s), and the systemd watchdog stops its pings.
+const CONFIG_STUCK_AFTER: Duration = Duration::from_secs(300);
+/// Bounds each report request to Core.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poll interval when neither the flag nor Core sets one.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -61,23 +69,36 @@ type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 ///
 /// # Errors
 ///
-/// A listener that cannot be bound, or a GeoIP database that cannot be opened.
+/// A listener that cannot be bound.
 pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let cell = Arc::new(SnapshotCell::new());
+    // systemd's watchdog: every runtime that serves listeners gets a heart (below).
+    let watchdog = crate::watchdog::interval_from_env().map(|interval| {
+        let beat = crate::watchdog::beat_period(interval);
+        info!(interval = ?interval, "systemd watchdog on");
+        (interval, beat, Arc::new(Liveness::new()))
+    });
+    let hearts = watchdog
+        .as_ref()
+        .map(|(_, beat, liveness)| (*beat, Arc::clone(liveness)));
 
     // Services first, so the config loop can reload them from the first snapshot on.
-    let geo: Option<Arc<dyn GeoLookup>> = match &args.geoip_db {
-        Some(path) => Some(Arc::new(MaxMindGeo::open(path).with_context(|| {
-            format!("cannot open the GeoIP database {}", path.display())
-        })?)),
-        None => {
-            info!("no --geoip-db: GeoDNS answers with each domain's default location");
-            None
-        }
+    // A missing or unusable database is a warning: GeoDNS answers without it, /health says
+    // "degraded", and the file is watched, so a database that appears later is used.
+    let geoip = Arc::new(GeoIp::new(args.geoip_db.clone()));
+    let geo: Option<Arc<dyn GeoLookup>> = if geoip.is_configured() {
+        geoip.check(false).await;
+        Some(geoip.database())
+    } else {
+        info!("no --geoip-db: GeoDNS answers with each domain's default location");
+        None
     };
 
     let dns = Arc::new(DnsService::new(geo, args.dns.options(args.agent_ip)));
+    // Reports to Core exist only with the Core source; the proxy queues client addresses
+    // only when they will be reported.
+    let reporting = matches!(source_choice, SourceChoice::Core { .. }) && !args.no_report;
     let waf = Arc::new(WafEngine::new(WafOptions {
         fail_closed: args.waf_fail_closed,
         ..WafOptions::default()
@@ -102,12 +123,19 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             origin_timeout: args.origin_timeout,
             access_log: args.access_log,
             access_log_max_per_second: args.access_log_max_per_second,
+            record_clients: reporting,
             ..HttpOptions::default()
         },
     ));
     // TCP forwards accept on one current-thread runtime per core, like HTTP: a connection
     // stays on one thread from accept to close (docs/l4.md, "Workers").
     let l4_workers = L4Workers::start(workers_or_cores(args.l4_workers))?;
+    if let Some((beat, liveness)) = &hearts {
+        for (index, handle) in l4_workers.handles().iter().enumerate() {
+            let heart = liveness.heart(format!("l4-{index}"));
+            handle.spawn(crate::watchdog::beat(heart, *beat, shutdown.clone()));
+        }
+    }
     let l4 = Arc::new(
         L4Service::new(L4Options {
             bind_ip: args.l4_bind,
@@ -144,13 +172,14 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             agent_id.clone(),
             agent_key.clone(),
         ))),
+        SourceChoice::Enrol { .. } => {
+            anyhow::bail!("enrolment must be done before the agent runs (main does it)")
+        }
     };
     let policy = match (&source_choice, args.poll_interval) {
         (SourceChoice::File(_), _) => IntervalPolicy::Fixed(FILE_CHECK_INTERVAL),
-        (SourceChoice::Core { .. }, Some(seconds)) => {
-            IntervalPolicy::Fixed(Duration::from_secs(seconds))
-        }
-        (SourceChoice::Core { .. }, None) => IntervalPolicy::CoreDecides {
+        (_, Some(seconds)) => IntervalPolicy::Fixed(Duration::from_secs(seconds)),
+        (_, None) => IntervalPolicy::CoreDecides {
             default: DEFAULT_POLL_INTERVAL,
         },
     };
@@ -166,6 +195,8 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     }
     let reload = config.reload_handle();
     let config_stats = config.stats();
+    let poll_successes = config.successes();
+    let report_stats = Arc::new(ReportStats::default());
 
     let observability = Arc::new(
         Observability::new(
@@ -177,9 +208,12 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
                 waf.stats() as Arc<dyn StatsSource>,
                 l4.stats() as Arc<dyn StatsSource>,
                 shield.clone() as Arc<dyn StatsSource>,
+                Arc::clone(&geoip) as Arc<dyn StatsSource>,
+                Arc::clone(&report_stats) as Arc<dyn StatsSource>,
             ],
         )
-        .with_shield(Arc::clone(&shield)),
+        .with_shield(Arc::clone(&shield))
+        .with_geoip(Arc::clone(&geoip)),
     );
 
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
@@ -272,6 +306,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
                 "http",
                 listeners,
                 shutdown.clone(),
+                hearts.clone(),
                 serve,
                 "HTTP service failed",
             ),
@@ -289,6 +324,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
                 "https",
                 listeners,
                 shutdown.clone(),
+                hearts.clone(),
                 serve,
                 "HTTPS service failed",
             ),
@@ -306,7 +342,66 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             }),
         );
     }
-    let config_task = tokio::spawn(config.run(shutdown.clone()));
+    // Dropped when the config task ends, even by a panic: the watchdog sees it.
+    let config_running = Arc::new(());
+    let config_alive = Arc::downgrade(&config_running);
+    let config_task = tokio::spawn({
+        let token = shutdown.clone();
+        async move {
+            let _running = config_running;
+            config.run(token).await;
+        }
+    });
+    if let Some((interval, beat, liveness)) = watchdog {
+        let heart = liveness.heart("main");
+        tokio::spawn(crate::watchdog::beat(heart, beat, shutdown.clone()));
+        let stats = Arc::clone(&config_stats);
+        liveness.check("config loop", move || {
+            let busy_since = stats
+                .busy_since_unix
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let stuck = busy_since > 0
+                && unix_now().saturating_sub(busy_since) > CONFIG_STUCK_AFTER.as_secs();
+            config_alive.strong_count() > 0 && !stuck
+        });
+        let token = shutdown.clone();
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || crate::watchdog::run(liveness, interval, token))
+            .context("cannot start the watchdog thread")?;
+    }
+    let report_task = match &source_choice {
+        SourceChoice::Core {
+            url,
+            agent_id,
+            agent_key,
+        } if reporting => {
+            let reporter = Reporter {
+                sender: Arc::new(CoreReporter::new(ReporterOptions {
+                    url: url.clone(),
+                    agent_key: agent_key.clone(),
+                    timeout: REPORT_TIMEOUT,
+                })),
+                agent_id: agent_id.clone(),
+                cell: Arc::clone(&cell),
+                http: Arc::clone(&http),
+                l4: l4.stats(),
+                geo: geoip.is_configured().then(|| geoip.database()),
+                stats: Arc::clone(&report_stats),
+                ledger: Ledger::default(),
+                clients: ClientBook::default(),
+            };
+            Some(tokio::spawn(reporter.run(poll_successes, shutdown.clone())))
+        }
+        _ => None,
+    };
+    // The GeoIP file is watched like the config file and re-read on SIGHUP.
+    let geoip_reload = Arc::new(tokio::sync::Notify::new());
+    let geoip_task = tokio::spawn(Arc::clone(&geoip).watch(
+        FILE_CHECK_INTERVAL,
+        Arc::clone(&geoip_reload),
+        shutdown.clone(),
+    ));
     // systemd readiness: listeners are bound; ready once a config is loaded too.
     if loaded {
         crate::notify::notify("READY=1\nSTATUS=serving");
@@ -329,7 +424,11 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); break None; }
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); break None; }
-            _ = hangup.recv() => { info!("SIGHUP: reloading config"); reload.notify_one(); }
+            _ = hangup.recv() => {
+                info!("SIGHUP: reloading config and the GeoIP database");
+                reload.notify_one();
+                geoip_reload.notify_one();
+            }
             Some(joined) = tasks.join_next() => match joined {
                 Ok((name, Ok(()))) => info!(service = name, "service stopped"),
                 Ok((name, Err(error))) => break Some(error.context(format!("{name} stopped"))),
@@ -349,6 +448,10 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         warn!(grace = ?args.shutdown_grace, "grace period over; exiting with work still in flight");
     }
     config_task.abort();
+    geoip_task.abort();
+    if let Some(task) = report_task {
+        task.abort();
+    }
     match failure {
         Some(error) => Err(error),
         None => {
@@ -421,6 +524,7 @@ fn per_core<S, F>(
     name: &'static str,
     listeners: Vec<std::net::TcpListener>,
     shutdown: CancellationToken,
+    hearts: Option<(Duration, Arc<Liveness>)>,
     serve: S,
     context: &'static str,
 ) -> ServiceFuture
@@ -432,6 +536,11 @@ where
     for (index, listener) in listeners.into_iter().enumerate() {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let (serve, token) = (serve.clone(), shutdown.clone());
+        // The watchdog's heart for this worker's runtime: it stops beating when the
+        // runtime is stuck, or when the worker has stopped.
+        let heart = hearts
+            .as_ref()
+            .map(|(beat, liveness)| (*beat, liveness.heart(format!("{name}-{index}"))));
         let spawned = std::thread::Builder::new()
             .name(format!("{name}-{index}"))
             .spawn(move || {
@@ -442,6 +551,11 @@ where
                     .and_then(|runtime| {
                         runtime.block_on(async move {
                             let listener = TcpListener::from_std(listener)?;
+                            let beating = CancellationToken::new();
+                            let _stop_beating = beating.clone().drop_guard();
+                            if let Some((beat, heart)) = heart {
+                                tokio::spawn(crate::watchdog::beat(heart, beat, beating));
+                            }
                             serve(listener, token).await.map_err(anyhow::Error::from)
                         })
                     });
@@ -477,4 +591,10 @@ fn bind_hint(name: &str, addr: SocketAddr) -> String {
         ""
     };
     format!("cannot listen for {name} on {addr}{hint}")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }

@@ -337,3 +337,106 @@ async fn sigterm_lets_a_streaming_download_finish() {
     // New connections are refused once the agent is draining or gone.
     assert!(tokio::net::TcpStream::connect(http).await.is_err());
 }
+
+/// The operator's first day: `defenra-agent connect` on the edge host, the agent polls Core
+/// with the key it got, serves traffic, and Core's Statistics and Clients pages fill up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_then_poll_then_traffic_then_reports() {
+    use crate::reports::{SHOP_ID, TCP_ID, document, http_requests, sums, tcp_round_trip};
+
+    let backends = Backends {
+        origin: start_origin().await,
+        tcp_echo: start_tcp_echo().await,
+        udp_echo: start_udp_echo().await,
+    };
+    let (tcp_port, udp_port) = (free_port(), free_port());
+    let core = FakeCore::start(Answer::Json(document(
+        (tcp_port, backends.tcp_echo),
+        (udp_port, backends.udp_echo),
+    )))
+    .await;
+    core.add_agent("edge-first-day", "key-first-day", "token-first-day");
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("env");
+    std::fs::write(&env_file, "# defenra-agent\nAGENT_KEY=\n").unwrap();
+    let geoip = dir.path().join("geo.mmdb");
+    geoip_db(&geoip);
+
+    // 1. connect: credentials into the env file.
+    let connect_url = core.connect_url("token-first-day");
+    let env_path = env_file.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::support::binary())
+            .args(["connect", &connect_url, "--env-file"])
+            .arg(&env_path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let env: std::collections::HashMap<String, String> = std::fs::read_to_string(&env_file)
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+    assert_eq!(env["AGENT_KEY"], "key-first-day");
+
+    // 2. poll: the agent runs with what `connect` wrote.
+    let agent = Agent::start(&[
+        "--core-url",
+        &env["CORE_URL"],
+        "--agent-id",
+        &env["AGENT_ID"],
+        "--agent-key",
+        &env["AGENT_KEY"],
+        "--poll-interval",
+        "1",
+        "--geoip-db",
+        geoip.to_str().unwrap(),
+        "--origin-http-port",
+        &backends.origin.port().to_string(),
+    ]);
+    let health = agent.addr("health");
+    crate::support::eventually("the enrolled agent polls Core", || {
+        crate::support::get_json(health, "/health").0 == 200
+    });
+    let poll = core
+        .received()
+        .into_iter()
+        .find(|request| request.path == "/api/agent/poll")
+        .unwrap();
+    assert_eq!(poll.authorization.as_deref(), Some("Bearer key-first-day"));
+
+    // 3. traffic: HTTP from a client address, and a TCP forward.
+    let (written, read) =
+        http_requests(agent.addr("http"), "127.0.0.2", "shop.test", "browser/1", 3).await;
+    tcp_round_trip(tcp_port, b"first day").await;
+
+    // 4. reports: Statistics and Clients.
+    eventually(
+        "Core's Statistics and Clients pages show the traffic",
+        Duration::from_secs(15),
+        || async {
+            let rows = core.traffic();
+            sums(&rows, SHOP_ID).requests == 3
+                && sums(&rows, TCP_ID).requests == 1
+                && !core.clients().is_empty()
+        },
+    )
+    .await;
+    let rows = core.traffic();
+    let shop = sums(&rows, SHOP_ID);
+    assert_eq!((shop.inbound, shop.outbound), (written, read));
+    assert!(rows.iter().all(|row| row.agent_id == "edge-first-day"));
+    let clients = core.clients();
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0].ip, "127.0.0.2");
+    assert_eq!(
+        clients[0].country_code.as_deref(),
+        Some("US"),
+        "127/8 is the US here"
+    );
+    assert_eq!(clients[0].user_agent.as_deref(), Some("browser/1"));
+}

@@ -268,3 +268,87 @@ fn tcp_forwards_get_one_worker_thread_per_core_or_as_many_as_asked() {
         worker_threads() == ["l4-0", "l4-1", "l4-2"]
     });
 }
+
+/// Datagrams the agent sends to `NOTIFY_SOCKET` within `window`.
+fn notifications(socket: &std::os::unix::net::UnixDatagram, window: Duration) -> Vec<String> {
+    let deadline = Instant::now() + window;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return received;
+        }
+        socket.set_read_timeout(Some(left)).unwrap();
+        if let Ok(n) = socket.recv(&mut buffer) {
+            received.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+        }
+    }
+}
+
+#[test]
+fn the_systemd_watchdog_is_pinged_at_half_its_interval_while_the_agent_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    write(&path, &doc("192.0.2.1"));
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    let start = |pid: Option<&str>| {
+        let mut command = Command::new(binary());
+        command
+            .args(["--config", path.to_str().unwrap(), "--dns-listen", "off"])
+            .args(["--http-listen", "127.0.0.1:0", "--https-listen", "off"])
+            .args(["--health-listen", "off", "--http-workers", "2"])
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "1000000")
+            .stderr(std::process::Stdio::null());
+        if let Some(pid) = pid {
+            command.env("WATCHDOG_PID", pid);
+        }
+        command.spawn().unwrap()
+    };
+    let mut child = start(None);
+    let received = notifications(&socket, Duration::from_millis(3000));
+    assert!(
+        received.iter().any(|state| state.starts_with("READY=1")),
+        "{received:?}"
+    );
+    let pings = received
+        .iter()
+        .filter(|state| *state == "WATCHDOG=1")
+        .count();
+    assert!((4..=7).contains(&pings), "every 500 ms: {received:?}");
+
+    // A stopped process sends nothing; pings resume when it continues.
+    let signal = |name: &str, pid: u32| {
+        Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap();
+    };
+    signal("STOP", child.id());
+    let _ = notifications(&socket, Duration::from_millis(100));
+    assert!(notifications(&socket, Duration::from_millis(1200)).is_empty());
+    signal("CONT", child.id());
+    let resumed = notifications(&socket, Duration::from_millis(1200));
+    assert!(
+        resumed.iter().any(|state| state == "WATCHDOG=1"),
+        "{resumed:?}"
+    );
+    signal("TERM", child.id());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+
+    // WATCHDOG_PID naming another process: the watchdog is not ours.
+    let mut other = start(Some("1"));
+    let received = notifications(&socket, Duration::from_millis(1500));
+    assert!(
+        received.iter().any(|state| state.starts_with("READY=1")),
+        "{received:?}"
+    );
+    assert!(
+        !received.iter().any(|state| state == "WATCHDOG=1"),
+        "{received:?}"
+    );
+    let _ = other.kill();
+    let _ = other.wait();
+}

@@ -3,8 +3,12 @@
 //! 127.0.0.1:0; ports come from the JSON logs.
 
 mod check_config;
+mod connect;
 mod e2e;
 mod e2e_support;
+mod geoip;
 mod lifecycle;
+mod proxied_names;
+mod reports;
 mod shield;
 mod support;

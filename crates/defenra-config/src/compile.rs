@@ -390,7 +390,10 @@ fn compile_http_proxy(
         },
     };
     HttpProxy {
-        enabled: enabled.unwrap_or(false),
+        // The real Core never sends `enabled`: it always sends `httpProxy: {type, antiDDoS}`,
+        // and the Go agent proxies such a domain as a whole (DNS answers its GeoDNS apex with
+        // agent addresses). So an `httpProxy` object proxies the domain unless it opts out.
+        enabled: enabled.unwrap_or(true),
         listeners,
     }
 }

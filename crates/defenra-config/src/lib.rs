@@ -13,10 +13,15 @@
 //! 4. each service's [`Reload`] builds its own read-side view and swaps it in.
 //!
 //! [`ConfigLoop`] runs those steps on a timer. Start reading at [`compile`].
+//!
+//! Besides polling, this crate speaks Core's other agent routes: enrolment with a one-time
+//! connect URL ([`enrol`]) and traffic and client reports ([`report`]).
 
 mod cidr;
 pub mod compile;
+pub mod enrol;
 pub mod model;
+pub mod report;
 mod runner;
 mod source;
 mod state;
@@ -33,7 +38,9 @@ use arc_swap::ArcSwapOption;
 
 pub use cidr::{Cidr, CidrError, parse_cidr_list};
 pub use compile::{Compiled, compile};
+pub use enrol::{ConnectError, ConnectUrl, Enrolment};
 pub use model::*;
+pub use report::{CoreReporter, ReportError, ReporterOptions};
 pub use runner::{ConfigLoop, ConfigStats, IntervalPolicy, PollOutcome};
 pub use source::{ConfigSource, CoreSource, CoreSourceOptions, FileSource, SourceError};
 pub use state::StateDir;

@@ -272,8 +272,9 @@ pub struct GeoLocation {
 /// Whether and where the domain is proxied over HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpProxy {
-    /// `httpProxy.enabled`: every host of the domain is proxied (otherwise only records
-    /// with `httpProxyEnabled`).
+    /// Every host of the domain is proxied (otherwise only records with
+    /// `httpProxyEnabled`): true when Core sent an `httpProxy` object without
+    /// `"enabled": false`, false when it sent none.
     pub enabled: bool,
     pub listeners: ProxyListeners,
 }

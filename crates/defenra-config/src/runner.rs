@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -38,6 +38,9 @@ pub struct ConfigStats {
     pub last_success_unix: AtomicU64,
     /// Unix seconds of the last fetch attempt (0 = never).
     pub last_poll_unix: AtomicU64,
+    /// Unix seconds the fetch (and reload) in progress started; 0 between fetches. A
+    /// watchdog reads it to tell a stuck config loop from one waiting for its next poll.
+    pub busy_since_unix: AtomicU64,
     /// Current poll interval in milliseconds.
     pub interval_ms: AtomicU64,
     /// Version of the published snapshot (0 = none yet).
@@ -161,6 +164,8 @@ pub struct ConfigLoop {
     failures: u32,
     /// Issues already logged, so a problem that persists is logged once, not every poll.
     logged: HashSet<Issue>,
+    /// Successful fetches so far; the reports to Core follow each one.
+    successes: watch::Sender<u64>,
 }
 
 /// What one fetch did.
@@ -189,6 +194,7 @@ impl ConfigLoop {
             core_interval: None,
             failures: 0,
             logged: HashSet::new(),
+            successes: watch::Sender::new(0),
         }
     }
 
@@ -206,6 +212,12 @@ impl ConfigLoop {
 
     pub fn stats(&self) -> Arc<ConfigStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// Changes after every successful fetch (document loaded or unchanged); the value is the
+    /// number of successful fetches so far.
+    pub fn successes(&self) -> watch::Receiver<u64> {
+        self.successes.subscribe()
     }
 
     /// Notify this to fetch right away, even if the source looks unchanged (SIGHUP).
@@ -264,8 +276,19 @@ impl ConfigLoop {
         }
     }
 
-    /// One fetch, compile and (when the content changed) publish.
+    /// One fetch, compile and (when the content changed) publish. A success is announced
+    /// to [`ConfigLoop::successes`] once the services have the new snapshot.
     pub async fn poll_once(&mut self) -> PollOutcome {
+        self.stats.busy_since_unix.store(unix_now(), Relaxed);
+        let outcome = self.fetch_and_apply().await;
+        self.stats.busy_since_unix.store(0, Relaxed);
+        if outcome != PollOutcome::Failed {
+            self.successes.send_modify(|count| *count += 1);
+        }
+        outcome
+    }
+
+    async fn fetch_and_apply(&mut self) -> PollOutcome {
         self.stats.polls_total.fetch_add(1, Relaxed);
         self.stats.last_poll_unix.store(unix_now(), Relaxed);
         let kind = self.source.kind();

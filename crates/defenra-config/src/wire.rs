@@ -207,6 +207,77 @@ pub struct Agent {
     pub load_score: Option<f64>,
 }
 
+/// The body of `GET /api/agent/connect/{token}`: the one-time enrolment answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ConnectResponse {
+    pub success: Option<bool>,
+    pub message: Option<String>,
+    pub config: Option<ConnectConfig>,
+    pub auto_assignment: Option<AutoAssignment>,
+    /// Set instead of the rest when Core refuses (with a 4xx or 5xx status).
+    pub error: Option<String>,
+}
+
+/// `config` of a connect answer: the credentials the agent polls with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ConnectConfig {
+    pub agent_id: Option<String>,
+    pub agent_key: Option<String>,
+    pub polling_interval: Option<f64>,
+    pub api_endpoint: Option<String>,
+}
+
+/// `autoAssignment` of a connect answer: the GeoDNS locations Core put the agent in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AutoAssignment {
+    #[serde(deserialize_with = "null_as_default")]
+    pub locations: Vec<String>,
+    pub assigned_count: Option<f64>,
+    /// Absent when no location matched the agent's address.
+    pub message: Option<String>,
+}
+
+/// The body of `POST /api/statistics`: one resource's traffic since the last report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficReport {
+    pub agent_id: String,
+    /// `"domain"` or `"proxy"`.
+    pub resource_type: String,
+    /// Core's id of the domain or proxy (a MongoDB ObjectId).
+    pub resource_id: String,
+    /// Bytes received from clients.
+    pub inbound_bytes: u64,
+    /// Bytes sent to clients.
+    pub outbound_bytes: u64,
+    /// Requests (domains), connections (TCP proxies) or sessions (UDP proxies).
+    pub requests: u64,
+    /// Mean response time in milliseconds.
+    pub response_time_ms: u64,
+    pub errors: u64,
+}
+
+/// The body of `POST /api/clients`: one client address this agent served.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientReport {
+    pub ip: String,
+    pub agent_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    /// Country name in English, as Core's own GeoIP lookups write it (`Germany`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    /// ISO 3166-1 alpha-2, upper case (`DE`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country_code: Option<String>,
+}
+
 /// Core sends `null` for empty lists and maps; treat it as empty.
 fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where

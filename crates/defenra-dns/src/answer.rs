@@ -48,13 +48,17 @@ pub(crate) struct Context<'a> {
 }
 
 /// Answers `packet` from `source` into `out` (cleared first). Returns false when nothing
-/// is to be sent. `random` drives weighted pool choices.
+/// is to be sent.
+///
+/// `_random` is unused: weighted pools now choose by client subnet, not at random.
+/// FIXME: drop it from the socket loops (`server.rs`, `batch.rs`, `lib.rs`) once the DNS
+/// TCP rework that touches them has landed; kept so the two changes merge cleanly.
 pub(crate) fn handle(
     ctx: &Context<'_>,
     packet: &[u8],
     source: IpAddr,
     transport: Transport,
-    random: u64,
+    _random: u64,
     out: &mut Vec<u8>,
 ) -> bool {
     out.clear();
@@ -126,7 +130,7 @@ pub(crate) fn handle(
                     Some(subnet) if subnet.source_prefix > 0 => subnet.address,
                     _ => source,
                 };
-                resolve(ctx, &query, client, transport, random, out)
+                resolve(ctx, &query, client, transport, out)
             }
         }
     };
@@ -337,7 +341,6 @@ fn resolve(
     query: &Query,
     client: IpAddr,
     transport: Transport,
-    random: u64,
     out: &mut Vec<u8>,
 ) -> Answer {
     let index = ctx.index;
@@ -380,7 +383,7 @@ fn resolve(
             if full_any {
                 // Both address families from the plan, then the name's other RRsets.
                 for ipv4 in [true, false] {
-                    if let Some(selection) = plan.and_then(|plan| plan.choose(ipv4, place, random))
+                    if let Some(selection) = plan.and_then(|plan| plan.choose(ipv4, place, client))
                     {
                         for ip in selection.addresses {
                             owner.write(out);
@@ -396,7 +399,8 @@ fn resolve(
                 }
                 return answer;
             }
-            match plan.and_then(|plan| plan.choose(qtype != TYPE_AAAA, place, random)) {
+            // Pools pick by the client's /24 or /56 (the ECS scope we echo).
+            match plan.and_then(|plan| plan.choose(qtype != TYPE_AAAA, place, client)) {
                 Some(selection) => {
                     for ip in selection.addresses {
                         owner.write(out);

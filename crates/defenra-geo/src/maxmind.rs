@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use quick_cache::sync::Cache;
 use serde::Deserialize;
 
-use crate::{Continent, CountryCode, GeoError, GeoLookup, Location, Place};
+use crate::{Continent, CountryCode, GeoDetails, GeoError, GeoLookup, Location, Place};
 
 /// Cached networks. One entry is about 40 bytes, so the cache stays under 3 MiB.
 const DEFAULT_CACHE_ENTRIES: usize = 65_536;
@@ -41,6 +41,43 @@ struct Record<'a> {
     country: Option<IsoCode<'a>>,
     #[serde(borrow, default)]
     continent: Option<ContinentCode<'a>>,
+}
+
+/// What a City record says beyond country and continent, for [`MaxMindGeo::details`].
+#[derive(Deserialize)]
+struct CityRecord<'a> {
+    #[serde(borrow, default)]
+    country: Option<Named<'a>>,
+    #[serde(borrow, default)]
+    continent: Option<ContinentCode<'a>>,
+    #[serde(borrow, default)]
+    city: Option<Named<'a>>,
+    #[serde(borrow, default)]
+    subdivisions: Option<Vec<Named<'a>>>,
+    #[serde(default)]
+    location: Option<Coordinates>,
+}
+
+#[derive(Deserialize)]
+struct Named<'a> {
+    #[serde(borrow, default)]
+    iso_code: Option<&'a str>,
+    #[serde(borrow, default)]
+    names: Option<EnglishName<'a>>,
+}
+
+#[derive(Deserialize)]
+struct EnglishName<'a> {
+    #[serde(borrow, default)]
+    en: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct Coordinates {
+    #[serde(default)]
+    latitude: Option<f64>,
+    #[serde(default)]
+    longitude: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +142,55 @@ impl MaxMindGeo {
             self.hits.load(Ordering::Relaxed),
             self.misses.load(Ordering::Relaxed),
         )
+    }
+
+    /// Everything the database says about `ip` (names in English), or `None` when it does
+    /// not know the address. Not cached: for reports and scripts, not for every DNS query.
+    pub fn details(&self, ip: IpAddr) -> Option<GeoDetails> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let result = self.reader.lookup(ip).ok()?;
+        let record = result.decode::<CityRecord<'_>>().ok()??;
+        let name = |named: &Option<Named<'_>>| {
+            named
+                .as_ref()
+                .and_then(|named| named.names.as_ref())
+                .and_then(|names| names.en)
+                .map(str::to_owned)
+        };
+        let region = record
+            .subdivisions
+            .as_ref()
+            .and_then(|subdivisions| subdivisions.first());
+        let details = GeoDetails {
+            country_code: record
+                .country
+                .as_ref()
+                .and_then(|country| country.iso_code)
+                .map(str::to_ascii_uppercase),
+            country_name: name(&record.country),
+            city: name(&record.city),
+            region: region
+                .and_then(|region| region.names.as_ref())
+                .and_then(|names| names.en)
+                .map(str::to_owned),
+            region_code: region.and_then(|region| region.iso_code).map(str::to_owned),
+            latitude: record
+                .location
+                .as_ref()
+                .and_then(|location| location.latitude),
+            longitude: record
+                .location
+                .as_ref()
+                .and_then(|location| location.longitude),
+            continent_code: record
+                .continent
+                .and_then(|continent| continent.code)
+                .map(str::to_ascii_uppercase),
+        };
+        (details != GeoDetails::default()).then_some(details)
     }
 
     fn lookup_uncached(&self, ip: IpAddr) -> Option<Place> {
@@ -201,6 +287,54 @@ mod tests {
         geo.place("192.0.2.1".parse().unwrap());
         geo.place("192.0.2.2".parse().unwrap());
         assert_eq!(geo.cache_counts(), (2, 2));
+    }
+
+    #[test]
+    fn details_carry_names_region_and_coordinates() {
+        use crate::mmdb_writer::CityRecord;
+        let mut writer = MmdbWriter::new();
+        writer.insert_city(
+            "81.0.0.0".parse().unwrap(),
+            8,
+            &CityRecord {
+                country: Some("DE"),
+                country_name: Some("Germany"),
+                continent: Some("EU"),
+                city: Some("Berlin"),
+                region: Some("Land Berlin"),
+                region_code: Some("BE"),
+                latitude: Some(52.52),
+                longitude: Some(13.405),
+            },
+        );
+        writer.insert("2a00::".parse().unwrap(), 12, Some("fr"), Some("eu"));
+        let geo = MaxMindGeo::from_bytes(writer.to_bytes()).unwrap();
+        let details = geo.details("::ffff:81.2.3.4".parse().unwrap()).unwrap();
+        assert_eq!(
+            details,
+            GeoDetails {
+                country_code: Some("DE".into()),
+                country_name: Some("Germany".into()),
+                city: Some("Berlin".into()),
+                region: Some("Land Berlin".into()),
+                region_code: Some("BE".into()),
+                latitude: Some(52.52),
+                longitude: Some(13.405),
+                continent_code: Some("EU".into()),
+            }
+        );
+        let country_only = geo.details("2a00:1::1".parse().unwrap()).unwrap();
+        assert_eq!(country_only.country_code.as_deref(), Some("FR"));
+        assert_eq!(country_only.city, None);
+        assert_eq!(geo.details("192.0.2.1".parse().unwrap()), None);
+        // The DNS path still sees the city record's country.
+        assert_eq!(
+            geo.locate("81.9.9.9".parse().unwrap())
+                .unwrap()
+                .country
+                .as_deref(),
+            Some("de")
+        );
     }
 
     #[test]

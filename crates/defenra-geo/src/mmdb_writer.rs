@@ -1,4 +1,5 @@
-//! A minimal writer of MaxMind DB files (format 2.0) holding country and continent codes.
+//! A minimal writer of MaxMind DB files (format 2.0) holding country and continent codes,
+//! and optionally City-style names, region and coordinates.
 //!
 //! Tests and the DNS benchmark use it to make small GeoIP databases at run time, so nothing
 //! that expires or carries a licence is checked in. It writes an IPv6 tree with 24-bit
@@ -6,6 +7,25 @@
 //! for production databases: networks should be inserted from the widest to the narrowest.
 
 use std::net::IpAddr;
+
+/// One City-style record for [`MmdbWriter::insert_city`]; every field may be left out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CityRecord<'a> {
+    /// ISO code, any case (written upper case).
+    pub country: Option<&'a str>,
+    /// The country's English name.
+    pub country_name: Option<&'a str>,
+    /// Continent code, any case (written upper case).
+    pub continent: Option<&'a str>,
+    /// The city's English name.
+    pub city: Option<&'a str>,
+    /// The first subdivision's English name.
+    pub region: Option<&'a str>,
+    /// The first subdivision's ISO code.
+    pub region_code: Option<&'a str>,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+}
 
 /// Builds a database in memory; [`MmdbWriter::to_bytes`] returns the file.
 #[derive(Debug, Clone)]
@@ -48,6 +68,19 @@ impl MmdbWriter {
         continent: Option<&str>,
     ) {
         let offset = self.write_record(country, continent);
+        self.insert_at(network, prefix_len, offset);
+    }
+
+    /// Maps `network/prefix_len` to a record like GeoLite2-City's: the codes of
+    /// [`MmdbWriter::insert`] plus `names.en` of country and city, the first subdivision and
+    /// `location`. Marks the database as a City database.
+    pub fn insert_city(&mut self, network: IpAddr, prefix_len: u8, record: &CityRecord<'_>) {
+        "GeoLite2-City".clone_into(&mut self.database_type);
+        let offset = self.write_city(record);
+        self.insert_at(network, prefix_len, offset);
+    }
+
+    fn insert_at(&mut self, network: IpAddr, prefix_len: u8, offset: u32) {
         let (bits, prefix_len) = match network {
             IpAddr::V4(v4) => (
                 u128::from(u32::from(v4)),
@@ -146,9 +179,86 @@ impl MmdbWriter {
         }
         offset
     }
+
+    fn write_city(&mut self, record: &CityRecord<'_>) -> u32 {
+        let offset = self.data.len() as u32;
+        let out = &mut self.data;
+        let has_country = record.country.is_some() || record.country_name.is_some();
+        let has_region = record.region.is_some() || record.region_code.is_some();
+        let has_location = record.latitude.is_some() || record.longitude.is_some();
+        let entries = [
+            record.continent.is_some(),
+            has_country,
+            record.city.is_some(),
+            has_region,
+            has_location,
+        ];
+        write_control(
+            out,
+            TYPE_MAP,
+            entries.iter().filter(|entry| **entry).count(),
+        );
+        if let Some(code) = record.continent {
+            write_string(out, "continent");
+            write_control(out, TYPE_MAP, 1);
+            write_string(out, "code");
+            write_string(out, &code.to_ascii_uppercase());
+        }
+        let named = |out: &mut Vec<u8>, code: Option<&str>, name: Option<&str>| {
+            write_control(
+                out,
+                TYPE_MAP,
+                usize::from(code.is_some()) + usize::from(name.is_some()),
+            );
+            if let Some(code) = code {
+                write_string(out, "iso_code");
+                write_string(out, code);
+            }
+            if let Some(name) = name {
+                write_string(out, "names");
+                write_control(out, TYPE_MAP, 1);
+                write_string(out, "en");
+                write_string(out, name);
+            }
+        };
+        if has_country {
+            write_string(out, "country");
+            let code = record.country.map(str::to_ascii_uppercase);
+            named(out, code.as_deref(), record.country_name);
+        }
+        if let Some(city) = record.city {
+            write_string(out, "city");
+            named(out, None, Some(city));
+        }
+        if has_region {
+            write_string(out, "subdivisions");
+            write_control(out, TYPE_ARRAY, 1);
+            named(out, record.region_code, record.region);
+        }
+        if has_location {
+            write_string(out, "location");
+            write_control(
+                out,
+                TYPE_MAP,
+                usize::from(record.latitude.is_some()) + usize::from(record.longitude.is_some()),
+            );
+            for (key, value) in [
+                ("latitude", record.latitude),
+                ("longitude", record.longitude),
+            ] {
+                if let Some(value) = value {
+                    write_string(out, key);
+                    write_control(out, TYPE_DOUBLE, 8);
+                    out.extend_from_slice(&value.to_be_bytes());
+                }
+            }
+        }
+        offset
+    }
 }
 
 const TYPE_STRING: u8 = 2;
+const TYPE_DOUBLE: u8 = 3;
 const TYPE_UINT16: u8 = 5;
 const TYPE_UINT32: u8 = 6;
 const TYPE_MAP: u8 = 7;

@@ -5,6 +5,12 @@
 //! nearest configured location by great-circle distance between country centroids →
 //! `default` → the agent's own `--agent-ip`. Each address family has its own chain, so an
 //! AAAA query only ever sees entries that hold IPv6 addresses.
+//!
+//! A weighted pool picks one member per client subnet (/24 for IPv4, /56 for IPv6) by
+//! rendezvous hashing (highest random weight, Thaler and Ravishankar 1998, with the weighted
+//! score of Schindelhauer and Schomaker): a client keeps its agent across queries, restarts
+//! and agents, and adding or removing one member only moves the clients that member wins or
+//! held.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -77,8 +83,9 @@ enum Choice {
 #[derive(Debug, Clone)]
 struct Pool {
     members: Box<[IpAddr]>,
-    /// Running sum of the weights; the last one is the total.
-    cumulative: Box<[f64]>,
+    weights: Box<[f64]>,
+    /// Each member's identity in the hash (from its address), fixed at compile time.
+    keys: Box<[u64]>,
 }
 
 impl GeoPlan {
@@ -91,18 +98,19 @@ impl GeoPlan {
         }
     }
 
-    /// Picks the answer for a client at `place` (`None` when there is no GeoIP database or
-    /// it does not know the address). `want_v4` selects A (true) or AAAA (false) answers.
-    /// `random` spreads weighted pool choices; any value is fine. `None` when no rule has
-    /// an address of that family.
+    /// Picks the answer for `client` (the ECS address or the query's source) at `place`
+    /// (`None` when there is no GeoIP database or it does not know the address). `want_v4`
+    /// selects A (true) or AAAA (false) answers. A weighted pool answers every client of one
+    /// /24 (IPv4) or /56 (IPv6) with the same member. `None` when no rule has an address of
+    /// that family.
     pub fn choose(
         &self,
         want_v4: bool,
         place: Option<Place>,
-        random: u64,
+        client: IpAddr,
     ) -> Option<Selection<'_>> {
         let plan = if want_v4 { &self.v4 } else { &self.v6 };
-        plan.choose(place.unwrap_or_default(), random)
+        plan.choose(place.unwrap_or_default(), subnet_key(client))
     }
 
     /// Whether any rule can answer for the family.
@@ -167,20 +175,22 @@ impl FamilyPlan {
         };
         let pool = |members: &[PoolAgent]| -> Option<Pool> {
             let mut ips = Vec::new();
-            let mut cumulative = Vec::new();
-            let mut total = 0.0;
+            let mut weights = Vec::new();
             for member in members {
                 let overloaded = member.load_score.is_some_and(|load| load > LOAD_THRESHOLD);
-                if member.ip.is_ipv4() != want_v4 || overloaded || member.weight <= 0.0 {
+                if member.ip.is_ipv4() != want_v4
+                    || overloaded
+                    || !(member.weight > 0.0 && member.weight.is_finite())
+                {
                     continue;
                 }
-                total += member.weight;
                 ips.push(member.ip);
-                cumulative.push(total);
+                weights.push(member.weight);
             }
             (!ips.is_empty()).then(|| Pool {
+                keys: ips.iter().map(|ip| mix(address_bits(*ip))).collect(),
                 members: ips.into_boxed_slice(),
-                cumulative: cumulative.into_boxed_slice(),
+                weights: weights.into_boxed_slice(),
             })
         };
         // pools[key] → map[key] → fallback[key], with the rule that matched.
@@ -254,16 +264,16 @@ impl FamilyPlan {
         plan
     }
 
-    fn choose(&self, place: Place, random: u64) -> Option<Selection<'_>> {
+    fn choose(&self, place: Place, client: u64) -> Option<Selection<'_>> {
         if let Some(country) = place.country
             && let Some((rule, choice)) = self.by_country.get(&country)
         {
-            return Some(choice.pick(*rule, random));
+            return Some(choice.pick(*rule, client));
         }
         if let Some(continent) = place.continent
             && let Some(choice) = &self.by_continent[continent.index()]
         {
-            return Some(choice.pick(Rule::Continent, random));
+            return Some(choice.pick(Rule::Continent, client));
         }
         if let Some(point) = place.country.and_then(centroid) {
             let mut best: Option<(f64, &Choice)> = None;
@@ -274,11 +284,11 @@ impl FamilyPlan {
                 }
             }
             if let Some((_, choice)) = best {
-                return Some(choice.pick(Rule::Nearest, random));
+                return Some(choice.pick(Rule::Nearest, client));
             }
         }
         if let Some(choice) = &self.default {
-            return Some(choice.pick(Rule::Default, random));
+            return Some(choice.pick(Rule::Default, client));
         }
         self.agent_ip.as_ref().map(|ip| Selection {
             rule: Rule::AgentIp,
@@ -288,27 +298,67 @@ impl FamilyPlan {
 }
 
 impl Choice {
-    fn pick(&self, rule: Rule, random: u64) -> Selection<'_> {
+    fn pick(&self, rule: Rule, client: u64) -> Selection<'_> {
         let addresses = match self {
             Choice::Fixed(ips) => ips,
-            Choice::Pool(pool) => pool.pick(random),
+            Choice::Pool(pool) => pool.pick(client),
         };
         Selection { rule, addresses }
     }
 }
 
 impl Pool {
-    /// One member, with probability proportional to its weight.
-    fn pick(&self, random: u64) -> &[IpAddr] {
-        let total = self.cumulative.last().copied().unwrap_or(0.0);
-        // 53 random bits make a uniform float in [0, 1).
-        let point = (random >> 11) as f64 / (1u64 << 53) as f64 * total;
-        let index = self
-            .cumulative
-            .partition_point(|&sum| sum <= point)
-            .min(self.members.len() - 1);
-        std::slice::from_ref(&self.members[index])
+    /// The member with the highest weighted rendezvous score for `client` (a subnet key):
+    /// `weight / -ln(u)` with `u` uniform in (0, 1) from the hash of client and member. Each
+    /// member wins a share of clients proportional to its weight.
+    fn pick(&self, client: u64) -> &[IpAddr] {
+        let mut best = (0, f64::NEG_INFINITY);
+        for (index, (key, weight)) in self.keys.iter().zip(self.weights.iter()).enumerate() {
+            let hash = mix(client ^ key);
+            // 53 bits make a float in (0, 1): never 0, so the logarithm is finite.
+            let unit = ((hash >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let score = weight / -unit.ln();
+            if score > best.1 {
+                best = (index, score);
+            }
+        }
+        std::slice::from_ref(&self.members[best.0])
     }
+}
+
+/// The client's subnet as a hash key: the /24 of an IPv4 address (IPv4-mapped IPv6 counts
+/// as IPv4), the /56 of an IPv6 one.
+fn subnet_key(client: IpAddr) -> u64 {
+    let client = match client {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, IpAddr::V4),
+        v4 => v4,
+    };
+    let bits = match client {
+        IpAddr::V4(v4) => u128::from(u32::from(v4) & 0xffff_ff00),
+        IpAddr::V6(v6) => (u128::from(v6) >> 72 << 72) | 1,
+    };
+    mix(fold(bits))
+}
+
+/// An address as 64 bits for hashing.
+fn address_bits(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => fold(u128::from(v6)) ^ 0x6_0000_0000,
+    }
+}
+
+fn fold(bits: u128) -> u64 {
+    (bits as u64) ^ mix((bits >> 64) as u64)
+}
+
+/// SplitMix64's finalizer: a fixed, seedless mix, so every agent and every restart picks the
+/// same member for a client.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ mod server;
 mod slow;
 mod stats;
 mod tls;
+mod traffic;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,7 @@ pub use access::ACCESS_TARGET;
 pub use proxy::{ErrorSource, ProxyError};
 pub use route::RouteTable;
 pub use stats::HttpStats;
+pub use traffic::{ClientLog, DomainTraffic, SeenClient, TrafficTotals};
 
 /// Limits and origin settings of the proxy. `Default` gives the production values.
 #[derive(Clone, Debug)]
@@ -84,6 +86,9 @@ pub struct HttpOptions {
     /// Most access lines written per second; the others are counted in
     /// `access_log_suppressed_total`.
     pub access_log_max_per_second: u32,
+    /// Queue each client address (with its `User-Agent`) once an hour for
+    /// [`HttpService::clients`], for reports to Core. Off costs one branch per request.
+    pub record_clients: bool,
 }
 
 impl Default for HttpOptions {
@@ -104,6 +109,7 @@ impl Default for HttpOptions {
             origin_dns_max_ttl: Duration::from_secs(300),
             access_log: false,
             access_log_max_per_second: 1000,
+            record_clients: false,
         }
     }
 }
@@ -138,7 +144,13 @@ pub struct HttpService {
     tls_acceptor: tokio_rustls::TlsAcceptor,
     stats: Arc<HttpStats>,
     access_log: access::AccessLog,
+    /// Per-domain counters, kept across reloads; routes carry their domain's.
+    traffic: traffic::TrafficRegistry,
+    clients: traffic::ClientLog,
 }
+
+/// Clients queued for reports at most; the oldest is dropped first.
+const CLIENT_QUEUE: usize = 10_000;
 
 impl HttpService {
     /// A proxy with no routes: every host answers 404 and every TLS handshake is refused
@@ -158,6 +170,7 @@ impl HttpService {
         let tls_acceptor = tls::acceptor(Arc::clone(&routes));
         let access_log =
             access::AccessLog::new(options.access_log, options.access_log_max_per_second);
+        let clients = traffic::ClientLog::new(options.record_clients, CLIENT_QUEUE);
         HttpService {
             waf,
             shield,
@@ -168,6 +181,8 @@ impl HttpService {
             tls_acceptor,
             stats: Arc::new(HttpStats::default()),
             access_log,
+            traffic: traffic::TrafficRegistry::default(),
+            clients,
         }
     }
 
@@ -221,6 +236,16 @@ impl HttpService {
             .header_timeout()
             .unwrap_or(self.options.header_read_timeout)
     }
+
+    /// Every configured domain's traffic counters since it was configured, by domain name.
+    pub fn traffic(&self) -> Vec<(String, TrafficTotals)> {
+        self.traffic.totals()
+    }
+
+    /// The client addresses queued for reports (empty unless `record_clients`).
+    pub fn clients(&self) -> &ClientLog {
+        &self.clients
+    }
 }
 
 impl Reload for HttpService {
@@ -232,6 +257,7 @@ impl Reload for HttpService {
             issues,
             &mut limits,
             &mut |domain| self.shield.policy(domain),
+            &self.traffic,
         );
         self.routes.store(Arc::new(table));
     }

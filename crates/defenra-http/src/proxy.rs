@@ -6,7 +6,7 @@ use std::error::Error as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use defenra_shield::Check;
@@ -209,6 +209,8 @@ pub(crate) struct Conn {
     pub(crate) shutdown: CancellationToken,
     /// Idle origin connections of this listener loop's HTTP/1 exchanges.
     pub(crate) raw_pool: Arc<crate::origin::RawPool>,
+    /// Bytes moved on this connection, and the domain they are counted for.
+    pub(crate) meter: Arc<crate::server::Meter>,
 }
 
 impl Conn {
@@ -235,6 +237,7 @@ impl Conn {
             .stats
             .listener(self.listener)
             .response(response.status());
+        self.meter.responded(response.status());
         if let Some(entry) = &mut entry {
             entry.status = response.status().as_u16();
         }
@@ -265,13 +268,13 @@ impl Conn {
         }
         // The one load of the route table for this request; the guard is gone before any
         // await, the route itself is shared by `Arc`.
-        let route: Arc<Route> = self
-            .service
-            .routes
-            .load()
-            .lookup(host)
-            .cloned()
-            .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
+        let route = self.service.routes.load().lookup(host).cloned();
+        // Traffic counting: this request (and the connection's bytes from now on) belong to
+        // the host's domain; a host without a route belongs to none.
+        self.meter
+            .attribute(route.as_ref().map(|route| &route.traffic));
+        let route: Arc<Route> = route.ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
+        route.traffic.request();
         let domain = &route.domain;
 
         if let Some(local) = acme_answer(&route, method, target) {
@@ -407,6 +410,12 @@ impl Conn {
                 client,
             } => (route, extra_headers, client),
         };
+        self.service.clients.note(client, || {
+            request
+                .headers()
+                .get(header::USER_AGENT)
+                .map(HeaderValue::as_bytes)
+        });
         let Some(origin) = route.origin.as_ref() else {
             return Err(ProxyError::NoOrigin(host.to_owned()));
         };
@@ -448,6 +457,7 @@ impl Conn {
 
         let pool = &self.service.origins;
         let timeout = self.service.options.origin_timeout;
+        let started = Instant::now();
         let exchange = async {
             // Waiting for a free origin connection counts against the origin timeout.
             let permit = Arc::clone(&origin.limit)
@@ -505,7 +515,10 @@ impl Conn {
             }
         };
         let (permit, mut response, conn) = match exchanged {
-            Some(Ok(exchanged)) => exchanged,
+            Some(Ok(exchanged)) => {
+                route.traffic.responded_after(started.elapsed());
+                exchanged
+            }
             Some(Err(error)) => return Err(error),
             None => {
                 return Err(ProxyError::OriginTimeout {

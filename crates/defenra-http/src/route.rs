@@ -14,6 +14,7 @@ use http::uri::Authority;
 use tokio::sync::Semaphore;
 
 use crate::HttpOptions;
+use crate::traffic::{DomainTraffic, TrafficRegistry};
 
 /// Longest host name accepted (RFC 1035 §2.3.4: 253 characters in text form).
 const MAX_HOST_LEN: usize = 253;
@@ -44,6 +45,8 @@ pub(crate) struct Route {
     pub(crate) origin: Option<Origin>,
     /// The domain's protection policy when it has Anti-DDoS enabled.
     pub(crate) shield: Option<Arc<DomainPolicy>>,
+    /// The domain's traffic counters, the same across reloads.
+    pub(crate) traffic: Arc<DomainTraffic>,
 }
 
 /// Gives the shield policy of a domain while a table is built.
@@ -87,18 +90,28 @@ impl RouteTable {
             issues,
             &mut OriginLimits::new(),
             &mut |_| None,
+            &TrafficRegistry::default(),
         )
     }
 
     /// As [`RouteTable::build`], reusing the connection limits of origins that stay and
-    /// dropping those of origins that went.
+    /// dropping those of origins that went, and the traffic counters of domains that stay.
     pub(crate) fn build_with_limits(
         snapshot: &Snapshot,
         options: &HttpOptions,
         issues: &mut Vec<Issue>,
         limits: &mut OriginLimits,
         policy_of: &mut PolicyOf<'_>,
+        registry: &TrafficRegistry,
     ) -> Self {
+        let traffic =
+            registry.reconcile(snapshot.domains.iter().map(|domain| domain.name.as_str()));
+        let traffic_of = |domain: &Domain| {
+            traffic
+                .get(domain.name.as_str())
+                .cloned()
+                .unwrap_or_default()
+        };
         let mut used: OriginLimits = HashMap::new();
         // One policy per domain, shared by its routes.
         let mut policies: HashMap<*const Domain, Option<Arc<DomainPolicy>>> = HashMap::new();
@@ -184,6 +197,7 @@ impl RouteTable {
                                 proxied: entry.proxied,
                                 origin: None,
                                 shield: policy(&entry.domain),
+                                traffic: traffic_of(&entry.domain),
                             })
                         }),
                 ),
@@ -192,6 +206,7 @@ impl RouteTable {
                     proxied: entry.proxied,
                     origin: Some(origin),
                     shield: policy(&entry.domain),
+                    traffic: traffic_of(&entry.domain),
                 }),
             };
             match name.strip_prefix("*.") {

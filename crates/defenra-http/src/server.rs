@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use hyper::body::{Body, Incoming};
 use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::rt::{Read, Write};
@@ -24,6 +25,7 @@ use defenra_shield::{Admission, ConnKind, ConnTicket};
 
 use crate::proxy::Conn;
 use crate::stats::{Event, ListenerStats};
+use crate::traffic::DomainTraffic;
 use crate::{HttpError, HttpOptions, HttpService};
 
 /// Pause after an accept error (out of file descriptors, say) before trying again.
@@ -122,6 +124,7 @@ pub(crate) async fn serve(
             local_port: local.port(),
             shutdown: shutdown.clone(),
             raw_pool: Arc::clone(&raw_pool),
+            meter: Arc::new(Meter::default()),
         });
         tracker.spawn(serve_connection(
             conn,
@@ -168,7 +171,7 @@ async fn serve_connection(
 ) {
     let listener_stats = conn.service.stats.listener(conn.listener);
     listener_stats.connection_opened();
-    let meter = Arc::new(Meter::default());
+    let meter = Arc::clone(&conn.meter);
     match conn.listener {
         Listener::Http => serve_plain(&conn, stream, &builders, &meter).await,
         // Boxed, so that plain connections' tasks do not carry room for a TLS session.
@@ -318,21 +321,53 @@ async fn drive<C: Served>(conn: &Arc<Conn>, connection: C, meter: &Meter) {
     }
 }
 
-/// Bytes moved on one connection since the last flush into the listener's counters.
+/// Bytes moved on one connection since the last flush into the listener's counters, and
+/// the domain of the connection's latest routed request, which those bytes are counted for.
 /// Only this connection's task touches it, so the atomics are never contended.
 #[derive(Debug, Default)]
 pub(crate) struct Meter {
     received: AtomicU64,
     sent: AtomicU64,
+    /// Set by `Conn::decide` for each request (cleared for a host without a route). An
+    /// HTTP/2 connection carrying several domains at once counts its bytes for the latest.
+    domain: ArcSwapOption<DomainTraffic>,
 }
 
 impl Meter {
-    /// Adds the bytes moved since the last call to `stats`; false when none moved.
+    /// Adds the bytes moved since the last call to `stats` (and to the current domain's
+    /// counters); false when none moved.
     pub(crate) fn flush_into(&self, stats: &ListenerStats) -> bool {
         let received = self.received.swap(0, Relaxed);
         let sent = self.sent.swap(0, Relaxed);
         stats.add_bytes(received, sent);
+        if (received > 0 || sent > 0)
+            && let Some(domain) = &*self.domain.load()
+        {
+            domain.bytes(received, sent);
+        }
         received > 0 || sent > 0
+    }
+
+    /// Counts the connection's bytes, and its 5xx responses, for `domain` from now on.
+    pub(crate) fn attribute(&self, domain: Option<&Arc<DomainTraffic>>) {
+        let current = self.domain.load();
+        let same = match (&*current, domain) {
+            (Some(current), Some(domain)) => Arc::ptr_eq(current, domain),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.domain.store(domain.cloned());
+        }
+    }
+
+    /// A response with `status` went to the client of the current domain.
+    pub(crate) fn responded(&self, status: http::StatusCode) {
+        if status.is_server_error()
+            && let Some(domain) = &*self.domain.load()
+        {
+            domain.error();
+        }
     }
 }
 

@@ -29,7 +29,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use stats::{L4Stats, ListenerState, ProxyCounters};
+pub use stats::{L4Stats, ListenerState, ProxyCounters, ProxyTraffic};
 
 /// Tunables of the forwarders. `agent-bin` fills them from flags; tests shorten the timeouts.
 #[derive(Clone, Debug)]

@@ -46,6 +46,20 @@ pub struct ProxyCounters {
     pub datagrams_to_client_total: u64,
     pub datagrams_dropped_total: u64,
     pub bind_errors_total: u64,
+    /// TCP connections to the destination that succeeded, and the time they took in total.
+    pub destination_connects_total: u64,
+    pub destination_connect_micros_total: u64,
+}
+
+/// One configured proxy's identity and counters, for reports to Core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProxyTraffic {
+    /// Core's id of the proxy.
+    pub id: Option<String>,
+    pub protocol: L4Protocol,
+    pub port: u16,
+    pub counters: ProxyCounters,
 }
 
 /// Counters of every running proxy, keyed by `(protocol, port)`. A proxy's entry exists
@@ -71,6 +85,19 @@ impl L4Stats {
         Some(entry.counters())
     }
 
+    /// Every configured proxy's counters, with its Core id.
+    pub fn by_proxy(&self) -> Vec<ProxyTraffic> {
+        self.snapshot()
+            .iter()
+            .map(|entry| ProxyTraffic {
+                id: entry.meta.lock().id.clone(),
+                protocol: entry.protocol,
+                port: entry.port,
+                counters: entry.counters(),
+            })
+            .collect()
+    }
+
     /// Sum of all proxies' counters.
     pub fn totals(&self) -> ProxyCounters {
         let mut total = ProxyCounters::default();
@@ -92,6 +119,8 @@ impl L4Stats {
             total.datagrams_to_client_total += c.datagrams_to_client_total;
             total.datagrams_dropped_total += c.datagrams_dropped_total;
             total.bind_errors_total += c.bind_errors_total;
+            total.destination_connects_total += c.destination_connects_total;
+            total.destination_connect_micros_total += c.destination_connect_micros_total;
         }
         total
     }
@@ -321,6 +350,8 @@ pub(crate) struct ProxyStats {
     /// Throttles the per-connection "destination unreachable" warning: (second of the last
     /// line written, lines left out since).
     pub(crate) connect_error_log: Mutex<(u64, u64)>,
+    pub(crate) destination_connects_total: AtomicU64,
+    pub(crate) destination_connect_micros_total: AtomicU64,
 }
 
 impl ProxyStats {
@@ -347,6 +378,8 @@ impl ProxyStats {
             datagrams_dropped_total: AtomicU64::new(0),
             bind_errors_total: AtomicU64::new(0),
             connect_error_log: Mutex::new((0, 0)),
+            destination_connects_total: AtomicU64::new(0),
+            destination_connect_micros_total: AtomicU64::new(0),
         }
     }
 
@@ -382,6 +415,8 @@ impl ProxyStats {
             datagrams_to_client_total: self.datagrams_to_client_total.load(Relaxed),
             datagrams_dropped_total: self.datagrams_dropped_total.load(Relaxed),
             bind_errors_total: self.bind_errors_total.load(Relaxed),
+            destination_connects_total: self.destination_connects_total.load(Relaxed),
+            destination_connect_micros_total: self.destination_connect_micros_total.load(Relaxed),
         }
     }
 }

@@ -249,11 +249,18 @@ impl Connection<'_> {
         // On Linux accepted sockets inherit TCP_NODELAY from the listener (`bind`).
         #[cfg(not(target_os = "linux"))]
         let _ = client.set_nodelay(true);
-        let deadline = Instant::now() + self.options.connect_timeout;
+        let started = Instant::now();
+        let deadline = started + self.options.connect_timeout;
         let own = SocketAddr::new(self.options.bind_ip, self.stats.port);
         let mut upstream = connect(self.target, deadline, own)
             .await
             .map_err(ForwardError::Connect)?;
+        // The proxy's response time in reports to Core: how long the destination took.
+        self.stats.destination_connects_total.fetch_add(1, Relaxed);
+        self.stats.destination_connect_micros_total.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
         let _ = upstream.set_nodelay(true);
         if self.target.proxy_protocol {
             let local = client.local_addr().map_err(ForwardError::Relay)?;

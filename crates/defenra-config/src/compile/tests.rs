@@ -497,3 +497,29 @@ fn records_of_one_owner_share_their_name_and_plain_domains_carry_no_geo_data() {
     assert!(domain.geo.is_none());
     assert!(!domain.has_geo());
 }
+
+#[test]
+fn an_http_proxy_object_proxies_the_domain_unless_it_says_enabled_false() {
+    // What the real Core sends for every domain: `httpProxy: {type, antiDDoS}`, no `enabled`.
+    let doc = r#"{"domains":[
+        {"domain":"core.example","httpProxy":{"type":"both","antiDDoS":null}},
+        {"domain":"off.example","httpProxy":{"type":"both","enabled":false}},
+        {"domain":"on.example","httpProxy":{"enabled":true}},
+        {"domain":"bare.example"}]}"#;
+    let compiled = check(doc);
+    let enabled: Vec<(&str, bool)> = compiled
+        .snapshot
+        .domains
+        .iter()
+        .map(|domain| (domain.name.as_str(), domain.http_proxy.enabled))
+        .collect();
+    assert_eq!(
+        enabled,
+        vec![
+            ("core.example", true),
+            ("off.example", false),
+            ("on.example", true),
+            ("bare.example", false)
+        ]
+    );
+}

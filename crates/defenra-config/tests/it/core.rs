@@ -195,3 +195,114 @@ async fn core_next_poll_interval_is_used_unless_the_interval_is_fixed() {
     fixed.start().await;
     assert_eq!(fixed.interval(), Duration::from_secs(30));
 }
+
+#[tokio::test]
+async fn successes_change_after_each_successful_poll_only() {
+    let core = FakeCore::start(Answer::Json(doc_with_ip("192.0.2.1"))).await;
+    let cell = Arc::new(SnapshotCell::new());
+    let mut config = core_loop(&core, &cell);
+    let successes = config.successes();
+    config.poll_once().await;
+    assert_eq!(*successes.borrow(), 1);
+    assert!(
+        cell.load().is_some(),
+        "announced once the snapshot is published"
+    );
+    config.poll_once().await;
+    assert_eq!(
+        *successes.borrow(),
+        2,
+        "an unchanged document is a success too"
+    );
+    core.set(Answer::Status(500));
+    config.poll_once().await;
+    core.set(Answer::Garbage);
+    config.poll_once().await;
+    assert_eq!(
+        *successes.borrow(),
+        2,
+        "failures and rejected documents are not"
+    );
+}
+
+#[tokio::test]
+async fn reports_go_to_core_with_the_bearer_key_and_refusals_are_permanent() {
+    use defenra_config::wire::{ClientReport, TrafficReport};
+    use defenra_config::{CoreReporter, ReporterOptions};
+
+    let document =
+        r#"{"success":true,"domains":[{"id":"65f1c0ffee000000000000d1","domain":"a.test"}]}"#;
+    let core = FakeCore::start(Answer::Json(document.to_owned())).await;
+    core.add_agent("agent-7", "s3cret", "t");
+    let reporter = |key: &str| {
+        CoreReporter::new(ReporterOptions {
+            url: core.url(),
+            agent_key: key.to_owned(),
+            timeout: Duration::from_secs(5),
+        })
+    };
+    let (good, wrong_key) = (reporter("s3cret"), reporter("guess"));
+    let report = |id: &str| TrafficReport {
+        agent_id: "agent-7".into(),
+        resource_type: "domain".into(),
+        resource_id: id.into(),
+        inbound_bytes: 10,
+        outbound_bytes: 20,
+        requests: 1,
+        response_time_ms: 3,
+        errors: 0,
+    };
+    let send = |reporter: CoreReporter, report: TrafficReport| {
+        tokio::task::spawn_blocking(move || reporter.send_traffic(&report))
+    };
+    send(good, report("65f1c0ffee000000000000d1"))
+        .await
+        .unwrap()
+        .unwrap();
+    let rows = core.traffic();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (
+            rows[0].requests,
+            rows[0].inbound_bytes,
+            rows[0].outbound_bytes
+        ),
+        (1, 10, 20)
+    );
+
+    // Not one of Core's ids, not an ObjectId at all, an unknown agent, a wrong key.
+    let good = reporter("s3cret");
+    let error = send(good, report("65f1c0ffee000000000000ff"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(error.is_permanent(), "{error}");
+    let good = reporter("s3cret");
+    let error = send(good, report("p1")).await.unwrap().unwrap_err();
+    assert!(!error.is_permanent(), "Core's cast error is a 500: {error}");
+    let error = send(wrong_key, report("65f1c0ffee000000000000d1"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(error.to_string().contains("401"), "{error}");
+    assert_eq!(core.traffic().len(), 1);
+
+    let client = reporter("s3cret");
+    tokio::task::spawn_blocking(move || {
+        client.send_client(&ClientReport {
+            ip: "192.0.2.7".into(),
+            agent_id: "agent-7".into(),
+            user_agent: Some("curl/8".into()),
+            country: Some("Germany".into()),
+            city: None,
+            country_code: Some("DE".into()),
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let clients = core.clients();
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0].country.as_deref(), Some("Germany"));
+    assert_eq!(clients[0].city, None);
+}

@@ -2,6 +2,7 @@
 //! reloads, the state dir, and the config loop's timing.
 
 mod core;
+mod enrol;
 mod file;
 mod support;
 mod timing;

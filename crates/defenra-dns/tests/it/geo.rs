@@ -270,3 +270,31 @@ async fn without_a_geoip_database_answers_come_from_default() {
         ["192.0.2.254"]
     );
 }
+
+#[tokio::test]
+async fn a_weighted_pool_answers_each_client_subnet_with_one_agent() {
+    let zone = r#"{"domains":[{"domain":"pool.example","dnsRecords":[
+        {"name":"www","type":"A","value":"203.0.113.80","httpProxyEnabled":true}],
+        "geoDnsAgentPools":{"jp":[{"ip":"10.2.0.1","weight":1},{"ip":"10.2.0.2","weight":1},
+                                  {"ip":"10.2.0.3","weight":5,"loadScore":97}]}}]}"#;
+    let server = TestServer::start_with(zone, Some(geoip()), DnsOptions::default()).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for subnet in 0..40 {
+        let client = format!("86.{subnet}.7.0");
+        let first = answer_for(&server, "www.pool.example.", &client).await;
+        assert_eq!(first.len(), 1, "{first:?}");
+        for _ in 0..5 {
+            assert_eq!(
+                answer_for(&server, "www.pool.example.", &client).await,
+                first,
+                "{client}/24 keeps its agent"
+            );
+        }
+        seen.insert(first[0].clone());
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["10.2.0.1", "10.2.0.2"],
+        "both members serve some subnets; the overloaded one none"
+    );
+}

@@ -50,7 +50,10 @@ fn check(plan: &GeoPlan, at: Option<Place>, expected: &str) {
 }
 
 fn check_family(plan: &GeoPlan, want_v4: bool, at: Option<Place>, expected: &str) {
-    let actual = match plan.choose(want_v4, at, 0) {
+    let client: IpAddr = if want_v4 { "192.0.2.1" } else { "2001:db8::1" }
+        .parse()
+        .unwrap();
+    let actual = match plan.choose(want_v4, at, client) {
         None => "none".to_owned(),
         Some(selection) => format!(
             "{}: {}",
@@ -225,39 +228,140 @@ fn each_family_has_its_own_chain() {
     check_family(&v4_only, false, None, "none");
 }
 
-#[test]
-fn pool_choice_follows_weights_and_skips_overloaded_members() {
+fn pool_plan(members: Vec<PoolAgent>) -> GeoPlan {
     let settings = GeoSettings {
-        pools: [(
-            "us".to_owned(),
-            vec![
-                member("10.4.0.1", 3.0, Some(10.0)),
-                member("10.4.0.2", 1.0, None),
-                member("10.4.0.3", 100.0, Some(99.0)),
-            ],
-        )]
-        .into_iter()
-        .collect(),
+        pools: [("us".to_owned(), members)].into_iter().collect(),
         ..GeoSettings::default()
     };
-    let plan = GeoPlan::compile(&settings, &[], None);
+    GeoPlan::compile(&settings, &[], None)
+}
+
+/// The member chosen for the client at `ip` in the US.
+fn chosen(plan: &GeoPlan, ip: IpAddr) -> String {
+    let selection = plan
+        .choose(ip.is_ipv4(), place(Some("us"), None), ip)
+        .unwrap();
+    assert_eq!(selection.rule, Rule::Pool);
+    selection.addresses[0].to_string()
+}
+
+/// One address in each of `n` different /24s.
+fn subnets(n: u32) -> Vec<IpAddr> {
+    (0..n)
+        .map(|index| IpAddr::from((0x0b00_0000 + (index << 8) + 7).to_be_bytes()))
+        .collect()
+}
+
+#[test]
+fn pool_choice_follows_weights_and_skips_overloaded_members() {
+    let plan = pool_plan(vec![
+        member("10.4.0.1", 3.0, Some(10.0)),
+        member("10.4.0.2", 1.0, None),
+        member("10.4.0.3", 100.0, Some(99.0)),
+    ]);
     let mut counts = BTreeMap::new();
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    for _ in 0..4000 {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let selection = plan.choose(true, place(Some("us"), None), state).unwrap();
-        assert_eq!(selection.rule, Rule::Pool);
-        *counts
-            .entry(selection.addresses[0].to_string())
-            .or_insert(0) += 1;
+    for client in subnets(4000) {
+        *counts.entry(chosen(&plan, client)).or_insert(0) += 1;
     }
     assert_eq!(counts.get("10.4.0.3"), None, "overloaded member chosen");
     let first = counts["10.4.0.1"];
     let second = counts["10.4.0.2"];
-    assert!((2700..3300).contains(&first), "{counts:?}");
+    assert!((2800..3200).contains(&first), "{counts:?}");
     assert_eq!(first + second, 4000);
+}
+
+#[test]
+fn a_client_subnet_keeps_its_agent() {
+    let members = || {
+        vec![
+            member("10.4.0.1", 1.0, None),
+            member("10.4.0.2", 1.0, None),
+            member("10.4.0.3", 1.0, None),
+            member("2001:db8:4::1", 1.0, None),
+            member("2001:db8:4::2", 1.0, None),
+        ]
+    };
+    let plan = pool_plan(members());
+    let again = pool_plan(members());
+    let mut seen = std::collections::BTreeSet::new();
+    for base in subnets(300) {
+        let IpAddr::V4(v4) = base else { unreachable!() };
+        let octets = v4.octets();
+        let first = chosen(&plan, base);
+        for last in [0u8, 1, 99, 255] {
+            let neighbour = IpAddr::from([octets[0], octets[1], octets[2], last]);
+            assert_eq!(chosen(&plan, neighbour), first, "{neighbour} in {base}/24");
+            // An A query from the IPv4-mapped form of the address is the same client.
+            let mapped =
+                IpAddr::V6(std::net::Ipv4Addr::from(neighbour_bits(neighbour)).to_ipv6_mapped());
+            let selection = plan.choose(true, place(Some("us"), None), mapped).unwrap();
+            assert_eq!(
+                selection.addresses[0].to_string(),
+                first,
+                "IPv4-mapped {mapped}"
+            );
+        }
+        assert_eq!(chosen(&again, base), first, "the same after a recompile");
+        seen.insert(first);
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "different subnets spread over the members: {seen:?}"
+    );
+    // IPv6: one /56 is one client.
+    for network in 0..50u16 {
+        let base = format!("2001:db8:{network:x}:ab00::1");
+        let first = chosen(&plan, base.parse().unwrap());
+        for other in ["2001:db8:{n}:abff:ffff::9", "2001:db8:{n}:ab12::1"] {
+            let other = other.replace("{n}", &format!("{network:x}"));
+            assert_eq!(chosen(&plan, other.parse().unwrap()), first, "{other}");
+        }
+    }
+}
+
+fn neighbour_bits(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(v4) => u32::from(v4),
+        IpAddr::V6(_) => unreachable!(),
+    }
+}
+
+#[test]
+fn adding_or_removing_one_agent_moves_only_that_agents_share() {
+    let a = || member("10.4.0.1", 1.0, None);
+    let b = || member("10.4.0.2", 2.0, None);
+    let c = || member("10.4.0.3", 1.0, None);
+    let clients = subnets(5000);
+    let before = pool_plan(vec![a(), b(), c()]);
+    let choices: Vec<String> = clients.iter().map(|ip| chosen(&before, *ip)).collect();
+
+    // Adding D (weight 1 of 5): every client that moves, moves to D, and D gets about 1/5.
+    let added = pool_plan(vec![a(), b(), c(), member("10.4.0.4", 1.0, None)]);
+    let mut moved = 0;
+    for (ip, old) in clients.iter().zip(&choices) {
+        let new = chosen(&added, *ip);
+        if &new != old {
+            assert_eq!(new, "10.4.0.4", "{ip} moved from {old} to {new}");
+            moved += 1;
+        }
+    }
+    assert!((800..1200).contains(&moved), "D took {moved} of 5000");
+
+    // Removing B (or B going over the load threshold): only B's clients move.
+    for without_b in [
+        pool_plan(vec![a(), c()]),
+        pool_plan(vec![a(), member("10.4.0.2", 2.0, Some(95.0)), c()]),
+    ] {
+        for (ip, old) in clients.iter().zip(&choices) {
+            let new = chosen(&without_b, *ip);
+            if old != "10.4.0.2" {
+                assert_eq!(&new, old, "{ip} moved although its agent stayed");
+            } else {
+                assert_ne!(new, "10.4.0.2");
+            }
+        }
+    }
 }
 
 #[test]

@@ -244,6 +244,13 @@ where
                         })
                     },
                 )?;
+                if let Decision::Proxy { client, .. } = &decision {
+                    conn.service.clients.note(*client, || {
+                        head.pairs(buf)
+                            .find(|(name, _)| name.eq_ignore_ascii_case("user-agent"))
+                            .map(|(_, value)| value)
+                    });
+                }
                 Ok((decision, host_value, host))
             });
         let (route, extra, key) = match routed {
@@ -358,6 +365,7 @@ where
         is_head: bool,
     ) -> bool {
         self.stats.response(local.status);
+        self.conn.meter.responded(local.status);
         self.out.clear();
         head::write_local_response(
             &mut self.out,
@@ -404,6 +412,7 @@ where
             BodyRate::for_route(route)
         };
         let origin_label = || origin.address.to_string();
+        let started = Instant::now();
 
         // Waiting for a free origin connection, connecting and each stretch of the upload
         // and of the wait for the response head count against the origin timeout: it
@@ -472,6 +481,8 @@ where
         let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY);
         set_status(entry, status);
         self.stats.response(status);
+        self.conn.meter.responded(status);
+        route.traffic.responded_after(started.elapsed());
         if response.status == 101 {
             return Ok(self.tunnel(origin_conn, request).await);
         }

@@ -10,4 +10,5 @@ mod routing;
 mod shield;
 mod support;
 mod tls;
+mod traffic;
 mod wire;

@@ -268,3 +268,35 @@ async fn a_forward_to_its_own_listener_is_refused_instead_of_looping() {
         "the forward connected to itself"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_proxy_traffic_carries_the_core_id_bytes_connections_and_connect_time() {
+    let echo = EchoServer::start(None).await;
+    let entry = proxy(L4Protocol::Tcp, free_port(L4Protocol::Tcp), echo.address);
+    let agent = Agent::start(std::slice::from_ref(&entry), options()).await;
+    for payload in [&b"hello"[..], &b"proxy traffic"[..]] {
+        let mut stream = TcpStream::connect(agent.address(&entry)).await.unwrap();
+        stream.write_all(payload).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        within("echo", stream.read_to_end(&mut reply))
+            .await
+            .unwrap();
+        assert_eq!(reply, payload);
+    }
+    eventually("both connections closed", || {
+        agent.counters(&entry).connections_active == 0
+    })
+    .await;
+    let traffic = agent.service.stats().by_proxy();
+    assert_eq!(traffic.len(), 1);
+    let proxy_traffic = &traffic[0];
+    assert_eq!(proxy_traffic.id.as_deref(), entry.id.as_deref());
+    assert_eq!(proxy_traffic.port, entry.listen_port);
+    let counters = &proxy_traffic.counters;
+    assert_eq!(counters.connections_total, 2);
+    assert_eq!(counters.bytes_from_client_total, 18);
+    assert_eq!(counters.bytes_to_client_total, 18);
+    assert_eq!(counters.destination_connects_total, 2);
+    assert!(counters.destination_connect_micros_total > 0);
+}
