@@ -353,7 +353,11 @@ fn check_key(key: &[u8]) -> Result<(), DictError> {
 }
 
 fn expiry(now: u64, ttl_ms: u64) -> u64 {
-    if ttl_ms == 0 { 0 } else { now + ttl_ms }
+    if ttl_ms == 0 {
+        0
+    } else {
+        now.saturating_add(ttl_ms)
+    }
 }
 
 fn entry_weight(key: &[u8], value: &DictValue) -> usize {
@@ -528,7 +532,7 @@ impl UserData for DictHandle {
                         Ok(value) => value,
                         Err(message) => return (false, message, false).into_lua_multi_ok(lua),
                     };
-                    let ttl_ms = seconds_to_ms(exptime);
+                    let ttl_ms = seconds_to_ms(exptime).map_err(|bad| bad.error("exptime"))?;
                     let result = match (mode, value) {
                         (Write::Always, value) => this.0.set(&key, value, ttl_ms),
                         (_, None) => {
@@ -553,7 +557,8 @@ impl UserData for DictHandle {
                     Ok(key) => key,
                     Err(message) => return (Value::Nil, message).into_lua_multi_ok(lua),
                 };
-                match this.0.incr(&key, delta, init, seconds_to_ms(init_ttl)) {
+                let init_ttl = seconds_to_ms(init_ttl).map_err(|bad| bad.error("init_ttl"))?;
+                match this.0.incr(&key, delta, init, init_ttl) {
                     Ok((value, forcible)) => (value, Value::Nil, forcible).into_lua_multi_ok(lua),
                     Err(error) => (Value::Nil, error.message()).into_lua_multi_ok(lua),
                 }
@@ -587,7 +592,8 @@ impl UserData for DictHandle {
                 Ok(key) => key,
                 Err(message) => return (Value::Nil, message).into_lua_multi_ok(lua),
             };
-            match this.0.expire(&key, seconds_to_ms(Some(exptime))) {
+            let ttl_ms = seconds_to_ms(Some(exptime)).map_err(|bad| bad.error("exptime"))?;
+            match this.0.expire(&key, ttl_ms) {
                 Ok(()) => (true,).into_lua_multi_ok(lua),
                 Err(error) => (Value::Nil, error.message()).into_lua_multi_ok(lua),
             }
@@ -659,7 +665,7 @@ pub(crate) fn install_fast(
                         Ok(value) => value,
                         Err(message) => return Ok((false, Some(message), false)),
                     };
-                    let ttl_ms = seconds_to_ms(exptime);
+                    let ttl_ms = seconds_to_ms(exptime).map_err(|bad| bad.error("exptime"))?;
                     let result = match (mode, value) {
                         (Write::Always, value) => dict.set(&key, value, ttl_ms),
                         (_, None) => {
@@ -734,13 +740,14 @@ unsafe extern "C-unwind" fn raw_incr(state: *mut mlua::ffi::lua_State) -> std::f
         };
         // An empty key is `incr`'s own error ("empty key").
         let dict = index.and_then(|index| list.try_borrow().ok()?.get(index).cloned());
-        match (dict, delta, key) {
+        match (dict, delta, key, seconds_to_ms(init_ttl)) {
             (None, ..) => Err(c"bad dictionary"),
-            (_, None, _) => Err(c"bad argument #2 to 'incr' (number expected)"),
-            (Some(_), Some(_), Err(message)) => Ok(Err(message)),
-            (Some(dict), Some(delta), Ok(key)) => {
+            (_, None, ..) => Err(c"bad argument #2 to 'incr' (number expected)"),
+            (.., Err(BadTtl)) => Err(c"bad \"init_ttl\" argument"),
+            (Some(_), Some(_), Err(message), _) => Ok(Err(message)),
+            (Some(dict), Some(delta), Ok(key), Ok(init_ttl)) => {
                 let incremented = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    dict.incr(key, delta, init, seconds_to_ms(init_ttl))
+                    dict.incr(key, delta, init, init_ttl)
                 }));
                 match incremented {
                     Ok(Ok(result)) => Ok(Ok(result)),
@@ -834,11 +841,27 @@ fn to_lua(lua: &mlua::Lua, value: &DictValue) -> mlua::Result<Value> {
     })
 }
 
-/// OpenResty TTLs are seconds with millisecond resolution; 0 or less means no expiry.
-fn seconds_to_ms(seconds: Option<f64>) -> u64 {
+/// OpenResty TTLs are seconds with millisecond resolution; none or 0 means no expiry.
+/// A negative, NaN or infinite TTL is refused, as OpenResty's `bad "exptime" argument`
+/// (the caller raises it); a huge finite one saturates and never runs out.
+fn seconds_to_ms(seconds: Option<f64>) -> Result<u64, BadTtl> {
     match seconds {
-        Some(seconds) if seconds > 0.0 => ((seconds * 1000.0).ceil() as u64).max(1),
-        _ => 0,
+        None => Ok(0),
+        Some(seconds) if !seconds.is_finite() || seconds < 0.0 => Err(BadTtl),
+        Some(0.0) => Ok(0),
+        // `as` saturates at u64::MAX.
+        Some(seconds) => Ok(((seconds * 1000.0).ceil() as u64).max(1)),
+    }
+}
+
+/// A TTL argument OpenResty would refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BadTtl;
+
+impl BadTtl {
+    /// The Lua error for the argument `name` (`exptime`, `init_ttl`).
+    fn error(self, name: &str) -> mlua::Error {
+        mlua::Error::runtime(format!("bad \"{name}\" argument"))
     }
 }
 

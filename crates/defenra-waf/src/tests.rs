@@ -990,6 +990,35 @@ fn shared_dict_remaining_methods() {
 }
 
 #[test]
+fn shared_dict_ttls_must_be_finite_and_not_negative() {
+    // OpenResty raises `bad "exptime" argument` (`init_ttl` for incr); a huge but finite
+    // TTL is accepted and simply never runs out.
+    let script = r#"
+        local d = ngx.shared.cache
+        d:set("live", 1)
+        local function try(...)
+            local ok, err = pcall(...)
+            return ok and "ok" or tostring(err):match('bad "[%w_]+" argument') or tostring(err)
+        end
+        for _, ttl in ipairs({ -1, 0/0, math.huge, -math.huge }) do
+            ngx.say(try(d.set, d, "k", 1, ttl), "|", try(d.safe_set, d, "k", 1, ttl), "|",
+                    try(d.add, d, "k2", 1, ttl), "|", try(d.safe_add, d, "k3", 1, ttl), "|",
+                    try(d.replace, d, "live", 1, ttl), "|", try(d.expire, d, "live", ttl), "|",
+                    try(d.incr, d, "n", 1, 0, ttl))
+        end
+        ngx.say(tostring(d:get("k")), " ", tostring(d:get("n")), " ", d:ttl("live"))
+        ngx.say(d:set("big", 1, 1e300), " ", d:ttl("big") > 1e9, " ", d:incr("m", 1, 0, 1e300))
+        ngx.say(d:set("zero", 1, 0), " ", d:ttl("zero"), " ", d:set("tiny", 1, 0.0001))
+    "#;
+    let bad = "bad \"exptime\" argument";
+    let line = format!("{bad}|{bad}|{bad}|{bad}|{bad}|{bad}|bad \"init_ttl\" argument\n");
+    assert_eq!(
+        output(script),
+        format!("{line}{line}{line}{line}nil nil 0\ntrue true 1nilfalse\ntrue 0 truenilfalse\n")
+    );
+}
+
+#[test]
 fn remaining_ngx_functions() {
     assert_eq!(
         output(
