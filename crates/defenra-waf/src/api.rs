@@ -522,6 +522,9 @@ pub(crate) fn host_table(
                     return set_single(headers, name, value).map_err(mlua::Error::runtime);
                 }
             };
+            if is_framing_header(&name) {
+                return Ok(());
+            }
             headers.remove(&name);
             if headers.len() + values.len() > MAX_HEADERS {
                 return Err(mlua::Error::runtime("too many response headers"));
@@ -1167,12 +1170,39 @@ impl HeaderCache {
     }
 }
 
+/// Whether a script may not set response header `name`: the message framing and the
+/// hop-by-hop fields (RFC 9110 §7.6.1, RFC 9112 §6-7). The proxy writes its own framing for
+/// the answer it sends (the WAF's page or the origin's response); a script's
+/// `Content-Length` or `Transfer-Encoding` beside it would let the script frame the
+/// response differently from the proxy (a second, forged response on a keep-alive
+/// connection), and HTTP/2 forbids connection-specific fields outright (RFC 9113 §8.2.2).
+/// nginx likewise computes these itself. Assignments to them are ignored, not errors:
+/// OpenResty scripts commonly set `Content-Length` before `ngx.say`, and a script that
+/// stopped there would fail open.
+pub(crate) fn is_framing_header(name: &HeaderName) -> bool {
+    use http::header::{CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    [
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        CONNECTION,
+        TE,
+        TRAILER,
+        UPGRADE,
+    ]
+    .contains(name)
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
+
 /// `ngx.header[name] = value` with one value: replaces the header's values, within the cap.
+/// Framing and hop-by-hop names are ignored ([`is_framing_header`]).
 fn set_single(
     headers: &mut HeaderMap,
     name: HeaderName,
     value: HeaderValue,
 ) -> Result<(), &'static str> {
+    if is_framing_header(&name) {
+        return Ok(());
+    }
     if headers.remove(&name).is_none() && headers.len() >= MAX_HEADERS {
         return Err("too many response headers");
     }

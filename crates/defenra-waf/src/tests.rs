@@ -306,6 +306,28 @@ fn header_values_stay_right_for_every_request() {
 }
 
 #[test]
+fn framing_and_hop_by_hop_headers_from_scripts_are_ignored() {
+    let set_all = r#"
+        ngx.header["Content-Length"] = "5"
+        ngx.header["Transfer-Encoding"] = "chunked"
+        ngx.header["Connection"] = "close"
+        ngx.header.keep_alive = "timeout=5"
+        ngx.header["Upgrade"] = { "h2c" }
+        ngx.header["TE"] = "trailers"
+        ngx.header["Trailer"] = "X-Sum"
+        ngx.header["Proxy-Connection"] = "close"
+        ngx.header.content_length = 12
+        ngx.header["X-Kept"] = "1"
+        ngx.header["X-Read"] = tostring(ngx.header["Content-Length"])
+    "#;
+    check(set_all, "allow | x-kept: 1 | x-read: nil");
+    check(
+        &format!("{set_all} ngx.say('blocked') return ngx.exit(403)"),
+        "403 | x-kept: 1 | x-read: nil | content-type: text/plain | \"blocked\\n\"",
+    );
+}
+
+#[test]
 fn bad_header_values_are_script_errors() {
     let engine = engine_with(
         WafOptions {
