@@ -26,6 +26,9 @@ use crate::re::RegexCache;
 const MAX_BODY: usize = 1 << 20;
 /// Most response headers a script may set.
 const MAX_HEADERS: usize = 100;
+/// Longest `ngx.log` message, in bytes, before the `... [N more bytes]` marker: nginx cuts
+/// its error log lines at 2,048 bytes (`NGX_MAX_ERROR_STR`).
+pub(crate) const MAX_LOG_LINE: usize = 2000;
 
 /// `ngx.*` constants as OpenResty defines them.
 pub(crate) const CONSTANTS: &[(&str, i64)] = &[
@@ -610,13 +613,20 @@ pub(crate) fn host_table(
             let level = integer(&level)
                 .filter(|level| (0..=8).contains(level))
                 .ok_or_else(|| mlua::Error::runtime("ngx.log: bad log level"))?;
-            let Some(suppressed) = c.script_logs.allow(c.clock.unix_ms() / 1000) else {
+            let mut message = Vec::new();
+            let mut cut = 0;
+            for arg in args.iter() {
+                cut += append_capped(&mut message, arg, MAX_LOG_LINE)?;
+            }
+            if cut > 0 {
+                message.extend_from_slice(format!("... [{cut} more bytes]").as_bytes());
+            }
+            let Some(suppressed) = c
+                .script_logs
+                .allow(c.clock.unix_ms() / 1000, message.len() as u64)
+            else {
                 return Ok(());
             };
-            let mut message = Vec::new();
-            for arg in args.iter() {
-                append_value(&mut message, arg, 0)?;
-            }
             let message = String::from_utf8_lossy(&message);
             let request = c.request.borrow();
             let domain = request.domain.as_str();
@@ -1281,6 +1291,24 @@ fn header_value(value: &Value) -> mlua::Result<HeaderValue> {
         _ => return Err(mlua::Error::runtime("bad header value type")),
     };
     value.map_err(|_| mlua::Error::runtime("invalid header value"))
+}
+
+/// Appends an `ngx.log` argument as [`append_value`] does, but only while `out` stays within
+/// `cap` bytes; returns how many bytes were left out. A long string is cut without being
+/// copied whole.
+fn append_capped(out: &mut Vec<u8>, value: &Value, cap: usize) -> mlua::Result<usize> {
+    let room = cap.saturating_sub(out.len());
+    if let Value::String(text) = value {
+        let bytes = text.as_bytes();
+        let kept = bytes.len().min(room);
+        out.extend_from_slice(&bytes[..kept]);
+        return Ok(bytes.len() - kept);
+    }
+    let mut formatted = Vec::new();
+    append_value(&mut formatted, value, 0)?;
+    let kept = formatted.len().min(room);
+    out.extend_from_slice(&formatted[..kept]);
+    Ok(formatted.len() - kept)
 }
 
 /// Appends a `ngx.say` argument: strings, numbers, booleans, nil, `ngx.null`, or arrays of

@@ -22,10 +22,14 @@ use crate::stats::{DomainCounters, WafStats};
 use crate::watchdog::Watchdog;
 use crate::{RequestInfo, Verdict, WafError, WafOptions};
 
-/// Error log lines per second for failing scripts, over all domains.
+/// Error log lines per second for failing scripts, over all domains (each at most a few
+/// hundred bytes: the error's first line, cut at 300).
 const ERROR_LOGS_PER_SECOND: u64 = 10;
 /// `ngx.log` lines per second, over all domains.
 const SCRIPT_LOGS_PER_SECOND: u64 = 100;
+/// `ngx.log` message bytes per second, over all domains: 32 lines of the longest message
+/// (`api::MAX_LOG_LINE`), or all 100 lines at 640 bytes each.
+const SCRIPT_LOG_BYTES_PER_SECOND: u64 = 64 << 10;
 
 /// The Lua WAF. One per agent; `reload` compiles every domain's script.
 pub struct WafEngine {
@@ -132,8 +136,11 @@ impl WafEngine {
                 generation: AtomicU64::new(0),
                 stats: Arc::new(WafStats::new(Arc::clone(&dicts))),
                 dicts,
-                error_logs: LogLimiter::new(ERROR_LOGS_PER_SECOND),
-                script_logs: Arc::new(LogLimiter::new(SCRIPT_LOGS_PER_SECOND)),
+                error_logs: LogLimiter::new(ERROR_LOGS_PER_SECOND, u64::MAX),
+                script_logs: Arc::new(LogLimiter::new(
+                    SCRIPT_LOGS_PER_SECOND,
+                    SCRIPT_LOG_BYTES_PER_SECOND,
+                )),
                 watchdog: Watchdog::new(),
                 options,
             }),
@@ -240,7 +247,7 @@ impl WafEngine {
         counter.fetch_add(1, Ordering::Relaxed);
         let fail_closed = self.shared.options.fail_closed;
         let now = self.shared.options.clock.unix_ms() / 1000;
-        if let Some(suppressed) = self.shared.error_logs.allow(now) {
+        if let Some(suppressed) = self.shared.error_logs.allow(now, 0) {
             tracing::warn!(
                 domain,
                 error = %failure,

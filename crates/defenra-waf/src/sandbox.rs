@@ -314,7 +314,7 @@ mod tests {
             limits,
             &Arc::new(SharedDicts::new(4, 1 << 20, Clock::system())),
             Clock::system(),
-            Arc::new(LogLimiter::new(10)),
+            Arc::new(LogLimiter::new(10, 1 << 20)),
             watchdog,
         )
         .unwrap()

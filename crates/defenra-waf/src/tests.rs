@@ -907,6 +907,90 @@ fn ngx_log_accepts_levels_and_rejects_bad_ones() {
     check("ngx.log(99, 'x')", "allow");
 }
 
+/// Bytes and lines of log events emitted on this thread while `f` runs, and the longest
+/// message.
+fn logged(f: impl FnOnce()) -> (usize, usize, String) {
+    use std::sync::Mutex;
+    use tracing::field::{Field, Visit};
+
+    #[derive(Default)]
+    struct Totals {
+        bytes: usize,
+        lines: usize,
+        longest: String,
+    }
+    struct Capture(Arc<Mutex<Totals>>);
+    struct Message(String);
+    impl Visit for Message {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            let mut totals = self.0.lock().unwrap();
+            totals.bytes += message.0.len();
+            totals.lines += 1;
+            if message.0.len() > totals.longest.len() {
+                totals.longest = message.0;
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+    let totals = Arc::new(Mutex::new(Totals::default()));
+    tracing::subscriber::with_default(Capture(Arc::clone(&totals)), f);
+    let totals = std::mem::take(&mut *totals.lock().unwrap());
+    (totals.bytes, totals.lines, totals.longest)
+}
+
+#[test]
+fn script_logs_are_bounded_in_bytes_as_well_as_lines() {
+    // One second on a clock that stands still: the budget is per second.
+    let options = || WafOptions {
+        clock: Clock::manual(1_700_000_000_000),
+        ..WafOptions::default()
+    };
+    let engine = engine_with(
+        options(),
+        "local s = string.rep('x', 1024 * 1024) for i = 1, 200 do ngx.log(ngx.ERR, s) end",
+    );
+    let (bytes, lines, longest) = logged(|| {
+        request("/").check(&engine);
+    });
+    assert!(
+        bytes <= 70 << 10,
+        "{bytes} bytes in {lines} lines logged in one second"
+    );
+    assert!(lines >= 30, "{lines} lines");
+    assert!(
+        longest.ends_with("xxx... [1046576 more bytes]"),
+        "{}",
+        &longest[longest.len().saturating_sub(60)..]
+    );
+    // Short lines: the line budget still lets 100 a second through.
+    let engine = engine_with(
+        options(),
+        "for i = 1, 200 do ngx.log(ngx.WARN, 'n=', i) end",
+    );
+    let (_, lines, _) = logged(|| {
+        request("/").check(&engine);
+    });
+    assert_eq!(lines, 100);
+}
+
 // ---- ngx.shared -----------------------------------------------------------------------
 
 #[test]
