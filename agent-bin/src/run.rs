@@ -33,6 +33,12 @@ use crate::l4_workers::L4Workers;
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Poll interval when neither the flag nor Core sets one.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(60);
+/// Stack of each HTTP worker thread, which runs the Lua WAF. The WAF stops a script that
+/// uses more than 1 MiB of C stack through callbacks from C into Lua (docs/waf.md, "C stack"),
+/// which fits in the usual 2 MiB; 16 MiB is the margin for anything that check misses (a
+/// crash here takes every domain down). Only the pages a thread touches are ever
+/// committed, so the rest costs address space, not memory.
+const WORKER_STACK: usize = 16 << 20;
 
 /// Sets up the global tracing subscriber (text or JSON lines on stderr).
 ///
@@ -378,6 +384,7 @@ where
         let (serve, token) = (serve.clone(), shutdown.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("{name}-{index}"))
+            .stack_size(WORKER_STACK)
             .spawn(move || {
                 let result = tokio::runtime::Builder::new_current_thread()
                     .enable_all()

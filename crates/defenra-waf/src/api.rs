@@ -129,6 +129,31 @@ pub(crate) struct Ctx {
     pub(crate) script_logs: Arc<LogLimiter>,
     /// The state's memory cap, restored by [`unmetered`].
     pub(crate) memory_limit: usize,
+    /// Where the C stack was when the run started ([`stack_address`]), 0 between runs:
+    /// [`Ctx::check_c_stack`] measures from here.
+    pub(crate) stack_base: Cell<usize>,
+}
+
+/// C stack one run may use below the point where it started, checked wherever C or Rust
+/// code calls back into Lua (`string.gsub` with a function or table, `table.sort`,
+/// `string.format` with `__tostring`, `os.time` with `__index`, `ngx.re.sub`/`gsub` with a
+/// function). Lua's own calls use the Lua stack, which LuaJIT bounds, but each of those
+/// callbacks adds C frames (8.8 KB for `string.gsub`) that nothing else limits: a script
+/// recursing through them overflowed the worker thread's stack and the process died.
+/// 1 MiB fits beside the proxy's own frames in a 2 MiB thread stack (the agent gives its
+/// HTTP workers 16 MiB) and allows about a hundred nested `gsub` callbacks, where Lua 5.1
+/// allowed 200 nested C calls of any size (`LUAI_MAXCCALLS`).
+pub(crate) const MAX_C_STACK: usize = 1 << 20;
+
+/// The error a script gets past [`MAX_C_STACK`]; Lua's message for the same limit.
+pub(crate) const C_STACK_OVERFLOW: &str =
+    "C stack overflow (callbacks from C into Lua nested too deeply)";
+
+/// The current stack address, approximately (the address of a local of this function).
+#[inline(never)]
+pub(crate) fn stack_address() -> usize {
+    let marker = 0u8;
+    std::hint::black_box(&marker) as *const u8 as usize
 }
 
 impl Ctx {
@@ -146,6 +171,7 @@ impl Ctx {
             header_cache: RefCell::new(HeaderCache::default()),
             script_logs,
             memory_limit,
+            stack_base: Cell::new(0),
         }
     }
 
@@ -192,6 +218,17 @@ impl Ctx {
         };
         self.abort.set(Some(abort));
         Err(abort)
+    }
+
+    /// `Err` when the run has used more than [`MAX_C_STACK`] of C stack since it started
+    /// (the stack grows down on every target the agent supports).
+    pub(crate) fn check_c_stack(&self) -> Result<(), &'static str> {
+        let used = self.stack_base.get().saturating_sub(stack_address());
+        if used > MAX_C_STACK {
+            Err(C_STACK_OVERFLOW)
+        } else {
+            Ok(())
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -337,6 +374,19 @@ pub(crate) fn host_table(
         "stopping",
         lua.create_function(move |_, ()| Ok(c.stopping()))?,
     )?;
+
+    // `sandbox.lua` calls this on entry to the library functions that call back into Lua.
+    let ctx_ptr: *const Ctx = Rc::as_ptr(ctx);
+    // SAFETY: as for `header_set` below: the light userdata points at the `Ctx` that the
+    // state's own callbacks hold, so it lives as long as the state.
+    #[allow(unsafe_code)]
+    let check: mlua::Function = unsafe {
+        lua.exec_raw((), |state| {
+            mlua::ffi::lua_pushlightuserdata(state, ctx_ptr as *mut std::ffi::c_void);
+            mlua::ffi::lua_pushcclosure(state, raw_c_stack_check, 1);
+        })?
+    };
+    host.raw_set("c_stack_check", check)?;
 
     let c = Rc::clone(ctx);
     host.raw_set(
@@ -1268,6 +1318,23 @@ unsafe extern "C-unwind" fn raw_header_set(state: *mut mlua::ffi::lua_State) -> 
         }
         0
     }
+}
+
+/// `c_stack_check()`: raises [`C_STACK_OVERFLOW`] when the run is too deep in C frames.
+/// A raw C function: it runs on every `string.format`, so it must cost next to nothing.
+#[allow(unsafe_code)]
+unsafe extern "C-unwind" fn raw_c_stack_check(state: *mut mlua::ffi::lua_State) -> std::ffi::c_int {
+    use mlua::ffi;
+    // SAFETY: the upvalue is the `Ctx` pointer `host_table` stored, valid while the state
+    // lives; nothing with a destructor is alive when the error is raised.
+    unsafe {
+        let ctx = &*(ffi::lua_touserdata(state, ffi::lua_upvalueindex(1)) as *const Ctx);
+        if let Err(message) = ctx.check_c_stack() {
+            ffi::lua_pushlstring(state, message.as_ptr().cast(), message.len());
+            ffi::lua_error(state);
+        }
+    }
+    0
 }
 
 fn response_header_name(name: &[u8]) -> mlua::Result<HeaderName> {

@@ -29,6 +29,32 @@ end
 string.dump = nil
 getmetatable("").__metatable = false
 
+-- Library functions written in C that call back into Lua (a replacement function or table,
+-- a comparator, `__lt`, `__tostring`, `__index`) check on entry that the run has not used
+-- too much C stack: each such callback nests C frames that the Lua stack limit does not
+-- see, and a script recursing through them would overflow the thread's stack (sandbox.rs,
+-- `api::MAX_C_STACK`). Every such recursion passes through one of these entries.
+local c_stack_check = host.c_stack_check
+do
+    local gsub, format, sort, time = string.gsub, string.format, table.sort, os.time
+    string.gsub = function(s, pattern, repl, n)
+        c_stack_check()
+        return gsub(s, pattern, repl, n)
+    end
+    string.format = function(...)
+        c_stack_check()
+        return format(...)
+    end
+    table.sort = function(t, comp)
+        c_stack_check()
+        return sort(t, comp)
+    end
+    os.time = function(t)
+        c_stack_check()
+        return time(t)
+    end
+end
+
 -- pcall/xpcall must not swallow ngx.exit or a budget abort: both are Lua errors underneath,
 -- so a failed protected call re-raises when the host says the run is stopping.
 local stopping = host.stopping

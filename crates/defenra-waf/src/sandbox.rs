@@ -194,11 +194,13 @@ impl Sandbox {
                 if let Some(slot) = &self.slot {
                     slot.begin();
                 }
+                self.ctx.stack_base.set(api::stack_address());
                 // A fixed number of arguments: collecting the values would allocate each time.
                 let called = chunk.runner.call::<()>((a, b, c, d, e, f, g, h, i, j));
                 if let Some(slot) = &self.slot {
                     slot.end();
                 }
+                self.ctx.stack_base.set(0);
                 called
             });
         let exit = self.ctx.exit.get();

@@ -430,6 +430,85 @@ fn runaway_loops_are_aborted_within_100ms() {
     }
 }
 
+/// Runs `f` on a thread with a 2 MiB stack, the size tokio and most thread pools give
+/// their threads: a recursion that overflows it kills the whole test binary.
+fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+#[test]
+fn recursion_through_c_functions_is_a_lua_error_not_a_crash() {
+    // Issue 17's reproducers: each level of these recursions is a C (or Rust) frame calling
+    // back into Lua, which the Lua stack limit does not see; gsub's frame alone is 8.8 KB.
+    let nested = format!("/?q={}x{}", "(".repeat(600), ")".repeat(600));
+    let caught = [
+        r#"local function f(s) return (s:gsub(".", f)) end
+           local ok, err = pcall(f, "abc") ngx.say(ok, " ", tostring(err))"#,
+        r#"local function f(s) return (ngx.re.gsub(s, ".", function(m) return f(m[0]) end)) end
+           local ok, err = pcall(f, "abc") ngx.say(ok, " ", tostring(err))"#,
+        r#"local t = setmetatable({}, {})
+           getmetatable(t).__index = function(t, k) return (string.gsub(k, ".", t)) end
+           local ok, err = pcall(string.gsub, "abc", ".", t) ngx.say(ok, " ", tostring(err))"#,
+        r#"local t = { 3, 1, 2 }
+           local function cmp(a, b) table.sort(t, cmp) return a < b end
+           local ok, err = pcall(table.sort, t, cmp) ngx.say(ok, " ", tostring(err))"#,
+        r#"local mt = {} mt.__tostring = function(v) return string.format("%s", v) end
+           local ok, err = pcall(string.format, "%s", setmetatable({}, mt))
+           ngx.say(ok, " ", tostring(err))"#,
+        r#"local t = setmetatable({}, { __index = function(t) return os.time(t) end })
+           local ok, err = pcall(os.time, t) ngx.say(ok, " ", tostring(err))"#,
+    ];
+    for script in caught {
+        let output = on_small_stack(move || output(script));
+        assert!(
+            output.starts_with("false ") && output.contains("C stack overflow"),
+            "{script}: {}",
+            &output[..output.len().min(300)]
+        );
+    }
+    let uncaught = [
+        r#"local function unwrap(s)
+               return (s:gsub("%b()", function(i) return unwrap(i:sub(2, -2)) end))
+           end
+           ngx.say(unwrap(ngx.var.arg_q))"#,
+        r#"local function unwrap(s)
+               return (ngx.re.gsub(s, [[\((.*)\)]], function(m) return unwrap(m[1]) end))
+           end
+           ngx.say(unwrap(ngx.var.arg_q))"#,
+    ];
+    for script in uncaught {
+        let target = nested.clone();
+        let (verdict, totals) = on_small_stack(move || {
+            let engine = engine_with(
+                WafOptions {
+                    fail_closed: true,
+                    ..WafOptions::default()
+                },
+                script,
+            );
+            let verdict = render(&request(&target).check(&engine));
+            (verdict, engine.stats().domain_totals(DOMAIN))
+        });
+        assert_eq!(
+            verdict, "503 | content-type: text/html | <page>",
+            "{script}"
+        );
+        assert_eq!(totals, Some((1, 0, 1, 0)), "{script}: one script error");
+    }
+    // Nesting well below the limit still works.
+    let shallow = format!("/?q={}x{}", "(".repeat(20), ")".repeat(20));
+    let script = r#"local function unwrap(s)
+                        return (s:gsub("%b()", function(i) return unwrap(i:sub(2, -2)) end))
+                    end
+                    ngx.say(unwrap(ngx.var.arg_q))"#;
+    assert_eq!(output_for(script, request(&shallow)), "x\n");
+}
+
 #[test]
 fn time_budget_applies_even_with_a_large_instruction_budget() {
     let engine = engine_with(

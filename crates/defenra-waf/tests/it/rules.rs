@@ -371,3 +371,29 @@ async fn framing_headers_from_scripts_never_reach_the_client() {
         );
     }
 }
+
+#[tokio::test]
+async fn recursion_through_gsub_fails_the_script_not_the_proxy() {
+    // Issue 17: 600 nested groups in the query overflowed the worker's stack through
+    // string.gsub's C frames, and the process died.
+    let origin = Origin::start().await;
+    let proxy = proxy(
+        r#"
+        local function unwrap(s)
+            return (s:gsub("%b()", function(i) return unwrap(i:sub(2, -2)) end))
+        end
+        if unwrap(ngx.var.arg_q or "") == "evil" then return ngx.exit(403) end
+        "#,
+        origin,
+    )
+    .await;
+    let nested = format!("/?q={}evil{}", "(".repeat(600), ")".repeat(600));
+    let reply = get(&proxy, &nested, &[]).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "origin"),
+        "fails open"
+    );
+    let shallow = format!("/?q={}evil{}", "(".repeat(5), ")".repeat(5));
+    assert_eq!(get(&proxy, &shallow, &[]).await.status, 403);
+}
