@@ -193,6 +193,18 @@ impl Ctx {
 
     /// Called by the instruction hook; `Err` aborts the run.
     pub(crate) fn tick(&self) -> Result<(), Abort> {
+        self.spend(1)
+    }
+
+    /// Charges `steps` steps of work done inside a library function (pattern matching,
+    /// `pattern.rs`) to the instruction budget, at the hook's rate of one unit per
+    /// [`HOOK_INTERVAL`](crate::sandbox::HOOK_INTERVAL), and checks the clock; `Err` aborts
+    /// the run.
+    pub(crate) fn charge(&self, steps: u32) -> Result<(), Abort> {
+        self.spend(u64::from(steps).div_ceil(u64::from(crate::sandbox::HOOK_INTERVAL)))
+    }
+
+    fn spend(&self, units: u64) -> Result<(), Abort> {
         if let Some(abort) = self.abort.get() {
             return Err(abort);
         }
@@ -201,19 +213,19 @@ impl Ctx {
         let deadline = match self.deadline.get() {
             Some(deadline) => deadline,
             None => {
-                // The first hook call of a run starts the clock: at most one hook interval
-                // (a few microseconds of Lua) later than the run itself.
+                // The first hook call (or charge) of a run starts the clock: at most one
+                // hook interval (a few microseconds of Lua) later than the run itself.
                 let deadline = now + self.time_budget.get();
                 self.deadline.set(Some(deadline));
                 deadline
             }
         };
-        let abort = if left == 0 {
+        let abort = if left < units {
             Abort::Instructions
         } else if now >= deadline {
             Abort::Time
         } else {
-            self.hooks_left.set(left - 1);
+            self.hooks_left.set(left - units);
             return Ok(());
         };
         self.abort.set(Some(abort));
@@ -827,6 +839,7 @@ pub(crate) fn host_table(
     )?;
 
     crate::re::install(lua, &host, ctx)?;
+    crate::strlib::install(lua, &host, Rc::as_ptr(ctx))?;
     Ok(host)
 }
 

@@ -25,9 +25,11 @@ mod dict;
 mod engine;
 mod headers;
 mod limit;
+mod pattern;
 mod re;
 mod sandbox;
 mod stats;
+mod strlib;
 mod watchdog;
 
 use std::net::IpAddr;

@@ -29,18 +29,23 @@ end
 string.dump = nil
 getmetatable("").__metatable = false
 
+-- Pattern matching is the agent's own (strlib.rs, pattern.rs): LuaJIT's is C code that
+-- backtracks without bound and that no instruction hook can interrupt, while the agent's
+-- charges its steps to the run's budget. Same results and messages.
+string.find = host.str_find
+string.match = host.str_match
+string.gmatch = host.str_gmatch
+string.gsub = host.str_gsub
+
 -- Library functions written in C that call back into Lua (a replacement function or table,
 -- a comparator, `__lt`, `__tostring`, `__index`) check on entry that the run has not used
 -- too much C stack: each such callback nests C frames that the Lua stack limit does not
 -- see, and a script recursing through them would overflow the thread's stack (sandbox.rs,
 -- `api::MAX_C_STACK`). Every such recursion passes through one of these entries.
+-- `string.gsub` is one of them: it is the agent's (below), which checks in Rust.
 local c_stack_check = host.c_stack_check
 do
-    local gsub, format, sort, time = string.gsub, string.format, table.sort, os.time
-    string.gsub = function(s, pattern, repl, n)
-        c_stack_check()
-        return gsub(s, pattern, repl, n)
-    end
+    local format, sort, time = string.format, table.sort, os.time
     string.format = function(...)
         c_stack_check()
         return format(...)

@@ -510,6 +510,139 @@ fn recursion_through_c_functions_is_a_lua_error_not_a_crash() {
 }
 
 #[test]
+fn pathological_lua_patterns_are_stopped_by_the_budget() {
+    // Issue 17: this rule ran for more than 20 s against a 400-byte User-Agent, inside
+    // LuaJIT's C matcher where no hook fires.
+    let ua = format!("Mozilla/5.0 {}", "(X11; Linux x86_64) ".repeat(20));
+    assert!(ua.len() >= 400);
+    for script in [
+        r#"if ngx.var.http_user_agent:find("^(.-)%s*(.-)%s*(.-)%s*(.-)%s*bot$") then
+               return ngx.exit(403)
+           end"#,
+        // pcall cannot keep the run going.
+        r#"local ua = ngx.var.http_user_agent
+           while true do pcall(string.match, ua, "^(.-)%s*(.-)%s*(.-)%s*(.-)%s*bot$") end"#,
+        r#"for w in ngx.var.http_user_agent:gmatch("(.-)%s*(.-)%s*(.-)x$") do end"#,
+        r#"local s = ngx.var.http_user_agent:gsub("(.-)%s*(.-)%s*(.-)%s*x$", "")"#,
+        r#"local s = string.rep("(", 20000) return s:find("%b()")"#,
+    ] {
+        let engine = engine_with(
+            WafOptions {
+                fail_closed: true,
+                ..WafOptions::default()
+            },
+            script,
+        );
+        let started = Instant::now();
+        let verdict = render(&request("/").header("User-Agent", &ua).check(&engine));
+        let elapsed = started.elapsed();
+        assert_eq!(
+            verdict, "503 | content-type: text/html | <page>",
+            "{script}"
+        );
+        assert_eq!(
+            engine.stats().domain_totals(DOMAIN),
+            Some((1, 0, 0, 1)),
+            "{script}: one budget abort"
+        );
+        // The budget is 50 ms; a debug build's matcher is slower, and the machine shared.
+        assert!(
+            elapsed < Duration::from_millis(500),
+            "{script}: took {elapsed:?}"
+        );
+    }
+}
+
+#[test]
+fn ngx_re_does_not_backtrack() {
+    // Catastrophic for a backtracking engine (PCRE without JIT limits): the regex crate
+    // answers in time linear in the subject.
+    let script = r#"
+        local s = string.rep("a", 20000) .. "!"
+        ngx.say(tostring(ngx.re.find(s, [[^(a+)+$]])), " ", tostring(ngx.re.match(s, [[(a|aa)+b]])))
+        ngx.say(select(2, ngx.re.gsub(s, [[(a*)*b]], "x")))
+    "#;
+    let started = Instant::now();
+    assert_eq!(output(script), "nil nil\n0\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn agents_pattern_functions_answer_as_luajits_own() {
+    // The same script through the sandbox (the agent's string.find, match, gmatch, gsub)
+    // and through a plain LuaJIT state (its C implementation) must print the same.
+    let script = r##"
+        local cases = {
+            { "hello world", "o" }, { "hello world", "o w" }, { "hello world", "^h" },
+            { "hello world", "^w" }, { "hello world", "l+" }, { "hello world", "l*" },
+            { "hello world", "(h)(e)" }, { "hello world", "()ll()" }, { "", "" },
+            { "abc", "" }, { "abc", "^" }, { "abc", "$" }, { "abc", "c$" },
+            { "a$c", "$c" }, { "key = value; k2=v2", "(%w+)%s*=%s*(%w+)" },
+            { "THE (quick) fox", "%f[%a]%a+" }, { "f(a(b)c)d(e)", "%b()" },
+            { "[[x]] [y]", "%[(.-)%]" }, { "a]b", "[]]" }, { "a-b", "[a-]" },
+            { "x1y22z333", "%d+" }, { "x1y22z333", "[^%d]" }, { "tab\there", "%s" },
+            { "aaa", "a-" }, { "aaab", "a-b" }, { "ab", "a?b?c?$" }, { "a.b", "%." },
+            { "a\0b\0", "%z" }, { "a\0b", "\0" }, { "a\0b", "a\0" }, { "abcabc", "(abc)%1" },
+            { "x = 'y' z = \"w\"", "(['\"])(.-)%1" }, { "one two", "(%a+) (%a+)" },
+            { "UPPER lower 123", "%u+" }, { "UPPER lower 123", "%L+" },
+            { "a,b,,c", "([^,]*)" }, { "http://x.test/a?b=1", "^(%a+)://([^/]+)(/.*)$" },
+            { "abc", "%" }, { "abc", "[a" }, { "abc", "(a" }, { "abc", "a)" },
+            { "abc", "%1" }, { "abc", "%b(" }, { "abc", "%fa" }, { "abc", "(()" },
+            { "12ab", "%x+" }, { "a+b", "a+b" }, { "a+b", "a%+b" }, { "é ü", "[\128-\255]+" },
+            { "path/to//file", "/+" }, { "  trim  ", "^%s*(.-)%s*$" },
+        }
+        local out = {}
+        local function show(...)
+            local t = {}
+            for i = 1, select("#", ...) do t[#t + 1] = tostring((select(i, ...))) end
+            return table.concat(t, ",")
+        end
+        local function add(...) out[#out + 1] = show(...) end
+        for _, c in ipairs(cases) do
+            local s, p = c[1], c[2]
+            add(pcall(string.find, s, p))
+            add(pcall(string.find, s, p, 2))
+            add(pcall(string.find, s, p, -3))
+            add(pcall(string.find, s, p, 100))
+            add(pcall(string.find, s, p, 1, true))
+            add(pcall(string.match, s, p))
+            add(pcall(string.match, s, p, 3))
+            add(pcall(function()
+                local t = {}
+                for a, b in string.gmatch(s, p) do t[#t + 1] = show(a, b) end
+                return table.concat(t, ";")
+            end))
+            add(pcall(string.gsub, s, p, "<%0>"))
+            add(pcall(string.gsub, s, p, "%1|%%", 2))
+            add(pcall(string.gsub, s, p, "x%"))
+            add(pcall(string.gsub, s, p, function(a, b) return b and a .. b or nil end))
+            add(pcall(string.gsub, s, p, { a = "A", l = false, o = 7 }))
+        end
+        add(pcall(string.gsub, "abc", "b", function() return {} end))
+        add(pcall(string.gsub, "abc", "b", true))
+        add(pcall(string.find, "abc", nil))
+        add(pcall(string.find, 12345, 3))
+        add(pcall(string.gsub, "abc", "", "-"))
+        return table.concat(out, "\n")
+    "##;
+    let stock = mlua::Lua::new_with(
+        mlua::StdLib::STRING | mlua::StdLib::TABLE,
+        mlua::LuaOptions::new(),
+    )
+    .unwrap();
+    let expected: String = stock.load(script).set_name("=example.com").eval().unwrap();
+    let agent = output(&format!("ngx.print((function() {script} end)())"));
+    for (line, (agent, luajit)) in agent.lines().zip(expected.lines()).enumerate() {
+        assert_eq!(agent, luajit, "line {}", line + 1);
+    }
+    assert_eq!(agent.lines().count(), expected.lines().count());
+}
+
+#[test]
 fn time_budget_applies_even_with_a_large_instruction_budget() {
     let engine = engine_with(
         WafOptions {
