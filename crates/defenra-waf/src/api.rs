@@ -366,11 +366,20 @@ pub(crate) fn unmetered<R>(lua: &Lua, limit: usize, f: impl FnOnce() -> R) -> R 
     f()
 }
 
+/// The dictionaries a state has handed out, by index, for the fast dictionary functions
+/// (`dict::install_fast`). Each (domain, name) is resolved once per loaded chunk
+/// (`sandbox.lua` caches it), so this holds at most `max_dicts` per domain; it is emptied,
+/// with every chunk, when dictionaries are freed (`Sandbox::forget_dicts`).
+pub(crate) type DictHandles = Rc<RefCell<Vec<Arc<crate::dict::Dict>>>>;
+
 /// Creates the `host` table of Rust functions that `sandbox.lua` builds the API from.
+/// `handles` lists the dictionaries this state has handed out, by index (see
+/// [`DictHandles`]).
 pub(crate) fn host_table(
     lua: &Lua,
     ctx: &Rc<Ctx>,
     dicts: &Arc<SharedDicts>,
+    handles: &DictHandles,
 ) -> mlua::Result<Table> {
     let host = lua.create_table()?;
 
@@ -806,11 +815,10 @@ pub(crate) fn host_table(
         })?,
     )?;
 
-    // The dictionaries this state has handed out, by index, for the fast methods. Each
-    // name is resolved once per state (`sandbox.lua` caches it), so at most `max_dicts`.
-    let handles = Rc::new(RefCell::new(Vec::new()));
-    crate::dict::install_fast(lua, &host, &handles)?;
+    crate::dict::install_fast(lua, &host, handles)?;
     let dicts = Arc::clone(dicts);
+    let handles = Rc::clone(handles);
+    let c = Rc::clone(ctx);
     host.raw_set(
         "dict",
         lua.create_function(move |lua, name: Value| {
@@ -820,7 +828,9 @@ pub(crate) fn host_table(
             let Ok(name) = name.to_str() else {
                 return Ok((Value::Nil, None));
             };
-            match dicts.get_or_create(&name) {
+            // The running script's domain: each domain has its own dictionaries.
+            let dict = dicts.get_or_create(&c.request.borrow().domain, &name);
+            match dict {
                 Some(dict) => {
                     let mut handles = handles.borrow_mut();
                     let index = match handles.iter().position(|known| Arc::ptr_eq(known, &dict)) {

@@ -107,6 +107,8 @@ struct Worker {
     engine: Weak<Shared>,
     sandbox: Sandbox,
     generation: u64,
+    /// `SharedDicts::epoch` when this state last let go of freed dictionaries.
+    dict_epoch: u64,
     chunks: DomainMap<LoadedChunk>,
 }
 
@@ -173,7 +175,7 @@ impl WafEngine {
                 ));
             };
             let worker = self.worker(&mut workers)?;
-            worker.sync(&view);
+            worker.sync(&view, &self.shared.dicts);
             let chunk = load_chunk(&worker.sandbox, &mut worker.chunks, request.domain, script)?;
             match worker.sandbox.run(chunk, request) {
                 Outcome::Finished { exit } => Ok(finish(exit, &mut worker.sandbox.response())),
@@ -199,6 +201,12 @@ impl WafEngine {
                 WafError::Script("thread is shutting down".to_owned()),
             ),
         }
+    }
+
+    /// The dictionaries, for tests.
+    #[cfg(test)]
+    pub(crate) fn shared_dicts(&self) -> &SharedDicts {
+        &self.shared.dicts
     }
 
     /// The engine's counters, for /stats and /metrics.
@@ -231,6 +239,7 @@ impl WafEngine {
             engine: Arc::downgrade(&self.shared),
             sandbox,
             generation: u64::MAX,
+            dict_epoch: self.shared.dicts.epoch(),
             chunks: DomainMap::default(),
         });
         let last = workers.len() - 1;
@@ -291,6 +300,23 @@ impl Reload for WafEngine {
             );
         }
         stats.retain(|domain| scripts.contains_key(domain));
+        // Dictionaries no live script names are freed: those of domains without a script,
+        // and, for a script that changed, those whose name its new source does not contain
+        // (a dictionary named at run time, `ngx.shared["rl_" .. zone]`, starts empty again
+        // after its script changes). Unchanged scripts keep all theirs.
+        let previous = self.shared.view.load();
+        self.shared
+            .dicts
+            .retain(|domain, name| match scripts.get(domain) {
+                None => false,
+                Some(script) => {
+                    previous
+                        .scripts
+                        .get(domain)
+                        .is_some_and(|old| *old.source == *script.source)
+                        || script.source.contains(name)
+                }
+            });
         self.shared.view.store(Arc::new(View {
             generation,
             scripts,
@@ -336,10 +362,18 @@ fn compile_all(
 }
 
 impl Worker {
-    /// Drops chunks whose script changed or went away since the last snapshot this thread saw.
-    fn sync(&mut self, view: &View) {
+    /// Drops chunks whose script changed or went away since the last snapshot this thread
+    /// saw; after a reload that freed dictionaries, drops every chunk and the state's
+    /// handles to dictionaries, so the freed ones' memory goes.
+    fn sync(&mut self, view: &View, dicts: &SharedDicts) {
         if self.generation == view.generation {
             return;
+        }
+        let epoch = dicts.epoch();
+        if epoch != self.dict_epoch {
+            self.chunks.clear();
+            self.sandbox.forget_dicts();
+            self.dict_epoch = epoch;
         }
         self.chunks
             .retain(|domain, loaded| match view.scripts.get(domain) {

@@ -57,9 +57,12 @@ pub struct WafOptions {
     pub time_budget: Duration,
     /// Memory cap of each Lua state (one per worker thread), in bytes.
     pub memory_limit: usize,
-    /// Byte cap of each `ngx.shared` dictionary; least recently used entries go first.
+    /// Byte quota of one domain's `ngx.shared` dictionaries together (each domain has its
+    /// own dictionaries); least recently used entries of the dictionary being written go
+    /// first.
     pub dict_capacity: usize,
-    /// Most dictionaries scripts may create (a dict exists once a script names it).
+    /// Most dictionaries one domain's script may create (a dict exists once the script
+    /// names it).
     pub max_dicts: usize,
     /// Time source for dictionary TTLs and `ngx.time`/`ngx.now`.
     pub clock: Clock,
@@ -73,7 +76,7 @@ impl Default for WafOptions {
             time_budget: Duration::from_millis(50),
             memory_limit: 64 << 20,
             dict_capacity: 16 << 20,
-            max_dicts: 32,
+            max_dicts: 16,
             clock: Clock::system(),
         }
     }

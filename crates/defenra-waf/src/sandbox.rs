@@ -76,6 +76,9 @@ pub(crate) struct Sandbox {
     new_env: Function,
     /// `sandbox.lua`'s `make_runner(env, chunk, names)`, which makes a [`Chunk`]'s runner.
     make_runner: Function,
+    /// `sandbox.lua`'s `forget_dicts()`, and the host's list of dictionary handles.
+    forget_dicts: Function,
+    dict_handles: api::DictHandles,
     limits: Limits,
     /// With a watchdog, the hook is off during runs until the watchdog sees one last a
     /// tick (`watchdog.rs`); without, it is on all the time.
@@ -140,14 +143,17 @@ impl Sandbox {
             }
         }
 
-        let host = api::host_table(&lua, &ctx, dicts)?;
-        let (new_env, make_runner): (Function, Function) =
+        let dict_handles = api::DictHandles::default();
+        let host = api::host_table(&lua, &ctx, dicts, &dict_handles)?;
+        let (new_env, make_runner, forget_dicts): (Function, Function, Function) =
             lua.load(PRELUDE).set_name("=sandbox").call(host)?;
         Ok(Sandbox {
             lua,
             ctx,
             new_env,
             make_runner,
+            forget_dicts,
+            dict_handles,
             limits,
             slot,
         })
@@ -223,6 +229,16 @@ impl Sandbox {
             }
             Err(error) => Outcome::Error(first_line(&error)),
         }
+    }
+
+    /// Lets go of every dictionary this state has handed out, after some were freed
+    /// (`SharedDicts::retain`). The caller drops its chunks too: their runners hold the
+    /// chunks' dictionary caches. The garbage collection makes the freed dictionaries'
+    /// memory go now rather than at some later cycle.
+    pub(crate) fn forget_dicts(&self) {
+        self.dict_handles.borrow_mut().clear();
+        let _ = self.forget_dicts.call::<()>(());
+        self.collect_garbage();
     }
 
     /// The values of the chunk's prefetched variables, in order, then `nil`s.

@@ -1416,7 +1416,7 @@ fn rate_limit_example_answers_429_after_the_limit() {
 fn dicts_are_capped_and_evict_the_least_recently_used() {
     let engine = engine_with(
         WafOptions {
-            dict_capacity: 10 * 120,
+            dict_capacity: 10 * 300,
             max_dicts: 2,
             ..WafOptions::default()
         },
@@ -1445,6 +1445,162 @@ fn dicts_are_capped_and_evict_the_least_recently_used() {
         second.ends_with(" nil"),
         "a third dict is refused: {second}"
     );
+}
+
+/// A request for `domain`'s script.
+fn request_to(domain: &'static str, target: &str) -> Request {
+    let mut req = request(target);
+    req.domain = domain;
+    req
+}
+
+/// What `req` printed (its body), or its rendered verdict when it did not print.
+fn printed(engine: &WafEngine, req: &Request) -> String {
+    match req.check(engine) {
+        Verdict::Block { status, body, .. } if status == 200 => {
+            String::from_utf8(body.to_vec()).unwrap()
+        }
+        other => render(&other),
+    }
+}
+
+#[test]
+fn domains_cannot_read_or_poison_each_others_dictionaries() {
+    // Issue 17: one domain read another's values and set its rate-limit key, so the
+    // victim answered 429 to a legitimate client.
+    let engine = WafEngine::default();
+    let (snapshot, _) = config(&[
+        (
+            "victim.test",
+            r#"local limits = ngx.shared.limits
+               limits:set("secret", "s3cret")
+               local n = limits:incr("rl:" .. ngx.var.remote_addr, 1, 0, 60)
+               if n > 5 then return ngx.exit(429) end"#,
+        ),
+        (
+            "attacker.test",
+            r#"local limits = ngx.shared.limits
+               local seen = tostring(limits:get("secret"))
+               limits:set("rl:192.0.2.7", 1e9)
+               limits:set("secret", "stolen")
+               ngx.say(seen, " ", #limits:get_keys(0))"#,
+        ),
+    ]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(
+        render(&request_to("victim.test", "/").check(&engine)),
+        "allow"
+    );
+    // It sees neither the victim's value nor its keys, only the two it just set.
+    assert_eq!(
+        printed(&engine, &request_to("attacker.test", "/")),
+        "nil 2\n"
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            render(&request_to("victim.test", "/").check(&engine)),
+            "allow"
+        );
+    }
+    assert_eq!(
+        render(&request_to("victim.test", "/").check(&engine)),
+        "429 | content-type: text/html | <page>",
+        "the victim's own limit still works"
+    );
+}
+
+#[test]
+fn one_domain_cannot_take_every_dictionary() {
+    // Issue 17: one script took all the dictionaries, and other domains' became nil.
+    let engine = WafEngine::default();
+    let (snapshot, _) = config(&[
+        (
+            "hog.test",
+            r#"local n = 0
+               for i = 1, 100 do if ngx.shared["d" .. i] then n = n + 1 end end
+               ngx.say(n)"#,
+        ),
+        ("other.test", "ngx.say(tostring(ngx.shared.limits ~= nil))"),
+    ]);
+    engine.reload(&snapshot, &mut Vec::new());
+    let max = WafOptions::default().max_dicts;
+    assert_eq!(
+        printed(&engine, &request_to("hog.test", "/")),
+        format!("{max}\n")
+    );
+    assert_eq!(printed(&engine, &request_to("other.test", "/")), "true\n");
+}
+
+#[test]
+fn dictionaries_stay_within_the_domain_quota_and_are_freed() {
+    // Issue 17: one script pinned about 1 GB outside the Lua memory cap by filling every
+    // dictionary.
+    let quota = 1 << 20;
+    let engine = WafEngine::new(WafOptions {
+        dict_capacity: quota,
+        // 3,200 writes of 10 KB: slow in a debug build on a busy machine, and the budget
+        // is not what this test is about.
+        time_budget: Duration::from_secs(10),
+        ..WafOptions::default()
+    });
+    let greedy = r#"
+        local value = string.rep("x", 10000)
+        for i = 1, 16 do
+            local d = ngx.shared["d" .. i]
+            for j = 1, 200 do d:set(j, value) end
+        end
+        ngx.say(ngx.shared.d1:capacity(), " ", ngx.shared.d1:free_space() < 20000)
+    "#;
+    let (snapshot, _) = config(&[("greedy.test", greedy), ("other.test", "return")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(
+        printed(&engine, &request_to("greedy.test", "/")),
+        format!("{quota} true\n")
+    );
+    let bytes_of = |domain: &str| -> (usize, usize) {
+        let summary = engine.shared_dicts().summary();
+        let mine = summary.iter().filter(|entry| entry.0 == domain);
+        (mine.clone().count(), mine.map(|entry| entry.3).sum())
+    };
+    let (count, bytes) = bytes_of("greedy.test");
+    assert_eq!(count, 16);
+    assert!(bytes <= quota, "{bytes} bytes held, quota {quota}");
+
+    // A changed script keeps the dictionaries it names; the others are freed, and the
+    // first request after the reload on this thread lets go of them.
+    let held = |name: &str| {
+        Arc::downgrade(
+            &engine
+                .shared_dicts()
+                .get_or_create("greedy.test", name)
+                .unwrap(),
+        )
+    };
+    let (d2, d3) = (held("d2"), held("d3"));
+    let names_two = "ngx.say(ngx.shared.d1:capacity(), ngx.shared.d2:capacity())";
+    let (snapshot, _) = config(&[("greedy.test", names_two), ("other.test", "return")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(bytes_of("greedy.test").0, 2);
+    assert!(d3.upgrade().is_some(), "this thread's state still holds it");
+    assert_eq!(
+        printed(&engine, &request_to("greedy.test", "/")),
+        format!("{quota}{quota}\n")
+    );
+    assert!(d3.upgrade().is_none(), "a freed dictionary is still held");
+    assert!(d2.upgrade().is_some());
+
+    // A domain without a script loses its dictionaries, and no Lua state keeps them.
+    let (snapshot, _) = config(&[("other.test", "return")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(bytes_of("greedy.test"), (0, 0));
+    assert_eq!(
+        render(&request_to("other.test", "/").check(&engine)),
+        "allow"
+    );
+    assert!(d2.upgrade().is_none(), "a freed dictionary is still held");
+    let (snapshot, _) = config(&[("greedy.test", "ngx.say(tostring(ngx.shared.d1:get(1)))")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(printed(&engine, &request_to("greedy.test", "/")), "nil\n");
 }
 
 // ---- ngx.re ---------------------------------------------------------------------------
@@ -1580,6 +1736,9 @@ fn stats_report_per_domain_counters_and_dicts() {
     );
     assert_eq!(
         find("dict_entries"),
-        Some((vec![("dict", "cache".to_owned())], 1.0))
+        Some((
+            vec![("domain", DOMAIN.to_owned()), ("dict", "cache".to_owned())],
+            1.0
+        ))
     );
 }
