@@ -2,6 +2,8 @@
 //!
 //! This crate owns: the [`GeoLookup`] capability and its two implementations ([`MaxMindGeo`]
 //! over a MaxMind-format database with a bounded cache, [`StaticGeo`] as a table for tests),
+//! the City details of an address ([`MaxMindGeo::details`], for the WAF's `geoip_*`
+//! variables),
 //! the country centroid table, and [`GeoPlan`], the per-domain selection chain compiled at
 //! reload time (pools → map → fallback → continent → nearest → default → `--agent-ip`).
 //!
@@ -20,7 +22,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 pub use centroids::{centroid, distance_km};
-pub use maxmind::MaxMindGeo;
+pub use maxmind::{GeoDetails, MaxMindGeo};
 pub use select::{GeoPlan, LOAD_THRESHOLD, Rule, Selection};
 pub use static_geo::StaticGeo;
 

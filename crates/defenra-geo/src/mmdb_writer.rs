@@ -1,4 +1,5 @@
-//! A minimal writer of MaxMind DB files (format 2.0) holding country and continent codes.
+//! A minimal writer of MaxMind DB files (format 2.0) holding country and continent codes,
+//! or City records (names, subdivision, postal code, coordinates).
 //!
 //! Tests and the DNS benchmark use it to make small GeoIP databases at run time, so nothing
 //! that expires or carries a licence is checked in. It writes an IPv6 tree with 24-bit
@@ -48,6 +49,18 @@ impl MmdbWriter {
         continent: Option<&str>,
     ) {
         let offset = self.write_record(country, continent);
+        self.insert_offset(network, prefix_len, offset);
+    }
+
+    /// Maps `network/prefix_len` to a record like GeoLite2-City's (names in English only);
+    /// the database type becomes `GeoLite2-City`.
+    pub fn insert_city(&mut self, network: IpAddr, prefix_len: u8, city: &CityRecord<'_>) {
+        self.database_type = "GeoLite2-City".to_owned();
+        let offset = self.write_city(city);
+        self.insert_offset(network, prefix_len, offset);
+    }
+
+    fn insert_offset(&mut self, network: IpAddr, prefix_len: u8, offset: u32) {
         let (bits, prefix_len) = match network {
             IpAddr::V4(v4) => (
                 u128::from(u32::from(v4)),
@@ -148,7 +161,119 @@ impl MmdbWriter {
     }
 }
 
+/// A City record for [`MmdbWriter::insert_city`]; `None` fields are left out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CityRecord<'a> {
+    /// ISO 3166-1 alpha-2 (written upper case).
+    pub country: Option<&'a str>,
+    pub country_name: Option<&'a str>,
+    /// `EU`, `NA`, ... (written upper case).
+    pub continent: Option<&'a str>,
+    pub city: Option<&'a str>,
+    /// The subdivision's ISO 3166-2 code without the country (`BE`) and its name.
+    pub region_code: Option<&'a str>,
+    pub region_name: Option<&'a str>,
+    pub postal_code: Option<&'a str>,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+}
+
+impl MmdbWriter {
+    fn write_city(&mut self, record: &CityRecord<'_>) -> u32 {
+        let offset = self.data.len() as u32;
+        let out = &mut self.data;
+        let has_location = record.latitude.is_some() || record.longitude.is_some();
+        let has_region = record.region_code.is_some() || record.region_name.is_some();
+        let fields = [
+            record.continent.is_some(),
+            record.country.is_some() || record.country_name.is_some(),
+            record.city.is_some(),
+            has_region,
+            record.postal_code.is_some(),
+            has_location,
+        ];
+        write_control(out, TYPE_MAP, fields.iter().filter(|&&f| f).count());
+        if let Some(code) = record.continent {
+            write_string(out, "continent");
+            write_control(out, TYPE_MAP, 1);
+            write_string(out, "code");
+            write_string(out, &code.to_ascii_uppercase());
+        }
+        if record.country.is_some() || record.country_name.is_some() {
+            write_string(out, "country");
+            write_control(
+                out,
+                TYPE_MAP,
+                usize::from(record.country.is_some()) + usize::from(record.country_name.is_some()),
+            );
+            if let Some(code) = record.country {
+                write_string(out, "iso_code");
+                write_string(out, &code.to_ascii_uppercase());
+            }
+            if let Some(name) = record.country_name {
+                write_names(out, name);
+            }
+        }
+        if let Some(name) = record.city {
+            write_string(out, "city");
+            write_control(out, TYPE_MAP, 1);
+            write_names(out, name);
+        }
+        if has_region {
+            write_string(out, "subdivisions");
+            write_control(out, TYPE_ARRAY, 1);
+            write_control(
+                out,
+                TYPE_MAP,
+                usize::from(record.region_code.is_some())
+                    + usize::from(record.region_name.is_some()),
+            );
+            if let Some(code) = record.region_code {
+                write_string(out, "iso_code");
+                write_string(out, code);
+            }
+            if let Some(name) = record.region_name {
+                write_names(out, name);
+            }
+        }
+        if let Some(code) = record.postal_code {
+            write_string(out, "postal");
+            write_control(out, TYPE_MAP, 1);
+            write_string(out, "code");
+            write_string(out, code);
+        }
+        if has_location {
+            write_string(out, "location");
+            write_control(
+                out,
+                TYPE_MAP,
+                usize::from(record.latitude.is_some()) + usize::from(record.longitude.is_some()),
+            );
+            for (key, value) in [
+                ("latitude", record.latitude),
+                ("longitude", record.longitude),
+            ] {
+                if let Some(value) = value {
+                    write_string(out, key);
+                    write_control(out, TYPE_DOUBLE, 8);
+                    out.extend_from_slice(&value.to_be_bytes());
+                }
+            }
+        }
+        offset
+    }
+}
+
+/// `"names": {"en": name}`.
+fn write_names(out: &mut Vec<u8>, name: &str) {
+    write_string(out, "names");
+    write_control(out, TYPE_MAP, 1);
+    write_string(out, "en");
+    write_string(out, name);
+}
+
 const TYPE_STRING: u8 = 2;
+const TYPE_DOUBLE: u8 = 3;
 const TYPE_UINT16: u8 = 5;
 const TYPE_UINT32: u8 = 6;
 const TYPE_MAP: u8 = 7;
@@ -220,5 +345,59 @@ mod tests {
         );
         assert_eq!(country("2001:db8:1::1"), Some((None, Some("AS".into()))));
         assert_eq!(country("11.0.0.1"), None);
+    }
+
+    #[test]
+    fn maxminddb_reads_city_records() {
+        let mut writer = MmdbWriter::new();
+        writer.insert_city(
+            "10.0.0.0".parse().unwrap(),
+            8,
+            &CityRecord {
+                country: Some("de"),
+                country_name: Some("Germany"),
+                continent: Some("eu"),
+                city: Some("Berlin"),
+                region_code: Some("BE"),
+                region_name: Some("Land Berlin"),
+                postal_code: Some("10115"),
+                latitude: Some(52.5244),
+                longitude: Some(13.4105),
+            },
+        );
+        writer.insert_city(
+            "11.0.0.0".parse().unwrap(),
+            8,
+            &CityRecord {
+                country: Some("US"),
+                ..CityRecord::default()
+            },
+        );
+        let reader = maxminddb::Reader::from_source(writer.to_bytes()).unwrap();
+        reader.verify().unwrap();
+        assert_eq!(reader.metadata().database_type, "GeoLite2-City");
+        let city: maxminddb::geoip2::City = reader
+            .lookup("10.1.2.3".parse().unwrap())
+            .unwrap()
+            .decode()
+            .unwrap()
+            .unwrap();
+        assert_eq!(city.country.iso_code, Some("DE"));
+        assert_eq!(city.country.names.english, Some("Germany"));
+        assert_eq!(city.continent.code, Some("EU"));
+        assert_eq!(city.city.names.english, Some("Berlin"));
+        assert_eq!(city.subdivisions[0].iso_code, Some("BE"));
+        assert_eq!(city.subdivisions[0].names.english, Some("Land Berlin"));
+        assert_eq!(city.postal.code, Some("10115"));
+        assert_eq!(city.location.latitude, Some(52.5244));
+        assert_eq!(city.location.longitude, Some(13.4105));
+        let bare: maxminddb::geoip2::City = reader
+            .lookup("11.2.3.4".parse().unwrap())
+            .unwrap()
+            .decode()
+            .unwrap()
+            .unwrap();
+        assert_eq!(bare.country.iso_code, Some("US"));
+        assert_eq!(bare.city.names.english, None);
     }
 }
