@@ -18,6 +18,7 @@ use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_decode};
 use crate::RequestInfo;
 use crate::clock::{Clock, utc_parts};
 use crate::dict::{DictHandle, SharedDicts};
+use crate::geo::{LocatorCell, RequestLocation};
 use crate::headers::HeaderList;
 use crate::limit::LogLimiter;
 use crate::re::RegexCache;
@@ -132,6 +133,8 @@ pub(crate) struct Ctx {
     /// Where the C stack was when the run started ([`stack_address`]), 0 between runs:
     /// [`Ctx::check_c_stack`] measures from here.
     pub(crate) stack_base: Cell<usize>,
+    /// The source of `ngx.var.geoip_*` (the engine's, swappable).
+    pub(crate) locator: Arc<LocatorCell>,
 }
 
 /// C stack one run may use below the point where it started, checked wherever C or Rust
@@ -157,7 +160,12 @@ pub(crate) fn stack_address() -> usize {
 }
 
 impl Ctx {
-    pub(crate) fn new(clock: Clock, script_logs: Arc<LogLimiter>, memory_limit: usize) -> Self {
+    pub(crate) fn new(
+        clock: Clock,
+        script_logs: Arc<LogLimiter>,
+        memory_limit: usize,
+        locator: Arc<LocatorCell>,
+    ) -> Self {
         Ctx {
             request: RefCell::new(RequestData::default()),
             response: RefCell::new(ResponseData::default()),
@@ -172,6 +180,7 @@ impl Ctx {
             script_logs,
             memory_limit,
             stack_base: Cell::new(0),
+            locator,
         }
     }
 
@@ -264,6 +273,8 @@ pub(crate) struct RequestData {
     start_unix_ms: Option<u64>,
     /// `ngx.var.uri`, decoded and normalised on first use.
     normalized_path: Option<Vec<u8>>,
+    /// `ngx.var.geoip_*`, looked up on first use.
+    location: RequestLocation,
 }
 
 impl Default for RequestData {
@@ -279,6 +290,7 @@ impl Default for RequestData {
             server_port: 0,
             start_unix_ms: None,
             normalized_path: None,
+            location: RequestLocation::default(),
         }
     }
 }
@@ -298,6 +310,7 @@ impl RequestData {
         self.server_port = request.server_port;
         self.start_unix_ms = None;
         self.normalized_path = None;
+        self.location.reset();
     }
 
     fn request_uri(&self) -> &str {
@@ -418,7 +431,7 @@ pub(crate) fn host_table(
             };
             let mut request = c.request.borrow_mut();
             unmetered(lua, c.memory_limit, || {
-                var(lua, &mut request, &name.as_bytes())
+                var(lua, &mut request, &name.as_bytes(), &c.locator)
             })
         })?,
     )?;
@@ -854,7 +867,13 @@ pub(crate) fn host_table(
 }
 
 /// `ngx.var.<name>`. Values are strings (as in nginx), `nil` when unknown or absent.
-pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Result<Value> {
+/// `geoip_*` variables come from `locator`, asked once per request.
+pub(crate) fn var(
+    lua: &Lua,
+    request: &mut RequestData,
+    name: &[u8],
+    locator: &LocatorCell,
+) -> mlua::Result<Value> {
     let string = |text: &[u8]| lua.create_string(text).map(Value::String);
     match name {
         b"remote_addr" => {
@@ -878,7 +897,8 @@ pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Re
         }
         b"request_uri" => string(request.request_uri().as_bytes()),
         b"host" | b"server_name" => string(request.host.as_bytes()),
-        b"request_method" => string(request.method.as_str().as_bytes()),
+        // `method` is the original Defenra agent's name for it.
+        b"request_method" | b"method" => string(request.method.as_str().as_bytes()),
         b"args" | b"query_string" => match request.query() {
             Some(query) => string(query.as_bytes()),
             None => Ok(Value::Nil),
@@ -924,6 +944,12 @@ pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Re
                 let query = request.query().unwrap_or("");
                 match find_arg(query.as_bytes(), arg) {
                     Some(value) => string(value),
+                    None => Ok(Value::Nil),
+                }
+            } else if let Some(field) = name.strip_prefix(b"geoip_") {
+                let ip = request.remote_addr;
+                match request.location.field(field, ip, locator) {
+                    Some(value) => string(value.as_bytes()),
                     None => Ok(Value::Nil),
                 }
             } else {

@@ -16,11 +16,12 @@ use mlua::{Lua, LuaOptions, StdLib};
 
 use crate::api::Abort;
 use crate::dict::SharedDicts;
+use crate::geo::{Locator, LocatorCell};
 use crate::limit::LogLimiter;
 use crate::sandbox::{self, Chunk, Limits, Outcome, Sandbox};
 use crate::stats::{DomainCounters, WafStats};
 use crate::watchdog::Watchdog;
-use crate::{RequestInfo, Verdict, WafError, WafOptions};
+use crate::{ClientLocator, RequestInfo, Verdict, WafError, WafOptions};
 
 /// Error log lines per second for failing scripts, over all domains (each at most a few
 /// hundred bytes: the error's first line, cut at 300).
@@ -48,6 +49,8 @@ struct Shared {
     error_logs: LogLimiter,
     script_logs: Arc<LogLimiter>,
     watchdog: Watchdog,
+    /// The source of `ngx.var.geoip_*`, if the host set one.
+    locator: Arc<LocatorCell>,
 }
 
 /// The scripts of one snapshot, keyed by domain name.
@@ -144,9 +147,19 @@ impl WafEngine {
                     SCRIPT_LOG_BYTES_PER_SECOND,
                 )),
                 watchdog: Watchdog::new(),
+                locator: Arc::new(LocatorCell::empty()),
                 options,
             }),
         }
+    }
+
+    /// Sets (or, with `None`, removes) the source of `ngx.var.geoip_*`; requests that start
+    /// after the call use it. Call it again when the GeoIP database is replaced. Without a
+    /// locator the variables read as `nil`.
+    pub fn set_locator(&self, locator: Option<Arc<dyn ClientLocator>>) {
+        self.shared
+            .locator
+            .store(locator.map(|locator| Arc::new(Locator(locator))));
     }
 
     /// Whether `domain` has a script; requests of other domains need no WAF call.
@@ -233,6 +246,7 @@ impl WafEngine {
             self.shared.options.clock.clone(),
             Arc::clone(&self.shared.script_logs),
             &self.shared.watchdog,
+            Arc::clone(&self.shared.locator),
         )
         .map_err(|error| WafError::State(error.to_string()))?;
         workers.push(Worker {

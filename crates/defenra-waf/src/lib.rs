@@ -16,6 +16,9 @@
 //! turn the instruction hook on (`watchdog.rs`). If that signal already has a handler, the
 //! engine leaves it alone and keeps the hook on for every run instead.
 //!
+//! The host may install a [`ClientLocator`] (`WafEngine::set_locator`): the source of the
+//! `ngx.var.geoip_*` variables, so this crate needs no GeoIP dependency.
+//!
 //! Start reading at [`WafEngine::check`] (engine.rs), then `sandbox.rs` and `sandbox.lua`
 //! for the sandbox, and `api.rs` for the `ngx` functions. `docs/waf.md` lists the API.
 
@@ -23,6 +26,7 @@ mod api;
 mod clock;
 mod dict;
 mod engine;
+mod geo;
 mod headers;
 mod limit;
 mod pattern;
@@ -40,6 +44,7 @@ use http::{HeaderMap, Method, StatusCode};
 
 pub use clock::Clock;
 pub use engine::{WafEngine, check_scripts};
+pub use geo::{ClientLocation, ClientLocator};
 pub use stats::{DomainCounters, WafStats};
 
 /// Engine settings. `Default` gives the production values.

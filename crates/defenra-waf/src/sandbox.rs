@@ -12,6 +12,7 @@ use crate::RequestInfo;
 use crate::api::{self, Abort, Ctx, ResponseData};
 use crate::clock::Clock;
 use crate::dict::SharedDicts;
+use crate::geo::LocatorCell;
 use crate::limit::LogLimiter;
 use crate::watchdog::{self, Slot, Watchdog};
 
@@ -93,6 +94,7 @@ impl Sandbox {
         clock: Clock,
         script_logs: Arc<LogLimiter>,
         watchdog: &Watchdog,
+        locator: Arc<LocatorCell>,
     ) -> mlua::Result<Self> {
         let libs =
             StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::OS | StdLib::BIT | StdLib::JIT;
@@ -103,7 +105,7 @@ impl Sandbox {
         lua.globals().raw_remove("jit")?;
         lua.set_memory_limit(limits.memory)?;
 
-        let ctx = Rc::new(Ctx::new(clock, script_logs, limits.memory));
+        let ctx = Rc::new(Ctx::new(clock, script_logs, limits.memory, locator));
         let hook_ctx = Rc::clone(&ctx);
         let mut slot = watchdog.register();
         let hook_slot = slot.clone();
@@ -247,7 +249,7 @@ impl Sandbox {
         let mut values = std::array::from_fn(|_| mlua::Value::Nil);
         api::unmetered(&self.lua, self.limits.memory, || {
             for (slot, name) in values.iter_mut().zip(&chunk.prefetch) {
-                *slot = api::var(&self.lua, &mut request, name.as_bytes())?;
+                *slot = api::var(&self.lua, &mut request, name.as_bytes(), &self.ctx.locator)?;
             }
             Ok(values)
         })
@@ -334,6 +336,7 @@ mod tests {
             Clock::system(),
             Arc::new(LogLimiter::new(10, 1 << 20)),
             watchdog,
+            Arc::new(LocatorCell::empty()),
         )
         .unwrap()
     }

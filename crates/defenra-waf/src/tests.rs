@@ -8,7 +8,10 @@ use defenra_config::stats::StatsSource;
 use defenra_config::{Issue, Reload};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-use crate::{Clock, RequestHeaders, RequestInfo, Verdict, WafEngine, WafOptions, check_scripts};
+use crate::{
+    ClientLocation, ClientLocator, Clock, RequestHeaders, RequestInfo, Verdict, WafEngine,
+    WafOptions, check_scripts,
+};
 
 const DOMAIN: &str = "example.com";
 
@@ -1004,6 +1007,160 @@ fn variables_are_read_afresh_for_every_request() {
     assert_eq!(
         body(request("/b").from("198.51.100.4")),
         "198.51.100.4 /b nil 198.51.100.4\n"
+    );
+}
+
+/// A [`ClientLocator`] over a fixed table of IPv4 /24 networks, counting its lookups.
+#[derive(Default)]
+struct TableLocator {
+    networks: Vec<([u8; 3], ClientLocation)>,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+impl TableLocator {
+    fn with(mut self, network: [u8; 3], location: ClientLocation) -> Self {
+        self.networks.push((network, location));
+        self
+    }
+
+    fn lookups(&self) -> usize {
+        self.lookups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl ClientLocator for TableLocator {
+    fn locate(&self, ip: IpAddr, location: &mut ClientLocation) {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let IpAddr::V4(ip) = ip else { return };
+        let octets = ip.octets();
+        if let Some((_, found)) = self
+            .networks
+            .iter()
+            .find(|(network, _)| network[..] == octets[..3])
+        {
+            location.clone_from(found);
+        }
+    }
+}
+
+fn berlin() -> ClientLocation {
+    ClientLocation {
+        country_code: "DE".into(),
+        country_name: "Germany".into(),
+        continent_code: "EU".into(),
+        city: "Berlin".into(),
+        region: "BE".into(),
+        region_name: "Land Berlin".into(),
+        postal_code: "10115".into(),
+        latitude: Some(52.52437),
+        longitude: Some(13.41053),
+    }
+}
+
+#[test]
+fn geoip_variables_come_from_the_locator_once_per_request() {
+    let locator = Arc::new(TableLocator::default().with([192, 0, 2], berlin()).with(
+        [198, 51, 100],
+        ClientLocation {
+            country_code: "US".into(),
+            ..ClientLocation::default()
+        },
+    ));
+    let engine = engine(
+        r#"
+        if ngx.var.arg_quiet then return end
+        local v = ngx.var
+        local names = { "country_code", "country_name", "city", "region", "region_name",
+                        "postal_code", "latitude", "longitude", "city_continent_code" }
+        local out = {}
+        for i, name in ipairs(names) do out[i] = tostring(v["geoip_" .. name]) end
+        ngx.say(table.concat(out, "|"), " ", type(v.geoip_latitude))
+        "#,
+    );
+    let body = |req: Request| printed(&engine, &req);
+    // Without a locator every geoip variable is nil.
+    assert_eq!(
+        body(request("/")),
+        "nil|nil|nil|nil|nil|nil|nil|nil|nil nil\n"
+    );
+    engine.set_locator(Some(locator.clone()));
+    assert_eq!(
+        body(request("/").from("192.0.2.77")),
+        "DE|Germany|Berlin|BE|Land Berlin|10115|52.5244|13.4105|EU string\n"
+    );
+    assert_eq!(locator.lookups(), 1, "nine reads, one lookup");
+    assert_eq!(
+        body(request("/").from("198.51.100.1")),
+        "US|nil|nil|nil|nil|nil|nil|nil|nil nil\n",
+        "what the database lacks is nil, and nothing of the previous request remains"
+    );
+    assert_eq!(
+        body(request("/").from("203.0.113.9")),
+        "nil|nil|nil|nil|nil|nil|nil|nil|nil nil\n"
+    );
+    assert_eq!(locator.lookups(), 3);
+    // A request whose script reads no geoip variable costs no lookup.
+    assert_eq!(
+        render(&request("/?quiet=1").from("192.0.2.77").check(&engine)),
+        "allow"
+    );
+    assert_eq!(locator.lookups(), 3);
+    // Swapped at run time (a replaced database), and removed.
+    let replaced = Arc::new(TableLocator::default().with(
+        [192, 0, 2],
+        ClientLocation {
+            country_code: "FR".into(),
+            ..ClientLocation::default()
+        },
+    ));
+    engine.set_locator(Some(replaced));
+    assert!(body(request("/").from("192.0.2.77")).starts_with("FR|"));
+    engine.set_locator(None);
+    assert!(body(request("/").from("192.0.2.77")).starts_with("nil|"));
+}
+
+#[test]
+fn blocking_by_country_as_the_docs_show() {
+    // The example in docs/waf.md.
+    let engine = engine(
+        r#"
+        local blocked = { CN = true, RU = true, KP = true }
+        local country = ngx.var.geoip_country_code
+        if country and blocked[country] then
+          return ngx.exit(ngx.HTTP_FORBIDDEN)
+        end
+        "#,
+    );
+    engine.set_locator(Some(Arc::new(
+        TableLocator::default().with([192, 0, 2], berlin()).with(
+            [198, 51, 100],
+            ClientLocation {
+                country_code: "RU".into(),
+                ..ClientLocation::default()
+            },
+        ),
+    )));
+    assert_eq!(
+        render(&request("/").from("192.0.2.1").check(&engine)),
+        "allow"
+    );
+    assert_eq!(
+        render(&request("/").from("198.51.100.1").check(&engine)),
+        "403 | content-type: text/html | <page>"
+    );
+    assert_eq!(
+        render(&request("/").from("203.0.113.1").check(&engine)),
+        "allow"
+    );
+}
+
+#[test]
+fn method_is_the_original_agents_name_for_request_method() {
+    let script = "ngx.say(ngx.var.method, ' ', ngx.var.request_method)";
+    assert_eq!(
+        output_for(script, request("/").method(Method::DELETE)),
+        "DELETE DELETE\n"
     );
 }
 
