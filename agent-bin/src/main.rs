@@ -14,6 +14,7 @@ mod health;
 mod l4_workers;
 mod notify;
 mod run;
+mod waf_geo;
 
 use std::process::ExitCode;
 

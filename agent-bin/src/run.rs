@@ -70,7 +70,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     let cell = Arc::new(SnapshotCell::new());
 
     // Services first, so the config loop can reload them from the first snapshot on.
-    let geo: Option<Arc<dyn GeoLookup>> = match &args.geoip_db {
+    let maxmind: Option<Arc<MaxMindGeo>> = match &args.geoip_db {
         Some(path) => Some(Arc::new(MaxMindGeo::open(path).with_context(|| {
             format!("cannot open the GeoIP database {}", path.display())
         })?)),
@@ -79,6 +79,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             None
         }
     };
+    let geo = maxmind.clone().map(|maxmind| maxmind as Arc<dyn GeoLookup>);
 
     let dns = Arc::new(DnsService::new(
         geo,
@@ -91,6 +92,10 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         fail_closed: args.waf_fail_closed,
         ..WafOptions::default()
     }));
+    // `ngx.var.geoip_*` from the same database (set again wherever it is replaced).
+    if let Some(maxmind) = maxmind {
+        waf.set_locator(Some(Arc::new(crate::waf_geo::MaxMindLocator(maxmind))));
+    }
     let http = Arc::new(HttpService::new(
         Arc::clone(&waf),
         HttpOptions {

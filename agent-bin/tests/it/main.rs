@@ -7,3 +7,4 @@ mod e2e;
 mod e2e_support;
 mod lifecycle;
 mod support;
+mod waf_geo;
