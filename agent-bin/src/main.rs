@@ -18,6 +18,7 @@ mod l4_workers;
 mod notify;
 mod report;
 mod run;
+mod waf_geo;
 mod watchdog;
 
 use std::process::ExitCode;

@@ -44,6 +44,12 @@ const CONFIG_STUCK_AFTER: Duration = Duration::from_secs(300);
 const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poll interval when neither the flag nor Core sets one.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(60);
+/// Stack of each HTTP worker thread, which runs the Lua WAF. The WAF stops a script that
+/// uses more than 1 MiB of C stack through callbacks from C into Lua (docs/waf.md, "C stack"),
+/// which fits in the usual 2 MiB; 16 MiB is the margin for anything that check misses (a
+/// crash here takes every domain down). Only the pages a thread touches are ever
+/// committed, so the rest costs address space, not memory.
+const WORKER_STACK: usize = 16 << 20;
 
 /// Sets up the global tracing subscriber (text or JSON lines on stderr).
 ///
@@ -103,6 +109,10 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         fail_closed: args.waf_fail_closed,
         ..WafOptions::default()
     }));
+    // `ngx.var.geoip_*` from the same database; it follows replacements of the file.
+    if geoip.is_configured() {
+        waf.set_locator(Some(Arc::new(crate::waf_geo::GeoLocator(geoip.database()))));
+    }
     // Protection state outlives every snapshot; bans saved before a restart come back
     // with their remaining time.
     let shield = Arc::new(Shield::new(args.shield.options()));
@@ -543,6 +553,7 @@ where
             .map(|(beat, liveness)| (*beat, liveness.heart(format!("{name}-{index}"))));
         let spawned = std::thread::Builder::new()
             .name(format!("{name}-{index}"))
+            .stack_size(WORKER_STACK)
             .spawn(move || {
                 let result = tokio::runtime::Builder::new_current_thread()
                     .enable_all()

@@ -12,3 +12,4 @@ mod proxied_names;
 mod reports;
 mod shield;
 mod support;
+mod waf_geo;

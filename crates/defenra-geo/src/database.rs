@@ -36,7 +36,7 @@ impl GeoDatabase {
     }
 
     /// [`MaxMindGeo::details`] of the database in use.
-    pub fn details(&self, ip: IpAddr) -> Option<GeoDetails> {
+    pub fn details(&self, ip: IpAddr) -> Option<Arc<GeoDetails>> {
         self.current.load().as_ref()?.details(ip)
     }
 }

@@ -3,6 +3,8 @@
 //! This crate owns: the [`GeoLookup`] capability and its implementations ([`MaxMindGeo`]
 //! over a MaxMind-format database with a bounded cache, [`GeoDatabase`] holding the one in use
 //! behind an atomic pointer so it can be replaced live, [`StaticGeo`] as a table for tests),
+//! the City details of an address ([`MaxMindGeo::details`], for reports to Core and the WAF's
+//! `geoip_*` variables),
 //! the country centroid table, and [`GeoPlan`], the per-domain selection chain compiled at
 //! reload time (pools → map → fallback → continent → nearest → default → `--agent-ip`).
 //!
@@ -23,7 +25,7 @@ use std::net::IpAddr;
 
 pub use centroids::{centroid, distance_km};
 pub use database::GeoDatabase;
-pub use maxmind::MaxMindGeo;
+pub use maxmind::{GeoDetails, MaxMindGeo};
 pub use select::{GeoPlan, LOAD_THRESHOLD, Rule, Selection};
 pub use static_geo::StaticGeo;
 
@@ -33,25 +35,6 @@ pub struct Location {
     /// ISO 3166-1 alpha-2 code, lower case (`de`).
     pub country: Option<String>,
     pub continent: Option<Continent>,
-}
-
-/// Everything a GeoIP database says about an address, for reports to Core and the WAF's
-/// `ngx.var.geoip_*`. Names are in English; codes as MaxMind writes them.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct GeoDetails {
-    /// ISO 3166-1 alpha-2, upper case (`DE`).
-    pub country_code: Option<String>,
-    /// `Germany`.
-    pub country_name: Option<String>,
-    pub city: Option<String>,
-    /// The first subdivision's name (`Land Berlin`).
-    pub region: Option<String>,
-    /// The first subdivision's ISO 3166-2 code without the country (`BE`).
-    pub region_code: Option<String>,
-    pub latitude: Option<f64>,
-    pub longitude: Option<f64>,
-    /// `EU`, `NA`, ...
-    pub continent_code: Option<String>,
 }
 
 /// The copyable, allocation-free form of a [`Location`], used on the DNS query path.

@@ -3,15 +3,39 @@
 
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use quick_cache::sync::Cache;
 use serde::Deserialize;
 
-use crate::{Continent, CountryCode, GeoDetails, GeoError, GeoLookup, Location, Place};
+use crate::{Continent, CountryCode, GeoError, GeoLookup, Location, Place};
 
 /// Cached networks. One entry is about 40 bytes, so the cache stays under 3 MiB.
 const DEFAULT_CACHE_ENTRIES: usize = 65_536;
+/// Cached networks for [`MaxMindGeo::details`]: a few hundred bytes each, under 4 MiB.
+const DETAILS_CACHE_ENTRIES: usize = 16_384;
+
+/// What a City database says about an address (a Country database fills only the
+/// country and continent), as nginx's geoip module exposes it: for the WAF's
+/// `ngx.var.geoip_*`. Names are MaxMind's English ones.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GeoDetails {
+    /// ISO 3166-1 alpha-2, upper case as MaxMind writes it (`DE`).
+    pub country_code: Option<String>,
+    /// `Germany`.
+    pub country_name: Option<String>,
+    /// `EU`, `NA`, ...
+    pub continent_code: Option<String>,
+    /// `Berlin`.
+    pub city: Option<String>,
+    /// The largest subdivision's ISO 3166-2 code without the country (`BE`), and its name.
+    pub region_code: Option<String>,
+    pub region_name: Option<String>,
+    pub postal_code: Option<String>,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+}
 
 /// Looks addresses up in a MaxMind-format database.
 ///
@@ -22,6 +46,7 @@ pub struct MaxMindGeo {
     reader: maxminddb::Reader<Vec<u8>>,
     /// `None` values are cached too: an address the database does not know stays unknown.
     cache: Cache<CacheKey, Option<Place>>,
+    details: Cache<CacheKey, Option<Arc<GeoDetails>>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -41,43 +66,6 @@ struct Record<'a> {
     country: Option<IsoCode<'a>>,
     #[serde(borrow, default)]
     continent: Option<ContinentCode<'a>>,
-}
-
-/// What a City record says beyond country and continent, for [`MaxMindGeo::details`].
-#[derive(Deserialize)]
-struct CityRecord<'a> {
-    #[serde(borrow, default)]
-    country: Option<Named<'a>>,
-    #[serde(borrow, default)]
-    continent: Option<ContinentCode<'a>>,
-    #[serde(borrow, default)]
-    city: Option<Named<'a>>,
-    #[serde(borrow, default)]
-    subdivisions: Option<Vec<Named<'a>>>,
-    #[serde(default)]
-    location: Option<Coordinates>,
-}
-
-#[derive(Deserialize)]
-struct Named<'a> {
-    #[serde(borrow, default)]
-    iso_code: Option<&'a str>,
-    #[serde(borrow, default)]
-    names: Option<EnglishName<'a>>,
-}
-
-#[derive(Deserialize)]
-struct EnglishName<'a> {
-    #[serde(borrow, default)]
-    en: Option<&'a str>,
-}
-
-#[derive(Deserialize)]
-struct Coordinates {
-    #[serde(default)]
-    latitude: Option<f64>,
-    #[serde(default)]
-    longitude: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -126,6 +114,7 @@ impl MaxMindGeo {
         Ok(MaxMindGeo {
             reader,
             cache: Cache::new(DEFAULT_CACHE_ENTRIES),
+            details: Cache::new(DETAILS_CACHE_ENTRIES),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         })
@@ -144,51 +133,36 @@ impl MaxMindGeo {
         )
     }
 
-    /// Everything the database says about `ip` (names in English), or `None` when it does
-    /// not know the address. Not cached: for reports and scripts, not for every DNS query.
-    pub fn details(&self, ip: IpAddr) -> Option<GeoDetails> {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+    /// Everything the database knows about `ip`, cached per /24 (IPv4) or /56 (IPv6) like
+    /// [`GeoLookup::place`]; `None` when it knows nothing.
+    pub fn details(&self, ip: IpAddr) -> Option<Arc<GeoDetails>> {
+        let (ip, key) = cache_key(ip);
+        if let Some(details) = self.details.get(&key) {
+            return details;
+        }
+        let details = self.details_uncached(ip).map(Arc::new);
+        self.details.insert(key, details.clone());
+        details
+    }
+
+    fn details_uncached(&self, ip: IpAddr) -> Option<GeoDetails> {
         let result = self.reader.lookup(ip).ok()?;
         let record = result.decode::<CityRecord<'_>>().ok()??;
-        let name = |named: &Option<Named<'_>>| {
-            named
-                .as_ref()
-                .and_then(|named| named.names.as_ref())
-                .and_then(|names| names.en)
-                .map(str::to_owned)
-        };
+        let owned = |text: Option<&str>| text.map(str::to_owned);
         let region = record
             .subdivisions
             .as_ref()
             .and_then(|subdivisions| subdivisions.first());
         let details = GeoDetails {
-            country_code: record
-                .country
-                .as_ref()
-                .and_then(|country| country.iso_code)
-                .map(str::to_ascii_uppercase),
-            country_name: name(&record.country),
-            city: name(&record.city),
-            region: region
-                .and_then(|region| region.names.as_ref())
-                .and_then(|names| names.en)
-                .map(str::to_owned),
-            region_code: region.and_then(|region| region.iso_code).map(str::to_owned),
-            latitude: record
-                .location
-                .as_ref()
-                .and_then(|location| location.latitude),
-            longitude: record
-                .location
-                .as_ref()
-                .and_then(|location| location.longitude),
-            continent_code: record
-                .continent
-                .and_then(|continent| continent.code)
-                .map(str::to_ascii_uppercase),
+            country_code: owned(record.country.as_ref().and_then(|c| c.iso_code)),
+            country_name: owned(record.country.as_ref().and_then(|c| english(&c.names))),
+            continent_code: owned(record.continent.as_ref().and_then(|c| c.code)),
+            city: owned(record.city.as_ref().and_then(|c| english(&c.names))),
+            region_code: owned(region.and_then(|r| r.iso_code)),
+            region_name: owned(region.and_then(|r| english(&r.names))),
+            postal_code: owned(record.postal.as_ref().and_then(|p| p.code)),
+            latitude: record.location.as_ref().and_then(|l| l.latitude),
+            longitude: record.location.as_ref().and_then(|l| l.longitude),
         };
         (details != GeoDetails::default()).then_some(details)
     }
@@ -216,14 +190,7 @@ impl GeoLookup for MaxMindGeo {
     }
 
     fn place(&self, ip: IpAddr) -> Option<Place> {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        let key = match ip {
-            IpAddr::V4(v4) => CacheKey::V4(u32::from(v4) & 0xffff_ff00),
-            IpAddr::V6(v6) => CacheKey::V6((u128::from(v6) >> 64) as u64 & !0xff),
-        };
+        let (ip, key) = cache_key(ip);
         if let Some(place) = self.cache.get(&key) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return place;
@@ -233,6 +200,75 @@ impl GeoLookup for MaxMindGeo {
         self.cache.insert(key, place);
         place
     }
+}
+
+/// `ip` with IPv4-mapped IPv6 addresses unmapped, and the network it is cached under.
+fn cache_key(ip: IpAddr) -> (IpAddr, CacheKey) {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let key = match ip {
+        IpAddr::V4(v4) => CacheKey::V4(u32::from(v4) & 0xffff_ff00),
+        IpAddr::V6(v6) => CacheKey::V6((u128::from(v6) >> 64) as u64 & !0xff),
+    };
+    (ip, key)
+}
+
+/// The City record's fields the WAF shows; everything else (other languages, geoname ids,
+/// accuracy) is skipped.
+#[derive(Deserialize)]
+struct CityRecord<'a> {
+    #[serde(borrow, default)]
+    city: Option<Named<'a>>,
+    #[serde(borrow, default)]
+    continent: Option<ContinentCode<'a>>,
+    #[serde(borrow, default)]
+    country: Option<NamedCode<'a>>,
+    #[serde(default)]
+    location: Option<Coordinates>,
+    #[serde(borrow, default)]
+    postal: Option<PostalCode<'a>>,
+    #[serde(borrow, default)]
+    subdivisions: Option<Vec<NamedCode<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct Named<'a> {
+    #[serde(borrow, default)]
+    names: Option<Names<'a>>,
+}
+
+#[derive(Deserialize)]
+struct NamedCode<'a> {
+    #[serde(borrow, default)]
+    iso_code: Option<&'a str>,
+    #[serde(borrow, default)]
+    names: Option<Names<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Names<'a> {
+    #[serde(borrow, default)]
+    en: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct PostalCode<'a> {
+    #[serde(borrow, default)]
+    code: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct Coordinates {
+    #[serde(default)]
+    latitude: Option<f64>,
+    #[serde(default)]
+    longitude: Option<f64>,
+}
+
+fn english<'a>(names: &Option<Names<'a>>) -> Option<&'a str> {
+    names.as_ref().and_then(|names| names.en)
 }
 
 impl std::fmt::Debug for MaxMindGeo {
@@ -280,17 +316,7 @@ mod tests {
     }
 
     #[test]
-    fn repeated_lookups_in_one_slash_24_hit_the_cache() {
-        let geo = database();
-        geo.place("81.2.3.4".parse().unwrap());
-        geo.place("81.2.3.200".parse().unwrap());
-        geo.place("192.0.2.1".parse().unwrap());
-        geo.place("192.0.2.2".parse().unwrap());
-        assert_eq!(geo.cache_counts(), (2, 2));
-    }
-
-    #[test]
-    fn details_carry_names_region_and_coordinates() {
+    fn details_come_from_city_records_and_country_databases_alike() {
         use crate::mmdb_writer::CityRecord;
         let mut writer = MmdbWriter::new();
         writer.insert_city(
@@ -301,40 +327,55 @@ mod tests {
                 country_name: Some("Germany"),
                 continent: Some("EU"),
                 city: Some("Berlin"),
-                region: Some("Land Berlin"),
                 region_code: Some("BE"),
-                latitude: Some(52.52),
-                longitude: Some(13.405),
+                region_name: Some("Land Berlin"),
+                postal_code: Some("10115"),
+                latitude: Some(52.5244),
+                longitude: Some(13.4105),
             },
         );
-        writer.insert("2a00::".parse().unwrap(), 12, Some("fr"), Some("eu"));
         let geo = MaxMindGeo::from_bytes(writer.to_bytes()).unwrap();
-        let details = geo.details("::ffff:81.2.3.4".parse().unwrap()).unwrap();
+        let berlin = geo.details("::ffff:81.2.3.4".parse().unwrap()).unwrap();
         assert_eq!(
-            details,
+            *berlin,
             GeoDetails {
                 country_code: Some("DE".into()),
                 country_name: Some("Germany".into()),
-                city: Some("Berlin".into()),
-                region: Some("Land Berlin".into()),
-                region_code: Some("BE".into()),
-                latitude: Some(52.52),
-                longitude: Some(13.405),
                 continent_code: Some("EU".into()),
+                city: Some("Berlin".into()),
+                region_code: Some("BE".into()),
+                region_name: Some("Land Berlin".into()),
+                postal_code: Some("10115".into()),
+                latitude: Some(52.5244),
+                longitude: Some(13.4105),
             }
         );
-        let country_only = geo.details("2a00:1::1".parse().unwrap()).unwrap();
-        assert_eq!(country_only.country_code.as_deref(), Some("FR"));
-        assert_eq!(country_only.city, None);
+        assert!(Arc::ptr_eq(
+            &berlin,
+            &geo.details("81.2.3.200".parse().unwrap()).unwrap()
+        ));
         assert_eq!(geo.details("192.0.2.1".parse().unwrap()), None);
-        // The DNS path still sees the city record's country.
+        // The country lookup reads the same record.
         assert_eq!(
-            geo.locate("81.9.9.9".parse().unwrap())
-                .unwrap()
-                .country
-                .as_deref(),
-            Some("de")
+            geo.locate("81.2.3.4".parse().unwrap()).unwrap().country,
+            Some("de".into())
         );
+
+        let country_only = database();
+        let details = country_only.details("81.2.3.4".parse().unwrap()).unwrap();
+        assert_eq!(details.country_code.as_deref(), Some("DE"));
+        assert_eq!(details.continent_code.as_deref(), Some("EU"));
+        assert_eq!((details.city.as_deref(), details.latitude), (None, None));
+    }
+
+    #[test]
+    fn repeated_lookups_in_one_slash_24_hit_the_cache() {
+        let geo = database();
+        geo.place("81.2.3.4".parse().unwrap());
+        geo.place("81.2.3.200".parse().unwrap());
+        geo.place("192.0.2.1".parse().unwrap());
+        geo.place("192.0.2.2".parse().unwrap());
+        assert_eq!(geo.cache_counts(), (2, 2));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A minimal writer of MaxMind DB files (format 2.0) holding country and continent codes,
-//! and optionally City-style names, region and coordinates.
+//! or City records (names, subdivision, postal code, coordinates).
 //!
 //! Tests and the DNS benchmark use it to make small GeoIP databases at run time, so nothing
 //! that expires or carries a licence is checked in. It writes an IPv6 tree with 24-bit
@@ -7,25 +7,6 @@
 //! for production databases: networks should be inserted from the widest to the narrowest.
 
 use std::net::IpAddr;
-
-/// One City-style record for [`MmdbWriter::insert_city`]; every field may be left out.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CityRecord<'a> {
-    /// ISO code, any case (written upper case).
-    pub country: Option<&'a str>,
-    /// The country's English name.
-    pub country_name: Option<&'a str>,
-    /// Continent code, any case (written upper case).
-    pub continent: Option<&'a str>,
-    /// The city's English name.
-    pub city: Option<&'a str>,
-    /// The first subdivision's English name.
-    pub region: Option<&'a str>,
-    /// The first subdivision's ISO code.
-    pub region_code: Option<&'a str>,
-    pub latitude: Option<f64>,
-    pub longitude: Option<f64>,
-}
 
 /// Builds a database in memory; [`MmdbWriter::to_bytes`] returns the file.
 #[derive(Debug, Clone)]
@@ -68,19 +49,18 @@ impl MmdbWriter {
         continent: Option<&str>,
     ) {
         let offset = self.write_record(country, continent);
-        self.insert_at(network, prefix_len, offset);
+        self.insert_offset(network, prefix_len, offset);
     }
 
-    /// Maps `network/prefix_len` to a record like GeoLite2-City's: the codes of
-    /// [`MmdbWriter::insert`] plus `names.en` of country and city, the first subdivision and
-    /// `location`. Marks the database as a City database.
-    pub fn insert_city(&mut self, network: IpAddr, prefix_len: u8, record: &CityRecord<'_>) {
-        "GeoLite2-City".clone_into(&mut self.database_type);
-        let offset = self.write_city(record);
-        self.insert_at(network, prefix_len, offset);
+    /// Maps `network/prefix_len` to a record like GeoLite2-City's (names in English only);
+    /// the database type becomes `GeoLite2-City`.
+    pub fn insert_city(&mut self, network: IpAddr, prefix_len: u8, city: &CityRecord<'_>) {
+        self.database_type = "GeoLite2-City".to_owned();
+        let offset = self.write_city(city);
+        self.insert_offset(network, prefix_len, offset);
     }
 
-    fn insert_at(&mut self, network: IpAddr, prefix_len: u8, offset: u32) {
+    fn insert_offset(&mut self, network: IpAddr, prefix_len: u8, offset: u32) {
         let (bits, prefix_len) = match network {
             IpAddr::V4(v4) => (
                 u128::from(u32::from(v4)),
@@ -179,61 +159,88 @@ impl MmdbWriter {
         }
         offset
     }
+}
 
+/// A City record for [`MmdbWriter::insert_city`]; `None` fields are left out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CityRecord<'a> {
+    /// ISO 3166-1 alpha-2 (written upper case).
+    pub country: Option<&'a str>,
+    pub country_name: Option<&'a str>,
+    /// `EU`, `NA`, ... (written upper case).
+    pub continent: Option<&'a str>,
+    pub city: Option<&'a str>,
+    /// The subdivision's ISO 3166-2 code without the country (`BE`) and its name.
+    pub region_code: Option<&'a str>,
+    pub region_name: Option<&'a str>,
+    pub postal_code: Option<&'a str>,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+}
+
+impl MmdbWriter {
     fn write_city(&mut self, record: &CityRecord<'_>) -> u32 {
         let offset = self.data.len() as u32;
         let out = &mut self.data;
-        let has_country = record.country.is_some() || record.country_name.is_some();
-        let has_region = record.region.is_some() || record.region_code.is_some();
         let has_location = record.latitude.is_some() || record.longitude.is_some();
-        let entries = [
+        let has_region = record.region_code.is_some() || record.region_name.is_some();
+        let fields = [
             record.continent.is_some(),
-            has_country,
+            record.country.is_some() || record.country_name.is_some(),
             record.city.is_some(),
             has_region,
+            record.postal_code.is_some(),
             has_location,
         ];
-        write_control(
-            out,
-            TYPE_MAP,
-            entries.iter().filter(|entry| **entry).count(),
-        );
+        write_control(out, TYPE_MAP, fields.iter().filter(|&&f| f).count());
         if let Some(code) = record.continent {
             write_string(out, "continent");
             write_control(out, TYPE_MAP, 1);
             write_string(out, "code");
             write_string(out, &code.to_ascii_uppercase());
         }
-        let named = |out: &mut Vec<u8>, code: Option<&str>, name: Option<&str>| {
+        if record.country.is_some() || record.country_name.is_some() {
+            write_string(out, "country");
             write_control(
                 out,
                 TYPE_MAP,
-                usize::from(code.is_some()) + usize::from(name.is_some()),
+                usize::from(record.country.is_some()) + usize::from(record.country_name.is_some()),
             );
-            if let Some(code) = code {
+            if let Some(code) = record.country {
                 write_string(out, "iso_code");
-                write_string(out, code);
+                write_string(out, &code.to_ascii_uppercase());
             }
-            if let Some(name) = name {
-                write_string(out, "names");
-                write_control(out, TYPE_MAP, 1);
-                write_string(out, "en");
-                write_string(out, name);
+            if let Some(name) = record.country_name {
+                write_names(out, name);
             }
-        };
-        if has_country {
-            write_string(out, "country");
-            let code = record.country.map(str::to_ascii_uppercase);
-            named(out, code.as_deref(), record.country_name);
         }
-        if let Some(city) = record.city {
+        if let Some(name) = record.city {
             write_string(out, "city");
-            named(out, None, Some(city));
+            write_control(out, TYPE_MAP, 1);
+            write_names(out, name);
         }
         if has_region {
             write_string(out, "subdivisions");
             write_control(out, TYPE_ARRAY, 1);
-            named(out, record.region_code, record.region);
+            write_control(
+                out,
+                TYPE_MAP,
+                usize::from(record.region_code.is_some())
+                    + usize::from(record.region_name.is_some()),
+            );
+            if let Some(code) = record.region_code {
+                write_string(out, "iso_code");
+                write_string(out, code);
+            }
+            if let Some(name) = record.region_name {
+                write_names(out, name);
+            }
+        }
+        if let Some(code) = record.postal_code {
+            write_string(out, "postal");
+            write_control(out, TYPE_MAP, 1);
+            write_string(out, "code");
+            write_string(out, code);
         }
         if has_location {
             write_string(out, "location");
@@ -255,6 +262,14 @@ impl MmdbWriter {
         }
         offset
     }
+}
+
+/// `"names": {"en": name}`.
+fn write_names(out: &mut Vec<u8>, name: &str) {
+    write_string(out, "names");
+    write_control(out, TYPE_MAP, 1);
+    write_string(out, "en");
+    write_string(out, name);
 }
 
 const TYPE_STRING: u8 = 2;
@@ -330,5 +345,59 @@ mod tests {
         );
         assert_eq!(country("2001:db8:1::1"), Some((None, Some("AS".into()))));
         assert_eq!(country("11.0.0.1"), None);
+    }
+
+    #[test]
+    fn maxminddb_reads_city_records() {
+        let mut writer = MmdbWriter::new();
+        writer.insert_city(
+            "10.0.0.0".parse().unwrap(),
+            8,
+            &CityRecord {
+                country: Some("de"),
+                country_name: Some("Germany"),
+                continent: Some("eu"),
+                city: Some("Berlin"),
+                region_code: Some("BE"),
+                region_name: Some("Land Berlin"),
+                postal_code: Some("10115"),
+                latitude: Some(52.5244),
+                longitude: Some(13.4105),
+            },
+        );
+        writer.insert_city(
+            "11.0.0.0".parse().unwrap(),
+            8,
+            &CityRecord {
+                country: Some("US"),
+                ..CityRecord::default()
+            },
+        );
+        let reader = maxminddb::Reader::from_source(writer.to_bytes()).unwrap();
+        reader.verify().unwrap();
+        assert_eq!(reader.metadata().database_type, "GeoLite2-City");
+        let city: maxminddb::geoip2::City = reader
+            .lookup("10.1.2.3".parse().unwrap())
+            .unwrap()
+            .decode()
+            .unwrap()
+            .unwrap();
+        assert_eq!(city.country.iso_code, Some("DE"));
+        assert_eq!(city.country.names.english, Some("Germany"));
+        assert_eq!(city.continent.code, Some("EU"));
+        assert_eq!(city.city.names.english, Some("Berlin"));
+        assert_eq!(city.subdivisions[0].iso_code, Some("BE"));
+        assert_eq!(city.subdivisions[0].names.english, Some("Land Berlin"));
+        assert_eq!(city.postal.code, Some("10115"));
+        assert_eq!(city.location.latitude, Some(52.5244));
+        assert_eq!(city.location.longitude, Some(13.4105));
+        let bare: maxminddb::geoip2::City = reader
+            .lookup("11.2.3.4".parse().unwrap())
+            .unwrap()
+            .decode()
+            .unwrap()
+            .unwrap();
+        assert_eq!(bare.country.iso_code, Some("US"));
+        assert_eq!(bare.city.names.english, None);
     }
 }

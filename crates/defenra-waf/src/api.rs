@@ -18,6 +18,7 @@ use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_decode};
 use crate::RequestInfo;
 use crate::clock::{Clock, utc_parts};
 use crate::dict::{DictHandle, SharedDicts};
+use crate::geo::{LocatorCell, RequestLocation};
 use crate::headers::HeaderList;
 use crate::limit::LogLimiter;
 use crate::re::RegexCache;
@@ -26,6 +27,9 @@ use crate::re::RegexCache;
 const MAX_BODY: usize = 1 << 20;
 /// Most response headers a script may set.
 const MAX_HEADERS: usize = 100;
+/// Longest `ngx.log` message, in bytes, before the `... [N more bytes]` marker: nginx cuts
+/// its error log lines at 2,048 bytes (`NGX_MAX_ERROR_STR`).
+pub(crate) const MAX_LOG_LINE: usize = 2000;
 
 /// `ngx.*` constants as OpenResty defines them.
 pub(crate) const CONSTANTS: &[(&str, i64)] = &[
@@ -126,10 +130,42 @@ pub(crate) struct Ctx {
     pub(crate) script_logs: Arc<LogLimiter>,
     /// The state's memory cap, restored by [`unmetered`].
     pub(crate) memory_limit: usize,
+    /// Where the C stack was when the run started ([`stack_address`]), 0 between runs:
+    /// [`Ctx::check_c_stack`] measures from here.
+    pub(crate) stack_base: Cell<usize>,
+    /// The source of `ngx.var.geoip_*` (the engine's, swappable).
+    pub(crate) locator: Arc<LocatorCell>,
+}
+
+/// C stack one run may use below the point where it started, checked wherever C or Rust
+/// code calls back into Lua (`string.gsub` with a function or table, `table.sort`,
+/// `string.format` with `__tostring`, `os.time` with `__index`, `ngx.re.sub`/`gsub` with a
+/// function). Lua's own calls use the Lua stack, which LuaJIT bounds, but each of those
+/// callbacks adds C frames (8.8 KB for `string.gsub`) that nothing else limits: a script
+/// recursing through them overflowed the worker thread's stack and the process died.
+/// 1 MiB fits beside the proxy's own frames in a 2 MiB thread stack (the agent gives its
+/// HTTP workers 16 MiB) and allows about a hundred nested `gsub` callbacks, where Lua 5.1
+/// allowed 200 nested C calls of any size (`LUAI_MAXCCALLS`).
+pub(crate) const MAX_C_STACK: usize = 1 << 20;
+
+/// The error a script gets past [`MAX_C_STACK`]; Lua's message for the same limit.
+pub(crate) const C_STACK_OVERFLOW: &str =
+    "C stack overflow (callbacks from C into Lua nested too deeply)";
+
+/// The current stack address, approximately (the address of a local of this function).
+#[inline(never)]
+pub(crate) fn stack_address() -> usize {
+    let marker = 0u8;
+    std::hint::black_box(&marker) as *const u8 as usize
 }
 
 impl Ctx {
-    pub(crate) fn new(clock: Clock, script_logs: Arc<LogLimiter>, memory_limit: usize) -> Self {
+    pub(crate) fn new(
+        clock: Clock,
+        script_logs: Arc<LogLimiter>,
+        memory_limit: usize,
+        locator: Arc<LocatorCell>,
+    ) -> Self {
         Ctx {
             request: RefCell::new(RequestData::default()),
             response: RefCell::new(ResponseData::default()),
@@ -143,6 +179,8 @@ impl Ctx {
             header_cache: RefCell::new(HeaderCache::default()),
             script_logs,
             memory_limit,
+            stack_base: Cell::new(0),
+            locator,
         }
     }
 
@@ -164,6 +202,18 @@ impl Ctx {
 
     /// Called by the instruction hook; `Err` aborts the run.
     pub(crate) fn tick(&self) -> Result<(), Abort> {
+        self.spend(1)
+    }
+
+    /// Charges `steps` steps of work done inside a library function (pattern matching,
+    /// `pattern.rs`) to the instruction budget, at the hook's rate of one unit per
+    /// [`HOOK_INTERVAL`](crate::sandbox::HOOK_INTERVAL), and checks the clock; `Err` aborts
+    /// the run.
+    pub(crate) fn charge(&self, steps: u32) -> Result<(), Abort> {
+        self.spend(u64::from(steps).div_ceil(u64::from(crate::sandbox::HOOK_INTERVAL)))
+    }
+
+    fn spend(&self, units: u64) -> Result<(), Abort> {
         if let Some(abort) = self.abort.get() {
             return Err(abort);
         }
@@ -172,23 +222,34 @@ impl Ctx {
         let deadline = match self.deadline.get() {
             Some(deadline) => deadline,
             None => {
-                // The first hook call of a run starts the clock: at most one hook interval
-                // (a few microseconds of Lua) later than the run itself.
+                // The first hook call (or charge) of a run starts the clock: at most one
+                // hook interval (a few microseconds of Lua) later than the run itself.
                 let deadline = now + self.time_budget.get();
                 self.deadline.set(Some(deadline));
                 deadline
             }
         };
-        let abort = if left == 0 {
+        let abort = if left < units {
             Abort::Instructions
         } else if now >= deadline {
             Abort::Time
         } else {
-            self.hooks_left.set(left - 1);
+            self.hooks_left.set(left - units);
             return Ok(());
         };
         self.abort.set(Some(abort));
         Err(abort)
+    }
+
+    /// `Err` when the run has used more than [`MAX_C_STACK`] of C stack since it started
+    /// (the stack grows down on every target the agent supports).
+    pub(crate) fn check_c_stack(&self) -> Result<(), &'static str> {
+        let used = self.stack_base.get().saturating_sub(stack_address());
+        if used > MAX_C_STACK {
+            Err(C_STACK_OVERFLOW)
+        } else {
+            Ok(())
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -212,6 +273,8 @@ pub(crate) struct RequestData {
     start_unix_ms: Option<u64>,
     /// `ngx.var.uri`, decoded and normalised on first use.
     normalized_path: Option<Vec<u8>>,
+    /// `ngx.var.geoip_*`, looked up on first use.
+    location: RequestLocation,
 }
 
 impl Default for RequestData {
@@ -227,6 +290,7 @@ impl Default for RequestData {
             server_port: 0,
             start_unix_ms: None,
             normalized_path: None,
+            location: RequestLocation::default(),
         }
     }
 }
@@ -246,6 +310,7 @@ impl RequestData {
         self.server_port = request.server_port;
         self.start_unix_ms = None;
         self.normalized_path = None;
+        self.location.reset();
     }
 
     fn request_uri(&self) -> &str {
@@ -314,11 +379,20 @@ pub(crate) fn unmetered<R>(lua: &Lua, limit: usize, f: impl FnOnce() -> R) -> R 
     f()
 }
 
+/// The dictionaries a state has handed out, by index, for the fast dictionary functions
+/// (`dict::install_fast`). Each (domain, name) is resolved once per loaded chunk
+/// (`sandbox.lua` caches it), so this holds at most `max_dicts` per domain; it is emptied,
+/// with every chunk, when dictionaries are freed (`Sandbox::forget_dicts`).
+pub(crate) type DictHandles = Rc<RefCell<Vec<Arc<crate::dict::Dict>>>>;
+
 /// Creates the `host` table of Rust functions that `sandbox.lua` builds the API from.
+/// `handles` lists the dictionaries this state has handed out, by index (see
+/// [`DictHandles`]).
 pub(crate) fn host_table(
     lua: &Lua,
     ctx: &Rc<Ctx>,
     dicts: &Arc<SharedDicts>,
+    handles: &DictHandles,
 ) -> mlua::Result<Table> {
     let host = lua.create_table()?;
 
@@ -335,6 +409,19 @@ pub(crate) fn host_table(
         lua.create_function(move |_, ()| Ok(c.stopping()))?,
     )?;
 
+    // `sandbox.lua` calls this on entry to the library functions that call back into Lua.
+    let ctx_ptr: *const Ctx = Rc::as_ptr(ctx);
+    // SAFETY: as for `header_set` below: the light userdata points at the `Ctx` that the
+    // state's own callbacks hold, so it lives as long as the state.
+    #[allow(unsafe_code)]
+    let check: mlua::Function = unsafe {
+        lua.exec_raw((), |state| {
+            mlua::ffi::lua_pushlightuserdata(state, ctx_ptr as *mut std::ffi::c_void);
+            mlua::ffi::lua_pushcclosure(state, raw_c_stack_check, 1);
+        })?
+    };
+    host.raw_set("c_stack_check", check)?;
+
     let c = Rc::clone(ctx);
     host.raw_set(
         "var",
@@ -344,7 +431,7 @@ pub(crate) fn host_table(
             };
             let mut request = c.request.borrow_mut();
             unmetered(lua, c.memory_limit, || {
-                var(lua, &mut request, &name.as_bytes())
+                var(lua, &mut request, &name.as_bytes(), &c.locator)
             })
         })?,
     )?;
@@ -522,6 +609,9 @@ pub(crate) fn host_table(
                     return set_single(headers, name, value).map_err(mlua::Error::runtime);
                 }
             };
+            if is_framing_header(&name) {
+                return Ok(());
+            }
             headers.remove(&name);
             if headers.len() + values.len() > MAX_HEADERS {
                 return Err(mlua::Error::runtime("too many response headers"));
@@ -607,13 +697,20 @@ pub(crate) fn host_table(
             let level = integer(&level)
                 .filter(|level| (0..=8).contains(level))
                 .ok_or_else(|| mlua::Error::runtime("ngx.log: bad log level"))?;
-            let Some(suppressed) = c.script_logs.allow(c.clock.unix_ms() / 1000) else {
+            let mut message = Vec::new();
+            let mut cut = 0;
+            for arg in args.iter() {
+                cut += append_capped(&mut message, arg, MAX_LOG_LINE)?;
+            }
+            if cut > 0 {
+                message.extend_from_slice(format!("... [{cut} more bytes]").as_bytes());
+            }
+            let Some(suppressed) = c
+                .script_logs
+                .allow(c.clock.unix_ms() / 1000, message.len() as u64)
+            else {
                 return Ok(());
             };
-            let mut message = Vec::new();
-            for arg in args.iter() {
-                append_value(&mut message, arg, 0)?;
-            }
             let message = String::from_utf8_lossy(&message);
             let request = c.request.borrow();
             let domain = request.domain.as_str();
@@ -731,11 +828,10 @@ pub(crate) fn host_table(
         })?,
     )?;
 
-    // The dictionaries this state has handed out, by index, for the fast methods. Each
-    // name is resolved once per state (`sandbox.lua` caches it), so at most `max_dicts`.
-    let handles = Rc::new(RefCell::new(Vec::new()));
-    crate::dict::install_fast(lua, &host, &handles)?;
+    crate::dict::install_fast(lua, &host, handles)?;
     let dicts = Arc::clone(dicts);
+    let handles = Rc::clone(handles);
+    let c = Rc::clone(ctx);
     host.raw_set(
         "dict",
         lua.create_function(move |lua, name: Value| {
@@ -745,7 +841,9 @@ pub(crate) fn host_table(
             let Ok(name) = name.to_str() else {
                 return Ok((Value::Nil, None));
             };
-            match dicts.get_or_create(&name) {
+            // The running script's domain: each domain has its own dictionaries.
+            let dict = dicts.get_or_create(&c.request.borrow().domain, &name);
+            match dict {
                 Some(dict) => {
                     let mut handles = handles.borrow_mut();
                     let index = match handles.iter().position(|known| Arc::ptr_eq(known, &dict)) {
@@ -764,11 +862,18 @@ pub(crate) fn host_table(
     )?;
 
     crate::re::install(lua, &host, ctx)?;
+    crate::strlib::install(lua, &host, Rc::as_ptr(ctx))?;
     Ok(host)
 }
 
 /// `ngx.var.<name>`. Values are strings (as in nginx), `nil` when unknown or absent.
-pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Result<Value> {
+/// `geoip_*` variables come from `locator`, asked once per request.
+pub(crate) fn var(
+    lua: &Lua,
+    request: &mut RequestData,
+    name: &[u8],
+    locator: &LocatorCell,
+) -> mlua::Result<Value> {
     let string = |text: &[u8]| lua.create_string(text).map(Value::String);
     match name {
         b"remote_addr" => {
@@ -792,7 +897,8 @@ pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Re
         }
         b"request_uri" => string(request.request_uri().as_bytes()),
         b"host" | b"server_name" => string(request.host.as_bytes()),
-        b"request_method" => string(request.method.as_str().as_bytes()),
+        // `method` is the original Defenra agent's name for it.
+        b"request_method" | b"method" => string(request.method.as_str().as_bytes()),
         b"args" | b"query_string" => match request.query() {
             Some(query) => string(query.as_bytes()),
             None => Ok(Value::Nil),
@@ -838,6 +944,12 @@ pub(crate) fn var(lua: &Lua, request: &mut RequestData, name: &[u8]) -> mlua::Re
                 let query = request.query().unwrap_or("");
                 match find_arg(query.as_bytes(), arg) {
                     Some(value) => string(value),
+                    None => Ok(Value::Nil),
+                }
+            } else if let Some(field) = name.strip_prefix(b"geoip_") {
+                let ip = request.remote_addr;
+                match request.location.field(field, ip, locator) {
+                    Some(value) => string(value.as_bytes()),
                     None => Ok(Value::Nil),
                 }
             } else {
@@ -1167,12 +1279,39 @@ impl HeaderCache {
     }
 }
 
+/// Whether a script may not set response header `name`: the message framing and the
+/// hop-by-hop fields (RFC 9110 §7.6.1, RFC 9112 §6-7). The proxy writes its own framing for
+/// the answer it sends (the WAF's page or the origin's response); a script's
+/// `Content-Length` or `Transfer-Encoding` beside it would let the script frame the
+/// response differently from the proxy (a second, forged response on a keep-alive
+/// connection), and HTTP/2 forbids connection-specific fields outright (RFC 9113 §8.2.2).
+/// nginx likewise computes these itself. Assignments to them are ignored, not errors:
+/// OpenResty scripts commonly set `Content-Length` before `ngx.say`, and a script that
+/// stopped there would fail open.
+pub(crate) fn is_framing_header(name: &HeaderName) -> bool {
+    use http::header::{CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    [
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        CONNECTION,
+        TE,
+        TRAILER,
+        UPGRADE,
+    ]
+    .contains(name)
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
+
 /// `ngx.header[name] = value` with one value: replaces the header's values, within the cap.
+/// Framing and hop-by-hop names are ignored ([`is_framing_header`]).
 fn set_single(
     headers: &mut HeaderMap,
     name: HeaderName,
     value: HeaderValue,
 ) -> Result<(), &'static str> {
+    if is_framing_header(&name) {
+        return Ok(());
+    }
     if headers.remove(&name).is_none() && headers.len() >= MAX_HEADERS {
         return Err("too many response headers");
     }
@@ -1230,6 +1369,23 @@ unsafe extern "C-unwind" fn raw_header_set(state: *mut mlua::ffi::lua_State) -> 
     }
 }
 
+/// `c_stack_check()`: raises [`C_STACK_OVERFLOW`] when the run is too deep in C frames.
+/// A raw C function: it runs on every `string.format`, so it must cost next to nothing.
+#[allow(unsafe_code)]
+unsafe extern "C-unwind" fn raw_c_stack_check(state: *mut mlua::ffi::lua_State) -> std::ffi::c_int {
+    use mlua::ffi;
+    // SAFETY: the upvalue is the `Ctx` pointer `host_table` stored, valid while the state
+    // lives; nothing with a destructor is alive when the error is raised.
+    unsafe {
+        let ctx = &*(ffi::lua_touserdata(state, ffi::lua_upvalueindex(1)) as *const Ctx);
+        if let Err(message) = ctx.check_c_stack() {
+            ffi::lua_pushlstring(state, message.as_ptr().cast(), message.len());
+            ffi::lua_error(state);
+        }
+    }
+    0
+}
+
 fn response_header_name(name: &[u8]) -> mlua::Result<HeaderName> {
     let invalid = |_| mlua::Error::runtime("invalid header name");
     if !name.contains(&b'_') {
@@ -1251,6 +1407,24 @@ fn header_value(value: &Value) -> mlua::Result<HeaderValue> {
         _ => return Err(mlua::Error::runtime("bad header value type")),
     };
     value.map_err(|_| mlua::Error::runtime("invalid header value"))
+}
+
+/// Appends an `ngx.log` argument as [`append_value`] does, but only while `out` stays within
+/// `cap` bytes; returns how many bytes were left out. A long string is cut without being
+/// copied whole.
+fn append_capped(out: &mut Vec<u8>, value: &Value, cap: usize) -> mlua::Result<usize> {
+    let room = cap.saturating_sub(out.len());
+    if let Value::String(text) = value {
+        let bytes = text.as_bytes();
+        let kept = bytes.len().min(room);
+        out.extend_from_slice(&bytes[..kept]);
+        return Ok(bytes.len() - kept);
+    }
+    let mut formatted = Vec::new();
+    append_value(&mut formatted, value, 0)?;
+    let kept = formatted.len().min(room);
+    out.extend_from_slice(&formatted[..kept]);
+    Ok(formatted.len() - kept)
 }
 
 /// Appends a `ngx.say` argument: strings, numbers, booleans, nil, `ngx.null`, or arrays of

@@ -1,72 +1,188 @@
-//! `ngx.shared.<name>`: size-capped LRU dictionaries with TTLs, shared by every worker thread.
+//! `ngx.shared.<name>`: size-capped LRU dictionaries with TTLs, shared by every worker thread,
+//! one namespace and one byte quota per domain.
 //!
 //! The dictionaries live in Rust, not in any Lua state, so all threads see the same counters
 //! and they survive config reloads. Each dictionary is one `parking_lot::Mutex` around an LRU
 //! list; every operation is a hash lookup plus a few index updates, so the lock is held for
 //! well under a microsecond and never across Lua code.
+//!
+//! Domains are tenants that must not reach each other: a script sees only its own domain's
+//! dictionaries (`ngx.shared.limits` of two domains are two dictionaries), one domain's
+//! dictionaries together hold at most its quota of bytes and at most `max_dicts` of them
+//! exist per domain, and [`SharedDicts::retain`] frees the dictionaries of domains whose
+//! script went away or no longer names them.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use mlua::{UserData, UserDataMethods, Value};
 use parking_lot::{Mutex, RwLock};
 
 use crate::clock::Clock;
 
-/// Bytes charged per entry on top of its key and value (slot, map entry, list links).
-const ENTRY_OVERHEAD: usize = 96;
+/// Bytes charged per entry on top of its key and value: the slot (72 bytes, in a vector
+/// that may be twice as large as needed), the hash map's entry, and the allocator's
+/// headers and rounding of the three allocations (the key twice, the value).
+const ENTRY_OVERHEAD: usize = 224;
 /// Longest key accepted, as in OpenResty.
 const MAX_KEY_LEN: usize = 65_535;
 
-/// Every dictionary of one engine, created on first use.
+/// Every dictionary of one engine, by domain, created on first use.
 pub(crate) struct SharedDicts {
-    dicts: RwLock<HashMap<Box<str>, Arc<Dict>>>,
+    domains: RwLock<HashMap<Box<str>, DomainDicts>>,
+    /// Most dictionaries per domain.
     max_dicts: usize,
-    capacity_bytes: usize,
+    /// Byte quota of one domain's dictionaries together.
+    quota_bytes: usize,
     clock: Clock,
+    /// Bumped whenever dictionaries are freed, so Lua states drop their handles to them.
+    epoch: AtomicU64,
+}
+
+/// One domain's dictionaries and the quota they share.
+struct DomainDicts {
+    quota: Arc<Quota>,
+    dicts: HashMap<Box<str>, Arc<Dict>>,
 }
 
 impl SharedDicts {
-    pub(crate) fn new(max_dicts: usize, capacity_bytes: usize, clock: Clock) -> Self {
+    pub(crate) fn new(max_dicts: usize, quota_bytes: usize, clock: Clock) -> Self {
         SharedDicts {
-            dicts: RwLock::new(HashMap::new()),
+            domains: RwLock::new(HashMap::new()),
             max_dicts,
-            capacity_bytes,
+            quota_bytes,
             clock,
+            epoch: AtomicU64::new(0),
         }
     }
 
-    /// The dictionary called `name`, created empty on first use. `None` once `max_dicts`
-    /// dictionaries exist, so a script cannot grow memory by inventing names.
-    pub(crate) fn get_or_create(&self, name: &str) -> Option<Arc<Dict>> {
-        if let Some(dict) = self.dicts.read().get(name) {
+    /// `domain`'s dictionary called `name`, created empty on first use. `None` once the
+    /// domain has `max_dicts` dictionaries, so a script cannot grow memory by inventing
+    /// names (and other domains are not affected).
+    pub(crate) fn get_or_create(&self, domain: &str, name: &str) -> Option<Arc<Dict>> {
+        if let Some(dict) = self
+            .domains
+            .read()
+            .get(domain)
+            .and_then(|domain| domain.dicts.get(name))
+        {
             return Some(Arc::clone(dict));
         }
-        let mut dicts = self.dicts.write();
-        if let Some(dict) = dicts.get(name) {
+        let mut domains = self.domains.write();
+        let entry = domains.entry(domain.into()).or_insert_with(|| DomainDicts {
+            quota: Arc::new(Quota::new(self.quota_bytes)),
+            dicts: HashMap::new(),
+        });
+        if let Some(dict) = entry.dicts.get(name) {
             return Some(Arc::clone(dict));
         }
-        if dicts.len() >= self.max_dicts {
+        if entry.dicts.len() >= self.max_dicts {
             return None;
         }
-        let dict = Arc::new(Dict::new(self.capacity_bytes, self.clock.clone()));
-        dicts.insert(name.into(), Arc::clone(&dict));
+        let dict = Dict::new(Arc::clone(&entry.quota), self.clock.clone());
+        entry.dicts.insert(name.into(), Arc::clone(&dict));
         Some(dict)
     }
 
-    /// `(name, entries, bytes, evictions)` of every dictionary, for /stats.
-    pub(crate) fn summary(&self) -> Vec<(String, usize, usize, u64)> {
-        let dicts = self.dicts.read();
-        let mut out: Vec<_> = dicts
+    /// Frees every dictionary for which `keep(domain, name)` is false; true when any was.
+    /// Their memory goes once no Lua state holds them either: states drop their handles
+    /// when they see the new [`SharedDicts::epoch`].
+    pub(crate) fn retain(&self, keep: impl Fn(&str, &str) -> bool) -> bool {
+        let mut domains = self.domains.write();
+        let mut freed = false;
+        domains.retain(|domain, entry| {
+            entry.dicts.retain(|name, _| {
+                let kept = keep(domain, name);
+                freed |= !kept;
+                kept
+            });
+            !entry.dicts.is_empty()
+        });
+        if freed {
+            self.epoch.fetch_add(1, Ordering::Release);
+        }
+        freed
+    }
+
+    /// Changes whenever [`SharedDicts::retain`] frees dictionaries.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// `(domain, name, entries, bytes, evictions)` of every dictionary, for /stats.
+    pub(crate) fn summary(&self) -> Vec<(String, String, usize, usize, u64)> {
+        let domains = self.domains.read();
+        let mut out: Vec<_> = domains
             .iter()
-            .map(|(name, dict)| {
-                let (entries, bytes) = dict.usage();
-                (name.to_string(), entries, bytes, dict.evictions())
+            .flat_map(|(domain, entry)| {
+                entry.dicts.iter().map(move |(name, dict)| {
+                    let (entries, bytes) = dict.usage();
+                    (
+                        domain.to_string(),
+                        name.to_string(),
+                        entries,
+                        bytes,
+                        dict.evictions(),
+                    )
+                })
             })
             .collect();
         out.sort();
         out
+    }
+}
+
+/// The byte account one domain's dictionaries share, and the list of those dictionaries
+/// (for evicting from the largest when the quota is full).
+pub(crate) struct Quota {
+    limit: usize,
+    used: AtomicUsize,
+    members: RwLock<Vec<Weak<Dict>>>,
+}
+
+impl Quota {
+    pub(crate) fn new(limit: usize) -> Self {
+        Quota {
+            limit,
+            used: AtomicUsize::new(0),
+            members: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Records a new dictionary of the domain (and forgets those that are gone).
+    fn join(&self, dict: &Arc<Dict>) {
+        let mut members = self.members.write();
+        members.retain(|member| member.strong_count() > 0);
+        members.push(Arc::downgrade(dict));
+    }
+
+    /// The domain's dictionary holding the most bytes, if any holds some.
+    fn largest(&self) -> Option<Arc<Dict>> {
+        self.members
+            .read()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|dict| dict.bytes.load(Ordering::Relaxed) > 0)
+            .max_by_key(|dict| dict.bytes.load(Ordering::Relaxed))
+    }
+
+    /// Takes `bytes` from the quota if they fit.
+    fn try_reserve(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Bytes not yet taken.
+    fn free(&self) -> usize {
+        self.limit.saturating_sub(self.used.load(Ordering::Acquire))
     }
 }
 
@@ -76,15 +192,6 @@ pub(crate) enum DictValue {
     Number(f64),
     Bool(bool),
     Str(Box<[u8]>),
-}
-
-impl DictValue {
-    fn size(&self) -> usize {
-        match self {
-            DictValue::Str(bytes) => bytes.len(),
-            DictValue::Number(_) | DictValue::Bool(_) => 8,
-        }
-    }
 }
 
 /// Why a dictionary operation did nothing. The messages are OpenResty's.
@@ -122,22 +229,39 @@ enum Write {
     IfPresent,
 }
 
-/// One dictionary: an LRU list with a byte cap.
+/// One dictionary: an LRU list whose bytes count against its domain's [`Quota`].
 pub(crate) struct Dict {
     lru: Mutex<Lru>,
-    capacity_bytes: usize,
+    quota: Arc<Quota>,
+    /// The LRU's bytes, readable without its lock, to find the domain's largest dictionary.
+    bytes: Arc<AtomicUsize>,
     clock: Clock,
     evictions: AtomicU64,
 }
 
 impl Dict {
-    pub(crate) fn new(capacity_bytes: usize, clock: Clock) -> Self {
-        Dict {
-            lru: Mutex::new(Lru::default()),
-            capacity_bytes,
+    /// A new, empty dictionary of the domain whose quota is `quota`.
+    pub(crate) fn new(quota: Arc<Quota>, clock: Clock) -> Arc<Self> {
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let dict = Arc::new(Dict {
+            lru: Mutex::new(Lru::new(Arc::clone(&quota), Arc::clone(&bytes))),
+            quota: Arc::clone(&quota),
+            bytes,
             clock,
             evictions: AtomicU64::new(0),
-        }
+        });
+        quota.join(&dict);
+        dict
+    }
+
+    /// The domain's quota: what all its dictionaries may hold together.
+    pub(crate) fn capacity(&self) -> usize {
+        self.quota.limit
+    }
+
+    /// What is left of the domain's quota.
+    pub(crate) fn free_space(&self) -> usize {
+        self.quota.free()
     }
 
     /// The live value of `key`; marks it most recently used.
@@ -227,7 +351,7 @@ impl Dict {
 
     /// `flush_all`: every entry is dropped.
     pub(crate) fn flush_all(&self) {
-        *self.lru.lock() = Lru::default();
+        self.lru.lock().clear();
     }
 
     /// `flush_expired`: drops up to `max` expired entries (0 = all), returns how many.
@@ -315,7 +439,11 @@ impl Dict {
         self.insert_locked(&mut lru, key, value, expiry(now, ttl_ms), now)
     }
 
-    /// Inserts a key known to be absent, evicting from the cold end until it fits.
+    /// Inserts a key known to be absent. While it does not fit in the domain's quota, the
+    /// least recently used entry of the domain's largest dictionary goes (this one's when
+    /// it is the largest, or when the largest is busy: other dictionaries are only ever
+    /// `try_lock`ed, so two writers cannot deadlock). A dictionary that filled the quota
+    /// therefore gives way to the domain's others instead of starving them.
     fn insert_locked(
         &self,
         lru: &mut Lru,
@@ -325,17 +453,24 @@ impl Dict {
         now: u64,
     ) -> Result<bool, DictError> {
         let weight = entry_weight(key, &value);
-        if weight > self.capacity_bytes {
+        if weight > self.quota.limit {
             return Err(DictError::NoMemory);
         }
         let mut forcible = false;
-        while lru.bytes + weight > self.capacity_bytes && lru.tail != NIL {
-            let victim = lru.tail;
-            if !lru.slots[victim].is_expired(now) {
-                forcible = true;
-                self.evictions.fetch_add(1, Ordering::Relaxed);
+        while !self.quota.try_reserve(weight) {
+            let largest = self.quota.largest();
+            let other = largest
+                .as_ref()
+                .filter(|largest| !std::ptr::eq(Arc::as_ptr(largest), self));
+            let evicted = match other.and_then(|other| Some((other, other.lru.try_lock()?))) {
+                Some((other, mut other_lru)) => other_lru.evict_oldest(now, &other.evictions),
+                None => lru.evict_oldest(now, &self.evictions),
+            };
+            match evicted {
+                Some(live) => forcible |= live,
+                // This one is empty and the others are busy or empty too.
+                None => return Err(DictError::NoMemory),
             }
-            lru.remove(victim);
         }
         lru.insert(key.into(), value, expires_ms, weight);
         Ok(forcible)
@@ -353,17 +488,37 @@ fn check_key(key: &[u8]) -> Result<(), DictError> {
 }
 
 fn expiry(now: u64, ttl_ms: u64) -> u64 {
-    if ttl_ms == 0 { 0 } else { now + ttl_ms }
+    if ttl_ms == 0 {
+        0
+    } else {
+        now.saturating_add(ttl_ms)
+    }
 }
 
 fn entry_weight(key: &[u8], value: &DictValue) -> usize {
     // The key is stored twice: as the map key and in the slot, for eviction.
-    2 * key.len() + value.size() + ENTRY_OVERHEAD
+    let string = match value {
+        DictValue::Str(bytes) => allocation(bytes.len()),
+        DictValue::Number(_) | DictValue::Bool(_) => 0,
+    };
+    2 * allocation(key.len()) + string + ENTRY_OVERHEAD
+}
+
+/// What glibc's malloc takes for `len` bytes: an 8-byte header, rounded up to 16, at least
+/// 32 (nothing for an empty slice, which does not allocate).
+fn allocation(len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        (len + 8).next_multiple_of(16).max(32)
+    }
 }
 
 const NIL: usize = usize::MAX;
 
-/// A doubly linked list over a slab, most recently used at `head`.
+/// A doubly linked list over a slab, most recently used at `head`. Its entries' bytes are
+/// taken from the quota before [`Lru::insert`] and given back by every removal, and by
+/// dropping it (a freed dictionary).
 struct Lru {
     map: HashMap<Box<[u8]>, usize>,
     slots: Vec<Slot>,
@@ -371,18 +526,14 @@ struct Lru {
     head: usize,
     tail: usize,
     bytes: usize,
+    quota: Arc<Quota>,
+    /// `bytes`, mirrored for [`Quota::largest`].
+    shown: Arc<AtomicUsize>,
 }
 
-impl Default for Lru {
-    fn default() -> Self {
-        Lru {
-            map: HashMap::new(),
-            slots: Vec::new(),
-            free: Vec::new(),
-            head: NIL,
-            tail: NIL,
-            bytes: 0,
-        }
+impl Drop for Lru {
+    fn drop(&mut self) {
+        self.quota.release(self.bytes);
     }
 }
 
@@ -403,6 +554,41 @@ impl Slot {
 }
 
 impl Lru {
+    fn new(quota: Arc<Quota>, shown: Arc<AtomicUsize>) -> Self {
+        shown.store(0, Ordering::Relaxed);
+        Lru {
+            map: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            bytes: 0,
+            quota,
+            shown,
+        }
+    }
+
+    /// Drops every entry and gives their bytes back (the memory too).
+    fn clear(&mut self) {
+        let (quota, shown) = (Arc::clone(&self.quota), Arc::clone(&self.shown));
+        *self = Lru::new(quota, shown);
+    }
+
+    /// Removes the least recently used entry; `Some(true)` when it was still live (an
+    /// eviction, counted in `evictions`), `None` when empty.
+    fn evict_oldest(&mut self, now: u64, evictions: &AtomicU64) -> Option<bool> {
+        let victim = self.tail;
+        if victim == NIL {
+            return None;
+        }
+        let live = !self.slots[victim].is_expired(now);
+        if live {
+            evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.remove(victim);
+        Some(live)
+    }
+
     /// The slot of `key` if present and not expired; an expired entry is dropped.
     fn live_slot(&mut self, key: &[u8], now: u64) -> Option<usize> {
         let slot = *self.map.get(key)?;
@@ -434,6 +620,7 @@ impl Lru {
         };
         self.map.insert(key, slot);
         self.bytes += weight;
+        self.shown.store(self.bytes, Ordering::Relaxed);
         self.push_front(slot);
     }
 
@@ -443,6 +630,8 @@ impl Lru {
         let key = std::mem::take(&mut entry.key);
         entry.value = DictValue::Bool(false);
         self.bytes -= entry.weight;
+        self.shown.store(self.bytes, Ordering::Relaxed);
+        self.quota.release(entry.weight);
         self.map.remove(&key);
         self.free.push(slot);
     }
@@ -528,7 +717,7 @@ impl UserData for DictHandle {
                         Ok(value) => value,
                         Err(message) => return (false, message, false).into_lua_multi_ok(lua),
                     };
-                    let ttl_ms = seconds_to_ms(exptime);
+                    let ttl_ms = seconds_to_ms(exptime).map_err(|bad| bad.error("exptime"))?;
                     let result = match (mode, value) {
                         (Write::Always, value) => this.0.set(&key, value, ttl_ms),
                         (_, None) => {
@@ -553,7 +742,8 @@ impl UserData for DictHandle {
                     Ok(key) => key,
                     Err(message) => return (Value::Nil, message).into_lua_multi_ok(lua),
                 };
-                match this.0.incr(&key, delta, init, seconds_to_ms(init_ttl)) {
+                let init_ttl = seconds_to_ms(init_ttl).map_err(|bad| bad.error("init_ttl"))?;
+                match this.0.incr(&key, delta, init, init_ttl) {
                     Ok((value, forcible)) => (value, Value::Nil, forcible).into_lua_multi_ok(lua),
                     Err(error) => (Value::Nil, error.message()).into_lua_multi_ok(lua),
                 }
@@ -587,7 +777,8 @@ impl UserData for DictHandle {
                 Ok(key) => key,
                 Err(message) => return (Value::Nil, message).into_lua_multi_ok(lua),
             };
-            match this.0.expire(&key, seconds_to_ms(Some(exptime))) {
+            let ttl_ms = seconds_to_ms(Some(exptime)).map_err(|bad| bad.error("exptime"))?;
+            match this.0.expire(&key, ttl_ms) {
                 Ok(()) => (true,).into_lua_multi_ok(lua),
                 Err(error) => (Value::Nil, error.message()).into_lua_multi_ok(lua),
             }
@@ -600,11 +791,8 @@ impl UserData for DictHandle {
             }
             Ok(table)
         });
-        methods.add_method("capacity", |_, this, ()| Ok(this.0.capacity_bytes));
-        methods.add_method("free_space", |_, this, ()| {
-            let (_, bytes) = this.0.usage();
-            Ok(this.0.capacity_bytes.saturating_sub(bytes))
-        });
+        methods.add_method("capacity", |_, this, ()| Ok(this.0.capacity()));
+        methods.add_method("free_space", |_, this, ()| Ok(this.0.free_space()));
     }
 }
 
@@ -659,7 +847,7 @@ pub(crate) fn install_fast(
                         Ok(value) => value,
                         Err(message) => return Ok((false, Some(message), false)),
                     };
-                    let ttl_ms = seconds_to_ms(exptime);
+                    let ttl_ms = seconds_to_ms(exptime).map_err(|bad| bad.error("exptime"))?;
                     let result = match (mode, value) {
                         (Write::Always, value) => dict.set(&key, value, ttl_ms),
                         (_, None) => {
@@ -734,13 +922,14 @@ unsafe extern "C-unwind" fn raw_incr(state: *mut mlua::ffi::lua_State) -> std::f
         };
         // An empty key is `incr`'s own error ("empty key").
         let dict = index.and_then(|index| list.try_borrow().ok()?.get(index).cloned());
-        match (dict, delta, key) {
+        match (dict, delta, key, seconds_to_ms(init_ttl)) {
             (None, ..) => Err(c"bad dictionary"),
-            (_, None, _) => Err(c"bad argument #2 to 'incr' (number expected)"),
-            (Some(_), Some(_), Err(message)) => Ok(Err(message)),
-            (Some(dict), Some(delta), Ok(key)) => {
+            (_, None, ..) => Err(c"bad argument #2 to 'incr' (number expected)"),
+            (.., Err(BadTtl)) => Err(c"bad \"init_ttl\" argument"),
+            (Some(_), Some(_), Err(message), _) => Ok(Err(message)),
+            (Some(dict), Some(delta), Ok(key), Ok(init_ttl)) => {
                 let incremented = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    dict.incr(key, delta, init, seconds_to_ms(init_ttl))
+                    dict.incr(key, delta, init, init_ttl)
                 }));
                 match incremented {
                     Ok(Ok(result)) => Ok(Ok(result)),
@@ -834,11 +1023,27 @@ fn to_lua(lua: &mlua::Lua, value: &DictValue) -> mlua::Result<Value> {
     })
 }
 
-/// OpenResty TTLs are seconds with millisecond resolution; 0 or less means no expiry.
-fn seconds_to_ms(seconds: Option<f64>) -> u64 {
+/// OpenResty TTLs are seconds with millisecond resolution; none or 0 means no expiry.
+/// A negative, NaN or infinite TTL is refused, as OpenResty's `bad "exptime" argument`
+/// (the caller raises it); a huge finite one saturates and never runs out.
+fn seconds_to_ms(seconds: Option<f64>) -> Result<u64, BadTtl> {
     match seconds {
-        Some(seconds) if seconds > 0.0 => ((seconds * 1000.0).ceil() as u64).max(1),
-        _ => 0,
+        None => Ok(0),
+        Some(seconds) if !seconds.is_finite() || seconds < 0.0 => Err(BadTtl),
+        Some(0.0) => Ok(0),
+        // `as` saturates at u64::MAX.
+        Some(seconds) => Ok(((seconds * 1000.0).ceil() as u64).max(1)),
+    }
+}
+
+/// A TTL argument OpenResty would refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BadTtl;
+
+impl BadTtl {
+    /// The Lua error for the argument `name` (`exptime`, `init_ttl`).
+    fn error(self, name: &str) -> mlua::Error {
+        mlua::Error::runtime(format!("bad \"{name}\" argument"))
     }
 }
 
@@ -848,9 +1053,10 @@ mod tests {
 
     use super::*;
 
-    fn dict(capacity_bytes: usize) -> (Dict, Clock) {
+    fn dict(capacity_bytes: usize) -> (Arc<Dict>, Clock) {
         let clock = Clock::manual(0);
-        (Dict::new(capacity_bytes, clock.clone()), clock)
+        let quota = Arc::new(Quota::new(capacity_bytes));
+        (Dict::new(quota, clock.clone()), clock)
     }
 
     fn num(value: f64) -> DictValue {
@@ -964,13 +1170,70 @@ mod tests {
     }
 
     #[test]
-    fn dictionaries_are_shared_and_capped_in_number() {
+    fn dictionaries_are_per_domain_and_capped_in_number_per_domain() {
         let dicts = SharedDicts::new(2, 1 << 20, Clock::manual(0));
-        let first = dicts.get_or_create("cache").unwrap();
+        let first = dicts.get_or_create("a.test", "cache").unwrap();
         first.set(b"k", Some(num(1.0)), 0).unwrap();
-        let again = dicts.get_or_create("cache").unwrap();
+        let again = dicts.get_or_create("a.test", "cache").unwrap();
         assert_eq!(again.get(b"k"), Some(num(1.0)));
-        assert!(dicts.get_or_create("other").is_some());
-        assert!(dicts.get_or_create("third").is_none());
+        let other_domain = dicts.get_or_create("b.test", "cache").unwrap();
+        assert_eq!(other_domain.get(b"k"), None);
+        assert!(dicts.get_or_create("a.test", "other").is_some());
+        assert!(dicts.get_or_create("a.test", "third").is_none());
+        assert!(dicts.get_or_create("b.test", "third").is_some());
+    }
+
+    #[test]
+    fn a_domains_dictionaries_share_one_quota_and_give_it_back() {
+        let weight = entry_weight(b"k0", &num(0.0));
+        let dicts = SharedDicts::new(4, weight * 4, Clock::manual(0));
+        let one = dicts.get_or_create("a.test", "one").unwrap();
+        let two = dicts.get_or_create("a.test", "two").unwrap();
+        for key in [b"k0", b"k1", b"k2"] {
+            one.set(key, Some(num(0.0)), 0).unwrap();
+        }
+        assert_eq!(two.set(b"k0", Some(num(0.0)), 0), Ok(false));
+        assert_eq!(two.free_space(), 0);
+        // Full: the write evicts from the domain's largest dictionary, `one`.
+        assert_eq!(two.set(b"k1", Some(num(0.0)), 0), Ok(true));
+        assert_eq!((one.usage().0, two.usage().0), (2, 2));
+        assert_eq!(one.get(b"k0"), None, "one's least recently used entry went");
+        assert_eq!(one.evictions(), 1);
+        // Now the writer is among the largest: its own oldest entry goes.
+        assert_eq!(two.set(b"k2", Some(num(0.0)), 0), Ok(true));
+        assert_eq!(two.get(b"k0"), None);
+        let empty = dicts.get_or_create("a.test", "three").unwrap();
+        assert_eq!(empty.set(b"k", Some(num(0.0)), 0), Ok(true));
+        assert_eq!(
+            one.usage().0 + two.usage().0 + empty.usage().0,
+            4,
+            "the quota holds"
+        );
+        // Deletes, flushes and freed dictionaries give the bytes back.
+        empty.delete(b"k");
+        assert_eq!(one.free_space(), weight);
+        two.flush_all();
+        assert_eq!(one.free_space(), weight * 2);
+        drop(two);
+        assert!(dicts.retain(|_, name| name != "one"));
+        drop(one);
+        assert_eq!(empty.free_space(), weight * 4);
+        assert!(!dicts.retain(|_, _| true), "nothing more to free");
+        // Another domain has a quota of its own.
+        let other = dicts.get_or_create("b.test", "one").unwrap();
+        assert_eq!(other.free_space(), weight * 4);
+    }
+
+    #[test]
+    fn entry_weights_cover_what_the_allocator_takes() {
+        // A small counter: two 32-byte key allocations plus the fixed part.
+        assert_eq!(
+            entry_weight(b"rl:192.0.2.1", &num(1.0)),
+            2 * 32 + ENTRY_OVERHEAD
+        );
+        assert_eq!(
+            entry_weight(b"k", &DictValue::Str(vec![0; 100].into())),
+            2 * 32 + 112 + ENTRY_OVERHEAD
+        );
     }
 }

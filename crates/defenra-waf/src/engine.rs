@@ -16,16 +16,21 @@ use mlua::{Lua, LuaOptions, StdLib};
 
 use crate::api::Abort;
 use crate::dict::SharedDicts;
+use crate::geo::{Locator, LocatorCell};
 use crate::limit::LogLimiter;
 use crate::sandbox::{self, Chunk, Limits, Outcome, Sandbox};
 use crate::stats::{DomainCounters, WafStats};
 use crate::watchdog::Watchdog;
-use crate::{RequestInfo, Verdict, WafError, WafOptions};
+use crate::{ClientLocator, RequestInfo, Verdict, WafError, WafOptions};
 
-/// Error log lines per second for failing scripts, over all domains.
+/// Error log lines per second for failing scripts, over all domains (each at most a few
+/// hundred bytes: the error's first line, cut at 300).
 const ERROR_LOGS_PER_SECOND: u64 = 10;
 /// `ngx.log` lines per second, over all domains.
 const SCRIPT_LOGS_PER_SECOND: u64 = 100;
+/// `ngx.log` message bytes per second, over all domains: 32 lines of the longest message
+/// (`api::MAX_LOG_LINE`), or all 100 lines at 640 bytes each.
+const SCRIPT_LOG_BYTES_PER_SECOND: u64 = 64 << 10;
 
 /// The Lua WAF. One per agent; `reload` compiles every domain's script.
 pub struct WafEngine {
@@ -44,6 +49,8 @@ struct Shared {
     error_logs: LogLimiter,
     script_logs: Arc<LogLimiter>,
     watchdog: Watchdog,
+    /// The source of `ngx.var.geoip_*`, if the host set one.
+    locator: Arc<LocatorCell>,
 }
 
 /// The scripts of one snapshot, keyed by domain name.
@@ -103,6 +110,8 @@ struct Worker {
     engine: Weak<Shared>,
     sandbox: Sandbox,
     generation: u64,
+    /// `SharedDicts::epoch` when this state last let go of freed dictionaries.
+    dict_epoch: u64,
     chunks: DomainMap<LoadedChunk>,
 }
 
@@ -132,12 +141,25 @@ impl WafEngine {
                 generation: AtomicU64::new(0),
                 stats: Arc::new(WafStats::new(Arc::clone(&dicts))),
                 dicts,
-                error_logs: LogLimiter::new(ERROR_LOGS_PER_SECOND),
-                script_logs: Arc::new(LogLimiter::new(SCRIPT_LOGS_PER_SECOND)),
+                error_logs: LogLimiter::new(ERROR_LOGS_PER_SECOND, u64::MAX),
+                script_logs: Arc::new(LogLimiter::new(
+                    SCRIPT_LOGS_PER_SECOND,
+                    SCRIPT_LOG_BYTES_PER_SECOND,
+                )),
                 watchdog: Watchdog::new(),
+                locator: Arc::new(LocatorCell::empty()),
                 options,
             }),
         }
+    }
+
+    /// Sets (or, with `None`, removes) the source of `ngx.var.geoip_*`; requests that start
+    /// after the call use it. Call it again when the GeoIP database is replaced. Without a
+    /// locator the variables read as `nil`.
+    pub fn set_locator(&self, locator: Option<Arc<dyn ClientLocator>>) {
+        self.shared
+            .locator
+            .store(locator.map(|locator| Arc::new(Locator(locator))));
     }
 
     /// Whether `domain` has a script; requests of other domains need no WAF call.
@@ -166,7 +188,7 @@ impl WafEngine {
                 ));
             };
             let worker = self.worker(&mut workers)?;
-            worker.sync(&view);
+            worker.sync(&view, &self.shared.dicts);
             let chunk = load_chunk(&worker.sandbox, &mut worker.chunks, request.domain, script)?;
             match worker.sandbox.run(chunk, request) {
                 Outcome::Finished { exit } => Ok(finish(exit, &mut worker.sandbox.response())),
@@ -194,6 +216,12 @@ impl WafEngine {
         }
     }
 
+    /// The dictionaries, for tests.
+    #[cfg(test)]
+    pub(crate) fn shared_dicts(&self) -> &SharedDicts {
+        &self.shared.dicts
+    }
+
     /// The engine's counters, for /stats and /metrics.
     pub fn stats(&self) -> Arc<WafStats> {
         Arc::clone(&self.shared.stats)
@@ -218,12 +246,14 @@ impl WafEngine {
             self.shared.options.clock.clone(),
             Arc::clone(&self.shared.script_logs),
             &self.shared.watchdog,
+            Arc::clone(&self.shared.locator),
         )
         .map_err(|error| WafError::State(error.to_string()))?;
         workers.push(Worker {
             engine: Arc::downgrade(&self.shared),
             sandbox,
             generation: u64::MAX,
+            dict_epoch: self.shared.dicts.epoch(),
             chunks: DomainMap::default(),
         });
         let last = workers.len() - 1;
@@ -240,7 +270,7 @@ impl WafEngine {
         counter.fetch_add(1, Ordering::Relaxed);
         let fail_closed = self.shared.options.fail_closed;
         let now = self.shared.options.clock.unix_ms() / 1000;
-        if let Some(suppressed) = self.shared.error_logs.allow(now) {
+        if let Some(suppressed) = self.shared.error_logs.allow(now, 0) {
             tracing::warn!(
                 domain,
                 error = %failure,
@@ -284,6 +314,23 @@ impl Reload for WafEngine {
             );
         }
         stats.retain(|domain| scripts.contains_key(domain));
+        // Dictionaries no live script names are freed: those of domains without a script,
+        // and, for a script that changed, those whose name its new source does not contain
+        // (a dictionary named at run time, `ngx.shared["rl_" .. zone]`, starts empty again
+        // after its script changes). Unchanged scripts keep all theirs.
+        let previous = self.shared.view.load();
+        self.shared
+            .dicts
+            .retain(|domain, name| match scripts.get(domain) {
+                None => false,
+                Some(script) => {
+                    previous
+                        .scripts
+                        .get(domain)
+                        .is_some_and(|old| *old.source == *script.source)
+                        || script.source.contains(name)
+                }
+            });
         self.shared.view.store(Arc::new(View {
             generation,
             scripts,
@@ -329,10 +376,18 @@ fn compile_all(
 }
 
 impl Worker {
-    /// Drops chunks whose script changed or went away since the last snapshot this thread saw.
-    fn sync(&mut self, view: &View) {
+    /// Drops chunks whose script changed or went away since the last snapshot this thread
+    /// saw; after a reload that freed dictionaries, drops every chunk and the state's
+    /// handles to dictionaries, so the freed ones' memory goes.
+    fn sync(&mut self, view: &View, dicts: &SharedDicts) {
         if self.generation == view.generation {
             return;
+        }
+        let epoch = dicts.epoch();
+        if epoch != self.dict_epoch {
+            self.chunks.clear();
+            self.sandbox.forget_dicts();
+            self.dict_epoch = epoch;
         }
         self.chunks
             .retain(|domain, loaded| match view.scripts.get(domain) {

@@ -16,6 +16,9 @@
 //! turn the instruction hook on (`watchdog.rs`). If that signal already has a handler, the
 //! engine leaves it alone and keeps the hook on for every run instead.
 //!
+//! The host may install a [`ClientLocator`] (`WafEngine::set_locator`): the source of the
+//! `ngx.var.geoip_*` variables, so this crate needs no GeoIP dependency.
+//!
 //! Start reading at [`WafEngine::check`] (engine.rs), then `sandbox.rs` and `sandbox.lua`
 //! for the sandbox, and `api.rs` for the `ngx` functions. `docs/waf.md` lists the API.
 
@@ -23,11 +26,14 @@ mod api;
 mod clock;
 mod dict;
 mod engine;
+mod geo;
 mod headers;
 mod limit;
+mod pattern;
 mod re;
 mod sandbox;
 mod stats;
+mod strlib;
 mod watchdog;
 
 use std::net::IpAddr;
@@ -38,6 +44,7 @@ use http::{HeaderMap, Method, StatusCode};
 
 pub use clock::Clock;
 pub use engine::{WafEngine, check_scripts};
+pub use geo::{ClientLocation, ClientLocator};
 pub use stats::{DomainCounters, WafStats};
 
 /// Engine settings. `Default` gives the production values.
@@ -55,9 +62,12 @@ pub struct WafOptions {
     pub time_budget: Duration,
     /// Memory cap of each Lua state (one per worker thread), in bytes.
     pub memory_limit: usize,
-    /// Byte cap of each `ngx.shared` dictionary; least recently used entries go first.
+    /// Byte quota of one domain's `ngx.shared` dictionaries together (each domain has its
+    /// own dictionaries); least recently used entries of the dictionary being written go
+    /// first.
     pub dict_capacity: usize,
-    /// Most dictionaries scripts may create (a dict exists once a script names it).
+    /// Most dictionaries one domain's script may create (a dict exists once the script
+    /// names it).
     pub max_dicts: usize,
     /// Time source for dictionary TTLs and `ngx.time`/`ngx.now`.
     pub clock: Clock,
@@ -71,7 +81,7 @@ impl Default for WafOptions {
             time_budget: Duration::from_millis(50),
             memory_limit: 64 << 20,
             dict_capacity: 16 << 20,
-            max_dicts: 32,
+            max_dicts: 16,
             clock: Clock::system(),
         }
     }

@@ -269,8 +269,11 @@ pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()
                                 }
                             }
                             (None, Value::Function(function)) => {
+                                // A callback nests C frames: see `api::MAX_C_STACK`.
+                                c.check_c_stack().map_err(mlua::Error::runtime)?;
                                 let table = captures_table(lua, &regex, &captures)?;
-                                match function.call::<Value>(table)? {
+                                let replaced = function.call::<Value>(table).map_err(innermost)?;
+                                match replaced {
                                     Value::String(text) => out.extend_from_slice(&text.as_bytes()),
                                     Value::Integer(number) => {
                                         out.extend_from_slice(number.to_string().as_bytes())
@@ -300,6 +303,15 @@ pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()
         )?;
     }
     Ok(())
+}
+
+/// The error a replacement function raised, without the callback wrappers mlua adds at each
+/// level: a recursion through `ngx.re.gsub` would otherwise carry one traceback per level.
+fn innermost(error: mlua::Error) -> mlua::Error {
+    match error {
+        mlua::Error::CallbackError { cause, .. } => innermost((*cause).clone()),
+        other => other,
+    }
 }
 
 fn compile(

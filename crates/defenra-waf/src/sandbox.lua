@@ -29,6 +29,37 @@ end
 string.dump = nil
 getmetatable("").__metatable = false
 
+-- Pattern matching is the agent's own (strlib.rs, pattern.rs): LuaJIT's is C code that
+-- backtracks without bound and that no instruction hook can interrupt, while the agent's
+-- charges its steps to the run's budget. Same results and messages.
+string.find = host.str_find
+string.match = host.str_match
+string.gmatch = host.str_gmatch
+string.gsub = host.str_gsub
+
+-- Library functions written in C that call back into Lua (a replacement function or table,
+-- a comparator, `__lt`, `__tostring`, `__index`) check on entry that the run has not used
+-- too much C stack: each such callback nests C frames that the Lua stack limit does not
+-- see, and a script recursing through them would overflow the thread's stack (sandbox.rs,
+-- `api::MAX_C_STACK`). Every such recursion passes through one of these entries.
+-- `string.gsub` is one of them: it is the agent's (below), which checks in Rust.
+local c_stack_check = host.c_stack_check
+do
+    local format, sort, time = string.format, table.sort, os.time
+    string.format = function(...)
+        c_stack_check()
+        return format(...)
+    end
+    table.sort = function(t, comp)
+        c_stack_check()
+        return sort(t, comp)
+    end
+    os.time = function(t)
+        c_stack_check()
+        return time(t)
+    end
+end
+
 -- pcall/xpcall must not swallow ngx.exit or a budget abort: both are Lua errors underneath,
 -- so a failed protected call re-raises when the host says the run is stopping.
 local stopping = host.stopping
@@ -155,8 +186,10 @@ local function new_dict(name)
     return readonly(methods, "ngx.shared." .. tostring(name))
 end
 
--- Dictionaries already handed out; as with `ngx.var`, a hit calls no function.
-local dicts = setmetatable({}, {
+-- Dictionaries already handed out; as with `ngx.var`, a hit calls no function. Each
+-- domain has its own dictionaries, so each chunk has its own cache: the runner points
+-- `ngx.shared` at its chunk's before the chunk runs.
+local dict_cache_mt = {
     __index = function(cache, name)
         local dict = new_dict(name)
         if dict ~= nil then
@@ -164,13 +197,20 @@ local dicts = setmetatable({}, {
         end
         return dict
     end,
-})
+}
+local function new_dict_cache()
+    return setmetatable({}, dict_cache_mt)
+end
 local shared = newproxy(true)
-do
-    local mt = getmetatable(shared)
-    mt.__index = dicts
-    mt.__newindex = function() error("attempt to modify ngx.shared", 2) end
-    mt.__metatable = false
+local shared_mt = getmetatable(shared)
+shared_mt.__index = new_dict_cache()
+shared_mt.__newindex = function() error("attempt to modify ngx.shared", 2) end
+shared_mt.__metatable = false
+
+-- Called when dictionaries were freed (the host drops every chunk at the same time): the
+-- last run's cache must not keep them alive.
+local function forget_dicts()
+    shared_mt.__index = new_dict_cache()
 end
 
 local ngx = {
@@ -361,7 +401,9 @@ local next = next
 local function make_runner(env, chunk, names)
     local n1, n2, n3, n4, n5 = names[1], names[2], names[3], names[4], names[5]
     local n6, n7, n8, n9, n10 = names[6], names[7], names[8], names[9], names[10]
+    local dicts = new_dict_cache()
     return function(v1, v2, v3, v4, v5, v6, v7, v8, v9, v10)
+        shared_mt.__index = dicts
         -- Whatever the previous request set (a new global, a sandbox name reassigned, even
         -- with rawset or table.insert on _G) differs from `sandbox`'s value and goes; copies
         -- made by `env_mt.__index` stay. Clearing fields while traversing is allowed in
@@ -392,4 +434,4 @@ local function make_runner(env, chunk, names)
     end
 end
 
-return new_env, make_runner
+return new_env, make_runner, forget_dicts

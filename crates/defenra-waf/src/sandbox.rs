@@ -12,6 +12,7 @@ use crate::RequestInfo;
 use crate::api::{self, Abort, Ctx, ResponseData};
 use crate::clock::Clock;
 use crate::dict::SharedDicts;
+use crate::geo::LocatorCell;
 use crate::limit::LogLimiter;
 use crate::watchdog::{self, Slot, Watchdog};
 
@@ -76,6 +77,9 @@ pub(crate) struct Sandbox {
     new_env: Function,
     /// `sandbox.lua`'s `make_runner(env, chunk, names)`, which makes a [`Chunk`]'s runner.
     make_runner: Function,
+    /// `sandbox.lua`'s `forget_dicts()`, and the host's list of dictionary handles.
+    forget_dicts: Function,
+    dict_handles: api::DictHandles,
     limits: Limits,
     /// With a watchdog, the hook is off during runs until the watchdog sees one last a
     /// tick (`watchdog.rs`); without, it is on all the time.
@@ -90,6 +94,7 @@ impl Sandbox {
         clock: Clock,
         script_logs: Arc<LogLimiter>,
         watchdog: &Watchdog,
+        locator: Arc<LocatorCell>,
     ) -> mlua::Result<Self> {
         let libs =
             StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::OS | StdLib::BIT | StdLib::JIT;
@@ -100,7 +105,7 @@ impl Sandbox {
         lua.globals().raw_remove("jit")?;
         lua.set_memory_limit(limits.memory)?;
 
-        let ctx = Rc::new(Ctx::new(clock, script_logs, limits.memory));
+        let ctx = Rc::new(Ctx::new(clock, script_logs, limits.memory, locator));
         let hook_ctx = Rc::clone(&ctx);
         let mut slot = watchdog.register();
         let hook_slot = slot.clone();
@@ -140,14 +145,17 @@ impl Sandbox {
             }
         }
 
-        let host = api::host_table(&lua, &ctx, dicts)?;
-        let (new_env, make_runner): (Function, Function) =
+        let dict_handles = api::DictHandles::default();
+        let host = api::host_table(&lua, &ctx, dicts, &dict_handles)?;
+        let (new_env, make_runner, forget_dicts): (Function, Function, Function) =
             lua.load(PRELUDE).set_name("=sandbox").call(host)?;
         Ok(Sandbox {
             lua,
             ctx,
             new_env,
             make_runner,
+            forget_dicts,
+            dict_handles,
             limits,
             slot,
         })
@@ -194,11 +202,13 @@ impl Sandbox {
                 if let Some(slot) = &self.slot {
                     slot.begin();
                 }
+                self.ctx.stack_base.set(api::stack_address());
                 // A fixed number of arguments: collecting the values would allocate each time.
                 let called = chunk.runner.call::<()>((a, b, c, d, e, f, g, h, i, j));
                 if let Some(slot) = &self.slot {
                     slot.end();
                 }
+                self.ctx.stack_base.set(0);
                 called
             });
         let exit = self.ctx.exit.get();
@@ -223,13 +233,23 @@ impl Sandbox {
         }
     }
 
+    /// Lets go of every dictionary this state has handed out, after some were freed
+    /// (`SharedDicts::retain`). The caller drops its chunks too: their runners hold the
+    /// chunks' dictionary caches. The garbage collection makes the freed dictionaries'
+    /// memory go now rather than at some later cycle.
+    pub(crate) fn forget_dicts(&self) {
+        self.dict_handles.borrow_mut().clear();
+        let _ = self.forget_dicts.call::<()>(());
+        self.collect_garbage();
+    }
+
     /// The values of the chunk's prefetched variables, in order, then `nil`s.
     fn prefetch(&self, chunk: &Chunk) -> mlua::Result<[mlua::Value; PREFETCH.len()]> {
         let mut request = self.ctx.request.borrow_mut();
         let mut values = std::array::from_fn(|_| mlua::Value::Nil);
         api::unmetered(&self.lua, self.limits.memory, || {
             for (slot, name) in values.iter_mut().zip(&chunk.prefetch) {
-                *slot = api::var(&self.lua, &mut request, name.as_bytes())?;
+                *slot = api::var(&self.lua, &mut request, name.as_bytes(), &self.ctx.locator)?;
             }
             Ok(values)
         })
@@ -314,8 +334,9 @@ mod tests {
             limits,
             &Arc::new(SharedDicts::new(4, 1 << 20, Clock::system())),
             Clock::system(),
-            Arc::new(LogLimiter::new(10)),
+            Arc::new(LogLimiter::new(10, 1 << 20)),
             watchdog,
+            Arc::new(LocatorCell::empty()),
         )
         .unwrap()
     }

@@ -129,13 +129,15 @@ impl StatsSource for WafStats {
                 );
             }
         }
-        for (name, entries, bytes, evictions) in self.dicts.summary() {
+        for (domain, name, entries, bytes, evictions) in self.dicts.summary() {
             out.push(
                 Metric::gauge("dict_entries", "Entries in a shared dict", entries as f64)
+                    .label("domain", domain.clone())
                     .label("dict", name.clone()),
             );
             out.push(
                 Metric::gauge("dict_bytes", "Bytes charged to a shared dict", bytes as f64)
+                    .label("domain", domain.clone())
                     .label("dict", name.clone()),
             );
             out.push(
@@ -144,6 +146,7 @@ impl StatsSource for WafStats {
                     "Live shared-dict entries evicted to make room",
                     evictions,
                 )
+                .label("domain", domain)
                 .label("dict", name),
             );
         }

@@ -8,7 +8,10 @@ use defenra_config::stats::StatsSource;
 use defenra_config::{Issue, Reload};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-use crate::{Clock, RequestHeaders, RequestInfo, Verdict, WafEngine, WafOptions, check_scripts};
+use crate::{
+    ClientLocation, ClientLocator, Clock, RequestHeaders, RequestInfo, Verdict, WafEngine,
+    WafOptions, check_scripts,
+};
 
 const DOMAIN: &str = "example.com";
 
@@ -306,6 +309,28 @@ fn header_values_stay_right_for_every_request() {
 }
 
 #[test]
+fn framing_and_hop_by_hop_headers_from_scripts_are_ignored() {
+    let set_all = r#"
+        ngx.header["Content-Length"] = "5"
+        ngx.header["Transfer-Encoding"] = "chunked"
+        ngx.header["Connection"] = "close"
+        ngx.header.keep_alive = "timeout=5"
+        ngx.header["Upgrade"] = { "h2c" }
+        ngx.header["TE"] = "trailers"
+        ngx.header["Trailer"] = "X-Sum"
+        ngx.header["Proxy-Connection"] = "close"
+        ngx.header.content_length = 12
+        ngx.header["X-Kept"] = "1"
+        ngx.header["X-Read"] = tostring(ngx.header["Content-Length"])
+    "#;
+    check(set_all, "allow | x-kept: 1 | x-read: nil");
+    check(
+        &format!("{set_all} ngx.say('blocked') return ngx.exit(403)"),
+        "403 | x-kept: 1 | x-read: nil | content-type: text/plain | \"blocked\\n\"",
+    );
+}
+
+#[test]
 fn bad_header_values_are_script_errors() {
     let engine = engine_with(
         WafOptions {
@@ -406,6 +431,218 @@ fn runaway_loops_are_aborted_within_100ms() {
             "{script}"
         );
     }
+}
+
+/// Runs `f` on a thread with a 2 MiB stack, the size tokio and most thread pools give
+/// their threads: a recursion that overflows it kills the whole test binary.
+fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+#[test]
+fn recursion_through_c_functions_is_a_lua_error_not_a_crash() {
+    // Issue 17's reproducers: each level of these recursions is a C (or Rust) frame calling
+    // back into Lua, which the Lua stack limit does not see; gsub's frame alone is 8.8 KB.
+    let nested = format!("/?q={}x{}", "(".repeat(600), ")".repeat(600));
+    let caught = [
+        r#"local function f(s) return (s:gsub(".", f)) end
+           local ok, err = pcall(f, "abc") ngx.say(ok, " ", tostring(err))"#,
+        r#"local function f(s) return (ngx.re.gsub(s, ".", function(m) return f(m[0]) end)) end
+           local ok, err = pcall(f, "abc") ngx.say(ok, " ", tostring(err))"#,
+        r#"local t = setmetatable({}, {})
+           getmetatable(t).__index = function(t, k) return (string.gsub(k, ".", t)) end
+           local ok, err = pcall(string.gsub, "abc", ".", t) ngx.say(ok, " ", tostring(err))"#,
+        r#"local t = { 3, 1, 2 }
+           local function cmp(a, b) table.sort(t, cmp) return a < b end
+           local ok, err = pcall(table.sort, t, cmp) ngx.say(ok, " ", tostring(err))"#,
+        r#"local mt = {} mt.__tostring = function(v) return string.format("%s", v) end
+           local ok, err = pcall(string.format, "%s", setmetatable({}, mt))
+           ngx.say(ok, " ", tostring(err))"#,
+        r#"local t = setmetatable({}, { __index = function(t) return os.time(t) end })
+           local ok, err = pcall(os.time, t) ngx.say(ok, " ", tostring(err))"#,
+    ];
+    for script in caught {
+        let output = on_small_stack(move || output(script));
+        assert!(
+            output.starts_with("false ") && output.contains("C stack overflow"),
+            "{script}: {}",
+            &output[..output.len().min(300)]
+        );
+    }
+    let uncaught = [
+        r#"local function unwrap(s)
+               return (s:gsub("%b()", function(i) return unwrap(i:sub(2, -2)) end))
+           end
+           ngx.say(unwrap(ngx.var.arg_q))"#,
+        r#"local function unwrap(s)
+               return (ngx.re.gsub(s, [[\((.*)\)]], function(m) return unwrap(m[1]) end))
+           end
+           ngx.say(unwrap(ngx.var.arg_q))"#,
+    ];
+    for script in uncaught {
+        let target = nested.clone();
+        let (verdict, totals) = on_small_stack(move || {
+            let engine = engine_with(
+                WafOptions {
+                    fail_closed: true,
+                    ..WafOptions::default()
+                },
+                script,
+            );
+            let verdict = render(&request(&target).check(&engine));
+            (verdict, engine.stats().domain_totals(DOMAIN))
+        });
+        assert_eq!(
+            verdict, "503 | content-type: text/html | <page>",
+            "{script}"
+        );
+        assert_eq!(totals, Some((1, 0, 1, 0)), "{script}: one script error");
+    }
+    // Nesting well below the limit still works.
+    let shallow = format!("/?q={}x{}", "(".repeat(20), ")".repeat(20));
+    let script = r#"local function unwrap(s)
+                        return (s:gsub("%b()", function(i) return unwrap(i:sub(2, -2)) end))
+                    end
+                    ngx.say(unwrap(ngx.var.arg_q))"#;
+    assert_eq!(output_for(script, request(&shallow)), "x\n");
+}
+
+#[test]
+fn pathological_lua_patterns_are_stopped_by_the_budget() {
+    // Issue 17: this rule ran for more than 20 s against a 400-byte User-Agent, inside
+    // LuaJIT's C matcher where no hook fires.
+    let ua = format!("Mozilla/5.0 {}", "(X11; Linux x86_64) ".repeat(20));
+    assert!(ua.len() >= 400);
+    for script in [
+        r#"if ngx.var.http_user_agent:find("^(.-)%s*(.-)%s*(.-)%s*(.-)%s*bot$") then
+               return ngx.exit(403)
+           end"#,
+        // pcall cannot keep the run going.
+        r#"local ua = ngx.var.http_user_agent
+           while true do pcall(string.match, ua, "^(.-)%s*(.-)%s*(.-)%s*(.-)%s*bot$") end"#,
+        r#"for w in ngx.var.http_user_agent:gmatch("(.-)%s*(.-)%s*(.-)x$") do end"#,
+        r#"local s = ngx.var.http_user_agent:gsub("(.-)%s*(.-)%s*(.-)%s*x$", "")"#,
+        r#"local s = string.rep("(", 20000) return s:find("%b()")"#,
+    ] {
+        let engine = engine_with(
+            WafOptions {
+                fail_closed: true,
+                ..WafOptions::default()
+            },
+            script,
+        );
+        let started = Instant::now();
+        let verdict = render(&request("/").header("User-Agent", &ua).check(&engine));
+        let elapsed = started.elapsed();
+        assert_eq!(
+            verdict, "503 | content-type: text/html | <page>",
+            "{script}"
+        );
+        assert_eq!(
+            engine.stats().domain_totals(DOMAIN),
+            Some((1, 0, 0, 1)),
+            "{script}: one budget abort"
+        );
+        // The budget is 50 ms; a debug build's matcher is slower, and the machine shared.
+        assert!(
+            elapsed < Duration::from_millis(500),
+            "{script}: took {elapsed:?}"
+        );
+    }
+}
+
+#[test]
+fn ngx_re_does_not_backtrack() {
+    // Catastrophic for a backtracking engine (PCRE without JIT limits): the regex crate
+    // answers in time linear in the subject.
+    let script = r#"
+        local s = string.rep("a", 20000) .. "!"
+        ngx.say(tostring(ngx.re.find(s, [[^(a+)+$]])), " ", tostring(ngx.re.match(s, [[(a|aa)+b]])))
+        ngx.say(select(2, ngx.re.gsub(s, [[(a*)*b]], "x")))
+    "#;
+    let started = Instant::now();
+    assert_eq!(output(script), "nil nil\n0\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn agents_pattern_functions_answer_as_luajits_own() {
+    // The same script through the sandbox (the agent's string.find, match, gmatch, gsub)
+    // and through a plain LuaJIT state (its C implementation) must print the same.
+    let script = r##"
+        local cases = {
+            { "hello world", "o" }, { "hello world", "o w" }, { "hello world", "^h" },
+            { "hello world", "^w" }, { "hello world", "l+" }, { "hello world", "l*" },
+            { "hello world", "(h)(e)" }, { "hello world", "()ll()" }, { "", "" },
+            { "abc", "" }, { "abc", "^" }, { "abc", "$" }, { "abc", "c$" },
+            { "a$c", "$c" }, { "key = value; k2=v2", "(%w+)%s*=%s*(%w+)" },
+            { "THE (quick) fox", "%f[%a]%a+" }, { "f(a(b)c)d(e)", "%b()" },
+            { "[[x]] [y]", "%[(.-)%]" }, { "a]b", "[]]" }, { "a-b", "[a-]" },
+            { "x1y22z333", "%d+" }, { "x1y22z333", "[^%d]" }, { "tab\there", "%s" },
+            { "aaa", "a-" }, { "aaab", "a-b" }, { "ab", "a?b?c?$" }, { "a.b", "%." },
+            { "a\0b\0", "%z" }, { "a\0b", "\0" }, { "a\0b", "a\0" }, { "abcabc", "(abc)%1" },
+            { "x = 'y' z = \"w\"", "(['\"])(.-)%1" }, { "one two", "(%a+) (%a+)" },
+            { "UPPER lower 123", "%u+" }, { "UPPER lower 123", "%L+" },
+            { "a,b,,c", "([^,]*)" }, { "http://x.test/a?b=1", "^(%a+)://([^/]+)(/.*)$" },
+            { "abc", "%" }, { "abc", "[a" }, { "abc", "(a" }, { "abc", "a)" },
+            { "abc", "%1" }, { "abc", "%b(" }, { "abc", "%fa" }, { "abc", "(()" },
+            { "12ab", "%x+" }, { "a+b", "a+b" }, { "a+b", "a%+b" }, { "é ü", "[\128-\255]+" },
+            { "path/to//file", "/+" }, { "  trim  ", "^%s*(.-)%s*$" },
+        }
+        local out = {}
+        local function show(...)
+            local t = {}
+            for i = 1, select("#", ...) do t[#t + 1] = tostring((select(i, ...))) end
+            return table.concat(t, ",")
+        end
+        local function add(...) out[#out + 1] = show(...) end
+        for _, c in ipairs(cases) do
+            local s, p = c[1], c[2]
+            add(pcall(string.find, s, p))
+            add(pcall(string.find, s, p, 2))
+            add(pcall(string.find, s, p, -3))
+            add(pcall(string.find, s, p, 100))
+            add(pcall(string.find, s, p, 1, true))
+            add(pcall(string.match, s, p))
+            add(pcall(string.match, s, p, 3))
+            add(pcall(function()
+                local t = {}
+                for a, b in string.gmatch(s, p) do t[#t + 1] = show(a, b) end
+                return table.concat(t, ";")
+            end))
+            add(pcall(string.gsub, s, p, "<%0>"))
+            add(pcall(string.gsub, s, p, "%1|%%", 2))
+            add(pcall(string.gsub, s, p, "x%"))
+            add(pcall(string.gsub, s, p, function(a, b) return b and a .. b or nil end))
+            add(pcall(string.gsub, s, p, { a = "A", l = false, o = 7 }))
+        end
+        add(pcall(string.gsub, "abc", "b", function() return {} end))
+        add(pcall(string.gsub, "abc", "b", true))
+        add(pcall(string.find, "abc", nil))
+        add(pcall(string.find, 12345, 3))
+        add(pcall(string.gsub, "abc", "", "-"))
+        return table.concat(out, "\n")
+    "##;
+    let stock = mlua::Lua::new_with(
+        mlua::StdLib::STRING | mlua::StdLib::TABLE,
+        mlua::LuaOptions::new(),
+    )
+    .unwrap();
+    let expected: String = stock.load(script).set_name("=example.com").eval().unwrap();
+    let agent = output(&format!("ngx.print((function() {script} end)())"));
+    for (line, (agent, luajit)) in agent.lines().zip(expected.lines()).enumerate() {
+        assert_eq!(agent, luajit, "line {}", line + 1);
+    }
+    assert_eq!(agent.lines().count(), expected.lines().count());
 }
 
 #[test]
@@ -773,6 +1010,160 @@ fn variables_are_read_afresh_for_every_request() {
     );
 }
 
+/// A [`ClientLocator`] over a fixed table of IPv4 /24 networks, counting its lookups.
+#[derive(Default)]
+struct TableLocator {
+    networks: Vec<([u8; 3], ClientLocation)>,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+impl TableLocator {
+    fn with(mut self, network: [u8; 3], location: ClientLocation) -> Self {
+        self.networks.push((network, location));
+        self
+    }
+
+    fn lookups(&self) -> usize {
+        self.lookups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl ClientLocator for TableLocator {
+    fn locate(&self, ip: IpAddr, location: &mut ClientLocation) {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let IpAddr::V4(ip) = ip else { return };
+        let octets = ip.octets();
+        if let Some((_, found)) = self
+            .networks
+            .iter()
+            .find(|(network, _)| network[..] == octets[..3])
+        {
+            location.clone_from(found);
+        }
+    }
+}
+
+fn berlin() -> ClientLocation {
+    ClientLocation {
+        country_code: "DE".into(),
+        country_name: "Germany".into(),
+        continent_code: "EU".into(),
+        city: "Berlin".into(),
+        region: "BE".into(),
+        region_name: "Land Berlin".into(),
+        postal_code: "10115".into(),
+        latitude: Some(52.52437),
+        longitude: Some(13.41053),
+    }
+}
+
+#[test]
+fn geoip_variables_come_from_the_locator_once_per_request() {
+    let locator = Arc::new(TableLocator::default().with([192, 0, 2], berlin()).with(
+        [198, 51, 100],
+        ClientLocation {
+            country_code: "US".into(),
+            ..ClientLocation::default()
+        },
+    ));
+    let engine = engine(
+        r#"
+        if ngx.var.arg_quiet then return end
+        local v = ngx.var
+        local names = { "country_code", "country_name", "city", "region", "region_name",
+                        "postal_code", "latitude", "longitude", "city_continent_code" }
+        local out = {}
+        for i, name in ipairs(names) do out[i] = tostring(v["geoip_" .. name]) end
+        ngx.say(table.concat(out, "|"), " ", type(v.geoip_latitude))
+        "#,
+    );
+    let body = |req: Request| printed(&engine, &req);
+    // Without a locator every geoip variable is nil.
+    assert_eq!(
+        body(request("/")),
+        "nil|nil|nil|nil|nil|nil|nil|nil|nil nil\n"
+    );
+    engine.set_locator(Some(locator.clone()));
+    assert_eq!(
+        body(request("/").from("192.0.2.77")),
+        "DE|Germany|Berlin|BE|Land Berlin|10115|52.5244|13.4105|EU string\n"
+    );
+    assert_eq!(locator.lookups(), 1, "nine reads, one lookup");
+    assert_eq!(
+        body(request("/").from("198.51.100.1")),
+        "US|nil|nil|nil|nil|nil|nil|nil|nil nil\n",
+        "what the database lacks is nil, and nothing of the previous request remains"
+    );
+    assert_eq!(
+        body(request("/").from("203.0.113.9")),
+        "nil|nil|nil|nil|nil|nil|nil|nil|nil nil\n"
+    );
+    assert_eq!(locator.lookups(), 3);
+    // A request whose script reads no geoip variable costs no lookup.
+    assert_eq!(
+        render(&request("/?quiet=1").from("192.0.2.77").check(&engine)),
+        "allow"
+    );
+    assert_eq!(locator.lookups(), 3);
+    // Swapped at run time (a replaced database), and removed.
+    let replaced = Arc::new(TableLocator::default().with(
+        [192, 0, 2],
+        ClientLocation {
+            country_code: "FR".into(),
+            ..ClientLocation::default()
+        },
+    ));
+    engine.set_locator(Some(replaced));
+    assert!(body(request("/").from("192.0.2.77")).starts_with("FR|"));
+    engine.set_locator(None);
+    assert!(body(request("/").from("192.0.2.77")).starts_with("nil|"));
+}
+
+#[test]
+fn blocking_by_country_as_the_docs_show() {
+    // The example in docs/waf.md.
+    let engine = engine(
+        r#"
+        local blocked = { CN = true, RU = true, KP = true }
+        local country = ngx.var.geoip_country_code
+        if country and blocked[country] then
+          return ngx.exit(ngx.HTTP_FORBIDDEN)
+        end
+        "#,
+    );
+    engine.set_locator(Some(Arc::new(
+        TableLocator::default().with([192, 0, 2], berlin()).with(
+            [198, 51, 100],
+            ClientLocation {
+                country_code: "RU".into(),
+                ..ClientLocation::default()
+            },
+        ),
+    )));
+    assert_eq!(
+        render(&request("/").from("192.0.2.1").check(&engine)),
+        "allow"
+    );
+    assert_eq!(
+        render(&request("/").from("198.51.100.1").check(&engine)),
+        "403 | content-type: text/html | <page>"
+    );
+    assert_eq!(
+        render(&request("/").from("203.0.113.1").check(&engine)),
+        "allow"
+    );
+}
+
+#[test]
+fn method_is_the_original_agents_name_for_request_method() {
+    let script = "ngx.say(ngx.var.method, ' ', ngx.var.request_method)";
+    assert_eq!(
+        output_for(script, request("/").method(Method::DELETE)),
+        "DELETE DELETE\n"
+    );
+}
+
 #[test]
 fn req_functions() {
     let req = request("/?a=1&b=%20x+y&a=2&flag&=skip&c=")
@@ -885,6 +1276,90 @@ fn ngx_log_accepts_levels_and_rejects_bad_ones() {
     check("ngx.log(99, 'x')", "allow");
 }
 
+/// Bytes and lines of log events emitted on this thread while `f` runs, and the longest
+/// message.
+fn logged(f: impl FnOnce()) -> (usize, usize, String) {
+    use std::sync::Mutex;
+    use tracing::field::{Field, Visit};
+
+    #[derive(Default)]
+    struct Totals {
+        bytes: usize,
+        lines: usize,
+        longest: String,
+    }
+    struct Capture(Arc<Mutex<Totals>>);
+    struct Message(String);
+    impl Visit for Message {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            let mut totals = self.0.lock().unwrap();
+            totals.bytes += message.0.len();
+            totals.lines += 1;
+            if message.0.len() > totals.longest.len() {
+                totals.longest = message.0;
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+    let totals = Arc::new(Mutex::new(Totals::default()));
+    tracing::subscriber::with_default(Capture(Arc::clone(&totals)), f);
+    let totals = std::mem::take(&mut *totals.lock().unwrap());
+    (totals.bytes, totals.lines, totals.longest)
+}
+
+#[test]
+fn script_logs_are_bounded_in_bytes_as_well_as_lines() {
+    // One second on a clock that stands still: the budget is per second.
+    let options = || WafOptions {
+        clock: Clock::manual(1_700_000_000_000),
+        ..WafOptions::default()
+    };
+    let engine = engine_with(
+        options(),
+        "local s = string.rep('x', 1024 * 1024) for i = 1, 200 do ngx.log(ngx.ERR, s) end",
+    );
+    let (bytes, lines, longest) = logged(|| {
+        request("/").check(&engine);
+    });
+    assert!(
+        bytes <= 70 << 10,
+        "{bytes} bytes in {lines} lines logged in one second"
+    );
+    assert!(lines >= 30, "{lines} lines");
+    assert!(
+        longest.ends_with("xxx... [1046576 more bytes]"),
+        "{}",
+        &longest[longest.len().saturating_sub(60)..]
+    );
+    // Short lines: the line budget still lets 100 a second through.
+    let engine = engine_with(
+        options(),
+        "for i = 1, 200 do ngx.log(ngx.WARN, 'n=', i) end",
+    );
+    let (_, lines, _) = logged(|| {
+        request("/").check(&engine);
+    });
+    assert_eq!(lines, 100);
+}
+
 // ---- ngx.shared -----------------------------------------------------------------------
 
 #[test]
@@ -990,6 +1465,35 @@ fn shared_dict_remaining_methods() {
 }
 
 #[test]
+fn shared_dict_ttls_must_be_finite_and_not_negative() {
+    // OpenResty raises `bad "exptime" argument` (`init_ttl` for incr); a huge but finite
+    // TTL is accepted and simply never runs out.
+    let script = r#"
+        local d = ngx.shared.cache
+        d:set("live", 1)
+        local function try(...)
+            local ok, err = pcall(...)
+            return ok and "ok" or tostring(err):match('bad "[%w_]+" argument') or tostring(err)
+        end
+        for _, ttl in ipairs({ -1, 0/0, math.huge, -math.huge }) do
+            ngx.say(try(d.set, d, "k", 1, ttl), "|", try(d.safe_set, d, "k", 1, ttl), "|",
+                    try(d.add, d, "k2", 1, ttl), "|", try(d.safe_add, d, "k3", 1, ttl), "|",
+                    try(d.replace, d, "live", 1, ttl), "|", try(d.expire, d, "live", ttl), "|",
+                    try(d.incr, d, "n", 1, 0, ttl))
+        end
+        ngx.say(tostring(d:get("k")), " ", tostring(d:get("n")), " ", d:ttl("live"))
+        ngx.say(d:set("big", 1, 1e300), " ", d:ttl("big") > 1e9, " ", d:incr("m", 1, 0, 1e300))
+        ngx.say(d:set("zero", 1, 0), " ", d:ttl("zero"), " ", d:set("tiny", 1, 0.0001))
+    "#;
+    let bad = "bad \"exptime\" argument";
+    let line = format!("{bad}|{bad}|{bad}|{bad}|{bad}|{bad}|bad \"init_ttl\" argument\n");
+    assert_eq!(
+        output(script),
+        format!("{line}{line}{line}{line}nil nil 0\ntrue true 1nilfalse\ntrue 0 truenilfalse\n")
+    );
+}
+
+#[test]
 fn remaining_ngx_functions() {
     assert_eq!(
         output(
@@ -1069,7 +1573,7 @@ fn rate_limit_example_answers_429_after_the_limit() {
 fn dicts_are_capped_and_evict_the_least_recently_used() {
     let engine = engine_with(
         WafOptions {
-            dict_capacity: 10 * 120,
+            dict_capacity: 10 * 300,
             max_dicts: 2,
             ..WafOptions::default()
         },
@@ -1098,6 +1602,162 @@ fn dicts_are_capped_and_evict_the_least_recently_used() {
         second.ends_with(" nil"),
         "a third dict is refused: {second}"
     );
+}
+
+/// A request for `domain`'s script.
+fn request_to(domain: &'static str, target: &str) -> Request {
+    let mut req = request(target);
+    req.domain = domain;
+    req
+}
+
+/// What `req` printed (its body), or its rendered verdict when it did not print.
+fn printed(engine: &WafEngine, req: &Request) -> String {
+    match req.check(engine) {
+        Verdict::Block { status, body, .. } if status == 200 => {
+            String::from_utf8(body.to_vec()).unwrap()
+        }
+        other => render(&other),
+    }
+}
+
+#[test]
+fn domains_cannot_read_or_poison_each_others_dictionaries() {
+    // Issue 17: one domain read another's values and set its rate-limit key, so the
+    // victim answered 429 to a legitimate client.
+    let engine = WafEngine::default();
+    let (snapshot, _) = config(&[
+        (
+            "victim.test",
+            r#"local limits = ngx.shared.limits
+               limits:set("secret", "s3cret")
+               local n = limits:incr("rl:" .. ngx.var.remote_addr, 1, 0, 60)
+               if n > 5 then return ngx.exit(429) end"#,
+        ),
+        (
+            "attacker.test",
+            r#"local limits = ngx.shared.limits
+               local seen = tostring(limits:get("secret"))
+               limits:set("rl:192.0.2.7", 1e9)
+               limits:set("secret", "stolen")
+               ngx.say(seen, " ", #limits:get_keys(0))"#,
+        ),
+    ]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(
+        render(&request_to("victim.test", "/").check(&engine)),
+        "allow"
+    );
+    // It sees neither the victim's value nor its keys, only the two it just set.
+    assert_eq!(
+        printed(&engine, &request_to("attacker.test", "/")),
+        "nil 2\n"
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            render(&request_to("victim.test", "/").check(&engine)),
+            "allow"
+        );
+    }
+    assert_eq!(
+        render(&request_to("victim.test", "/").check(&engine)),
+        "429 | content-type: text/html | <page>",
+        "the victim's own limit still works"
+    );
+}
+
+#[test]
+fn one_domain_cannot_take_every_dictionary() {
+    // Issue 17: one script took all the dictionaries, and other domains' became nil.
+    let engine = WafEngine::default();
+    let (snapshot, _) = config(&[
+        (
+            "hog.test",
+            r#"local n = 0
+               for i = 1, 100 do if ngx.shared["d" .. i] then n = n + 1 end end
+               ngx.say(n)"#,
+        ),
+        ("other.test", "ngx.say(tostring(ngx.shared.limits ~= nil))"),
+    ]);
+    engine.reload(&snapshot, &mut Vec::new());
+    let max = WafOptions::default().max_dicts;
+    assert_eq!(
+        printed(&engine, &request_to("hog.test", "/")),
+        format!("{max}\n")
+    );
+    assert_eq!(printed(&engine, &request_to("other.test", "/")), "true\n");
+}
+
+#[test]
+fn dictionaries_stay_within_the_domain_quota_and_are_freed() {
+    // Issue 17: one script pinned about 1 GB outside the Lua memory cap by filling every
+    // dictionary.
+    let quota = 1 << 20;
+    let engine = WafEngine::new(WafOptions {
+        dict_capacity: quota,
+        // 3,200 writes of 10 KB: slow in a debug build on a busy machine, and the budget
+        // is not what this test is about.
+        time_budget: Duration::from_secs(10),
+        ..WafOptions::default()
+    });
+    let greedy = r#"
+        local value = string.rep("x", 10000)
+        for i = 1, 16 do
+            local d = ngx.shared["d" .. i]
+            for j = 1, 200 do d:set(j, value) end
+        end
+        ngx.say(ngx.shared.d1:capacity(), " ", ngx.shared.d1:free_space() < 20000)
+    "#;
+    let (snapshot, _) = config(&[("greedy.test", greedy), ("other.test", "return")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(
+        printed(&engine, &request_to("greedy.test", "/")),
+        format!("{quota} true\n")
+    );
+    let bytes_of = |domain: &str| -> (usize, usize) {
+        let summary = engine.shared_dicts().summary();
+        let mine = summary.iter().filter(|entry| entry.0 == domain);
+        (mine.clone().count(), mine.map(|entry| entry.3).sum())
+    };
+    let (count, bytes) = bytes_of("greedy.test");
+    assert_eq!(count, 16);
+    assert!(bytes <= quota, "{bytes} bytes held, quota {quota}");
+
+    // A changed script keeps the dictionaries it names; the others are freed, and the
+    // first request after the reload on this thread lets go of them.
+    let held = |name: &str| {
+        Arc::downgrade(
+            &engine
+                .shared_dicts()
+                .get_or_create("greedy.test", name)
+                .unwrap(),
+        )
+    };
+    let (d2, d3) = (held("d2"), held("d3"));
+    let names_two = "ngx.say(ngx.shared.d1:capacity(), ngx.shared.d2:capacity())";
+    let (snapshot, _) = config(&[("greedy.test", names_two), ("other.test", "return")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(bytes_of("greedy.test").0, 2);
+    assert!(d3.upgrade().is_some(), "this thread's state still holds it");
+    assert_eq!(
+        printed(&engine, &request_to("greedy.test", "/")),
+        format!("{quota}{quota}\n")
+    );
+    assert!(d3.upgrade().is_none(), "a freed dictionary is still held");
+    assert!(d2.upgrade().is_some());
+
+    // A domain without a script loses its dictionaries, and no Lua state keeps them.
+    let (snapshot, _) = config(&[("other.test", "return")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(bytes_of("greedy.test"), (0, 0));
+    assert_eq!(
+        render(&request_to("other.test", "/").check(&engine)),
+        "allow"
+    );
+    assert!(d2.upgrade().is_none(), "a freed dictionary is still held");
+    let (snapshot, _) = config(&[("greedy.test", "ngx.say(tostring(ngx.shared.d1:get(1)))")]);
+    engine.reload(&snapshot, &mut Vec::new());
+    assert_eq!(printed(&engine, &request_to("greedy.test", "/")), "nil\n");
 }
 
 // ---- ngx.re ---------------------------------------------------------------------------
@@ -1233,6 +1893,9 @@ fn stats_report_per_domain_counters_and_dicts() {
     );
     assert_eq!(
         find("dict_entries"),
-        Some((vec![("dict", "cache".to_owned())], 1.0))
+        Some((
+            vec![("domain", DOMAIN.to_owned()), ("dict", "cache".to_owned())],
+            1.0
+        ))
     );
 }

@@ -313,3 +313,87 @@ async fn a_runaway_script_fails_open_within_the_budget() {
     assert_eq!((reply.status, reply.body.as_str()), (200, "origin"));
     assert!(started.elapsed() < std::time::Duration::from_millis(500));
 }
+
+#[tokio::test]
+async fn framing_headers_from_scripts_never_reach_the_client() {
+    let origin = Origin::start().await;
+    let proxy = proxy(
+        r#"
+        ngx.header["Content-Length"] = "0"
+        ngx.header["Transfer-Encoding"] = "chunked"
+        ngx.header["Connection"] = "keep-alive"
+        ngx.header["X-Waf"] = "seen"
+        if ngx.var.arg_block then
+            ngx.header["Content-Length"] = "100"
+            ngx.say("no")
+            return ngx.exit(403)
+        end
+        "#,
+        origin,
+    )
+    .await;
+    let count = |reply: &Reply, name: &str| {
+        reply
+            .head
+            .lines()
+            .filter(|line| {
+                line.split_once(':')
+                    .is_some_and(|(key, _)| key.eq_ignore_ascii_case(name))
+            })
+            .count()
+    };
+    for (path, status, body) in [("/", 200, "origin"), ("/?block=1", 403, "no\n")] {
+        let reply = get(&proxy, path, &[]).await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (status, body),
+            "{path}"
+        );
+        assert_eq!(reply.header("x-waf"), Some("seen"), "{path}");
+        let length = body.len().to_string();
+        assert_eq!(
+            reply.header("content-length"),
+            Some(length.as_str()),
+            "{path}"
+        );
+        assert_eq!(count(&reply, "content-length"), 1, "{path}: {}", reply.head);
+        assert_eq!(
+            count(&reply, "transfer-encoding"),
+            0,
+            "{path}: {}",
+            reply.head
+        );
+        assert_eq!(
+            reply.header("connection"),
+            Some("close"),
+            "{path}: {}",
+            reply.head
+        );
+    }
+}
+
+#[tokio::test]
+async fn recursion_through_gsub_fails_the_script_not_the_proxy() {
+    // Issue 17: 600 nested groups in the query overflowed the worker's stack through
+    // string.gsub's C frames, and the process died.
+    let origin = Origin::start().await;
+    let proxy = proxy(
+        r#"
+        local function unwrap(s)
+            return (s:gsub("%b()", function(i) return unwrap(i:sub(2, -2)) end))
+        end
+        if unwrap(ngx.var.arg_q or "") == "evil" then return ngx.exit(403) end
+        "#,
+        origin,
+    )
+    .await;
+    let nested = format!("/?q={}evil{}", "(".repeat(600), ")".repeat(600));
+    let reply = get(&proxy, &nested, &[]).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "origin"),
+        "fails open"
+    );
+    let shallow = format!("/?q={}evil{}", "(".repeat(5), ")".repeat(5));
+    assert_eq!(get(&proxy, &shallow, &[]).await.status, 403);
+}
