@@ -13,6 +13,7 @@
 
 mod access;
 mod body;
+mod edge;
 mod h1;
 mod headers;
 mod origin;
@@ -137,6 +138,8 @@ pub struct HttpService {
     tls_acceptor: tokio_rustls::TlsAcceptor,
     stats: Arc<HttpStats>,
     access_log: access::AccessLog,
+    /// The edge's own pages (errors, 429, the browser challenge) and their request ids.
+    edge: edge::EdgePages,
 }
 
 impl HttpService {
@@ -167,6 +170,7 @@ impl HttpService {
             tls_acceptor,
             stats: Arc::new(HttpStats::default()),
             access_log,
+            edge: edge::EdgePages::new(),
         }
     }
 

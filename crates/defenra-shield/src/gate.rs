@@ -45,12 +45,12 @@ impl Shield {
     /// them) carry a valid clearance of the domain of `policy` for `client` on `host` (the
     /// host as routed: lower case, no port). Counts the accepted and the rejected ones; no
     /// allocation, one HMAC for a valid cookie.
-    pub fn clearance<'a>(
+    pub fn clearance<'c>(
         &self,
-        policy: &'a DomainPolicy,
+        policy: &DomainPolicy,
         client: IpAddr,
         host: &str,
-        cookie_fields: impl IntoIterator<Item = &'a [u8]>,
+        cookie_fields: impl IntoIterator<Item = &'c [u8]>,
     ) -> Clearance {
         let clearance = self.keys.load().check_cookies(
             cookie_fields,
@@ -268,7 +268,10 @@ mod tests {
             shield.clearance(&policy, client, HOST, fields),
             Clearance::Rejected(Rejection::Expired)
         );
-        assert_eq!(shield.clearance(&policy, client, HOST, []), Clearance::Missing);
+        assert_eq!(
+            shield.clearance(&policy, client, HOST, []),
+            Clearance::Missing
+        );
         let stats = shield.stats();
         assert_eq!((stats.challenges_issued, stats.challenges_solved), (1, 1));
         assert_eq!(stats.clearances_accepted, 2);
@@ -287,21 +290,19 @@ mod tests {
         let client = ip("192.0.2.7");
         let challenge = shield.issue_challenge(client, HOST);
         let nonce = challenge.solve(shield.difficulty());
-        let refused = |from: &str, nonce: u64| {
-            match shield.verify_solution(
-                &policy,
-                ip(from),
-                HOST,
-                &form(&challenge, nonce, "%2Fback"),
-                Scheme::Http,
-                false,
-            ) {
-                Solution::Refused { rejection, url } => {
-                    assert_eq!(url, "/back");
-                    rejection
-                }
-                other => panic!("{other:?}"),
+        let refused = |from: &str, nonce: u64| match shield.verify_solution(
+            &policy,
+            ip(from),
+            HOST,
+            &form(&challenge, nonce, "%2Fback"),
+            Scheme::Http,
+            false,
+        ) {
+            Solution::Refused { rejection, url } => {
+                assert_eq!(url, "/back");
+                rejection
             }
+            other => panic!("{other:?}"),
         };
         // The lowest solving nonce is the solver's: the one before it does not solve.
         if nonce > 0 {
@@ -367,7 +368,10 @@ mod tests {
             panic!("not solved");
         };
         let old_cookie = cookie(&set_cookie).to_owned();
-        assert!(!shield.rotate_key(&ShieldKey::from_bytes([7; 32])), "same key");
+        assert!(
+            !shield.rotate_key(&ShieldKey::from_bytes([7; 32])),
+            "same key"
+        );
         assert!(shield.rotate_key(&ShieldKey::from_bytes([8; 32])));
         assert_eq!(
             shield.keys().current(),
@@ -406,7 +410,10 @@ mod tests {
         assert!(shield.rotate_key(&ShieldKey::from_bytes([9; 32])));
         assert_eq!(
             shield.keys().previous(),
-            Some((ShieldKey::from_bytes([8; 32]).fingerprint(), rotated_at + 3600))
+            Some((
+                ShieldKey::from_bytes([8; 32]).fingerprint(),
+                rotated_at + 3600
+            ))
         );
         clock.advance(Duration::from_secs(899));
         assert_eq!(

@@ -126,13 +126,19 @@ impl ShieldStats {
             snapshot.challenges_failed_bad,
             snapshot.challenges_failed_expired,
             snapshot.challenges_failed_foreign,
-        ] = self.challenges_failed.each_ref().map(|counter| counter.load(Relaxed));
+        ] = self
+            .challenges_failed
+            .each_ref()
+            .map(|counter| counter.load(Relaxed));
         snapshot.clearances_accepted = self.clearances_accepted.load(Relaxed);
         [
             snapshot.clearances_rejected_bad,
             snapshot.clearances_rejected_expired,
             snapshot.clearances_rejected_foreign,
-        ] = self.clearances_rejected.each_ref().map(|counter| counter.load(Relaxed));
+        ] = self
+            .clearances_rejected
+            .each_ref()
+            .map(|counter| counter.load(Relaxed));
     }
 }
 
