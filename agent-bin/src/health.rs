@@ -346,16 +346,23 @@ mod tests {
             Arc::clone(&waf),
             defenra_http::HttpOptions::default(),
         ));
+        let shield = Arc::clone(http.shield());
         let l4 = Arc::new(defenra_l4::L4Service::new(defenra_l4::L4Options::default()));
         let mut issues = Vec::new();
         use defenra_config::Reload;
-        for service in [&*dns as &dyn Reload, &*waf, &*http, &*l4] {
+        for service in [&*dns as &dyn Reload, &*waf, &*shield, &*http, &*l4] {
             service.reload(&snapshot, &mut issues);
         }
         let observability = Observability::new(
             cell,
             Arc::new(ConfigStats::default()),
-            vec![dns.stats(), http.stats(), waf.stats(), l4.stats()],
+            vec![
+                dns.stats(),
+                http.stats(),
+                waf.stats(),
+                l4.stats(),
+                shield as Arc<dyn StatsSource>,
+            ],
         );
         let mut rows: BTreeMap<String, (String, BTreeMap<&str, ()>, &str)> = BTreeMap::new();
         for (service, metric) in observability.all_metrics() {

@@ -15,6 +15,7 @@ mod health;
 mod l4_workers;
 mod notify;
 mod run;
+mod shield_key;
 
 use std::process::ExitCode;
 
