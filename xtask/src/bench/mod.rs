@@ -1,5 +1,6 @@
 //! `cargo xtask bench <area>`: runs the agent beside its peer under the same load.
 
+mod challenge;
 mod common;
 mod dns;
 mod dns_rrl;
@@ -9,7 +10,7 @@ mod waf;
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let Some((area, rest)) = args.split_first() else {
-        anyhow::bail!("usage: cargo xtask bench <dns|dns-rrl|http|waf|l4> [options]");
+        anyhow::bail!("usage: cargo xtask bench <dns|dns-rrl|http|waf|l4|challenge> [options]");
     };
     match area.as_str() {
         "dns" => dns::run(rest),
@@ -17,8 +18,11 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         "http" => http::run(rest),
         "waf" => waf::run(rest),
         "l4" => l4::run(rest),
+        "challenge" => challenge::run(rest),
         other => {
-            anyhow::bail!("unknown bench area {other:?}: expected dns, dns-rrl, http, waf or l4")
+            anyhow::bail!(
+                "unknown bench area {other:?}: expected dns, dns-rrl, http, waf, l4 or challenge"
+            )
         }
     }
 }
