@@ -457,6 +457,24 @@ pub(crate) struct ShieldArgs {
     /// `inet defenra` (needs CAP_NET_ADMIN and the `nft` command).
     #[arg(long = "ban-backend", env = "BAN_BACKEND", value_enum, default_value_t = BanBackend::None)]
     pub(crate) ban_backend: BanBackend,
+
+    /// Key the browser challenge and its clearance cookies are signed with: 64 hex digits
+    /// (`openssl rand -hex 32`), mode 0600; the same file on every agent of a fleet makes
+    /// each accept the others' cookies. Re-read on SIGHUP. Unset: `shield.key` in
+    /// --state-dir, created on first start (without a state dir, a random key per process).
+    #[arg(long = "shield-key-file", env = "SHIELD_KEY_FILE", value_name = "FILE")]
+    pub(crate) shield_key_file: Option<PathBuf>,
+
+    /// Leading zero bits the browser challenge's proof of work needs (0-32); each bit
+    /// doubles a browser's work (16: a fraction of a second).
+    #[arg(
+        long = "challenge-difficulty",
+        env = "CHALLENGE_DIFFICULTY",
+        value_name = "BITS",
+        default_value_t = defenra_shield::challenge::Difficulty::DEFAULT.bits(),
+        value_parser = clap::value_parser!(u8).range(0..=32)
+    )]
+    pub(crate) challenge_difficulty: u8,
 }
 
 /// Where bans are enforced besides the agent's own accept check.
@@ -474,6 +492,10 @@ impl ShieldArgs {
             trusted_proxies: self.trusted_proxies.clone(),
             l4_max_conns_per_ip: self.l4_max_conns_per_ip,
             l4_new_conns_per_minute: self.l4_new_conns_per_minute,
+            challenge_difficulty: defenra_shield::challenge::Difficulty::new(u32::from(
+                self.challenge_difficulty,
+            ))
+            .unwrap_or_default(),
             ..defenra_shield::ShieldOptions::default()
         }
     }
@@ -724,6 +746,32 @@ mod tests {
             argv.extend(bad);
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn challenge_flags_reach_the_shield_options() {
+        let defaults = Cli::try_parse_from(["defenra-agent"]).unwrap().run.shield;
+        assert_eq!(
+            defaults.options().challenge_difficulty,
+            defenra_shield::ShieldOptions::default().challenge_difficulty
+        );
+        assert_eq!(defaults.shield_key_file, None);
+        let args = Cli::try_parse_from([
+            "defenra-agent",
+            "--challenge-difficulty",
+            "20",
+            "--shield-key-file",
+            "/etc/defenra/shield.key",
+        ])
+        .unwrap()
+        .run
+        .shield;
+        assert_eq!(args.options().challenge_difficulty.bits(), 20);
+        assert_eq!(
+            args.shield_key_file.as_deref(),
+            Some(std::path::Path::new("/etc/defenra/shield.key"))
+        );
+        assert!(Cli::try_parse_from(["defenra-agent", "--challenge-difficulty", "33"]).is_err());
     }
 
     #[test]

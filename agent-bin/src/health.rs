@@ -368,10 +368,11 @@ mod tests {
             Arc::clone(&waf),
             defenra_http::HttpOptions::default(),
         ));
+        let shield = Arc::clone(http.shield());
         let l4 = Arc::new(defenra_l4::L4Service::new(defenra_l4::L4Options::default()));
         let mut issues = Vec::new();
         use defenra_config::Reload;
-        for service in [&*dns as &dyn Reload, &*waf, &*http, &*l4] {
+        for service in [&*dns as &dyn Reload, &*waf, &*shield, &*http, &*l4] {
             service.reload(&snapshot, &mut issues);
         }
         let observability = Observability::new(
@@ -384,6 +385,7 @@ mod tests {
                 l4.stats(),
                 Arc::new(crate::geoip::GeoIp::new(None)),
                 Arc::new(crate::report::ReportStats::default()),
+                shield as Arc<dyn StatsSource>,
             ],
         );
         let mut rows: BTreeMap<String, (String, BTreeMap<&str, ()>, &str)> = BTreeMap::new();

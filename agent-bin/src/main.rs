@@ -18,6 +18,7 @@ mod l4_workers;
 mod notify;
 mod report;
 mod run;
+mod shield_key;
 mod waf_geo;
 mod watchdog;
 

@@ -115,7 +115,14 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     }
     // Protection state outlives every snapshot; bans saved before a restart come back
     // with their remaining time.
-    let shield = Arc::new(Shield::new(args.shield.options()));
+    let (shield_key, shield_key_file) = crate::shield_key::load(
+        args.shield.shield_key_file.as_deref(),
+        args.state_dir.as_deref(),
+    )?;
+    let shield = Arc::new(Shield::new(defenra_shield::ShieldOptions {
+        shield_key: Some(shield_key),
+        ..args.shield.options()
+    }));
     let ban_file = args.state_dir.as_ref().map(|dir| dir.join(BAN_FILE));
     if let Some(path) = &ban_file {
         match shield.load_bans(path) {
@@ -436,6 +443,9 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); break None; }
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading config and the GeoIP database");
+                if let Some(path) = &shield_key_file {
+                    crate::shield_key::reread(path, &shield);
+                }
                 reload.notify_one();
                 geoip_reload.notify_one();
             }

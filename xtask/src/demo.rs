@@ -74,6 +74,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
          curl -i -H 'Host: example.test' http://{HTTP}/hello       # proxied to the demo origin\n  \
          curl -i -H 'Host: example.test' http://{HTTP}/admin       # blocked by the Lua WAF\n  \
          curl -i -H 'Host: unknown.test' http://{HTTP}/            # 404\n  \
+         curl -i -H 'Host: shop.localhost' http://{HTTP}/          # Anti-DDoS: the browser challenge, as text\n  \
+         open http://shop.localhost:18080/ in a browser           # the challenge page solves itself, then the origin\n  \
          printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 19000     # TCP forward to the origin\n  \
          curl http://{HEALTH}/health  /stats  /metrics\n\n\
          Edit examples/demo.json and save (or `kill -HUP {}`): the agent reloads it live.\n\
@@ -113,12 +115,19 @@ fn smoke_check() -> anyhow::Result<()> {
         unknown.starts_with("HTTP/1.1 404"),
         "unknown host should be 404:\n{unknown}"
     );
+    let challenged = http_get(HTTP, "shop.localhost", "/")?;
+    anyhow::ensure!(
+        challenged.starts_with("HTTP/1.1 403") && challenged.contains("JavaScript check"),
+        "the Anti-DDoS domain should answer the browser challenge:\n{challenged}"
+    );
     let stats = http_get(HEALTH, "localhost", "/stats")?;
     anyhow::ensure!(
         stats.contains("\"config\""),
         "stats without config:\n{stats}"
     );
-    println!("demo smoke check passed: health, proxying, routing and stats answer");
+    println!(
+        "demo smoke check passed: health, proxying, routing, the browser challenge and stats answer"
+    );
     Ok(())
 }
 

@@ -5,7 +5,8 @@
 //! - `demo`: runs the agent on `examples/demo.json` on unprivileged loopback ports;
 //! - `e2e`: the binary's black-box tests against its release build;
 //! - `soak --minutes N`: long mixed load with config swaps (not in CI);
-//! - `bench <dns|dns-rrl|http|waf|l4>`: the agent beside its peer (knot, nginx, nginx+lua, HAProxy);
+//! - `bench <dns|dns-rrl|http|waf|l4|challenge>`: the agent beside its peer (knot, nginx,
+//!   nginx+lua, HAProxy; for the challenge, nginx's static page);
 //! - `tidy`: checks that every crate root and module opens with a `//!` doc comment.
 
 mod bench;
@@ -57,7 +58,7 @@ fn print_usage() {
          demo               run the agent on examples/demo.json on loopback ports\n  \
          e2e                black-box tests of the release binary (fake Core, all services)\n  \
          soak [--minutes N] mixed load while the config changes; checks RSS and descriptors\n  \
-         bench <area>       benchmark against the peer: dns and dns-rrl (knot), http (nginx), waf (nginx+lua), l4 (haproxy)\n  \
+         bench <area>       benchmark against the peer: dns and dns-rrl (knot), http (nginx), waf (nginx+lua), l4 (haproxy), challenge (nginx static)\n  \
          tidy               check doc comments on crate roots and modules"
     );
 }

@@ -1,7 +1,8 @@
 //! Black-box tests of the `defenra-agent` binary: flags, check-config, health/stats/metrics,
-//! SIGHUP and SIGTERM, and the end-to-end scenario (`e2e`). Every listener is on
-//! 127.0.0.1:0; ports come from the JSON logs.
+//! SIGHUP and SIGTERM, the end-to-end scenario (`e2e`) and the browser challenge in headless
+//! Chromium (`challenge`). Every listener is on 127.0.0.1:0; ports come from the JSON logs.
 
+mod challenge;
 mod check_config;
 mod connect;
 mod e2e;

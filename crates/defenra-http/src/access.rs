@@ -1,4 +1,5 @@
-//! Access log: one structured `tracing` line per finished request, sampled by a per-second budget.
+//! Access log: one structured `tracing` line per finished request, sampled by a per-second
+//! budget; answers the edge made itself carry their request id.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -7,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use defenra_shield::pages::RequestId;
 use http::Method;
 use http::uri::Authority;
 use hyper::body::{Body, Frame, SizeHint};
@@ -69,6 +71,7 @@ impl AccessLog {
             bytes_sent: 0,
             origin: None,
             waf: WafOutcome::None,
+            request_id: None,
         }))
     }
 
@@ -129,6 +132,8 @@ pub(crate) struct AccessEntry {
     pub(crate) bytes_sent: u64,
     pub(crate) origin: Option<Authority>,
     pub(crate) waf: WafOutcome,
+    /// The id of the edge's own answer (also in its `X-Request-Id` and on its page).
+    pub(crate) request_id: Option<RequestId>,
 }
 
 impl Drop for AccessEntry {
@@ -146,6 +151,7 @@ impl Drop for AccessEntry {
             duration_ms = (duration_ms * 1000.0).round() / 1000.0,
             origin = self.origin.as_ref().map_or("-", Authority::as_str),
             waf = self.waf.name(),
+            request_id = self.request_id.as_ref().map_or("-", RequestId::as_str),
             "access"
         );
     }

@@ -13,6 +13,7 @@
 
 mod access;
 mod body;
+mod edge;
 mod h1;
 mod headers;
 mod origin;
@@ -147,6 +148,8 @@ pub struct HttpService {
     /// Per-domain counters, kept across reloads; routes carry their domain's.
     traffic: traffic::TrafficRegistry,
     clients: traffic::ClientLog,
+    /// The edge's own pages (errors, 429, the browser challenge) and their request ids.
+    edge: edge::EdgePages,
 }
 
 /// Clients queued for reports at most; the oldest is dropped first.
@@ -183,6 +186,7 @@ impl HttpService {
             access_log,
             traffic: traffic::TrafficRegistry::default(),
             clients,
+            edge: edge::EdgePages::new(),
         }
     }
 

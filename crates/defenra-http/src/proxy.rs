@@ -1,5 +1,6 @@
-//! One request's life: route, ACME answer, redirect, WAF, then the streamed exchange with
-//! the origin; every failure becomes a [`ProxyError`] and its status.
+//! One request's life: route, ACME answer, shield (limits, browser challenge), redirect,
+//! WAF, then the streamed exchange with the origin; every failure becomes a [`ProxyError`]
+//! and its status.
 
 use std::convert::Infallible;
 use std::error::Error as _;
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use defenra_shield::Check;
+use defenra_shield::challenge::{Clearance, SUBMIT_PATH};
+use defenra_shield::pages::{Format, Page, RequestId};
 use defenra_waf::WafEngine;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
@@ -20,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::HttpService;
 use crate::access::{AccessEntry, ServedBody, WafOutcome};
 use crate::body::{BODY_DONE, BodyError, Lease, OriginBody, RequestBody, ResponseBody, full};
+use crate::edge::{FormBody, Submit, Visitor};
 use crate::headers;
 use crate::origin::{ExchangeError, PoolKey};
 use crate::route::{Origin, OriginKind, Route, strip_port, with_lower_host};
@@ -119,19 +123,16 @@ impl ProxyError {
             | ProxyError::Agent(_) => ErrorSource::Agent,
         }
     }
-
-    /// A short plain-text page with the status and nothing about the cause.
-    pub(crate) fn to_local(&self) -> Local {
-        Local::error_page(self.status())
-    }
 }
 
-/// A response the proxy makes itself: an error page, a redirect, an ACME answer or a WAF
-/// block.
+/// A response the proxy makes itself: an edge page, a redirect, an ACME answer, a WAF
+/// block or an answer to a challenge solution.
 pub(crate) struct Local {
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
+    /// The id of an edge page (also in `X-Request-Id`), for the access log.
+    pub(crate) request_id: Option<RequestId>,
 }
 
 impl Local {
@@ -146,38 +147,65 @@ impl Local {
             status,
             headers,
             body: body.into(),
+            request_id: None,
         }
     }
 
-    /// `429 Too Many Requests` for an address over a rate limit or blocked, with the
-    /// seconds left in `Retry-After` (RFC 6585 §4).
-    pub(crate) fn limited(retry_after: u32) -> Local {
-        let mut local = Local::plain(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("429 Too Many Requests\nretry in {retry_after} s\n"),
-        );
-        local
-            .headers
-            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-        local
-    }
-
-    /// `404 Not Found` and the like: the status and its reason, nothing else.
-    pub(crate) fn error_page(status: StatusCode) -> Local {
-        let text = format!(
-            "{} {}\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("Error")
-        );
-        Local::plain(status, text)
-    }
-
+    /// As a hyper response; the request id rides in its extensions to the access log.
     fn into_response(self) -> Response<ResponseBody> {
         let mut response = Response::new(full(self.body));
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
+        if let Some(request_id) = self.request_id {
+            response.extensions_mut().insert(request_id);
+        }
         response
     }
+}
+
+/// Records an answer the proxy made itself in the request's access line.
+pub(crate) fn note_local(entry: &mut Option<Box<AccessEntry>>, local: &Local) {
+    if let Some(entry) = entry {
+        entry.status = local.status.as_u16();
+        entry.request_id = local.request_id;
+    }
+}
+
+/// A protocol's view of a request's header fields for [`Conn::decide`]: spans of the
+/// HTTP/1 read buffer, or hyper's map for HTTP/2. Neither copies nor allocates.
+pub(crate) trait Fields<'r>: Copy {
+    /// Every field named `name` (lower case), in arrival order: a split `Cookie` (RFC 9113
+    /// §8.2.3), several `Accept` fields.
+    fn all(self, name: &'static str) -> impl Iterator<Item = &'r [u8]> + 'r;
+
+    /// The last field named `name` (lower case).
+    fn last(self, name: &str) -> Option<&'r [u8]>;
+}
+
+impl<'r> Fields<'r> for &'r HeaderMap {
+    fn all(self, name: &'static str) -> impl Iterator<Item = &'r [u8]> + 'r {
+        self.get_all(name).into_iter().map(HeaderValue::as_bytes)
+    }
+
+    fn last(self, name: &str) -> Option<&'r [u8]> {
+        self.get_all(name)
+            .iter()
+            .next_back()
+            .map(HeaderValue::as_bytes)
+    }
+}
+
+/// What [`Conn::decide`] reads of a request.
+#[derive(Clone, Copy)]
+pub(crate) struct Asked<'r, F> {
+    pub(crate) method: &'r Method,
+    /// The host without its port.
+    pub(crate) host: &'r str,
+    /// The path and query.
+    pub(crate) target: &'r str,
+    pub(crate) fields: F,
+    /// The body format of the edge's pages for this request, from its `Accept`.
+    pub(crate) format: Format,
 }
 
 /// What routing decided for a request.
@@ -192,6 +220,10 @@ pub(crate) enum Decision {
         extra_headers: Option<HeaderMap>,
         client: IpAddr,
     },
+    /// A challenge solution posted to the submit path of a domain with the challenge on:
+    /// read its form body (at most `MAX_SUBMISSION_BYTES`), then answer
+    /// [`Conn::answer_submit`]. Never forwarded to the origin.
+    Submit(Box<Submit>),
 }
 
 /// One client connection, shared by the requests it carries.
@@ -226,11 +258,21 @@ impl Conn {
             request.method(),
             request.uri().path(),
         );
-        let response = match self.route_and_proxy(request, &mut entry).await {
+        let mut visitor = Visitor::new(
+            request.headers().all("accept"),
+            self.peer.ip().to_canonical(),
+        );
+        let response = match self
+            .route_and_proxy(request, &mut entry, &mut visitor)
+            .await
+        {
             Ok(response) => response,
             Err(error) => {
                 self.note(&error);
-                error.to_local().into_response()
+                self.service
+                    .edge
+                    .for_status(error.status(), visitor)
+                    .into_response()
             }
         };
         self.service
@@ -240,25 +282,35 @@ impl Conn {
         self.meter.responded(response.status());
         if let Some(entry) = &mut entry {
             entry.status = response.status().as_u16();
+            entry.request_id = response.extensions().get::<RequestId>().copied();
         }
         Ok(response.map(|body| ServedBody::new(body, entry)))
     }
 
-    /// Routing, in this order: host → ACME answer → shield (client address, rate limit) →
-    /// proxied? → redirect to HTTPS → listener type → WAF. `host` is without port;
-    /// `target` is the path and query. `header(name)` gives the last field of a lower-case
-    /// header name (for `proxyIpHeaders`). `waf_check` runs the domain's script when it has
-    /// one (it gets the engine, the domain, the lower-cased host and the client address), so
-    /// each protocol hands over its own view of the request.
-    pub(crate) fn decide<'h>(
+    /// Routing, in this order: host → ACME answer → shield (client address, rate limit,
+    /// the challenge's submit path) → proxied? → redirect to HTTPS → listener type →
+    /// clearance cookie (domains with the browser challenge on) → WAF. `waf_check` runs the
+    /// domain's script when it has one (it gets the engine, the domain, the lower-cased host
+    /// and the client address), so each protocol hands over its own view of the request.
+    ///
+    /// With the challenge on, an address over the rate limit gets the challenge instead of
+    /// 429, and a request within it without a valid clearance gets the challenge; posts to
+    /// the submit path are counted like any request, accepted while blocked, and answered
+    /// here ([`Decision::Submit`]). Whitelisted addresses and ACME answers are never
+    /// challenged.
+    pub(crate) fn decide<'r, F: Fields<'r>>(
         &self,
-        method: &Method,
-        host: &str,
-        target: &str,
+        request: &Asked<'r, F>,
         entry: &mut Option<Box<AccessEntry>>,
-        header: impl FnMut(&str) -> Option<&'h [u8]>,
         waf_check: impl FnOnce(&WafEngine, &str, &str, IpAddr) -> defenra_waf::Verdict,
     ) -> Result<Decision, ProxyError> {
+        let Asked {
+            method,
+            host,
+            target,
+            fields,
+            format,
+        } = *request;
         // A reverse proxy is no tunnel: CONNECT would reach the origin in authority form.
         if method == Method::CONNECT {
             return Err(ProxyError::Connect);
@@ -282,19 +334,36 @@ impl Conn {
         }
         let peer = self.peer.ip().to_canonical();
         let mut client = peer;
-        if let Some(policy) = route.shield.as_deref() {
-            let shield = &self.service.shield;
-            client = shield.client_addr(Some(policy), peer, header);
+        let shield = &self.service.shield;
+        let edge = &self.service.edge;
+        // Set when the domain asks for a clearance and the limits let the request through.
+        let mut needs_clearance = None;
+        if let Some(policy) = route.shield.as_ref() {
+            client = shield.client_addr(Some(policy), peer, |name| fields.last(name));
             if let Some(entry) = entry {
                 entry.client = client;
             }
-            match shield.check(policy, client) {
+            let visitor = Visitor { format, client };
+            let challenged = policy.challenge_enabled();
+            let check = shield.check(policy, client);
+            if challenged && path_of(target) == SUBMIT_PATH {
+                return Ok(self.submit(policy, check, method, host, visitor));
+            }
+            match check {
+                Check::Proceed if challenged => needs_clearance = Some(visitor),
                 Check::Proceed | Check::Whitelisted => {}
+                // A browser can earn its way out of a block; the challenge says how.
+                Check::Limited { .. } if challenged => {
+                    return Ok(Decision::Respond(
+                        self.challenge(host, target, method, visitor),
+                    ));
+                }
                 Check::Limited { retry_after, .. } => {
-                    return Ok(Decision::Respond(Local::limited(retry_after)));
+                    let page = Page::TooManyRequests { retry_after };
+                    return Ok(Decision::Respond(edge.page(&page, visitor)));
                 }
                 Check::Banned => {
-                    return Ok(Decision::Respond(Local::error_page(StatusCode::FORBIDDEN)));
+                    return Ok(Decision::Respond(edge.page(&Page::Forbidden, visitor)));
                 }
             }
         }
@@ -314,6 +383,16 @@ impl Conn {
                 host: host.to_owned(),
                 listener: self.listener.name(),
             });
+        }
+        if let (Some(visitor), Some(policy)) = (needs_clearance, route.shield.as_deref()) {
+            let cleared = with_lower_host(host, |lower_host| {
+                shield.clearance(policy, client, lower_host, fields.all("cookie"))
+            });
+            if cleared != Some(Clearance::Valid) {
+                return Ok(Decision::Respond(
+                    self.challenge(host, target, method, visitor),
+                ));
+            }
         }
 
         let mut extra_headers = None;
@@ -343,11 +422,10 @@ impl Conn {
                     if let Some(entry) = entry {
                         entry.waf = WafOutcome::Block;
                     }
-                    return Ok(Decision::Respond(Local {
-                        status,
-                        headers,
-                        body,
-                    }));
+                    let visitor = Visitor { format, client };
+                    return Ok(Decision::Respond(
+                        edge.waf_block(status, headers, body, visitor),
+                    ));
                 }
             }
         }
@@ -361,12 +439,47 @@ impl Conn {
         })
     }
 
+    /// A request to the challenge's submit path, already counted by the rate limit: a
+    /// banned address gets 403, a method other than POST 405, a POST [`Decision::Submit`]
+    /// (also when the address is blocked: solving is its way out).
+    fn submit(
+        &self,
+        policy: &Arc<defenra_shield::DomainPolicy>,
+        check: Check,
+        method: &Method,
+        host: &str,
+        visitor: Visitor,
+    ) -> Decision {
+        let edge = &self.service.edge;
+        if check == Check::Banned {
+            return Decision::Respond(edge.page(&Page::Forbidden, visitor));
+        }
+        if method != Method::POST {
+            let mut local = edge.for_status(StatusCode::METHOD_NOT_ALLOWED, visitor);
+            local
+                .headers
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return Decision::Respond(local);
+        }
+        let Some(host) = with_lower_host(host, str::to_owned) else {
+            return Decision::Respond(edge.for_status(StatusCode::BAD_REQUEST, visitor));
+        };
+        Decision::Submit(Box::new(Submit {
+            policy: Arc::clone(policy),
+            client: visitor.client,
+            host,
+            blocked: matches!(check, Check::Limited { .. }),
+            visitor,
+        }))
+    }
+
     /// The HTTP/2 path (hyper's server and client): decide, then proxy with the request's
     /// `HeaderMap` as hyper parsed it.
     async fn route_and_proxy(
         &self,
         request: Request<Incoming>,
         entry: &mut Option<Box<AccessEntry>>,
+        visitor: &mut Visitor,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         // RFC 9113 §8.3.1: :authority (the URI's authority here) wins over Host.
         let host_value = match request.uri().authority() {
@@ -380,36 +493,42 @@ impl Conn {
             .uri()
             .path_and_query()
             .map_or("/", PathAndQuery::as_str);
-        let decision = self.decide(
-            request.method(),
+        let asked = Asked {
+            method: request.method(),
             host,
             target,
-            entry,
-            |name| {
-                let values = request.headers().get_all(name);
-                values.iter().next_back().map(HeaderValue::as_bytes)
-            },
-            |waf, domain, lower_host, client| {
-                waf.check(&defenra_waf::RequestInfo {
-                    domain,
-                    host: lower_host,
-                    method: request.method(),
-                    target,
-                    headers: defenra_waf::RequestHeaders::Map(request.headers()),
-                    remote_addr: client,
-                    scheme: self.listener.scheme(),
-                    server_port: self.local_port,
-                })
-            },
-        )?;
+            fields: request.headers(),
+            format: visitor.format,
+        };
+        let decision = self.decide(&asked, entry, |waf, domain, lower_host, client| {
+            waf.check(&defenra_waf::RequestInfo {
+                domain,
+                host: lower_host,
+                method: request.method(),
+                target,
+                headers: defenra_waf::RequestHeaders::Map(request.headers()),
+                remote_addr: client,
+                scheme: self.listener.scheme(),
+                server_port: self.local_port,
+            })
+        })?;
         let (route, extra_headers, client) = match decision {
             Decision::Respond(local) => return Ok(local.into_response()),
+            Decision::Submit(submit) => {
+                let timeout = self.header_timeout;
+                let local = match crate::edge::read_form_h2(request.into_body(), timeout).await {
+                    Ok(body) => self.answer_submit(&submit, FormBody::Read(&body)),
+                    Err(failed) => self.answer_submit(&submit, failed),
+                };
+                return Ok(local.into_response());
+            }
             Decision::Proxy {
                 route,
                 extra_headers,
                 client,
             } => (route, extra_headers, client),
         };
+        visitor.client = client;
         self.service.clients.note(client, || {
             request
                 .headers()
@@ -566,6 +685,11 @@ impl Conn {
             }
         }
     }
+}
+
+/// The path of a request target, without its query.
+fn path_of(target: &str) -> &str {
+    target.split_once('?').map_or(target, |(path, _)| path)
 }
 
 /// `GET /.well-known/acme-challenge/{token}` for the domain's pending challenge.

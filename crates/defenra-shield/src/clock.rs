@@ -1,4 +1,5 @@
-//! The shield's clock: monotonic time since the shield started, or a manual clock for tests.
+//! The shield's clock: monotonic time since the shield started, or a manual clock for tests;
+//! and the Unix time the browser challenge's tokens carry, which follows the manual clock too.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -12,7 +13,8 @@ pub struct Clock(Source);
 #[derive(Clone, Debug)]
 enum Source {
     System(Instant),
-    Manual(Arc<AtomicU64>),
+    /// Microseconds since the start, and the Unix second the start stands for.
+    Manual(Arc<AtomicU64>, u64),
 }
 
 /// Moves a manual [`Clock`] forward.
@@ -31,14 +33,28 @@ impl Clock {
     /// A clock that moves only when the returned handle says so.
     pub fn manual() -> (Clock, ManualClock) {
         let now = Arc::new(AtomicU64::new(START_US));
-        (Clock(Source::Manual(Arc::clone(&now))), ManualClock(now))
+        let unix_start = crate::challenge::unix_now().saturating_sub(START_US / 1_000_000);
+        (
+            Clock(Source::Manual(Arc::clone(&now), unix_start)),
+            ManualClock(now),
+        )
     }
 
     /// Microseconds since the clock started (from 1,000,000).
     pub fn now_us(&self) -> u64 {
         match &self.0 {
             Source::System(start) => START_US + start.elapsed().as_micros() as u64,
-            Source::Manual(now) => now.load(Relaxed),
+            Source::Manual(now, _) => now.load(Relaxed),
+        }
+    }
+
+    /// Seconds since the Unix epoch: the system clock (so a fleet agrees on the expiries
+    /// of challenges and clearances), or, on a manual clock, the real time it was made plus
+    /// how far it was moved.
+    pub fn unix_s(&self) -> u64 {
+        match &self.0 {
+            Source::System(_) => crate::challenge::unix_now(),
+            Source::Manual(now, unix_start) => unix_start + now.load(Relaxed) / 1_000_000,
         }
     }
 

@@ -6,7 +6,10 @@
 //! per snapshot into [`DomainPolicy`]s. A reload never resets a counter, a block or a ban.
 //! The protocol crates ask two questions and act on the answer:
 //! - at accept, before TLS and before any read: [`Shield::admit`] → [`Admission`];
-//! - per request, after routing and before the WAF: [`Shield::check`] → [`Check`].
+//! - per request, after routing and before the WAF: [`Shield::check`] → [`Check`]; for a
+//!   domain with the browser challenge on, also [`Shield::clearance`] (the request's
+//!   cookies), [`Shield::issue_challenge`] and, for the challenge's own submit path,
+//!   [`Shield::verify_solution`] (`gate.rs`).
 //!
 //! It never talks to another machine on a request path: the ban mirrors (state file,
 //! nftables) run on [`Shield::run_background`]. It reads no flags and no files of its own
@@ -18,6 +21,7 @@ mod cidrset;
 mod client;
 mod clock;
 mod conns;
+mod gate;
 pub mod nft;
 pub mod pages;
 mod persist;
@@ -40,12 +44,14 @@ pub use challenge::{KeyRing, ShieldKey};
 pub use cidrset::{CidrMap, CidrSet};
 pub use clock::{Clock, ManualClock};
 pub use conns::ConnTicket;
+pub use gate::Solution;
 pub use pages::{Pages, RequestIds};
 pub use persist::BanFileError;
 pub use policy::{DomainCounters, DomainCountersSnapshot, DomainPolicy};
 pub use stats::{ShieldStats, ShieldStatsSnapshot};
 
 use crate::bans::{Ban, BanList};
+use crate::challenge::Difficulty;
 use crate::conns::ConnCounts;
 use crate::policy::AgentPolicy;
 use crate::table::Table;
@@ -81,6 +87,11 @@ pub struct ShieldOptions {
     pub l4_new_conns_per_minute: u32,
     /// Time source; tests use [`Clock::manual`].
     pub clock: Clock,
+    /// Leading zero bits a browser challenge's proof of work needs.
+    pub challenge_difficulty: Difficulty,
+    /// The key challenges and clearances are signed with; `None`: a random key of this
+    /// process (cookies then die with it). Rotate with [`Shield::rotate_key`].
+    pub shield_key: Option<ShieldKey>,
 }
 
 impl Default for ShieldOptions {
@@ -92,6 +103,8 @@ impl Default for ShieldOptions {
             l4_max_conns_per_ip: 0,
             l4_new_conns_per_minute: 0,
             clock: Clock::system(),
+            challenge_difficulty: Difficulty::DEFAULT,
+            shield_key: None,
         }
     }
 }
@@ -158,6 +171,8 @@ pub struct Shield {
     next_scope: AtomicU32,
     stats: ShieldStats,
     decisions_log: persist::LogBudget,
+    /// The keys of the browser challenge; swapped whole by a rotation.
+    keys: ArcSwap<KeyRing>,
 }
 
 impl Shield {
@@ -174,6 +189,9 @@ impl Shield {
             next_scope: AtomicU32::new(FIRST_DOMAIN_SCOPE),
             stats: ShieldStats::default(),
             decisions_log: persist::LogBudget::new(20),
+            keys: ArcSwap::from_pointee(KeyRing::new(
+                &options.shield_key.clone().unwrap_or_else(gate::process_key),
+            )),
             options,
         }
     }

@@ -133,6 +133,9 @@ pub(crate) struct AgentPolicy {
     pub(crate) whitelist: CidrSet,
     /// Enabled domains in the snapshot.
     pub(crate) n_enabled: usize,
+    /// The longest clearance `ttlSeconds` of the enabled domains with the challenge on: how
+    /// long a key rotation keeps accepting the previous key.
+    pub(crate) longest_clearance: Duration,
 }
 
 impl AgentPolicy {
@@ -153,6 +156,9 @@ impl AgentPolicy {
             policy.max_conns_per_ip = Some(policy.max_conns_per_ip.map_or(cap, |c| c.min(cap)));
             let timeout = settings.slowloris.max_header_timeout;
             policy.header_timeout = Some(policy.header_timeout.map_or(timeout, |t| t.min(timeout)));
+            if settings.js_challenge.enabled {
+                policy.longest_clearance = policy.longest_clearance.max(settings.js_challenge.ttl);
+            }
         }
         policy
     }

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use defenra_config::stats::{Metric, StatsSource};
 
+use crate::challenge::Rejection;
+
 /// Agent-wide counters. Per-domain ones are in [`crate::DomainCounters`].
 #[derive(Debug, Default)]
 pub struct ShieldStats {
@@ -35,7 +37,29 @@ pub struct ShieldStats {
     pub slow_bodies: AtomicU64,
     /// Block and ban log lines left out by the log rate limit.
     pub log_lines_suppressed: AtomicU64,
+    /// Challenge pages answered (a request without a valid clearance, or blocked).
+    pub challenges_issued: AtomicU64,
+    /// Posted solutions accepted: a clearance cookie was handed out.
+    pub challenges_solved: AtomicU64,
+    /// Posted solutions refused, by [`Rejection`] (`bad`, `expired`, `foreign`).
+    pub challenges_failed: [AtomicU64; 3],
+    /// Requests let through by a valid clearance cookie.
+    pub clearances_accepted: AtomicU64,
+    /// Clearance cookies refused (the request got the challenge), by [`Rejection`].
+    pub clearances_rejected: [AtomicU64; 3],
 }
+
+/// Index of `rejection` in the per-reason counter arrays.
+pub(crate) fn reason_index(rejection: Rejection) -> usize {
+    match rejection {
+        Rejection::Bad => 0,
+        Rejection::Expired => 1,
+        Rejection::Foreign => 2,
+    }
+}
+
+/// The reasons in the order of the per-reason counter arrays.
+const REASONS: [Rejection; 3] = [Rejection::Bad, Rejection::Expired, Rejection::Foreign];
 
 /// A plain copy of every counter and gauge, for rendering.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -54,6 +78,15 @@ pub struct ShieldStatsSnapshot {
     pub whitelisted: u64,
     pub slow_bodies: u64,
     pub log_lines_suppressed: u64,
+    pub challenges_issued: u64,
+    pub challenges_solved: u64,
+    pub challenges_failed_bad: u64,
+    pub challenges_failed_expired: u64,
+    pub challenges_failed_foreign: u64,
+    pub clearances_accepted: u64,
+    pub clearances_rejected_bad: u64,
+    pub clearances_rejected_expired: u64,
+    pub clearances_rejected_foreign: u64,
     /// Bans in force (gauge).
     pub bans_active: u64,
     /// Automatic bans not made because the ban list was full.
@@ -87,6 +120,25 @@ impl ShieldStats {
         snapshot.whitelisted = self.whitelisted.load(Relaxed);
         snapshot.slow_bodies = self.slow_bodies.load(Relaxed);
         snapshot.log_lines_suppressed = self.log_lines_suppressed.load(Relaxed);
+        snapshot.challenges_issued = self.challenges_issued.load(Relaxed);
+        snapshot.challenges_solved = self.challenges_solved.load(Relaxed);
+        [
+            snapshot.challenges_failed_bad,
+            snapshot.challenges_failed_expired,
+            snapshot.challenges_failed_foreign,
+        ] = self
+            .challenges_failed
+            .each_ref()
+            .map(|counter| counter.load(Relaxed));
+        snapshot.clearances_accepted = self.clearances_accepted.load(Relaxed);
+        [
+            snapshot.clearances_rejected_bad,
+            snapshot.clearances_rejected_expired,
+            snapshot.clearances_rejected_foreign,
+        ] = self
+            .clearances_rejected
+            .each_ref()
+            .map(|counter| counter.load(Relaxed));
     }
 }
 
@@ -154,6 +206,51 @@ impl StatsSource for crate::Shield {
             "Block and ban log lines left out by the log rate limit.",
             s.log_lines_suppressed,
         ));
+        out.push(Metric::counter(
+            "challenges_issued_total",
+            "Browser challenge pages answered (no valid clearance cookie, or a blocked address).",
+            s.challenges_issued,
+        ));
+        out.push(Metric::counter(
+            "challenges_solved_total",
+            "Challenge solutions accepted: a clearance cookie was handed out.",
+            s.challenges_solved,
+        ));
+        let failed = [
+            s.challenges_failed_bad,
+            s.challenges_failed_expired,
+            s.challenges_failed_foreign,
+        ];
+        for (reason, value) in REASONS.into_iter().zip(failed) {
+            out.push(
+                Metric::counter(
+                    "challenges_failed_total",
+                    "Challenge solutions refused, by reason (bad, expired, foreign).",
+                    value,
+                )
+                .label("reason", reason.as_str()),
+            );
+        }
+        out.push(Metric::counter(
+            "clearances_accepted_total",
+            "Requests let through by a valid clearance cookie.",
+            s.clearances_accepted,
+        ));
+        let rejected = [
+            s.clearances_rejected_bad,
+            s.clearances_rejected_expired,
+            s.clearances_rejected_foreign,
+        ];
+        for (reason, value) in REASONS.into_iter().zip(rejected) {
+            out.push(
+                Metric::counter(
+                    "clearances_rejected_total",
+                    "Clearance cookies refused (the request got the challenge), by reason.",
+                    value,
+                )
+                .label("reason", reason.as_str()),
+            );
+        }
         out.push(Metric::gauge(
             "bans_active",
             "Bans in force (addresses and prefixes).",

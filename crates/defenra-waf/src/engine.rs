@@ -437,8 +437,8 @@ fn allow() -> Verdict {
 /// Turns a finished run into a verdict.
 ///
 /// - `ngx.exit(status)` with a status of 200 or more answers with that status, the headers
-///   the script set and its `ngx.say` output (nginx's error page when there is none and the
-///   status is an error).
+///   the script set and its `ngx.say` output (none when it printed nothing: for an error
+///   status the proxy then answers with the edge's page).
 /// - `ngx.exit(ngx.ERROR)` answers 500.
 /// - Otherwise (no exit, `ngx.OK`, `ngx.DONE`, `ngx.DECLINED`), a script that printed a
 ///   body answers with it and `ngx.status` (default 200); one that did not lets the request
@@ -461,26 +461,15 @@ fn finish(exit: Option<i64>, response: &mut crate::api::ResponseData) -> Verdict
 }
 
 fn respond(status: StatusCode, mut headers: HeaderMap, body: Vec<u8>) -> Verdict {
-    let body = if body.is_empty() && status.as_u16() >= 400 {
-        if !headers.contains_key(CONTENT_TYPE) {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
-        }
-        let reason = status.canonical_reason().unwrap_or("");
-        let code = status.as_u16();
-        Bytes::from(format!(
-            "<html>\r\n<head><title>{code} {reason}</title></head>\r\n<body>\r\n\
-             <center><h1>{code} {reason}</h1></center>\r\n<hr><center>defenra</center>\r\n\
-             </body>\r\n</html>\r\n"
-        ))
-    } else {
-        if !body.is_empty() && !headers.contains_key(CONTENT_TYPE) {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        }
-        Bytes::from(body)
-    };
+    // An error status without a body of the script's own stays empty: the proxy answers it
+    // with the edge's page for that status (HTML or text by the client's `Accept`, with a
+    // request id), as nginx would with its error page.
+    if !body.is_empty() && !headers.contains_key(CONTENT_TYPE) {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
     Verdict::Block {
         status,
         headers,
-        body,
+        body: Bytes::from(body),
     }
 }

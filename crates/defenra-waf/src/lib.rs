@@ -128,7 +128,9 @@ pub enum RequestHeaders<'a> {
 pub enum Verdict {
     /// Proxy the request; add `extra_headers` to the response sent to the client.
     Allow { extra_headers: HeaderMap },
-    /// Answer the client directly with this response; the origin is not contacted.
+    /// Answer the client directly with this response; the origin is not contacted. An
+    /// empty `body` with a status of 400 or more means the script wrote none: the proxy
+    /// answers with its own page for that status.
     Block {
         status: StatusCode,
         headers: HeaderMap,

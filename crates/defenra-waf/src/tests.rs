@@ -126,7 +126,7 @@ fn engine(script: &str) -> WafEngine {
 }
 
 /// A compact rendering of a verdict: `allow` or the status, then the headers the script
-/// set, then the body (`<page>` for the built-in error page).
+/// set, then the body (`<page>` for an error status without one: the proxy's page).
 fn render(verdict: &Verdict) -> String {
     let (mut out, headers, body) = match verdict {
         Verdict::Allow { extra_headers } => ("allow".to_owned(), extra_headers, None),
@@ -141,7 +141,7 @@ fn render(verdict: &Verdict) -> String {
     }
     if let Some(body) = body {
         let body = String::from_utf8_lossy(body);
-        if body.starts_with("<html>") {
+        if body.is_empty() && out.parse::<u16>().is_ok_and(|status| status >= 400) {
             out.push_str(" | <page>");
         } else if !body.is_empty() {
             out.push_str(&format!(" | {body:?}"));
@@ -199,11 +199,8 @@ fn domains_without_a_script_are_allowed_without_lua() {
 
 #[test]
 fn exit_with_an_error_status_blocks_with_nginx_page() {
-    check(
-        "return ngx.exit(ngx.HTTP_FORBIDDEN)",
-        "403 | content-type: text/html | <page>",
-    );
-    check("ngx.exit(429)", "429 | content-type: text/html | <page>");
+    check("return ngx.exit(ngx.HTTP_FORBIDDEN)", "403 | <page>");
+    check("ngx.exit(429)", "429 | <page>");
 }
 
 #[test]
@@ -212,25 +209,19 @@ fn exit_stops_the_script() {
         "ngx.exit(ngx.OK) ngx.header['X-After'] = '1' ngx.exit(403)",
         "allow",
     );
-    check(
-        "ngx.exit(403) ngx.exit(200)",
-        "403 | content-type: text/html | <page>",
-    );
+    check("ngx.exit(403) ngx.exit(200)", "403 | <page>");
 }
 
 #[test]
 fn exit_inside_pcall_still_stops_the_script() {
-    check(
-        "pcall(ngx.exit, 403) ngx.exit(200)",
-        "403 | content-type: text/html | <page>",
-    );
+    check("pcall(ngx.exit, 403) ngx.exit(200)", "403 | <page>");
     check(
         "local ok = pcall(function() ngx.exit(401) end) if not ok then ngx.exit(200) end",
-        "401 | content-type: text/html | <page>",
+        "401 | <page>",
     );
     check(
         "xpcall(function() ngx.exit(402) end, function(e) return e end) ngx.exit(200)",
-        "402 | content-type: text/html | <page>",
+        "402 | <page>",
     );
 }
 
@@ -256,10 +247,7 @@ fn say_builds_a_custom_response() {
 
 #[test]
 fn other_exit_codes() {
-    check(
-        "ngx.exit(ngx.ERROR)",
-        "500 | content-type: text/html | <page>",
-    );
+    check("ngx.exit(ngx.ERROR)", "500 | <page>");
     check("ngx.exit(204)", "204");
     check("ngx.exit(ngx.DECLINED)", "allow");
     check("ngx.redirect('/login')", "302 | location: /login");
@@ -339,10 +327,7 @@ fn bad_header_values_are_script_errors() {
         },
         "ngx.header['X-Bad'] = 'a\\r\\nb'",
     );
-    assert_eq!(
-        render(&request("/").check(&engine)),
-        "503 | content-type: text/html | <page>"
-    );
+    assert_eq!(render(&request("/").check(&engine)), "503 | <page>");
 }
 
 #[test]
@@ -381,10 +366,7 @@ fn script_errors_fail_closed_when_asked() {
         },
         "local x = nil; x.y = 1",
     );
-    assert_eq!(
-        render(&request("/").check(&engine)),
-        "503 | content-type: text/html | <page>"
-    );
+    assert_eq!(render(&request("/").check(&engine)), "503 | <page>");
 }
 
 #[test]
@@ -497,10 +479,7 @@ fn recursion_through_c_functions_is_a_lua_error_not_a_crash() {
             let verdict = render(&request(&target).check(&engine));
             (verdict, engine.stats().domain_totals(DOMAIN))
         });
-        assert_eq!(
-            verdict, "503 | content-type: text/html | <page>",
-            "{script}"
-        );
+        assert_eq!(verdict, "503 | <page>", "{script}");
         assert_eq!(totals, Some((1, 0, 1, 0)), "{script}: one script error");
     }
     // Nesting well below the limit still works.
@@ -539,10 +518,7 @@ fn pathological_lua_patterns_are_stopped_by_the_budget() {
         let started = Instant::now();
         let verdict = render(&request("/").header("User-Agent", &ua).check(&engine));
         let elapsed = started.elapsed();
-        assert_eq!(
-            verdict, "503 | content-type: text/html | <page>",
-            "{script}"
-        );
+        assert_eq!(verdict, "503 | <page>", "{script}");
         assert_eq!(
             engine.stats().domain_totals(DOMAIN),
             Some((1, 0, 0, 1)),
@@ -669,10 +645,7 @@ fn the_state_is_usable_after_an_abort() {
     let mut looping = request("/");
     looping.domain = "loop.com";
     assert_eq!(render(&looping.check(&engine)), "allow");
-    assert_eq!(
-        render(&request("/").check(&engine)),
-        "403 | content-type: text/html | <page>"
-    );
+    assert_eq!(render(&request("/").check(&engine)), "403 | <page>");
 }
 
 #[test]
@@ -695,10 +668,7 @@ fn memory_cap_stops_a_greedy_script_and_the_state_recovers() {
     engine.reload(&snapshot, &mut Vec::new());
     let mut greedy = request("/");
     greedy.domain = "greedy.com";
-    assert_eq!(
-        render(&greedy.check(&engine)),
-        "503 | content-type: text/html | <page>"
-    );
+    assert_eq!(render(&greedy.check(&engine)), "503 | <page>");
     assert_eq!(
         engine.stats().domain_totals("greedy.com"),
         Some((1, 0, 0, 1))
@@ -782,7 +752,7 @@ fn forbidden_functions_really_fail() {
         let engine = engine_for(call);
         assert_eq!(
             render(&request("/").check(&engine)),
-            "503 | content-type: text/html | <page>",
+            "503 | <page>",
             "{call} should fail"
         );
         assert_eq!(
@@ -828,7 +798,7 @@ fn shared_tables_cannot_be_modified() {
         );
         assert_eq!(
             render(&request("/").check(&engine)),
-            "503 | content-type: text/html | <page>",
+            "503 | <page>",
             "{write} should fail"
         );
     }
@@ -918,10 +888,7 @@ fn domains_do_not_share_globals() {
 #[test]
 fn reload_replaces_scripts_and_keeps_dicts() {
     let engine = engine("ngx.shared.cache:incr('n', 1, 0) ngx.exit(403)");
-    assert_eq!(
-        render(&request("/").check(&engine)),
-        "403 | content-type: text/html | <page>"
-    );
+    assert_eq!(render(&request("/").check(&engine)), "403 | <page>");
     let (snapshot, _) = config(&[(DOMAIN, "ngx.say(ngx.shared.cache:get('n'))")]);
     engine.reload(&snapshot, &mut Vec::new());
     assert_eq!(
@@ -951,10 +918,7 @@ fn every_thread_gets_its_own_state_and_shares_the_dicts() {
         .collect();
     let allowed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(allowed, 40);
-    assert_eq!(
-        render(&request("/").check(&engine)),
-        "429 | content-type: text/html | <page>"
-    );
+    assert_eq!(render(&request("/").check(&engine)), "429 | <page>");
 }
 
 // ---- ngx.var, ngx.req, request ---------------------------------------------------------
@@ -1147,7 +1111,7 @@ fn blocking_by_country_as_the_docs_show() {
     );
     assert_eq!(
         render(&request("/").from("198.51.100.1").check(&engine)),
-        "403 | content-type: text/html | <page>"
+        "403 | <page>"
     );
     assert_eq!(
         render(&request("/").from("203.0.113.1").check(&engine)),
@@ -1661,7 +1625,7 @@ fn domains_cannot_read_or_poison_each_others_dictionaries() {
     }
     assert_eq!(
         render(&request_to("victim.test", "/").check(&engine)),
-        "429 | content-type: text/html | <page>",
+        "429 | <page>",
         "the victim's own limit still works"
     );
 }

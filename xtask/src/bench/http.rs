@@ -185,7 +185,7 @@ impl Settings {
 }
 
 /// Installs nginx, wrk and openssl from Debian packages when missing.
-fn ensure_tools() -> anyhow::Result<()> {
+pub(super) fn ensure_tools() -> anyhow::Result<()> {
     let missing: Vec<&str> = [
         ("nginx", "nginx-light"),
         ("wrk", "wrk"),
@@ -230,7 +230,7 @@ fn make_certificate(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The origin: one worker serving `www/index.html` (1 KiB).
-fn origin_conf(dir: &Path, port: u16) -> String {
+pub(super) fn origin_conf(dir: &Path, port: u16) -> String {
     format!(
         "{}http {{\n{}server {{ listen 127.0.0.1:{port} reuseport; root {}/www; }}\n}}\n",
         common_conf(dir, "origin", "1"),
@@ -271,12 +271,12 @@ fn proxy_conf(dir: &Path, origin: u16, http: u16, https: u16) -> String {
 }
 
 /// An nginx master started with `daemon off`; stopped with SIGQUIT on drop.
-struct Nginx {
+pub(super) struct Nginx {
     child: Child,
 }
 
 impl Nginx {
-    fn start(dir: &Path, name: &str, conf: &str) -> anyhow::Result<Self> {
+    pub(super) fn start(dir: &Path, name: &str, conf: &str) -> anyhow::Result<Self> {
         let conf_path = dir.join(format!("{name}.conf"));
         fs::write(&conf_path, conf)?;
         let child = Command::new(nginx_binary())
@@ -291,7 +291,7 @@ impl Nginx {
         Ok(Nginx { child })
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -408,17 +408,17 @@ fn rss_under_load(
 }
 
 #[derive(Debug, Clone)]
-struct WrkResult {
-    requests: u64,
-    requests_per_second: f64,
+pub(super) struct WrkResult {
+    pub(super) requests: u64,
+    pub(super) requests_per_second: f64,
     /// CPU time the proxy used per request, when measured.
     cpu_us_per_request: Option<f64>,
     /// The user-space part of `cpu_us_per_request`.
     user_us_per_request: Option<f64>,
     p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
-    raw: String,
+    pub(super) p99_ms: f64,
+    pub(super) errors: u64,
+    pub(super) raw: String,
 }
 
 fn better(best: Option<WrkResult>, candidate: WrkResult) -> WrkResult {
@@ -451,7 +451,7 @@ fn wrk(url: &str, threads: u32, connections: u32, duration: Duration) -> anyhow:
     parse_wrk(&raw).with_context(|| format!("cannot read wrk's output:\n{raw}"))
 }
 
-fn parse_wrk(raw: &str) -> Option<WrkResult> {
+pub(super) fn parse_wrk(raw: &str) -> Option<WrkResult> {
     let mut requests = 0;
     let mut requests_per_second = None;
     let mut p50_ms = None;

@@ -1,5 +1,6 @@
 //! `cargo xtask bench <area>`: runs the agent beside its peer under the same load.
 
+mod challenge;
 mod common;
 mod dns;
 mod dns_rrl;
@@ -10,7 +11,9 @@ mod waf;
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let Some((area, rest)) = args.split_first() else {
-        anyhow::bail!("usage: cargo xtask bench <dns|dns-rrl|http|waf|l4|shield> [options]");
+        anyhow::bail!(
+            "usage: cargo xtask bench <dns|dns-rrl|http|waf|l4|shield|challenge> [options]"
+        );
     };
     match area.as_str() {
         "dns" => dns::run(rest),
@@ -19,9 +22,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         "waf" => waf::run(rest),
         "l4" => l4::run(rest),
         "shield" => shield::run(rest),
+        "challenge" => challenge::run(rest),
         other => {
             anyhow::bail!(
-                "unknown bench area {other:?}: expected dns, dns-rrl, http, waf, l4 or shield"
+                "unknown bench area {other:?}: expected dns, dns-rrl, http, waf, l4, shield or challenge"
             )
         }
     }

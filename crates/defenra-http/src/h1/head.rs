@@ -329,6 +329,11 @@ impl RequestHead {
         }
     }
 
+    /// The fields as [`crate::proxy::Fields`] for routing, over `buf`.
+    pub(crate) fn fields<'a>(&'a self, buf: &'a [u8]) -> HeadFields<'a> {
+        HeadFields { head: self, buf }
+    }
+
     /// The fields as `(name, value)` pairs in arrival order, for the WAF. Names are
     /// tokens (`httparse` checked), so ASCII.
     pub(crate) fn pairs<'a>(&self, buf: &'a [u8]) -> impl Iterator<Item = (&'a str, &'a [u8])> {
@@ -338,6 +343,36 @@ impl RequestHead {
                 field.value.get(buf),
             )
         })
+    }
+}
+
+/// A request head's fields over the buffer it was parsed from.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadFields<'a> {
+    head: &'a RequestHead,
+    buf: &'a [u8],
+}
+
+impl<'a> crate::proxy::Fields<'a> for HeadFields<'a> {
+    fn all(self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let buf = self.buf;
+        self.head
+            .fields
+            .list
+            .iter()
+            .filter(move |field| field.name.get(buf).eq_ignore_ascii_case(name.as_bytes()))
+            .map(move |field| field.value.get(buf))
+    }
+
+    fn last(self, name: &str) -> Option<&'a [u8]> {
+        let buf = self.buf;
+        self.head
+            .fields
+            .list
+            .iter()
+            .rev()
+            .find(|field| field.name.get(buf).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|field| field.value.get(buf))
     }
 }
 

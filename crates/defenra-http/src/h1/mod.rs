@@ -12,6 +12,7 @@
 pub(crate) mod buffer;
 mod chunked;
 mod date;
+mod form;
 mod head;
 mod timer;
 
@@ -29,8 +30,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::access::AccessEntry;
+use crate::edge::Visitor;
 use crate::origin::{PoolKey, RawConn};
-use crate::proxy::{Conn, Decision, ErrorSource, Local, ProxyError, pool_key};
+use crate::proxy::{
+    Asked, Conn, Decision, ErrorSource, Fields, Local, ProxyError, note_local, pool_key,
+};
 use crate::route::{Route, strip_port};
 use crate::server::Meter;
 use crate::slow::BodyRate;
@@ -119,7 +123,8 @@ where
                 Err(NoHead::Quiet) => break,
                 Err(NoHead::Bad(error)) => {
                     tracing::debug!(peer = %self.conn.peer, %error, "bad request head");
-                    let local = Local::error_page(error.status());
+                    let visitor = Visitor::new([], self.conn.peer.ip().to_canonical());
+                    let local = self.conn.service.edge.for_status(error.status(), visitor);
                     let _ = self.respond_local(&local, true, false, false).await;
                     break;
                 }
@@ -211,6 +216,9 @@ where
                 path.split_once('?').map_or(path, |(path, _)| path)
             }),
         );
+        let fields = head.fields(buf);
+        // Known before the head is gone, for a page this request may still get (a 502).
+        let mut visitor = Visitor::new(fields.all("accept"), conn.peer.ip().to_canonical());
         let routed = authority
             .or_else(|| head.host(buf))
             .and_then(|host| std::str::from_utf8(host).ok())
@@ -219,31 +227,26 @@ where
             .and_then(|host_value| {
                 let host = strip_port(host_value);
                 let target = std::str::from_utf8(path).map_err(|_| ProxyError::MissingHost)?;
-                let decision = conn.decide(
-                    &method,
+                let asked = Asked {
+                    method: &method,
                     host,
                     target,
-                    &mut entry,
-                    |name| {
-                        head.pairs(buf)
-                            .filter(|(field, _)| field.eq_ignore_ascii_case(name))
-                            .last()
-                            .map(|(_, value)| value)
-                    },
-                    |waf, domain, lower, client| {
-                        let pairs: Vec<(&str, &[u8])> = head.pairs(buf).collect();
-                        waf.check(&defenra_waf::RequestInfo {
-                            domain,
-                            host: lower,
-                            method: &method,
-                            target,
-                            headers: defenra_waf::RequestHeaders::Pairs(&pairs),
-                            remote_addr: client,
-                            scheme: conn.listener.scheme(),
-                            server_port: conn.local_port,
-                        })
-                    },
-                )?;
+                    fields,
+                    format: visitor.format,
+                };
+                let decision = conn.decide(&asked, &mut entry, |waf, domain, lower, client| {
+                    let pairs: Vec<(&str, &[u8])> = head.pairs(buf).collect();
+                    waf.check(&defenra_waf::RequestInfo {
+                        domain,
+                        host: lower,
+                        method: &method,
+                        target,
+                        headers: defenra_waf::RequestHeaders::Pairs(&pairs),
+                        remote_addr: client,
+                        scheme: conn.listener.scheme(),
+                        server_port: conn.local_port,
+                    })
+                })?;
                 if let Decision::Proxy { client, .. } = &decision {
                     conn.service.clients.note(*client, || {
                         head.pairs(buf)
@@ -256,13 +259,35 @@ where
         let (route, extra, key) = match routed {
             Ok((Decision::Respond(local), _, _)) => {
                 self.inbuf.consume(head_len);
-                set_status(&mut entry, local.status);
+                note_local(&mut entry, &local);
                 // A body the client is sending would be read as the next request.
                 let close = !keep_alive || has_body;
                 return self
                     .respond_local(&local, close, keep_alive_10 && !close, is_head)
                     .await
                     && !close;
+            }
+            Ok((Decision::Submit(submit), _, _)) => {
+                let framing = head.framing;
+                let minor = head.minor;
+                let expects_continue = fields
+                    .last("expect")
+                    .is_some_and(|value| value.eq_ignore_ascii_case(b"100-continue"));
+                self.inbuf.consume(head_len);
+                return self
+                    .submit(
+                        &submit,
+                        form::Framed {
+                            framing,
+                            minor,
+                            keep_alive,
+                            is_head,
+                            expects_continue,
+                        },
+                        &mut entry,
+                        timer,
+                    )
+                    .await;
             }
             Ok((
                 Decision::Proxy {
@@ -272,28 +297,31 @@ where
                 },
                 host_value,
                 host,
-            )) => match prepare(
-                conn,
-                &route,
-                head,
-                buf,
-                (host_value, host),
-                path,
-                client,
-                &mut self.out,
-            ) {
-                Ok(key) => (route, extra_headers, key),
-                Err(error) => {
-                    self.inbuf.consume(head_len);
-                    return self
-                        .fail(error, &mut entry, keep_alive, has_body, is_head)
-                        .await;
+            )) => {
+                visitor.client = client;
+                match prepare(
+                    conn,
+                    &route,
+                    head,
+                    buf,
+                    (host_value, host),
+                    path,
+                    client,
+                    &mut self.out,
+                ) {
+                    Ok(key) => (route, extra_headers, key),
+                    Err(error) => {
+                        self.inbuf.consume(head_len);
+                        return self
+                            .fail(error, &mut entry, visitor, keep_alive, has_body, is_head)
+                            .await;
+                    }
                 }
-            },
+            }
             Err(error) => {
                 self.inbuf.consume(head_len);
                 return self
-                    .fail(error, &mut entry, keep_alive, has_body, is_head)
+                    .fail(error, &mut entry, visitor, keep_alive, has_body, is_head)
                     .await;
             }
         };
@@ -317,6 +345,7 @@ where
             minor,
             retryable: idempotent && !has_body,
             upgrade: upgrade.is_some(),
+            visitor,
         };
         let outcome = self
             .proxy(&route, &key, &request, extra.as_ref(), &mut entry, timer)
@@ -325,7 +354,7 @@ where
             Ok(keep) => keep,
             Err(ExchangeError::ClientGone) => false,
             Err(ExchangeError::Proxy(error)) => {
-                self.fail(error, &mut entry, keep_alive, true, is_head)
+                self.fail(error, &mut entry, visitor, keep_alive, true, is_head)
                     .await
             }
             Err(ExchangeError::Stale | ExchangeError::OriginTimeout) => false,
@@ -337,13 +366,14 @@ where
         &mut self,
         error: ProxyError,
         entry: &mut Option<Box<AccessEntry>>,
+        visitor: Visitor,
         keep_alive: bool,
         has_body: bool,
         is_head: bool,
     ) -> bool {
         self.conn.note(&error);
-        let local = error.to_local();
-        set_status(entry, local.status);
+        let local = self.conn.service.edge.for_status(error.status(), visitor);
+        note_local(entry, &local);
         // A client that sent something unusable gets no second chance, as with nginx.
         let close = !keep_alive || has_body || error.blame() == ErrorSource::Client;
         self.respond_local(
@@ -746,7 +776,8 @@ where
                 origin: "origin".to_owned(),
                 reason: "unrequested 101".to_owned(),
             });
-            let local = Local::error_page(StatusCode::BAD_GATEWAY);
+            let edge = &self.conn.service.edge;
+            let local = edge.for_status(StatusCode::BAD_GATEWAY, request.visitor);
             let _ = self.respond_local(&local, true, false, false).await;
             return false;
         }
@@ -803,6 +834,8 @@ struct Request {
     /// A request that may go again on a new connection when a pooled one turns out closed.
     retryable: bool,
     upgrade: bool,
+    /// Who an edge page for this request is for (a 502 after the exchange began).
+    visitor: Visitor,
 }
 
 /// The request body on its way to the origin: what of it is still to come from the

@@ -99,8 +99,16 @@ async fn each_request_writes_one_line_with_its_fields() {
     }
     let sent = format!("bytes_sent={} ", page.body.len());
     assert!(proxied.contains(&sent), "{sent} missing in {proxied}");
+    assert!(proxied.contains("request_id=\"-\""), "{proxied}");
     let refused = &lines[1];
-    for field in ["status=404", "host=\"unknown.test\"", "origin=\"-\""] {
+    // The edge's own page: its request id, as the client saw it, is in the line.
+    let request_id = format!("request_id=\"{}\"", reply.header("x-request-id"));
+    for field in [
+        "status=404",
+        "host=\"unknown.test\"",
+        "origin=\"-\"",
+        &request_id,
+    ] {
         assert!(refused.contains(field), "{field} missing in {refused}");
     }
     assert_eq!(proxy.service.stats().access_log_suppressed_total(), 0);

@@ -2,8 +2,10 @@
 
 mod access;
 mod bodies;
+mod challenge;
 mod headers;
 mod limits;
+mod pages;
 mod pool;
 mod protocols;
 mod routing;

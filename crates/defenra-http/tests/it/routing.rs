@@ -41,7 +41,7 @@ async fn known_host_is_proxied_with_method_path_and_query() {
 }
 
 #[tokio::test]
-async fn unknown_host_is_404_with_a_plain_page() {
+async fn unknown_host_is_404_with_the_edge_page() {
     let origin = Origin::start().await;
     let proxy = Proxy::start(
         &config(vec![proxied_domain("example.com")]),
@@ -50,7 +50,15 @@ async fn unknown_host_is_404_with_a_plain_page() {
     .await;
     let reply = get(proxy.http, "other.org", "/").await;
     assert_eq!(reply.status, 404);
-    assert_eq!(reply.body, "404 Not Found\n");
+    // No `Accept`: the page's one line of text, naming the client and the request id.
+    let request_id = reply.header("x-request-id");
+    assert_eq!(
+        reply.body,
+        format!(
+            "404 Not Found: No site of this name is served here. Client 127.0.0.1, \
+             request ID {request_id}.\n"
+        )
+    );
     // A name below the zone without a record (and no wildcard) is unknown too.
     assert_eq!(get(proxy.http, "nope.example.com", "/").await.status, 404);
 }
@@ -106,7 +114,13 @@ async fn host_without_usable_origin_is_502() {
     let proxy = Proxy::start(&config(vec![domain]), origin.addr.port()).await;
     let reply = get(proxy.http, "example.com", "/").await;
     assert_eq!(reply.status, 502);
-    assert_eq!(reply.body, "502 Bad Gateway\n");
+    assert!(
+        reply
+            .body
+            .starts_with("502 Bad Gateway: The site's server could not be reached."),
+        "{}",
+        reply.body
+    );
 }
 
 #[tokio::test]
@@ -151,7 +165,15 @@ async fn closed_origin_port_is_502() {
     let proxy = Proxy::start(&config(vec![proxied_domain("example.com")]), port).await;
     let reply = get(proxy.http, "example.com", "/").await;
     assert_eq!(reply.status, 502);
-    assert_eq!(reply.body, "502 Bad Gateway\n", "no internal detail");
+    assert!(
+        reply.body.starts_with("502 Bad Gateway: "),
+        "{}",
+        reply.body
+    );
+    // No internal detail: neither the origin's address nor the connect error.
+    for internal in [port.to_string(), "refused".to_owned(), "connect".to_owned()] {
+        assert!(!reply.body.contains(&internal), "{}", reply.body);
+    }
 }
 
 #[tokio::test]

@@ -55,7 +55,7 @@ pub fn set_cookie(name: &str, token: &ClearanceToken, ttl: Duration, scheme: Sch
 /// split one list over several fields, RFC 9113 §8.2.3), in order. Pairs are separated by
 /// `;` and optional whitespace (RFC 6265 §5.4, leniently: tabs, missing spaces); names
 /// compare exactly; a value in double quotes loses them; pairs without `=` are skipped.
-pub fn cookie_values<'a, I>(fields: I, name: &'a str) -> CookieValues<'a, I::IntoIter>
+pub fn cookie_values<'a, 'n, I>(fields: I, name: &'n str) -> CookieValues<'a, 'n, I::IntoIter>
 where
     I: IntoIterator<Item = &'a [u8]>,
 {
@@ -68,13 +68,13 @@ where
 
 /// The iterator of [`cookie_values`].
 #[derive(Debug, Clone)]
-pub struct CookieValues<'a, I> {
+pub struct CookieValues<'a, 'n, I> {
     fields: I,
     rest: &'a [u8],
-    name: &'a [u8],
+    name: &'n [u8],
 }
 
-impl<'a, I: Iterator<Item = &'a [u8]>> Iterator for CookieValues<'a, I> {
+impl<'a, I: Iterator<Item = &'a [u8]>> Iterator for CookieValues<'a, '_, I> {
     type Item = &'a [u8];
 
     fn next(&mut self) -> Option<&'a [u8]> {
@@ -109,7 +109,7 @@ impl KeyRing {
     pub fn check_cookies<'a>(
         &self,
         fields: impl IntoIterator<Item = &'a [u8]>,
-        name: &'a str,
+        name: &str,
         client: IpAddr,
         host: &str,
         now: u64,

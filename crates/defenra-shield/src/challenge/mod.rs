@@ -77,7 +77,7 @@ impl Difficulty {
     }
 
     /// The number of leading zero bits.
-    pub fn bits(self) -> u8 {
+    pub const fn bits(self) -> u8 {
         self.0
     }
 }

@@ -442,3 +442,25 @@ fn very_long_hosts_are_cut_the_same_way_at_issue_and_verify() {
         Ok(())
     );
 }
+
+#[test]
+fn a_challenge_read_back_from_its_text_solves_the_same() {
+    let keys = ring(1);
+    let difficulty = Difficulty::new(6).expect("difficulty");
+    let issued = keys.issue_challenge(ip("192.0.2.7"), "example.com", difficulty, NOW);
+    let read: ChallengeString = issued.as_str().parse().expect("parsed");
+    assert_eq!(read, issued);
+    assert_eq!(read.solve(difficulty), issued.solve(difficulty));
+    for junk in [
+        "",
+        "abc",
+        &issued.as_str()[1..],
+        &format!("{}=", &issued.as_str()[1..]),
+    ] {
+        assert_eq!(
+            junk.parse::<ChallengeString>(),
+            Err(Rejection::Bad),
+            "{junk:?}"
+        );
+    }
+}

@@ -60,6 +60,21 @@ impl ChallengeString {
     }
 }
 
+/// A challenge string as a page carries it (tests and monitoring tools read it there to
+/// [`ChallengeString::solve`] it). Only the form is checked: 64 base64url characters.
+impl std::str::FromStr for ChallengeString {
+    type Err = Rejection;
+
+    fn from_str(text: &str) -> Result<Self, Rejection> {
+        let bytes: [u8; CHALLENGE_LEN] = text.as_bytes().try_into().map_err(|_| Rejection::Bad)?;
+        let url_safe = |byte: &u8| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_');
+        if !bytes.iter().all(url_safe) {
+            return Err(Rejection::Bad);
+        }
+        Ok(ChallengeString(bytes))
+    }
+}
+
 impl ClearanceToken {
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("base64url is ASCII")
