@@ -27,6 +27,36 @@ fn check_config_prints_each_problem_with_its_path_and_fails() {
 }
 
 #[test]
+fn bad_anti_ddos_values_are_problems_with_their_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    write(
+        &path,
+        r#"{"domains":[{"domain":"example.com","httpProxy":{"type":"both","antiDDoS":{
+            "enabled":true,"rateLimit":{"windowSeconds":0,"maxRequests":"many"},
+            "ipWhitelist":"203.0.113.7, 10.0.0.0/33"}},
+            "dnsRecords":[{"name":"@","type":"A","value":"192.0.2.1"}]}]}"#,
+    );
+    let output = Command::new(binary())
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    for expected in [
+        "domains[0].httpProxy.antiDDoS.rateLimit.windowSeconds: 0 is not a positive number",
+        "domains[0].httpProxy.antiDDoS.rateLimit.maxRequests: not a number",
+        "domains[0].httpProxy.antiDDoS.ipWhitelist: \"10.0.0.0/33\" is not an IP address",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "{expected:?} missing from: {stdout}"
+        );
+    }
+}
+
+#[test]
 fn check_config_accepts_a_clean_file_and_the_demo() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.json");

@@ -49,16 +49,11 @@ pub(crate) struct Context<'a> {
 
 /// Answers `packet` from `source` into `out` (cleared first). Returns false when nothing
 /// is to be sent.
-///
-/// `_random` is unused: weighted pools now choose by client subnet, not at random.
-/// FIXME: drop it from the socket loops (`server.rs`, `batch.rs`, `lib.rs`) once the DNS
-/// TCP rework that touches them has landed; kept so the two changes merge cleanly.
 pub(crate) fn handle(
     ctx: &Context<'_>,
     packet: &[u8],
     source: IpAddr,
     transport: Transport,
-    _random: u64,
     out: &mut Vec<u8>,
 ) -> bool {
     out.clear();

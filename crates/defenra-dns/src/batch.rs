@@ -23,12 +23,7 @@ const QUERY_BUFFER: usize = 4096;
 impl DnsService {
     /// Receives whatever is queued (waiting for at least one datagram), answers each into
     /// its own buffer, and sends the answers together.
-    pub(crate) fn udp_loop_batched(
-        &self,
-        socket: &UdpSocket,
-        shutdown: &CancellationToken,
-        mut random: u64,
-    ) {
+    pub(crate) fn udp_loop_batched(&self, socket: &UdpSocket, shutdown: &CancellationToken) {
         let fd = socket.as_raw_fd();
         let batch = self.options.udp_batch.clamp(1, MAX_BATCH);
         let mut queries: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; QUERY_BUFFER]).collect();
@@ -86,17 +81,9 @@ impl DnsService {
                     self.stats.count_dropped();
                     continue;
                 }
-                random = crate::server::xorshift(random);
                 let query = &queries[slot][..(*len).min(QUERY_BUFFER)];
                 let source = crate::server::canonical(peer.ip());
-                if self.answer_with(
-                    query,
-                    source,
-                    Transport::Udp,
-                    random,
-                    now_us,
-                    &mut answers[slot],
-                ) {
+                if self.answer_with(query, source, Transport::Udp, now_us, &mut answers[slot]) {
                     to_send.push(slot);
                     addresses.push(*address);
                 }

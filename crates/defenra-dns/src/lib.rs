@@ -23,14 +23,15 @@ mod zone;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use defenra_config::{Issue, Reload, Snapshot};
 use defenra_geo::GeoLookup;
 
 pub use answer::Transport;
-pub use rrl::{Cidr, Clock, MonotonicClock, RrlOptions};
+pub use defenra_config::Cidr;
+pub use rrl::{Clock, MonotonicClock, RrlOptions};
 pub use server::DnsSockets;
 pub use stats::DnsStats;
 pub use zone::{GEO_TTL, ZoneIndex};
@@ -150,17 +151,7 @@ impl DnsService {
         transport: Transport,
         out: &mut Vec<u8>,
     ) -> bool {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.subsec_nanos());
-        self.answer_with(
-            packet,
-            source,
-            transport,
-            u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            self.rrl_now(),
-            out,
-        )
+        self.answer_with(packet, source, transport, self.rrl_now(), out)
     }
 
     /// The rate limiter's time in microseconds (0 when it is off: no clock is read).
@@ -171,14 +162,13 @@ impl DnsService {
         }
     }
 
-    /// [`DnsService::answer`] with the pool choice's random number and the rate limiter's
-    /// time (from [`DnsService::rrl_now`], read once per batch by the UDP loops).
+    /// [`DnsService::answer`] with the rate limiter's time (from [`DnsService::rrl_now`],
+    /// read once per batch by the UDP loops).
     pub(crate) fn answer_with(
         &self,
         packet: &[u8],
         source: IpAddr,
         transport: Transport,
-        random: u64,
         now_us: u64,
         out: &mut Vec<u8>,
     ) -> bool {
@@ -191,7 +181,7 @@ impl DnsService {
             rrl: self.rrl.as_ref(),
             now_us,
         };
-        answer::handle(&context, packet, source, transport, random, out)
+        answer::handle(&context, packet, source, transport, out)
     }
 }
 

@@ -4,7 +4,7 @@
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr, TcpListener as StdTcpListener, UdpSocket};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
@@ -159,7 +159,7 @@ impl DnsService {
             let token = shutdown.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("dns-udp-{number}"))
-                .spawn(move || service.run_udp(&socket, &token, number as u64))
+                .spawn(move || service.run_udp(&socket, &token))
                 .map_err(io_error);
             match thread {
                 Ok(thread) => threads.push(thread),
@@ -226,17 +226,17 @@ impl DnsService {
     }
 
     /// One UDP socket's loop: batched system calls on Linux, one datagram at a time elsewhere.
-    fn run_udp(&self, socket: &UdpSocket, shutdown: &CancellationToken, number: u64) {
+    fn run_udp(&self, socket: &UdpSocket, shutdown: &CancellationToken) {
         #[cfg(target_os = "linux")]
         if self.options.udp_batch > 1 {
-            self.udp_loop_batched(socket, shutdown, seed(number));
+            self.udp_loop_batched(socket, shutdown);
             return;
         }
-        self.udp_loop(socket, shutdown, seed(number));
+        self.udp_loop(socket, shutdown);
     }
 
     /// One datagram at a time: receive into a reused buffer, answer into another, send.
-    fn udp_loop(&self, socket: &UdpSocket, shutdown: &CancellationToken, mut random: u64) {
+    fn udp_loop(&self, socket: &UdpSocket, shutdown: &CancellationToken) {
         let mut packet = vec![0u8; 65_535];
         let mut response = Vec::with_capacity(65_535);
         while !shutdown.is_cancelled() {
@@ -259,13 +259,11 @@ impl DnsService {
                     continue;
                 }
             };
-            random = xorshift(random);
             let source = canonical(peer.ip());
             if self.answer_with(
                 &packet[..len],
                 source,
                 Transport::Udp,
-                random,
                 self.rrl_now(),
                 &mut response,
             ) && let Err(error) = socket.send_to(&response, peer)
@@ -283,19 +281,4 @@ pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
-}
-
-pub(crate) fn seed(salt: u64) -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
-    (nanos ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
-}
-
-/// xorshift64: cheap, good enough to spread weighted pool choices.
-pub(crate) fn xorshift(mut state: u64) -> u64 {
-    state ^= state << 13;
-    state ^= state >> 7;
-    state ^= state << 17;
-    state
 }

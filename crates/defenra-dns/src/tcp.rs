@@ -15,7 +15,7 @@ use tracing::debug;
 
 use crate::DnsService;
 use crate::answer::Transport;
-use crate::server::{canonical, seed, xorshift};
+use crate::server::canonical;
 use crate::stats::DnsStats;
 
 /// Bytes asked of the kernel per read.
@@ -221,7 +221,6 @@ impl DnsService {
         let idle = self.options.tcp_idle_timeout;
         let max_queries = self.options.tcp_max_queries.max(1);
         let source = canonical(peer.ip());
-        let mut random = seed(u64::from(peer.port()));
         let slot = &guard.slot;
         let epoch = guard.table.epoch;
         // Both grow to the largest message seen, so idle connections stay small.
@@ -242,8 +241,7 @@ impl DnsService {
                 let Some(packet) = input.get(at + 2..at + 2 + len) else {
                     break;
                 };
-                random = xorshift(random);
-                if self.answer_with(packet, source, Transport::Tcp, random, 0, &mut response) {
+                if self.answer_with(packet, source, Transport::Tcp, 0, &mut response) {
                     output.extend_from_slice(&(response.len() as u16).to_be_bytes());
                     output.extend_from_slice(&response);
                 }

@@ -11,7 +11,7 @@
 //! after `--million` distinct sources sent one request each (proportional set size of the
 //! whole process tree, so shared memory is not counted twice).
 //!
-//! Options: `--seconds N` flood length (10), `--sources N` flood sources (1000),
+//! Options: `--seconds N` flood length (10), `--sources N` flood sources (100),
 //! `--threads N` flood threads (4), `--million N` distinct sources of the memory phase
 //! (1,000,000; 0 skips it), `--only agent|nginx|haproxy`, `--skip-build`, `--agent-bin PATH`
 //! (another build of the agent, e.g. a debug one for a smoke run).
@@ -94,7 +94,11 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             kind.name()
         );
         eprintln!("{}: idle legitimate client", kind.name());
-        let idle = legit_client(address, Duration::from_secs(3), &AtomicBool::new(false));
+        let idle = legit_client(
+            address,
+            Duration::from_secs(settings.seconds),
+            &AtomicBool::new(false),
+        );
         eprintln!(
             "{}: flood from {} sources for {} s",
             kind.name(),
@@ -137,7 +141,7 @@ impl Settings {
     fn parse(args: &[String]) -> anyhow::Result<Settings> {
         let mut settings = Settings {
             seconds: 10,
-            sources: 1000,
+            sources: 100,
             threads: 4,
             million: 1_000_000,
             only: None,
@@ -440,12 +444,16 @@ impl Legit {
     }
 
     fn p99_ms(&self) -> f64 {
+        self.quantile_ms(0.99)
+    }
+
+    fn quantile_ms(&self, quantile: f64) -> f64 {
         let mut sorted = self.latencies_us.clone();
         sorted.sort_unstable();
         if sorted.is_empty() {
             return f64::NAN;
         }
-        let index = ((sorted.len() as f64 * 0.99).ceil() as usize).clamp(1, sorted.len()) - 1;
+        let index = ((sorted.len() as f64 * quantile).ceil() as usize).clamp(1, sorted.len()) - 1;
         sorted[index] as f64 / 1000.0
     }
 }
@@ -689,7 +697,7 @@ fn render(rows: &[Row], settings: &Settings) -> String {
     }
     out.push('\n');
     type Metric = (&'static str, fn(&Row) -> f64);
-    let metrics: [Metric; 10] = [
+    let metrics: [Metric; 12] = [
         ("refused requests per server CPU-second", |r| {
             r.flood.refused as f64 / r.flood.cpu_seconds.max(0.01)
         }),
@@ -702,9 +710,13 @@ fn render(rows: &[Row], settings: &Settings) -> String {
         ("flood reconnects", |r| r.flood.reconnects as f64),
         ("server CPU seconds during flood", |r| r.flood.cpu_seconds),
         ("legit success idle (%)", |r| 100.0 * r.idle.success()),
+        ("legit p50 idle (ms)", |r| r.idle.quantile_ms(0.5)),
         ("legit p99 idle (ms)", |r| r.idle.p99_ms()),
         ("legit success during flood (%)", |r| {
             100.0 * r.flood.legit.success()
+        }),
+        ("legit p50 during flood (ms)", |r| {
+            r.flood.legit.quantile_ms(0.5)
         }),
         ("legit p99 during flood (ms)", |r| r.flood.legit.p99_ms()),
         ("bytes per tracked address (PSS)", |r| {
