@@ -10,10 +10,10 @@ use crate::support::{Origin, Proxy, config, eventually, get, options, proxied_do
 
 /// Collects what the subscriber writes.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
 
 impl Captured {
-    fn lines(&self) -> Vec<String> {
+    pub(crate) fn lines(&self) -> Vec<String> {
         let bytes = self.0.lock().unwrap().clone();
         String::from_utf8_lossy(&bytes)
             .lines()
@@ -44,7 +44,7 @@ impl<'a> MakeWriter<'a> for Captured {
 
 /// A subscriber for this test's thread only (the tests run on a current-thread runtime,
 /// so the proxy's tasks log on it too).
-fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+pub(crate) fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(captured.clone())

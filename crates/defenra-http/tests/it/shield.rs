@@ -383,3 +383,55 @@ async fn the_slow_body_rule_applies_to_http2_streams_and_only_to_protected_domai
     let (status, took) = trickle(&proxy, 200, 20, Duration::from_millis(300)).await;
     assert_eq!(status, 200, "after {took:?}");
 }
+
+#[tokio::test]
+async fn the_waf_and_the_access_log_see_the_resolved_client_address() {
+    let origin = Origin::start().await;
+    let document = config(vec![json!({
+        "domain": "shop.test",
+        "httpProxy": { "enabled": true, "type": "both", "antiDDoS": {
+            "enabled": true, "proxyIpHeaders": ["X-Client-IP"] } },
+        "luaCode": "ngx.header['X-Seen-As'] = ngx.var.remote_addr",
+        "dnsRecords": [
+            { "name": "@", "type": "A", "value": "127.0.0.1", "httpProxyEnabled": true },
+        ],
+    })]);
+    let (captured, _guard) = crate::access::capture();
+    let proxy = Proxy::start_with(
+        &document,
+        defenra_http::HttpOptions {
+            access_log: true,
+            ..options(origin.addr.port())
+        },
+    )
+    .await;
+    let request = Request::builder()
+        .uri("/")
+        .header("host", "shop.test")
+        .header("x-client-ip", "198.51.100.23")
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let reply = send_from("127.0.0.2", proxy.http, request).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("x-seen-as"), "198.51.100.23");
+    let reply = send_from("127.0.0.2", proxy.http, request_plain())
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.header("x-seen-as"),
+        "127.0.0.2",
+        "no header: the peer"
+    );
+    crate::support::eventually("two access lines", || {
+        let count = captured.lines().len();
+        async move { count == 2 }
+    })
+    .await;
+    let lines = captured.lines();
+    assert!(lines[0].contains("client=198.51.100.23"), "{}", lines[0]);
+    assert!(lines[1].contains("client=127.0.0.2"), "{}", lines[1]);
+}
+
+fn request_plain() -> Request<Full<bytes::Bytes>> {
+    request("shop.test", "/")
+}
