@@ -155,7 +155,8 @@ impl Session<'_> {
             fleet.options.reconcile_every,
         );
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -346,15 +347,20 @@ impl Session<'_> {
         let now = unix_now();
         let mut in_fleet = HashSet::new();
         for (text, json) in records {
-            let (Ok(cidr), Ok(record)) = (text.parse::<Cidr>(), serde_json::from_str::<BanRecord>(&json))
-            else {
+            let (Ok(cidr), Ok(record)) = (
+                text.parse::<Cidr>(),
+                serde_json::from_str::<BanRecord>(&json),
+            ) else {
                 continue;
             };
             if record.expires_at.is_some_and(|at| at <= now) {
                 continue;
             }
             in_fleet.insert(cidr);
-            if let Ok(true) = fleet.shield.apply_fleet_ban(cidr, record.expires_at, &record.reason) {
+            if let Ok(true) = fleet
+                .shield
+                .apply_fleet_ban(cidr, record.expires_at, &record.reason)
+            {
                 fleet.stats.bans_applied.fetch_add(1, Relaxed);
             }
         }
@@ -445,7 +451,13 @@ impl Session<'_> {
                 .await;
             if let Some(Some(_)) = self.soft(set)? {
                 info!(key = %seed.fingerprint(), "this agent's shield key is now the fleet's");
-                return Ok(());
+                // Agents that looked before it was there learn of it now.
+                return self
+                    .publish(Event {
+                        key: Some(seed.fingerprint().to_string()),
+                        ..Event::default()
+                    })
+                    .await;
             }
         }
         let stored: RedisResult<Option<Vec<u8>>> = redis::cmd("GET")
@@ -469,11 +481,16 @@ impl Session<'_> {
         info!(key = %key.fingerprint(), %previous, "shield key taken from the fleet (the previous one stays accepted for the grace time)");
         *fleet.local_key.lock() = Some(key.clone());
         if let Some(path) = fleet.options.owned_key_file.clone() {
-            let saved = tokio::task::spawn_blocking(move || key.replace_file(&path).map(|()| path)).await;
+            let saved =
+                tokio::task::spawn_blocking(move || key.replace_file(&path).map(|()| path)).await;
             match saved {
                 Ok(Ok(_)) => {}
-                Ok(Err(error)) => warn!(%error, "cannot save the fleet's shield key in the state directory"),
-                Err(error) => warn!(%error, "cannot save the fleet's shield key in the state directory"),
+                Ok(Err(error)) => {
+                    warn!(%error, "cannot save the fleet's shield key in the state directory")
+                }
+                Err(error) => {
+                    warn!(%error, "cannot save the fleet's shield key in the state directory")
+                }
             }
         }
         Ok(())
@@ -494,7 +511,10 @@ impl Session<'_> {
         }
         {
             let mut waiting = self.fleet.key_to_publish.lock();
-            if waiting.as_ref().is_some_and(|waiting| waiting.fingerprint() == key.fingerprint()) {
+            if waiting
+                .as_ref()
+                .is_some_and(|waiting| waiting.fingerprint() == key.fingerprint())
+            {
                 *waiting = None;
             }
         }
@@ -516,12 +536,24 @@ impl Session<'_> {
             counts: deltas
                 .counts
                 .into_iter()
-                .map(|count| (count.domain.to_string(), count.client.to_string(), count.requests))
+                .map(|count| {
+                    (
+                        count.domain.to_string(),
+                        count.client.to_string(),
+                        count.requests,
+                    )
+                })
                 .collect(),
             blocks: deltas
                 .blocks
                 .into_iter()
-                .map(|block| (block.domain.to_string(), block.client.to_string(), block.until_unix))
+                .map(|block| {
+                    (
+                        block.domain.to_string(),
+                        block.client.to_string(),
+                        block.until_unix,
+                    )
+                })
                 .collect(),
             ..Event::default()
         };

@@ -102,7 +102,10 @@ pub(crate) async fn connect(
             pubsub.subscribe(channel).await?;
             RedisResult::Ok(pubsub.into_on_message())
         };
-        match tokio::time::timeout(timeout, attempt).await.map_err(bounded) {
+        match tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(bounded)
+        {
             Ok(Ok(stream)) => return Ok((conn, stream)),
             Ok(Err(error)) | Err(error) => last_error = Some(error),
         }
@@ -255,7 +258,10 @@ mod tests {
         }
         assert_eq!(encode_value(&DictValue::Number(3.0)), b"3");
         assert_eq!(decode_value(b"7.5"), DictValue::Number(7.5));
-        assert_eq!(decode_value(b"plain"), DictValue::Str(Box::from(&b"plain"[..])));
+        assert_eq!(
+            decode_value(b"plain"),
+            DictValue::Str(Box::from(&b"plain"[..]))
+        );
     }
 
     #[test]

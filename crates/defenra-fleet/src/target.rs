@@ -16,7 +16,9 @@ pub enum RedisTarget {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TargetError {
-    #[error("{url} is not a Redis URL (redis://[user:password@]host[:port][/db] or rediss://...): {reason}")]
+    #[error(
+        "{url} is not a Redis URL (redis://[user:password@]host[:port][/db] or rediss://...): {reason}"
+    )]
     Url { url: String, reason: String },
     #[error("--redis-cluster needs at least one node URL")]
     NoNodes,
@@ -38,7 +40,9 @@ impl RedisTarget {
     /// # Errors
     ///
     /// As [`RedisTarget::single`] for any of them; [`TargetError::NoNodes`] for none.
-    pub fn cluster<'u>(urls: impl IntoIterator<Item = &'u str>) -> Result<RedisTarget, TargetError> {
+    pub fn cluster<'u>(
+        urls: impl IntoIterator<Item = &'u str>,
+    ) -> Result<RedisTarget, TargetError> {
         let urls: Vec<String> = urls
             .into_iter()
             .map(str::trim)
@@ -68,7 +72,9 @@ fn check(url: &str) -> Result<(), TargetError> {
     let url = url.trim();
     let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
     let parsed = if scheme_ok {
-        url.into_connection_info().map(|_| ()).map_err(|error| error.to_string())
+        url.into_connection_info()
+            .map(|_| ())
+            .map_err(|error| error.to_string())
     } else {
         Err("the scheme must be redis:// or rediss://".to_owned())
     };

@@ -140,7 +140,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.cli(&["PING"]).trim() != "PONG" {
-            assert!(Instant::now() < deadline, "redis-server did not answer on {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -187,15 +187,15 @@ impl BanList {
 
     /// Lifts the ban of exactly `cidr` (noted for the fleet); false when there was none.
     pub(crate) fn remove(&self, cidr: &Cidr) -> bool {
-        let removed = self.remove_quietly(cidr);
-        if removed && let Some(log) = self.fleet_log.get() {
-            log.lock().push(*cidr, None);
-        }
-        removed
+        self.remove_noting(cidr, true)
     }
 
     /// Lifts the ban of exactly `cidr` without noting it for the fleet (the fleet lifted it).
     pub(crate) fn remove_quietly(&self, cidr: &Cidr) -> bool {
+        self.remove_noting(cidr, false)
+    }
+
+    fn remove_noting(&self, cidr: &Cidr, noted: bool) -> bool {
         let removed = if cidr.is_host() {
             self.hosts.remove(&cidr.addr()).is_some()
         } else {
@@ -210,6 +210,10 @@ impl BanList {
         };
         if removed {
             self.len.fetch_sub(1, Relaxed);
+            // Noted before the bump: a mirror woken by it finds the change.
+            if noted && let Some(log) = self.fleet_log.get() {
+                log.lock().push(*cidr, None);
+            }
             self.bump();
         }
         removed
