@@ -225,7 +225,7 @@ impl StatsSource for crate::Fleet {
         ));
         out.push(Metric::gauge(
             "lag_max_ms",
-            "The largest such lag since the start.",
+            "The largest publish-to-apply lag of another agent's message since the start, in milliseconds.",
             load(&s.lag_max_ms) as f64,
         ));
     }
