@@ -5,7 +5,7 @@
 //!
 //! What is noted is coalesced per key (a burst of `incr` on one counter is one summed
 //! delta), under the dictionary's own lock, and bounded: past `max_pending` keys a change
-//! applies here only and is counted as dropped.
+//! applies here only and is counted as dropped; fetches of missed keys stop at a tenth of it.
 
 use std::collections::HashMap;
 
@@ -113,7 +113,13 @@ impl Pending {
             *waiting = merged;
             return;
         }
-        if self.ops.len() >= self.max_keys {
+        // Fetches (a `get` that missed) get a tenth of the room: a script looking up every
+        // client address in a flood must not turn each miss into Redis traffic.
+        let room = match op {
+            FleetDictOp::Fetch => (self.max_keys / 10).max(1),
+            _ => self.max_keys,
+        };
+        if self.ops.len() >= room {
             self.dropped += 1;
             return;
         }
