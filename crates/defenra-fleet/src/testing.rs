@@ -19,6 +19,8 @@ pub struct RedisServer {
     password: Option<String>,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    /// Started once already: a restart keeps the port (agents hold the URL).
+    started: bool,
 }
 
 impl RedisServer {
@@ -57,6 +59,7 @@ impl RedisServer {
             password: password.map(str::to_owned),
             dir: tempfile::tempdir().expect("a temporary directory"),
             extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
+            started: false,
         };
         server.spawn();
         server
@@ -120,7 +123,27 @@ impl RedisServer {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Starts the server on `port`; on a first start, another free port when that one was
+    /// taken meanwhile (a test binding port 0 may get it between our look and the bind).
     fn spawn(&mut self) {
+        let first_start = !self.started;
+        for _ in 0..5 {
+            if self.spawn_once() {
+                self.started = true;
+                return;
+            }
+            assert!(
+                first_start,
+                "redis-server could not start again on {}",
+                self.port
+            );
+            self.port = free_port();
+        }
+        panic!("redis-server did not start on five free ports");
+    }
+
+    /// True when it answers; false when it exited (its port was taken).
+    fn spawn_once(&mut self) -> bool {
         let mut command = Command::new(REDIS_SERVER);
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -130,21 +153,27 @@ impl RedisServer {
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
-        let child = command
+        let mut child = command
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.cli(&["PING"]).trim() != "PONG" {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer on {}",
-                self.port
-            );
+        loop {
+            if self.cli(&["PING"]).trim() == "PONG" {
+                self.child = Some(child);
+                return true;
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
