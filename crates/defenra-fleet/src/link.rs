@@ -305,26 +305,27 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn store_ban(&mut self, record: &BanRecord) -> RedisResult<()> {
-        let Ok(json) = serde_json::to_string(record) else {
-            return Ok(());
-        };
-        let end = record
-            .expires_at
-            .map_or_else(|| "+inf".to_owned(), |at| at.to_string());
-        let stored: RedisResult<i64> = self
-            .scripts
-            .ban
-            .key(&self.keys.bans)
-            .key(&self.keys.ban_expiry)
-            .key(&self.keys.lifted)
-            .arg(&record.cidr)
-            .arg(json)
-            .arg(end)
-            .arg(unix_now())
-            .invoke_async(&mut self.conn)
-            .await;
-        self.soft(stored)?;
+    /// Stores `records` in Redis, [`store::BANS_PER_SCRIPT`] per script run.
+    async fn store_bans(&mut self, records: &[BanRecord]) -> RedisResult<()> {
+        for batch in records.chunks(store::BANS_PER_SCRIPT) {
+            let mut invocation = self.scripts.ban.prepare_invoke();
+            invocation
+                .key(&self.keys.bans)
+                .key(&self.keys.ban_expiry)
+                .key(&self.keys.lifted)
+                .arg(unix_now());
+            for record in batch {
+                let Ok(json) = serde_json::to_string(record) else {
+                    continue;
+                };
+                let end = record
+                    .expires_at
+                    .map_or_else(|| "+inf".to_owned(), |at| at.to_string());
+                invocation.arg(&record.cidr).arg(json).arg(end);
+            }
+            let stored: RedisResult<i64> = invocation.invoke_async(&mut self.conn).await;
+            self.soft(stored)?;
+        }
         Ok(())
     }
 
@@ -377,15 +378,14 @@ impl Session<'_> {
                 }
                 continue;
             }
-            let record = BanRecord {
+            event.bans.push(BanRecord {
                 cidr: ban.cidr.to_string(),
                 reason: ban.reason.to_string(),
                 source: ban.source.as_str().to_owned(),
                 expires_at: ban.remaining.map(|left| now + left.as_secs().max(1)),
-            };
-            self.store_ban(&record).await?;
-            event.bans.push(record);
+            });
         }
+        self.store_bans(&event.bans).await?;
         let n = event.bans.len();
         self.publish(event).await?;
         fleet.stats.bans_published.fetch_add(n as u64, Relaxed);
@@ -396,45 +396,62 @@ impl Session<'_> {
     /// some were left out (the journal overflowed).
     async fn publish_ban_changes(&mut self) -> RedisResult<bool> {
         let changes = self.fleet.shield.take_fleet_ban_changes();
-        let mut event = Event::default();
+        // Changes go out in order: a batch ends before a second change of one prefix (a ban
+        // lifted right after it was made must stay lifted everywhere).
+        let mut batch = Event::default();
+        let mut in_batch = HashSet::new();
         for change in changes.changes {
+            let cidr = match &change {
+                FleetBanChange::Banned { cidr, .. } | FleetBanChange::Lifted { cidr } => *cidr,
+            };
+            if !in_batch.insert(cidr) {
+                self.send_ban_batch(std::mem::take(&mut batch)).await?;
+                in_batch.clear();
+                in_batch.insert(cidr);
+            }
             match change {
                 FleetBanChange::Banned {
                     cidr,
                     reason,
                     source,
                     expires_unix,
-                } => {
-                    let record = BanRecord {
-                        cidr: cidr.to_string(),
-                        reason: reason.to_string(),
-                        source: source.as_str().to_owned(),
-                        expires_at: expires_unix,
-                    };
-                    self.store_ban(&record).await?;
-                    event.bans.push(record);
-                }
-                FleetBanChange::Lifted { cidr } => {
-                    let lifted: RedisResult<i64> = self
-                        .scripts
-                        .unban
-                        .key(&self.keys.bans)
-                        .key(&self.keys.ban_expiry)
-                        .key(&self.keys.lifted)
-                        .arg(cidr.to_string())
-                        .arg(unix_now())
-                        .arg(store::LIFTED_KEPT.as_secs())
-                        .invoke_async(&mut self.conn)
-                        .await;
-                    self.soft(lifted)?;
-                    event.unbans.push(cidr.to_string());
-                }
+                } => batch.bans.push(BanRecord {
+                    cidr: cidr.to_string(),
+                    reason: reason.to_string(),
+                    source: source.as_str().to_owned(),
+                    expires_at: expires_unix,
+                }),
+                FleetBanChange::Lifted { cidr } => batch.unbans.push(cidr.to_string()),
             }
         }
-        let n = event.bans.len() + event.unbans.len();
-        self.publish(event).await?;
-        self.fleet.stats.bans_published.fetch_add(n as u64, Relaxed);
+        self.send_ban_batch(batch).await?;
         Ok(changes.overflowed)
+    }
+
+    /// Stores a batch of bans and lifts (no prefix twice) in Redis and publishes it.
+    async fn send_ban_batch(&mut self, batch: Event) -> RedisResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.store_bans(&batch.bans).await?;
+        for cidr in &batch.unbans {
+            let lifted: RedisResult<i64> = self
+                .scripts
+                .unban
+                .key(&self.keys.bans)
+                .key(&self.keys.ban_expiry)
+                .key(&self.keys.lifted)
+                .arg(cidr)
+                .arg(unix_now())
+                .arg(store::LIFTED_KEPT.as_secs())
+                .invoke_async(&mut self.conn)
+                .await;
+            self.soft(lifted)?;
+        }
+        let n = batch.bans.len() + batch.unbans.len();
+        self.publish(batch).await?;
+        self.fleet.stats.bans_published.fetch_add(n as u64, Relaxed);
+        Ok(())
     }
 
     /// The fleet's key: this agent's current key if Redis has none yet (`SET NX`: the first

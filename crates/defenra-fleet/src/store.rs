@@ -152,16 +152,18 @@ impl Keys {
 /// How long a lifted ban is remembered.
 pub(crate) const LIFTED_KEPT: Duration = Duration::from_secs(86_400);
 
-/// Stores a ban, forgets bans that ended and a lift of the same prefix, and makes the keys
-/// expire with their last ban. KEYS: bans, expiry, lifted; ARGV: prefix, record JSON,
-/// end (Unix second or `+inf`), now.
+/// Stores bans, forgets bans that ended and lifts of the same prefixes, and makes the keys
+/// expire with their last ban. KEYS: bans, expiry, lifted; ARGV: now, then for each ban its
+/// prefix, record JSON and end (Unix second or `+inf`).
 pub(crate) const BAN_SCRIPT: &str = r"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-local ended = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+for i = 2, #ARGV, 3 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+  redis.call('ZREM', KEYS[3], ARGV[i])
+end
+local ended = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 for _, prefix in ipairs(ended) do redis.call('HDEL', KEYS[1], prefix) end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 if last[2] == nil then return 0 end
 if last[2] == 'inf' then
@@ -171,6 +173,10 @@ else
 end
 return 1
 ";
+
+/// Bans stored by one run of [`BAN_SCRIPT`]: a resynchronisation of a long list goes in
+/// batches, so no single script holds Redis for long.
+pub(crate) const BANS_PER_SCRIPT: usize = 500;
 
 /// Lifts a ban and remembers the lift for a day. KEYS: bans, expiry, lifted; ARGV:
 /// prefix, now, seconds a lift is kept.

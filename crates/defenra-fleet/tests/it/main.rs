@@ -359,3 +359,60 @@ async fn a_wrong_password_is_reported_as_such_and_the_shield_works_alone() {
         Check::Proceed
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_lifted_at_once_stays_lifted_and_a_long_list_goes_back_in_batches() {
+    let mut redis = RedisServer::start();
+    let target = RedisTarget::single(&redis.url()).expect("url");
+    let a = Agent::start(target.clone(), None, false);
+    let b = Agent::start(target, None, false);
+    all_up(&[&a, &b]).await;
+    // Made and lifted before the link task looks: one drain holds both, in order.
+    a.shield
+        .ban(cidr("203.0.113.5"), None, "mistake", BanSource::Operator)
+        .expect("room");
+    assert!(a.shield.unban(&cidr("203.0.113.5")));
+    a.shield
+        .ban(cidr("203.0.113.6"), None, "meant", BanSource::Operator)
+        .expect("room");
+    eventually("b has the second ban", || {
+        b.shield.is_banned(ip("203.0.113.6"))
+    })
+    .await;
+    assert!(!b.shield.is_banned(ip("203.0.113.5")));
+    assert_eq!(
+        redis
+            .cli(&["HEXISTS", "defenra:{bans}", "203.0.113.5/32"])
+            .trim(),
+        "0"
+    );
+    // 1,200 bans made while Redis is away go back in batches when it returns empty.
+    redis.kill();
+    eventually("a's link is down", || {
+        a.fleet.stats().state() == LinkState::Down
+    })
+    .await;
+    for n in 0..1200u32 {
+        let address = format!("10.9.{}.{}", n / 256, n % 256);
+        a.shield
+            .ban(
+                cidr(&address),
+                Some(Duration::from_secs(3600)),
+                "flood",
+                BanSource::Escalation,
+            )
+            .expect("room");
+    }
+    redis.restart();
+    eventually("redis has every ban again", || {
+        redis.cli(&["HLEN", "defenra:{bans}"]).trim() == "1201"
+    })
+    .await;
+    eventually("b has them too", || b.shield.bans().len() == 1201).await;
+    let ttl: i64 = redis
+        .cli(&["TTL", "defenra:{bans}"])
+        .trim()
+        .parse()
+        .expect("ttl");
+    assert_eq!(ttl, -1, "a ban without expiry keeps the keys");
+}
