@@ -502,3 +502,52 @@ fn a_wrong_password_is_a_clear_error_at_start_and_the_agent_still_serves() {
     let (_, stats) = get_json(health, "/stats");
     assert_eq!(stats["fleet"]["link_up"], 0, "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_never_slows_a_request() {
+    let redis = RedisServer::start();
+    let origin = start_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 1000);
+    let url = redis.url();
+    let agent = start_member(
+        dir.path(),
+        "a",
+        &config,
+        origin,
+        &["--redis-url", url.as_str(), "--fleet-limits"],
+    );
+    let pid = redis.pid().unwrap().to_string();
+    let signal = |name: &str| {
+        assert!(
+            Command::new("kill")
+                .args([name, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    // Requests (each noted for the fleet, and the fleet dictionary written) go on as fast
+    // as before while every Redis command of the fleet task hangs until its timeout.
+    let mut client = Client::new("127.0.0.51", agent.addr("http"));
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(4) {
+        let sent = Instant::now();
+        assert_eq!(client.get().0, 200);
+        slowest = slowest.max(sent.elapsed());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal("-CONT");
+    eprintln!("slowest request while Redis was stopped: {slowest:?}");
+    assert!(slowest < Duration::from_millis(500), "{slowest:?}");
+    let (_, stats) = get_json(agent.addr("health"), "/stats");
+    assert!(
+        stats["fleet"]["errors_total"].as_u64().unwrap() >= 1,
+        "the timeout was seen: {stats}"
+    );
+    eventually("the link is up again", || {
+        get_json(agent.addr("health"), "/health").1["fleet"]["state"] == "up"
+    });
+}

@@ -81,6 +81,11 @@ impl RedisServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Its working directory.
     pub fn dir(&self) -> PathBuf {
         self.dir.path().to_owned()
