@@ -129,6 +129,9 @@ pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) shield: ShieldArgs,
 
+    #[command(flatten)]
+    pub(crate) fleet: crate::fleet::FleetArgs,
+
     /// Plain HTTP listener, or `off`.
     #[arg(long, env = "HTTP_LISTEN", default_value = "0.0.0.0:80")]
     pub(crate) http_listen: Listen,

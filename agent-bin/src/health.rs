@@ -38,6 +38,8 @@ pub(crate) struct Observability {
     shield: Option<Arc<Shield>>,
     /// The GeoIP database's state, which `/health` reports.
     geoip: Option<Arc<GeoIp>>,
+    /// The fleet link, which `/health` reports (and "degraded" while it is not up).
+    fleet: Option<Arc<defenra_fleet::Fleet>>,
 }
 
 impl Observability {
@@ -53,7 +55,15 @@ impl Observability {
             services,
             shield: None,
             geoip: None,
+            fleet: None,
         }
+    }
+
+    /// Reports the fleet link in `/health` (a `fleet` object; "degraded" while Redis is
+    /// unreachable: the agent serves on its own state).
+    pub(crate) fn with_fleet(mut self, fleet: Option<Arc<defenra_fleet::Fleet>>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// Reports the GeoIP database's state in `/health` (and "degraded" while it is not right).
@@ -69,7 +79,8 @@ impl Observability {
     }
 
     /// `GET /health`: 200 once a config is loaded (`ok`, or `degraded` while the GeoIP
-    /// database is missing, unusable or stale), 503 `starting` before.
+    /// database is missing, unusable or stale, or the fleet's Redis is unreachable), 503
+    /// `starting` before.
     pub(crate) fn health(&self) -> (StatusCode, Value) {
         let snapshot = self.cell.load();
         let last_poll = self.config.last_success_unix.load(Relaxed);
@@ -77,12 +88,13 @@ impl Observability {
             .geoip
             .as_ref()
             .map_or(GeoState::Off, |geoip| geoip.state());
-        let status = match (snapshot.is_some(), geoip.is_degraded()) {
+        let fleet_down = self.fleet.as_ref().is_some_and(|fleet| !fleet.is_up());
+        let status = match (snapshot.is_some(), geoip.is_degraded() || fleet_down) {
             (false, _) => "starting",
             (true, false) => "ok",
             (true, true) => "degraded",
         };
-        let body = json!({
+        let mut body = json!({
             "status": status,
             "geoip": geoip.as_str(),
             "uptime_s": self.started.elapsed().as_secs(),
@@ -93,6 +105,9 @@ impl Observability {
             "last_error": self.config.last_error(),
             "domains": snapshot.as_ref().map_or(0, |snapshot| snapshot.domains.len()),
         });
+        if let Some(fleet) = &self.fleet {
+            body["fleet"] = fleet.health();
+        }
         let status = if snapshot.is_some() {
             StatusCode::OK
         } else {
@@ -385,7 +400,15 @@ mod tests {
                 l4.stats(),
                 Arc::new(crate::geoip::GeoIp::new(None)),
                 Arc::new(crate::report::ReportStats::default()),
-                shield as Arc<dyn StatsSource>,
+                Arc::clone(&shield) as Arc<dyn StatsSource>,
+                defenra_fleet::Fleet::new(
+                    defenra_fleet::FleetOptions::new(
+                        defenra_fleet::RedisTarget::single("redis://127.0.0.1").unwrap(),
+                    ),
+                    shield,
+                    None,
+                )
+                .unwrap() as Arc<dyn StatsSource>,
             ],
         );
         let mut rows: BTreeMap<String, (String, BTreeMap<&str, ()>, &str)> = BTreeMap::new();

@@ -12,6 +12,7 @@ mod connect;
 mod control;
 #[cfg(test)]
 mod docsync;
+mod fleet;
 mod geoip;
 mod health;
 mod l4_workers;

@@ -120,9 +120,16 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         args.state_dir.as_deref(),
     )?;
     let shield = Arc::new(Shield::new(defenra_shield::ShieldOptions {
-        shield_key: Some(shield_key),
+        shield_key: Some(shield_key.clone()),
         ..args.shield.options()
     }));
+    // With Redis, the fleet's bans, key, counts and `ngx.shared.fleet` (docs/shield.md,
+    // "Fleet"); the state directory's key file follows the fleet's key, an operator's does not.
+    let mut file_key = shield_key.fingerprint();
+    let owned_key_file = shield_key_file
+        .clone()
+        .filter(|_| args.shield.shield_key_file.is_none());
+    let fleet = crate::fleet::build(&args.fleet, &shield, &waf, shield_key, owned_key_file)?;
     let ban_file = args.state_dir.as_ref().map(|dir| dir.join(BAN_FILE));
     if let Some(path) = &ban_file {
         match shield.load_bans(path) {
@@ -227,10 +234,14 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
                 shield.clone() as Arc<dyn StatsSource>,
                 Arc::clone(&geoip) as Arc<dyn StatsSource>,
                 Arc::clone(&report_stats) as Arc<dyn StatsSource>,
-            ],
+            ]
+            .into_iter()
+            .chain(fleet.clone().map(|fleet| fleet as Arc<dyn StatsSource>))
+            .collect(),
         )
         .with_shield(Arc::clone(&shield))
-        .with_geoip(Arc::clone(&geoip)),
+        .with_geoip(Arc::clone(&geoip))
+        .with_fleet(fleet.clone()),
     );
 
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
@@ -254,6 +265,16 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             "shield",
             Box::pin(async move {
                 shield.run_background(ban_file, token).await;
+                Ok(())
+            }),
+        );
+    }
+    if let Some(fleet) = &fleet {
+        let (fleet, token) = (Arc::clone(fleet), shutdown.clone());
+        spawn(
+            "fleet",
+            Box::pin(async move {
+                fleet.run(token).await;
                 Ok(())
             }),
         );
@@ -443,8 +464,12 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); break None; }
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading config and the GeoIP database");
-                if let Some(path) = &shield_key_file {
-                    crate::shield_key::reread(path, &shield);
+                if let Some(path) = &shield_key_file
+                    && let Some(key) = crate::shield_key::reread(path, &shield, &mut file_key)
+                    && let Some(fleet) = &fleet
+                {
+                    // A changed key file is a fleet-wide rotation.
+                    fleet.publish_key(&key);
                 }
                 reload.notify_one();
                 geoip_reload.notify_one();

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use defenra_shield::challenge::Fingerprint;
 use defenra_shield::{Shield, ShieldKey};
 use tracing::{info, warn};
 
@@ -44,24 +45,36 @@ pub(crate) fn load(
     Ok((key, None))
 }
 
-/// Re-reads the key file (SIGHUP): a new key signs from now on and the previous one stays
-/// accepted for the longest clearance lifetime of the config. A file that cannot be read
-/// leaves the current key in place.
-pub(crate) fn reread(path: &Path, shield: &Shield) {
+/// Re-reads the key file (SIGHUP): when its key differs from the one it held before
+/// (`last`, updated), the new key signs from now on and the previous one stays accepted for
+/// the longest clearance lifetime of the config; the new key is returned (with a fleet, a
+/// changed file is a fleet-wide rotation). An unchanged file changes nothing, even when the
+/// shield signs with the fleet's key instead. A file that cannot be read leaves the current
+/// key in place.
+pub(crate) fn reread(path: &Path, shield: &Shield, last: &mut Fingerprint) -> Option<ShieldKey> {
     match ShieldKey::read(path) {
         Ok(key) => {
-            let previous = shield.keys().current();
-            if shield.rotate_key(&key) {
-                let keys = shield.keys();
-                let until = keys.previous().map_or(0, |(_, until)| until);
-                info!(
-                    key = %key.fingerprint(),
-                    %previous,
-                    previous_accepted_until = until,
-                    "shield key rotated"
-                );
+            if key.fingerprint() == *last {
+                return None;
             }
+            *last = key.fingerprint();
+            let previous = shield.keys().current();
+            if !shield.rotate_key(&key) {
+                return None;
+            }
+            let keys = shield.keys();
+            let until = keys.previous().map_or(0, |(_, until)| until);
+            info!(
+                key = %key.fingerprint(),
+                %previous,
+                previous_accepted_until = until,
+                "shield key rotated"
+            );
+            Some(key)
         }
-        Err(error) => warn!(%error, "shield key not re-read; the current key stays"),
+        Err(error) => {
+            warn!(%error, "shield key not re-read; the current key stays");
+            None
+        }
     }
 }

@@ -7,8 +7,11 @@ use std::process::Command;
 use anyhow::Context as _;
 
 /// The programs the test suite runs: nftables (kernel bans in a network namespace),
-/// iproute2 and util-linux (`ip`, `unshare`, `nsenter`).
+/// iproute2 and util-linux (`ip`, `unshare`, `nsenter`), and Redis (the fleet's tests start
+/// their own `redis-server`; `redis-cli` forms a Redis Cluster).
 pub(crate) const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("/usr/bin/redis-server", "redis-server"),
+    ("/usr/bin/redis-cli", "redis-tools"),
     ("/usr/sbin/nft", "nftables"),
     ("/usr/sbin/ip", "iproute2"),
     ("/usr/bin/unshare", "util-linux"),

@@ -24,7 +24,7 @@ const CHROMIUM_DEADLINE: Duration = Duration::from_secs(90);
 const HTML: &str = "text/html,application/xhtml+xml,*/*;q=0.8";
 
 /// A config file with `shop.test` proxied to the origin, Anti-DDoS and the challenge on.
-fn write_config(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn write_config(dir: &Path) -> std::path::PathBuf {
     let config = json!({"domains": [{
         "domain": "shop.test",
         "httpProxy": {"enabled": true, "antiDDoS": {
@@ -39,7 +39,7 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-fn start_agent(config: &Path, origin: SocketAddr, extra: &[&str]) -> Agent {
+pub(crate) fn start_agent(config: &Path, origin: SocketAddr, extra: &[&str]) -> Agent {
     let port = origin.port().to_string();
     let mut args = vec![
         "--config",
@@ -126,7 +126,7 @@ fn form_field(page: &str, name: &str) -> String {
 }
 
 /// Does what the page's script does: GET the page, solve, post; returns the cookie pair.
-fn pass_challenge(agent: SocketAddr) -> String {
+pub(crate) fn pass_challenge(agent: SocketAddr) -> String {
     let page = exchange(agent, "GET", "/account", &[("Accept", HTML)], "");
     assert_eq!(page.status, 403, "{page:?}");
     let challenge: ChallengeString = form_field(&page.body, "challenge").parse().unwrap();
@@ -140,7 +140,7 @@ fn pass_challenge(agent: SocketAddr) -> String {
     set_cookie.split(';').next().unwrap().to_owned()
 }
 
-fn status_with_cookie(agent: SocketAddr, cookie: &str) -> u16 {
+pub(crate) fn status_with_cookie(agent: SocketAddr, cookie: &str) -> u16 {
     exchange(agent, "GET", "/account", &[("Cookie", cookie)], "").status
 }
 

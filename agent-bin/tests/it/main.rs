@@ -7,6 +7,7 @@ mod check_config;
 mod connect;
 mod e2e;
 mod e2e_support;
+mod fleet;
 mod geoip;
 mod lifecycle;
 mod proxied_names;

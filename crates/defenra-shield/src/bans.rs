@@ -90,6 +90,8 @@ pub(crate) struct BanList {
     /// Bumped on every change a mirror (state file, nftables, fleet) must see.
     generation: tokio::sync::watch::Sender<u64>,
     pub(crate) refused_full: AtomicU64,
+    /// With a fleet: the changes made on this agent, for it to publish (`fleet.rs`).
+    pub(crate) fleet_log: std::sync::OnceLock<Mutex<crate::fleet::BanLog>>,
 }
 
 impl BanList {
@@ -102,6 +104,7 @@ impl BanList {
             capacity: capacity.max(1),
             generation: tokio::sync::watch::channel(0).0,
             refused_full: AtomicU64::new(0),
+            fleet_log: std::sync::OnceLock::new(),
         }
     }
 
@@ -124,8 +127,12 @@ impl BanList {
     }
 
     /// Adds or replaces the ban of `cidr`. An automatic ban (escalation, fleet) never
-    /// shortens a longer one already in place. Returns whether anything changed.
+    /// shortens a longer one already in place. Returns whether anything changed. A change
+    /// made here (escalation, operator) is noted for the fleet; one restored from the
+    /// state file or applied from the fleet is not.
     pub(crate) fn insert(&self, cidr: Cidr, ban: Ban, now_s: u32) -> Result<bool, BanError> {
+        let noted =
+            matches!(ban.source, BanSource::Escalation | BanSource::Operator).then(|| ban.clone());
         let automatic = matches!(ban.source, BanSource::Escalation | BanSource::Fleet);
         let keep_existing = |existing: &Ban| {
             automatic
@@ -170,13 +177,25 @@ impl BanList {
             }
         };
         if changed {
+            if let (Some(log), Some(ban)) = (self.fleet_log.get(), noted) {
+                log.lock().push(cidr, Some(ban));
+            }
             self.bump();
         }
         Ok(changed)
     }
 
-    /// Lifts the ban of exactly `cidr`; false when there was none.
+    /// Lifts the ban of exactly `cidr` (noted for the fleet); false when there was none.
     pub(crate) fn remove(&self, cidr: &Cidr) -> bool {
+        self.remove_noting(cidr, true)
+    }
+
+    /// Lifts the ban of exactly `cidr` without noting it for the fleet (the fleet lifted it).
+    pub(crate) fn remove_quietly(&self, cidr: &Cidr) -> bool {
+        self.remove_noting(cidr, false)
+    }
+
+    fn remove_noting(&self, cidr: &Cidr, noted: bool) -> bool {
         let removed = if cidr.is_host() {
             self.hosts.remove(&cidr.addr()).is_some()
         } else {
@@ -191,6 +210,10 @@ impl BanList {
         };
         if removed {
             self.len.fetch_sub(1, Relaxed);
+            // Noted before the bump: a mirror woken by it finds the change.
+            if noted && let Some(log) = self.fleet_log.get() {
+                log.lock().push(*cidr, None);
+            }
             self.bump();
         }
         removed

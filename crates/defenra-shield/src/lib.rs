@@ -12,8 +12,9 @@
 //!   [`Shield::verify_solution`] (`gate.rs`).
 //!
 //! It never talks to another machine on a request path: the ban mirrors (state file,
-//! nftables) run on [`Shield::run_background`]. It reads no flags and no files of its own
-//! except the ban file it is pointed at. Start reading at [`Shield`].
+//! nftables) run on [`Shield::run_background`], and a fleet of agents sharing state reads
+//! and writes it through the hooks of `fleet.rs` from a task of its own. It reads no flags
+//! and no files of its own except the ban file it is pointed at. Start reading at [`Shield`].
 
 mod bans;
 pub mod challenge;
@@ -21,6 +22,7 @@ mod cidrset;
 mod client;
 mod clock;
 mod conns;
+mod fleet;
 mod gate;
 pub mod nft;
 pub mod pages;
@@ -44,6 +46,9 @@ pub use challenge::{KeyRing, ShieldKey};
 pub use cidrset::{CidrMap, CidrSet};
 pub use clock::{Clock, ManualClock};
 pub use conns::ConnTicket;
+pub use fleet::{
+    FleetBanChange, FleetBanChanges, FleetBlock, FleetCount, FleetDeltas, FleetMerge, FleetOptions,
+};
 pub use gate::Solution;
 pub use pages::{Pages, RequestIds};
 pub use persist::BanFileError;
@@ -152,8 +157,13 @@ pub enum Check {
     Banned,
 }
 
-/// A domain's state scope in the table and its counters.
-type DomainSlot = (u32, Arc<DomainCounters>);
+/// A domain's state scope in the table, its counters, and its policy as last compiled
+/// (for merging the fleet's requests and blocks).
+struct DomainSlot {
+    scope: u32,
+    counters: Arc<DomainCounters>,
+    latest: Option<Arc<DomainPolicy>>,
+}
 
 /// The per-client protection state of one agent. Share it (`Arc`) between the listeners;
 /// every method takes `&self` and none blocks for longer than a shard's short lock.
@@ -173,6 +183,8 @@ pub struct Shield {
     decisions_log: persist::LogBudget,
     /// The keys of the browser challenge; swapped whole by a rotation.
     keys: ArcSwap<KeyRing>,
+    /// What a fleet must learn, once [`Shield::enable_fleet`] was called (`fleet.rs`).
+    fleet: std::sync::OnceLock<fleet::Journal>,
 }
 
 impl Shield {
@@ -192,6 +204,7 @@ impl Shield {
             keys: ArcSwap::from_pointee(KeyRing::new(
                 &options.shield_key.clone().unwrap_or_else(gate::process_key),
             )),
+            fleet: std::sync::OnceLock::new(),
             options,
         }
     }
@@ -204,25 +217,29 @@ impl Shield {
             .anti_ddos
             .as_ref()
             .filter(|settings| settings.enabled)?;
-        let (name, scope, counters) = {
-            let mut domains = self.domains.lock();
-            match domains.get_key_value(domain.name.as_str()) {
-                Some((name, (scope, counters))) => (Arc::clone(name), *scope, Arc::clone(counters)),
-                None => {
-                    let name: Arc<str> = Arc::from(domain.name.as_str());
-                    let scope = self.next_scope.fetch_add(1, Relaxed);
-                    let counters = Arc::new(DomainCounters::default());
-                    domains.insert(Arc::clone(&name), (scope, Arc::clone(&counters)));
-                    (name, scope, counters)
-                }
-            }
+        let mut domains = self.domains.lock();
+        let slot = match domains.get_mut(domain.name.as_str()) {
+            Some(slot) => slot,
+            None => domains
+                .entry(Arc::from(domain.name.as_str()))
+                .or_insert_with(|| DomainSlot {
+                    scope: self.next_scope.fetch_add(1, Relaxed),
+                    counters: Arc::new(DomainCounters::default()),
+                    latest: None,
+                }),
         };
-        Some(Arc::new(DomainPolicy::new(
+        let name = match &slot.latest {
+            Some(latest) => Arc::clone(&latest.domain),
+            None => Arc::from(domain.name.as_str()),
+        };
+        let policy = Arc::new(DomainPolicy::new(
             name,
-            scope,
+            slot.scope,
             Arc::clone(settings),
-            counters,
-        )))
+            Arc::clone(&slot.counters),
+        ));
+        slot.latest = Some(Arc::clone(&policy));
+        Some(policy)
     }
 
     /// At accept, before TLS and before reading anything: is `peer` banned, or over its
@@ -335,6 +352,12 @@ impl Shield {
             Check::Proceed
         });
         let check = outcome.unwrap_or(Check::Proceed);
+        if outcome == Some(Check::Proceed)
+            && let Some(journal) = self.fleet.get()
+            && journal.limits
+        {
+            journal.count(key, policy, client);
+        }
         if let Check::Limited { new_block, .. } = check {
             policy.counters.requests_limited.fetch_add(1, Relaxed);
             self.stats.requests_limited.fetch_add(1, Relaxed);
@@ -427,7 +450,7 @@ impl Shield {
             .domains
             .lock()
             .iter()
-            .map(|(name, (_, counters))| (Arc::clone(name), counters.snapshot()))
+            .map(|(name, slot)| (Arc::clone(name), slot.counters.snapshot()))
             .collect();
         domains.sort_by(|a, b| a.0.cmp(&b.0));
         domains
@@ -483,6 +506,15 @@ impl Shield {
     fn on_block(&self, policy: &DomainPolicy, client: IpAddr, now_s: u32) {
         policy.counters.blocks.fetch_add(1, Relaxed);
         self.stats.blocks.fetch_add(1, Relaxed);
+        if let Some(journal) = self.fleet.get()
+            && journal.limits
+        {
+            journal.block(FleetBlock {
+                domain: Arc::clone(&policy.domain),
+                client,
+                until_unix: self.clock.unix_s() + u64::from(policy.block_s),
+            });
+        }
         if policy.settings.logging {
             self.log_decision(|| {
                 tracing::warn!(
@@ -575,13 +607,28 @@ impl Reload for Shield {
     fn reload(&self, snapshot: &Arc<Snapshot>, _issues: &mut Vec<Issue>) {
         let agent = AgentPolicy::from_snapshot(snapshot);
         self.agent.store(Arc::new(agent));
-        let configured: std::collections::HashSet<&str> = snapshot
+        let configured: HashMap<&str, bool> = snapshot
             .domains
             .iter()
-            .map(|domain| domain.name.as_str())
+            .map(|domain| {
+                let enabled = domain
+                    .anti_ddos
+                    .as_ref()
+                    .is_some_and(|settings| settings.enabled);
+                (domain.name.as_str(), enabled)
+            })
             .collect();
         self.domains
             .lock()
-            .retain(|name, _| configured.contains(&**name));
+            .retain(|name, slot| match configured.get(&**name) {
+                Some(enabled) => {
+                    if !enabled {
+                        // Switched off: the fleet's requests and blocks no longer apply.
+                        slot.latest = None;
+                    }
+                    true
+                }
+                None => false,
+            });
     }
 }

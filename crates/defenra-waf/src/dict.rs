@@ -11,6 +11,14 @@
 //! dictionaries together hold at most its quota of bytes and at most `max_dicts` of them
 //! exist per domain, and [`SharedDicts::retain`] frees the dictionaries of domains whose
 //! script went away or no longer names them.
+//!
+//! `ngx.shared.fleet` is reserved: once the host enables the fleet, that dictionary of each
+//! domain also notes its changes for the fleet's store and takes the store's values back
+//! (`dict/fleet.rs`).
+
+mod fleet;
+
+pub use fleet::{FLEET_DICT, FleetDictChange, FleetDictChanges, FleetDictOp};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -38,6 +46,8 @@ pub(crate) struct SharedDicts {
     clock: Clock,
     /// Bumped whenever dictionaries are freed, so Lua states drop their handles to them.
     epoch: AtomicU64,
+    /// With a fleet: how many changed keys each `ngx.shared.fleet` holds for it at most.
+    fleet_pending: std::sync::OnceLock<usize>,
 }
 
 /// One domain's dictionaries and the quota they share.
@@ -54,7 +64,60 @@ impl SharedDicts {
             quota_bytes,
             clock,
             epoch: AtomicU64::new(0),
+            fleet_pending: std::sync::OnceLock::new(),
         }
+    }
+
+    /// From now on each domain's `ngx.shared.fleet` notes its changes for the fleet, at most
+    /// `max_pending` keys between two drains. False when it was enabled already.
+    pub(crate) fn enable_fleet(&self, max_pending: usize) -> bool {
+        self.fleet_pending.set(max_pending).is_ok()
+    }
+
+    /// Hands over (and forgets) the changes of every domain's `ngx.shared.fleet`.
+    pub(crate) fn take_fleet(&self) -> FleetDictChanges {
+        let mut taken = FleetDictChanges::default();
+        if self.fleet_pending.get().is_none() {
+            return taken;
+        }
+        let fleet: Vec<(String, Arc<Dict>)> = self
+            .domains
+            .read()
+            .iter()
+            .filter_map(|(domain, entry)| {
+                Some((domain.to_string(), Arc::clone(entry.dicts.get(FLEET_DICT)?)))
+            })
+            .collect();
+        for (domain, dict) in fleet {
+            if let Some((ops, dropped)) = dict.take_fleet() {
+                taken.dropped += dropped;
+                taken
+                    .changes
+                    .extend(ops.into_iter().map(|(key, op)| FleetDictChange {
+                        domain: domain.clone(),
+                        key,
+                        op,
+                    }));
+            }
+        }
+        taken
+    }
+
+    /// Stores the fleet's value of `key` in `domain`'s `ngx.shared.fleet`, if a script of
+    /// the domain has used it here (see `Dict::apply_fleet`).
+    pub(crate) fn apply_fleet(
+        &self,
+        domain: &str,
+        key: &[u8],
+        value: Option<DictValue>,
+        ttl_ms: u64,
+    ) -> bool {
+        let dict = self
+            .domains
+            .read()
+            .get(domain)
+            .and_then(|entry| entry.dicts.get(FLEET_DICT).cloned());
+        dict.is_some_and(|dict| dict.apply_fleet(key, value, ttl_ms))
     }
 
     /// `domain`'s dictionary called `name`, created empty on first use. `None` once the
@@ -81,6 +144,11 @@ impl SharedDicts {
             return None;
         }
         let dict = Dict::new(Arc::clone(&entry.quota), self.clock.clone());
+        if name == FLEET_DICT
+            && let Some(&max_pending) = self.fleet_pending.get()
+        {
+            dict.lru.lock().pending = Some(fleet::Pending::new(max_pending));
+        }
         entry.dicts.insert(name.into(), Arc::clone(&dict));
         Some(dict)
     }
@@ -188,7 +256,7 @@ impl Quota {
 
 /// A value stored in a dictionary.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum DictValue {
+pub enum DictValue {
     Number(f64),
     Bool(bool),
     Str(Box<[u8]>),
@@ -268,7 +336,12 @@ impl Dict {
     pub(crate) fn get(&self, key: &[u8]) -> Option<DictValue> {
         let now = self.clock.monotonic_ms();
         let mut lru = self.lru.lock();
-        let slot = lru.live_slot(key, now)?;
+        let Some(slot) = lru.live_slot(key, now) else {
+            if lru.pending.is_some() && check_key(key).is_ok() {
+                self.note_fleet(&mut lru, key, FleetDictOp::Fetch, now);
+            }
+            return None;
+        };
         lru.touch(slot);
         Some(lru.slots[slot].value.clone())
     }
@@ -326,6 +399,7 @@ impl Dict {
             let next = current + delta;
             lru.slots[slot].value = DictValue::Number(next);
             lru.touch(slot);
+            self.note_incr(&mut lru, key, delta, init, init_ttl_ms, now);
             return Ok((next, false));
         }
         let Some(init) = init else {
@@ -339,6 +413,7 @@ impl Dict {
             expiry(now, init_ttl_ms),
             now,
         )?;
+        self.note_incr(&mut lru, key, delta, Some(init), init_ttl_ms, now);
         Ok((next, forcible))
     }
 
@@ -346,6 +421,14 @@ impl Dict {
         let mut lru = self.lru.lock();
         if let Some(&slot) = lru.map.get(key) {
             lru.remove(slot);
+        }
+        if lru.pending.is_some() && check_key(key).is_ok() {
+            let now = self.clock.monotonic_ms();
+            let op = FleetDictOp::Set {
+                value: None,
+                ttl_ms: 0,
+            };
+            self.note_fleet(&mut lru, key, op, now);
         }
     }
 
@@ -388,6 +471,10 @@ impl Dict {
         let mut lru = self.lru.lock();
         let slot = lru.live_slot(key, now).ok_or(DictError::NotFound)?;
         lru.slots[slot].expires_ms = expiry(now, ttl_ms);
+        if lru.pending.is_some() {
+            let value = Some(lru.slots[slot].value.clone());
+            self.note_fleet(&mut lru, key, FleetDictOp::Set { value, ttl_ms }, now);
+        }
         Ok(())
     }
 
@@ -436,7 +523,40 @@ impl Dict {
         if let Some(slot) = live {
             lru.remove(slot);
         }
-        self.insert_locked(&mut lru, key, value, expiry(now, ttl_ms), now)
+        let noted = lru.pending.is_some().then(|| match mode {
+            Write::IfAbsent => FleetDictOp::Add {
+                value: value.clone(),
+                ttl_ms,
+            },
+            Write::Always | Write::IfPresent => FleetDictOp::Set {
+                value: Some(value.clone()),
+                ttl_ms,
+            },
+        });
+        let forcible = self.insert_locked(&mut lru, key, value, expiry(now, ttl_ms), now)?;
+        if let Some(op) = noted {
+            self.note_fleet(&mut lru, key, op, now);
+        }
+        Ok(forcible)
+    }
+
+    fn note_incr(
+        &self,
+        lru: &mut Lru,
+        key: &[u8],
+        delta: f64,
+        init: Option<f64>,
+        init_ttl_ms: u64,
+        now: u64,
+    ) {
+        if lru.pending.is_some() {
+            let op = FleetDictOp::Incr {
+                delta,
+                init,
+                init_ttl_ms,
+            };
+            self.note_fleet(lru, key, op, now);
+        }
     }
 
     /// Inserts a key known to be absent. While it does not fit in the domain's quota, the
@@ -529,6 +649,8 @@ struct Lru {
     quota: Arc<Quota>,
     /// `bytes`, mirrored for [`Quota::largest`].
     shown: Arc<AtomicUsize>,
+    /// For `ngx.shared.fleet` with a fleet: the changes waiting to reach it.
+    pending: Option<fleet::Pending>,
 }
 
 impl Drop for Lru {
@@ -565,13 +687,17 @@ impl Lru {
             bytes: 0,
             quota,
             shown,
+            pending: None,
         }
     }
 
-    /// Drops every entry and gives their bytes back (the memory too).
+    /// Drops every entry and gives their bytes back (the memory too). Changes waiting for
+    /// the fleet stay: `flush_all` empties the local cache only.
     fn clear(&mut self) {
         let (quota, shown) = (Arc::clone(&self.quota), Arc::clone(&self.shown));
+        let pending = self.pending.take();
         *self = Lru::new(quota, shown);
+        self.pending = pending;
     }
 
     /// Removes the least recently used entry; `Some(true)` when it was still live (an

@@ -15,7 +15,7 @@ use http::{HeaderMap, StatusCode};
 use mlua::{Lua, LuaOptions, StdLib};
 
 use crate::api::Abort;
-use crate::dict::SharedDicts;
+use crate::dict::{DictValue, FleetDictChanges, SharedDicts};
 use crate::geo::{Locator, LocatorCell};
 use crate::limit::LogLimiter;
 use crate::sandbox::{self, Chunk, Limits, Outcome, Sandbox};
@@ -214,6 +214,36 @@ impl WafEngine {
                 WafError::Script("thread is shutting down".to_owned()),
             ),
         }
+    }
+
+    /// Makes each domain's `ngx.shared.fleet` a fleet dictionary: from now on its changes
+    /// are noted (at most `max_pending` keys per domain between two drains) for the host's
+    /// fleet task, which drains them with [`WafEngine::take_fleet_dict_changes`] and brings
+    /// the fleet's values back with [`WafEngine::apply_fleet_dict_value`]. Call it before
+    /// serving. Without it, `ngx.shared.fleet` is a dictionary of this agent like any other.
+    /// False when it was enabled already.
+    pub fn enable_fleet_dict(&self, max_pending: usize) -> bool {
+        self.shared.dicts.enable_fleet(max_pending)
+    }
+
+    /// Hands over (and forgets) the changes of every domain's `ngx.shared.fleet` since the
+    /// last call, coalesced per key. Never blocks longer than one dictionary's short lock.
+    pub fn take_fleet_dict_changes(&self) -> FleetDictChanges {
+        self.shared.dicts.take_fleet()
+    }
+
+    /// Stores the fleet's value of `key` in `domain`'s `ngx.shared.fleet` cache (`value:
+    /// None`: the fleet has none; `ttl_ms` 0: no expiry). An `incr` still waiting here is
+    /// added on top, and a write still waiting wins. Does nothing (false) for a domain whose
+    /// script has not used the dictionary on this agent.
+    pub fn apply_fleet_dict_value(
+        &self,
+        domain: &str,
+        key: &[u8],
+        value: Option<DictValue>,
+        ttl_ms: u64,
+    ) -> bool {
+        self.shared.dicts.apply_fleet(domain, key, value, ttl_ms)
     }
 
     /// The dictionaries, for tests.

@@ -17,7 +17,10 @@
 //! engine leaves it alone and keeps the hook on for every run instead.
 //!
 //! The host may install a [`ClientLocator`] (`WafEngine::set_locator`): the source of the
-//! `ngx.var.geoip_*` variables, so this crate needs no GeoIP dependency.
+//! `ngx.var.geoip_*` variables, so this crate needs no GeoIP dependency. A host with a
+//! fleet of agents makes `ngx.shared.fleet` shared (`WafEngine::enable_fleet_dict`): this
+//! crate notes that dictionary's changes and takes the fleet's values back, and the host
+//! carries them (no network code here).
 //!
 //! Start reading at [`WafEngine::check`] (engine.rs), then `sandbox.rs` and `sandbox.lua`
 //! for the sandbox, and `api.rs` for the `ngx` functions. `docs/waf.md` lists the API.
@@ -43,6 +46,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 
 pub use clock::Clock;
+pub use dict::{DictValue, FLEET_DICT, FleetDictChange, FleetDictChanges, FleetDictOp};
 pub use engine::{WafEngine, check_scripts};
 pub use geo::{ClientLocation, ClientLocator};
 pub use stats::{DomainCounters, WafStats};

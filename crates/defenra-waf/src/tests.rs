@@ -1360,6 +1360,59 @@ fn shared_dict_api() {
 }
 
 #[test]
+fn the_fleet_dictionary_hands_its_changes_over_and_takes_the_fleets_values() {
+    let script = r#"
+        local hits = ngx.shared.fleet:incr("hits", 1, 0, 60)
+        ngx.shared.cache:incr("local", 1, 0)
+        ngx.say(hits, " ", tostring(ngx.shared.fleet:get("mode")))
+    "#;
+    let engine = engine(script);
+    assert!(engine.enable_fleet_dict(100));
+    let body = |verdict: Verdict| match verdict {
+        Verdict::Block { body, .. } => String::from_utf8(body.to_vec()).unwrap(),
+        other => panic!("{}", render(&other)),
+    };
+    assert_eq!(body(request("/").check(&engine)), "1 nil\n");
+    assert_eq!(body(request("/").check(&engine)), "2 nil\n");
+    let mut changes = engine.take_fleet_dict_changes().changes;
+    changes.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(
+        changes,
+        [
+            crate::FleetDictChange {
+                domain: DOMAIN.to_owned(),
+                key: Box::from(&b"hits"[..]),
+                op: crate::FleetDictOp::Incr {
+                    delta: 2.0,
+                    init: Some(0.0),
+                    init_ttl_ms: 60_000
+                },
+            },
+            crate::FleetDictChange {
+                domain: DOMAIN.to_owned(),
+                key: Box::from(&b"mode"[..]),
+                op: crate::FleetDictOp::Fetch,
+            },
+        ],
+        "only ngx.shared.fleet is shared"
+    );
+    // The fleet says 40 hits in all, and knows a mode: the next run sees both.
+    assert!(engine.apply_fleet_dict_value(
+        DOMAIN,
+        b"hits",
+        Some(crate::DictValue::Number(40.0)),
+        30_000
+    ));
+    assert!(engine.apply_fleet_dict_value(
+        DOMAIN,
+        b"mode",
+        Some(crate::DictValue::Str(Box::from(&b"strict"[..]))),
+        0
+    ));
+    assert_eq!(body(request("/").check(&engine)), "41 strict\n");
+}
+
+#[test]
 fn shared_dict_incr_arguments() {
     let script = r#"
         local d = ngx.shared.cache

@@ -428,7 +428,12 @@ fn better(best: Option<WrkResult>, candidate: WrkResult) -> WrkResult {
     }
 }
 
-fn wrk(url: &str, threads: u32, connections: u32, duration: Duration) -> anyhow::Result<WrkResult> {
+pub(super) fn wrk(
+    url: &str,
+    threads: u32,
+    connections: u32,
+    duration: Duration,
+) -> anyhow::Result<WrkResult> {
     let output = Command::new("wrk")
         .args([
             "--latency",

@@ -4,6 +4,7 @@ mod challenge;
 mod common;
 mod dns;
 mod dns_rrl;
+mod fleet;
 mod http;
 mod l4;
 mod shield;
@@ -12,7 +13,7 @@ mod waf;
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let Some((area, rest)) = args.split_first() else {
         anyhow::bail!(
-            "usage: cargo xtask bench <dns|dns-rrl|http|waf|l4|shield|challenge> [options]"
+            "usage: cargo xtask bench <dns|dns-rrl|http|waf|l4|shield|challenge|fleet> [options]"
         );
     };
     match area.as_str() {
@@ -23,9 +24,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         "l4" => l4::run(rest),
         "shield" => shield::run(rest),
         "challenge" => challenge::run(rest),
+        "fleet" => fleet::run(rest),
         other => {
             anyhow::bail!(
-                "unknown bench area {other:?}: expected dns, dns-rrl, http, waf, l4, shield or challenge"
+                "unknown bench area {other:?}: expected dns, dns-rrl, http, waf, l4, shield, challenge or fleet"
             )
         }
     }

@@ -146,6 +146,49 @@ impl ShieldKey {
         })
     }
 
+    /// The key as 64 lower-case hex digits: the secret itself, for a fleet's shared store
+    /// (`defenra-fleet` keeps it in Redis). Never log it; log the fingerprint.
+    pub fn to_hex(&self) -> String {
+        let mut text = String::with_capacity(2 * KEY_LEN);
+        for byte in self.bytes {
+            text.push(char::from(HEX[usize::from(byte >> 4)]));
+            text.push(char::from(HEX[usize::from(byte & 15)]));
+        }
+        text
+    }
+
+    /// A key from the contents of a key file or a fleet store: 64 hex digits (surrounding
+    /// whitespace ignored) or exactly 32 bytes, not all zero; `None` otherwise.
+    pub fn from_text(contents: &[u8]) -> Option<ShieldKey> {
+        parse(contents)
+    }
+
+    /// Writes the key to `path` (64 hex digits and a newline, mode 0600), replacing what is
+    /// there atomically: a temporary file renamed into place. For a key file the agent
+    /// owns (the state directory's), when the fleet's key replaces it; never for an
+    /// operator's file.
+    ///
+    /// # Errors
+    ///
+    /// The I/O error of writing or renaming.
+    pub fn replace_file(&self, path: &Path) -> std::io::Result<()> {
+        let temporary = temporary_name(path);
+        let written = (|| {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&temporary)?;
+            file.write_all(format!("{}\n", self.to_hex()).as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+        written
+    }
+
     /// A short public name of the key for logs: the first 4 bytes of a hash of it, in hex.
     pub fn fingerprint(&self) -> Fingerprint {
         let digest = self.id_digest();
@@ -162,10 +205,7 @@ impl ShieldKey {
     }
 
     fn create(&self, path: &Path) -> std::io::Result<()> {
-        let mut name = std::ffi::OsString::from(".");
-        name.push(path.file_name().unwrap_or_default());
-        name.push(format!(".{}.tmp", std::process::id()));
-        let temporary = path.with_file_name(name);
+        let temporary = temporary_name(path);
         let written = (|| {
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create_new(true);
@@ -350,6 +390,14 @@ impl fmt::Debug for KeyRing {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// `.NAME.PID.tmp` beside `path`.
+fn temporary_name(path: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".{}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
 /// 32 raw bytes, or 64 hex digits with surrounding whitespace; never the all-zero key.
 fn parse(contents: &[u8]) -> Option<ShieldKey> {
     let mut bytes = [0; KEY_LEN];
@@ -411,6 +459,28 @@ mod tests {
         // A second generated key differs (32 random bytes each).
         let other = ShieldKey::load_or_create(&dir.path().join("other.key")).expect("other");
         assert_ne!(other.bytes, created.bytes);
+    }
+
+    #[test]
+    fn a_key_goes_to_text_and_back_and_replaces_a_file_privately() {
+        let key = ShieldKey::generate().expect("random");
+        let text = key.to_hex();
+        assert_eq!(text.len(), 64);
+        let back = ShieldKey::from_text(text.as_bytes()).expect("parses");
+        assert_eq!(back.bytes, key.bytes);
+        assert!(ShieldKey::from_text(b"not a key").is_none());
+        assert!(ShieldKey::from_text("0".repeat(64).as_bytes()).is_none());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("shield.key");
+        ShieldKey::load_or_create(&path).expect("created");
+        key.replace_file(&path).expect("replaced");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(ShieldKey::read(&path).expect("read").bytes, key.bytes);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|entry| entry.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("shield.key")]);
     }
 
     #[test]
