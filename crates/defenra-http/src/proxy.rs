@@ -489,10 +489,18 @@ impl Conn {
         .ok_or(ProxyError::MissingHost)?;
         let host_text = host_value.to_str().map_err(|_| ProxyError::MissingHost)?;
         let host = strip_port(host_text);
+        // The origin and the WAF get this same origin-form target (a fragment never gets
+        // here: the URI parser drops it). An encoded NUL in the path is refused as over
+        // HTTP/1.
         let target = request
             .uri()
             .path_and_query()
             .map_or("/", PathAndQuery::as_str);
+        if crate::h1::encoded_nul_in_path(target.as_bytes()) {
+            return Err(ProxyError::Client(
+                "encoded NUL in the request path".to_owned(),
+            ));
+        }
         let asked = Asked {
             method: request.method(),
             host,

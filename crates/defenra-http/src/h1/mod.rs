@@ -16,6 +16,9 @@ mod form;
 mod head;
 mod timer;
 
+pub(crate) use head::encoded_nul_in_path;
+
+use std::borrow::Cow;
 use std::future::poll_fn;
 use std::io;
 use std::net::IpAddr;
@@ -205,8 +208,10 @@ where
         let method_bytes = head.method.get(buf);
         let is_head = method_bytes == b"HEAD";
         let method = Method::from_bytes(method_bytes).unwrap_or(Method::GET);
-        // Origin-form, or absolute-form whose authority wins over Host (RFC 9112 §3.2.3).
-        let (authority, path) = split_target(head.target.get(buf));
+        // Origin-form, or absolute-form whose authority wins over Host (RFC 9112 §3.2.3);
+        // the parser refused every other form.
+        let authority = head.authority.map(|span| span.get(buf));
+        let path = head.path.get(buf);
         let mut entry = conn.service.access_log.start(
             &conn.service.stats,
             conn.peer.ip().to_canonical(),
@@ -227,6 +232,16 @@ where
             .and_then(|host_value| {
                 let host = strip_port(host_value);
                 let target = std::str::from_utf8(path).map_err(|_| ProxyError::MissingHost)?;
+                // `http://host?q` goes to the origin as `/?q`: the WAF sees the same.
+                let target = if path
+                    .first()
+                    .is_some_and(|&byte| byte == b'/' || byte == b'*')
+                {
+                    Cow::Borrowed(target)
+                } else {
+                    Cow::Owned(format!("/{target}"))
+                };
+                let target = &*target;
                 let asked = Asked {
                     method: &method,
                     host,
@@ -1194,31 +1209,6 @@ fn prepare(
     Ok(key)
 }
 
-/// Splits a request target into the authority of an absolute-form target (if any) and
-/// the origin-form path and query.
-fn split_target(target: &[u8]) -> (Option<&[u8]>, &[u8]) {
-    if target.first() == Some(&b'/') || target == b"*" {
-        return (None, target);
-    }
-    let rest = if target.len() > 7 && target[..7].eq_ignore_ascii_case(b"http://") {
-        &target[7..]
-    } else if target.len() > 8 && target[..8].eq_ignore_ascii_case(b"https://") {
-        &target[8..]
-    } else {
-        return (None, target);
-    };
-    let end = rest
-        .iter()
-        .position(|&byte| matches!(byte, b'/' | b'?'))
-        .unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let authority = match authority.iter().rposition(|&byte| byte == b'@') {
-        Some(at) => &authority[at + 1..],
-        None => authority,
-    };
-    (Some(authority), if path.is_empty() { b"/" } else { path })
-}
-
 /// Writes `bytes` and flushes (TLS records go out on flush).
 async fn write_all_flush<W: AsyncWrite + Unpin>(io: &mut W, bytes: &[u8]) -> io::Result<()> {
     io.write_all(bytes).await?;
@@ -1256,28 +1246,5 @@ async fn write_all_within<W: AsyncWrite + Unpin>(
         None => tokio::time::timeout(limit, write_all_flush(io, rest))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading"))?,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets_split_into_authority_and_path() {
-        assert_eq!(split_target(b"/a?b"), (None, b"/a?b".as_slice()));
-        assert_eq!(
-            split_target(b"http://Example.com:8080/x?y"),
-            (Some(b"Example.com:8080".as_slice()), b"/x?y".as_slice())
-        );
-        assert_eq!(
-            split_target(b"https://user@example.com"),
-            (Some(b"example.com".as_slice()), b"/".as_slice())
-        );
-        assert_eq!(
-            split_target(b"http://example.com?q"),
-            (Some(b"example.com".as_slice()), b"?q".as_slice())
-        );
-        assert_eq!(split_target(b"*"), (None, b"*".as_slice()));
     }
 }

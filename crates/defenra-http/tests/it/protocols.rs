@@ -1,5 +1,6 @@
 //! HTTP/2 (ALPN and prior knowledge) and upgraded (WebSocket) tunnels.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -129,4 +130,26 @@ async fn websocket_upgrade_is_tunneled_both_ways() {
         stream.read_exact(&mut echoed).await.unwrap();
         assert_eq!(echoed, frame);
     }
+}
+
+#[tokio::test]
+async fn http2_refuses_an_encoded_nul_in_the_path() {
+    // Issue 17 finding 7: the same rule as HTTP/1.1.
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(
+        &config(vec![proxied_domain("example.com")]),
+        origin.addr.port(),
+    )
+    .await;
+    let stream = TcpStream::connect(proxy.http).await.unwrap();
+    let mut sender = http2_over(stream).await;
+    let reply = collect(
+        sender
+            .send_request(h2_request("http://example.com/admin%00"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(origin.accepted_connections.load(Ordering::SeqCst), 0);
 }
