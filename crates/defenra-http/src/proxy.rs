@@ -481,10 +481,18 @@ impl Conn {
         entry: &mut Option<Box<AccessEntry>>,
         visitor: &mut Visitor,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        // RFC 9113 §8.3.1: :authority (the URI's authority here) wins over Host.
+        // RFC 9113 §8.3.1: :authority (the URI's authority here) wins over Host. Without
+        // it, several Host fields are as ambiguous as over HTTP/1.1 (RFC 9112 §3.2): 400.
         let host_value = match request.uri().authority() {
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => request.headers().get(header::HOST).cloned(),
+            None => {
+                let mut hosts = request.headers().get_all(header::HOST).iter();
+                let first = hosts.next().cloned();
+                if hosts.next().is_some() {
+                    return Err(ProxyError::Client("more than one Host".to_owned()));
+                }
+                first
+            }
         }
         .ok_or(ProxyError::MissingHost)?;
         let host_text = host_value.to_str().map_err(|_| ProxyError::MissingHost)?;
