@@ -142,7 +142,7 @@ pub struct HttpService {
     /// not reset the count. Locked only by `reload`.
     origin_limits: parking_lot::Mutex<route::OriginLimits>,
     origins: Arc<origin::OriginPool>,
-    tls_acceptor: tokio_rustls::TlsAcceptor,
+    tls_acceptor: tls::Acceptor,
     stats: Arc<HttpStats>,
     access_log: access::AccessLog,
     /// Per-domain counters, kept across reloads; routes carry their domain's.
