@@ -66,6 +66,8 @@ fn kind_of(name: &[u8]) -> Kind {
         10 if is("connection") => Kind::Connection,
         10 if is("keep-alive") => Kind::HopByHop,
         14 if is("content-length") => Kind::ContentLength,
+        // RFC 9113 §3.1 / RFC 7540 §3.2.1: connection-specific, for an h2c upgrade.
+        14 if is("http2-settings") => Kind::HopByHop,
         15 if is("x-forwarded-for") => Kind::XForwardedFor,
         16 if is("x-forwarded-host") => Kind::Forwarding,
         17 if is("transfer-encoding") => Kind::TransferEncoding,
@@ -330,9 +332,20 @@ impl RequestHead {
     }
 
     /// Whether this is an HTTP/1.1 upgrade request (`Connection: upgrade` and `Upgrade`).
+    /// An upgrade to `h2c` is not one: the proxy never speaks HTTP/2 to origins, and an
+    /// origin that switched would get this hop's connection (RFC 9113 §3.1 removed the
+    /// upgrade); the request goes on as plain HTTP/1.1, its `Upgrade` dropped like every
+    /// hop-by-hop field (nginx never passes `Upgrade` on unless told to).
     pub(crate) fn upgrade<'a>(&self, buf: &'a [u8]) -> Option<&'a [u8]> {
         if self.minor == 1 && self.fields.connection_upgrade {
-            self.fields.upgrade.map(|span| span.get(buf))
+            self.fields
+                .upgrade
+                .map(|span| span.get(buf))
+                .filter(|protocols| {
+                    !protocols
+                        .split(|&byte| byte == b',')
+                        .any(|protocol| protocol.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+                })
         } else {
             None
         }

@@ -429,3 +429,33 @@ async fn targets_the_waf_would_misread_are_refused_and_absolute_form_is_rewritte
         .unwrap();
     assert_eq!(read_response(&mut stream, false).await.status(), 200);
 }
+
+#[tokio::test]
+async fn an_upgrade_to_h2c_is_not_passed_to_the_origin() {
+    // Issue 17 finding 12: `Upgrade: h2c` reached origins; the proxy never upgrades to h2c.
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(
+            b"GET /u HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let response = read_response(&mut stream, false).await;
+    assert_eq!(response.status(), 200, "{}", response.head);
+    for name in ["upgrade", "connection", "http2-settings"] {
+        assert!(
+            response.echoed(name).is_empty(),
+            "{name} reached the origin"
+        );
+    }
+    // The connection goes on as HTTP/1.1.
+    stream
+        .write_all(b"GET /next HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let next = read_response(&mut stream, false).await;
+    assert_eq!(next.header("x-echo-path"), Some("/next"));
+}
