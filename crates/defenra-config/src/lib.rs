@@ -42,7 +42,10 @@ pub use enrol::{ConnectError, ConnectUrl, Enrolment};
 pub use model::*;
 pub use report::{CoreReporter, ReportError, ReporterOptions};
 pub use runner::{ConfigLoop, ConfigStats, IntervalPolicy, PollOutcome};
-pub use source::{ConfigSource, CoreSource, CoreSourceOptions, FileSource, SourceError};
+pub use source::{
+    ConfigSource, CoreSource, CoreSourceOptions, FileSource, MAX_DOCUMENT_BYTES, SourceError,
+    read_document,
+};
 pub use state::StateDir;
 
 /// One problem found while compiling: the JSON path of the item and what is wrong.

@@ -162,6 +162,9 @@ pub struct ConfigLoop {
     core_interval: Option<Duration>,
     /// Failures in a row, for the backoff.
     failures: u32,
+    /// The source's current document was rejected: a fetch that finds it unchanged keeps
+    /// that error reported (a file that stays broken must not look fixed a poll later).
+    rejected: bool,
     /// Issues already logged, so a problem that persists is logged once, not every poll.
     logged: HashSet<Issue>,
     /// Successful fetches so far; the reports to Core follow each one.
@@ -193,6 +196,7 @@ impl ConfigLoop {
             fingerprint: None,
             core_interval: None,
             failures: 0,
+            rejected: false,
             logged: HashSet::new(),
             successes: watch::Sender::new(0),
         }
@@ -294,6 +298,11 @@ impl ConfigLoop {
         let kind = self.source.kind();
         let doc = match self.source.fetch().await {
             Ok(Some(doc)) => doc,
+            Ok(None) if self.rejected => {
+                // The same rejected document: no new failure (no backoff), same error.
+                self.failures = 0;
+                return PollOutcome::Unchanged;
+            }
             Ok(None) => {
                 self.succeeded();
                 return PollOutcome::Unchanged;
@@ -308,6 +317,7 @@ impl ConfigLoop {
             Err(rejected) => {
                 warn!(source = kind, error = %rejected, "config document rejected; keeping the current config");
                 self.stats.documents_rejected_total.fetch_add(1, Relaxed);
+                self.rejected = true;
                 return self.failed(rejected.to_string());
             }
         };
@@ -369,6 +379,7 @@ impl ConfigLoop {
 
     fn succeeded(&mut self) {
         self.failures = 0;
+        self.rejected = false;
         self.stats.last_success_unix.store(unix_now(), Relaxed);
         *self.stats.last_error.lock() = None;
     }
