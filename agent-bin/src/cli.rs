@@ -142,8 +142,10 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
     pub(crate) http_workers: usize,
 
-    /// Health, stats and metrics endpoint (/health, /stats, /metrics), or `off`.
-    #[arg(long, env = "HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
+    /// Health, stats and metrics endpoint (/health, /stats, /metrics), or `off`. Loopback
+    /// by default: /stats reveals the configuration (domains, rejected items, counters),
+    /// so bind it elsewhere only on a management network.
+    #[arg(long, env = "HEALTH_LISTEN", default_value = "127.0.0.1:8080")]
     pub(crate) health_listen: Listen,
 
     /// Threads serving the TCP forwards, sharing each listening socket (a connection stays

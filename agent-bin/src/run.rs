@@ -242,7 +242,13 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         spawn(
             "health",
             Box::pin(async move {
-                health::serve(listener, observability, token).await;
+                health::serve(
+                    listener,
+                    observability,
+                    health::HealthLimits::default(),
+                    token,
+                )
+                .await;
                 Ok(())
             }),
         );
