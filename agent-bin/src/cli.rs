@@ -184,6 +184,12 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "ORIGIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub(crate) origin_timeout: Duration,
 
+    /// An upgraded connection (WebSocket) in which no byte moves either way for this long is
+    /// closed, like nginx's `proxy_read_timeout`; raise it for applications that keep quiet
+    /// connections open without pings.
+    #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub(crate) tunnel_idle_timeout: Duration,
+
     /// Answer 503 when a WAF script fails, instead of letting the request through.
     #[arg(long, env = "WAF_FAIL_CLOSED")]
     pub(crate) waf_fail_closed: bool,

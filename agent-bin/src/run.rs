@@ -143,6 +143,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             origin_http_port: args.origin_http_port,
             origin_https_port: args.origin_https_port,
             origin_timeout: args.origin_timeout,
+            tunnel_idle_timeout: args.tunnel_idle_timeout,
             access_log: args.access_log,
             access_log_max_per_second: args.access_log_max_per_second,
             record_clients: reporting,

@@ -49,6 +49,9 @@ pub(crate) enum Kind {
     /// `Keep-Alive`, `TE`, `Trailer`, `Proxy-*`: hop-by-hop, never passed on.
     HopByHop,
     XForwardedFor,
+    /// `Expect`: the proxy answers `100-continue` itself (it reads the start of a body
+    /// before the origin sees the request), so the origin never gets it.
+    Expect,
     /// `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`: set by the proxy on requests.
     Forwarding,
     Date,
@@ -60,6 +63,7 @@ fn kind_of(name: &[u8]) -> Kind {
         2 if is("te") => Kind::HopByHop,
         4 if is("host") => Kind::Host,
         4 if is("date") => Kind::Date,
+        6 if is("expect") => Kind::Expect,
         7 if is("upgrade") => Kind::Upgrade,
         7 if is("trailer") => Kind::HopByHop,
         9 if is("x-real-ip") => Kind::Forwarding,
@@ -131,6 +135,8 @@ pub(crate) struct Fields {
     pub(crate) connection_upgrade: bool,
     pub(crate) upgrade: Option<Span>,
     pub(crate) has_date: bool,
+    /// `Expect: 100-continue` (RFC 9110 §10.1.1).
+    pub(crate) expect_continue: bool,
     content_length: Option<Result<u64, ()>>,
     transfer_encoding: Option<Result<(), ()>>,
     transfer_encoding_count: u8,
@@ -145,6 +151,7 @@ impl Fields {
         self.connection_upgrade = false;
         self.upgrade = None;
         self.has_date = false;
+        self.expect_continue = false;
         self.content_length = None;
         self.transfer_encoding = None;
         self.transfer_encoding_count = 0;
@@ -158,6 +165,9 @@ impl Fields {
                 Kind::ContentLength => self.content_length(header.value),
                 Kind::TransferEncoding => self.transfer_encoding(header.value),
                 Kind::Date => self.has_date = true,
+                Kind::Expect => {
+                    self.expect_continue = header.value.eq_ignore_ascii_case(b"100-continue");
+                }
                 _ => {}
             }
             self.list.push(Field { name, value, kind });
