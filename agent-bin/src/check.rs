@@ -6,7 +6,7 @@ use std::process::ExitCode;
 /// Compiles `file` exactly as the agent would (including the WAF scripts) and prints every
 /// issue with its JSON path. Exit 0 when clean, 1 when there is any problem.
 pub(crate) fn check_config(file: &Path) -> ExitCode {
-    let doc = match std::fs::read(file) {
+    let doc = match defenra_config::read_document(file, defenra_config::MAX_DOCUMENT_BYTES) {
         Ok(doc) => doc,
         Err(error) => {
             eprintln!("{}: cannot read: {error}", file.display());

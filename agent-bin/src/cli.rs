@@ -145,8 +145,10 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
     pub(crate) http_workers: usize,
 
-    /// Health, stats and metrics endpoint (/health, /stats, /metrics), or `off`.
-    #[arg(long, env = "HEALTH_LISTEN", default_value = "0.0.0.0:8080")]
+    /// Health, stats and metrics endpoint (/health, /stats, /metrics), or `off`. Loopback
+    /// by default: /stats reveals the configuration (domains, rejected items, counters),
+    /// so bind it elsewhere only on a management network.
+    #[arg(long, env = "HEALTH_LISTEN", default_value = "127.0.0.1:8080")]
     pub(crate) health_listen: Listen,
 
     /// Threads serving the TCP forwards, sharing each listening socket (a connection stays
@@ -184,6 +186,12 @@ pub(crate) struct RunArgs {
     /// again from each move of the request body (`60`, `60s`, `500ms`, `2m`).
     #[arg(long, env = "ORIGIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub(crate) origin_timeout: Duration,
+
+    /// An upgraded connection (WebSocket) in which no byte moves either way for this long is
+    /// closed, like nginx's `proxy_read_timeout`; raise it for applications that keep quiet
+    /// connections open without pings.
+    #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub(crate) tunnel_idle_timeout: Duration,
 
     /// Answer 503 when a WAF script fails, instead of letting the request through.
     #[arg(long, env = "WAF_FAIL_CLOSED")]

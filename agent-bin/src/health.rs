@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use defenra_config::stats::{Metric, MetricKind, StatsSource};
@@ -12,9 +12,9 @@ use defenra_shield::Shield;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -272,37 +273,87 @@ fn resident_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Serves the endpoint until `shutdown`.
+/// Limits of the endpoint's listener. Monitoring needs few connections and small
+/// requests; without limits, 20,000 idle connections once used up the process's
+/// descriptors and took every other listener down (issue 17).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HealthLimits {
+    /// Connections served at once; further clients wait in the kernel's accept backlog
+    /// (as on the HTTP listeners), holding no descriptor of the agent.
+    pub(crate) max_connections: usize,
+    /// Time a client has to send a complete request head, from the connection's start and
+    /// again while a kept-alive connection waits for its next request (nginx's
+    /// `client_header_timeout` and `keepalive_timeout` in one).
+    pub(crate) header_timeout: Duration,
+    /// Longest life of one connection, whatever it does (a scraper that stops reading a
+    /// large `/metrics` answer).
+    pub(crate) max_connection_age: Duration,
+}
+
+impl Default for HealthLimits {
+    fn default() -> Self {
+        HealthLimits {
+            max_connections: 128,
+            header_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Serves the endpoint until `shutdown`: HTTP/1.1 only (no monitoring tool needs more),
+/// within `limits`.
 pub(crate) async fn serve(
     listener: TcpListener,
     observability: Arc<Observability>,
+    limits: HealthLimits,
     shutdown: CancellationToken,
 ) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024);
     loop {
+        // A slot before accepting: excess clients stay in the backlog.
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => return,
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return, // never closed
+            },
+        };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     debug!(%error, "health accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
         let observability = Arc::clone(&observability);
         let shutdown = shutdown.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request| {
                 let observability = Arc::clone(&observability);
                 async move { Ok::<_, Infallible>(route(&observability, &request)) }
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
-                result = connection => if let Err(error) = result {
-                    debug!(%peer, %error, "health connection ended with an error");
-                },
+                result = tokio::time::timeout(limits.max_connection_age, connection) => {
+                    match result {
+                        Ok(Err(error)) => {
+                            debug!(%peer, %error, "health connection ended with an error");
+                        }
+                        Err(_) => debug!(%peer, "health connection closed at its age limit"),
+                        Ok(Ok(())) => {}
+                    }
+                }
                 () = shutdown.cancelled() => {}
             }
         });
@@ -433,6 +484,84 @@ mod tests {
             ));
         }
         table
+    }
+
+    /// Sends `GET /health` with keep-alive and reads the response head.
+    async fn ask_health(stream: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while !response.windows(4).any(|window| window == b"\r\n\r\n") {
+            let n = stream.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "closed before answering");
+            response.extend_from_slice(&buffer[..n]);
+        }
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    /// Whether the server closes `stream` within `limit`.
+    async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = [0u8; 4096];
+        tokio::time::timeout(limit, async {
+            loop {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    #[tokio::test]
+    async fn idle_clients_are_cut_after_the_header_timeout_and_held_to_the_cap() {
+        // Issue 17 finding 4: idle connections were never closed nor counted.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let observability = Arc::new(Observability::new(
+            Arc::new(SnapshotCell::new()),
+            Arc::new(ConfigStats::default()),
+            Vec::new(),
+        ));
+        let limits = HealthLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(300),
+            max_connection_age: Duration::from_secs(30),
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, observability, limits, shutdown.clone()));
+
+        // Eight silent clients: four are served (and cut after 300 ms), four wait in the
+        // backlog for their turn; a ninth that asks waits behind both rounds.
+        let mut silent = Vec::new();
+        for _ in 0..8 {
+            silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let started = Instant::now();
+        let mut asking = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = tokio::time::timeout(Duration::from_secs(5), ask_health(&mut asking))
+            .await
+            .expect("answered once the silent clients are cut");
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "answered after {:?}: the cap did not hold",
+            started.elapsed()
+        );
+        for stream in &mut silent {
+            assert!(closed_within(stream, Duration::from_secs(2)).await);
+        }
+        // A kept-alive connection idling after its answer is cut the same way.
+        assert!(closed_within(&mut asking, Duration::from_secs(2)).await);
+
+        shutdown.cancel();
+        server.await.unwrap();
     }
 
     /// docs/operations.md lists every metric; regenerate with

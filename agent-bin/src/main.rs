@@ -29,6 +29,10 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command, SourceChoice};
 
+/// After `--shutdown-grace`, how long the runtime may take to stop its tasks and blocking
+/// threads before the process exits anyway.
+const SHUTDOWN_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -102,7 +106,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run::run(cli.run, source)) {
+            let result = runtime.block_on(run::run(cli.run, source));
+            // `run` returns once the grace period is over; what still runs then (a config
+            // reload on the blocking pool, a connection that did not drain) gets a moment
+            // and is abandoned, so SIGTERM always ends the process in time.
+            runtime.shutdown_timeout(SHUTDOWN_MARGIN);
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");

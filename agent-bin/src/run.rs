@@ -77,6 +77,11 @@ type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 ///
 /// A listener that cannot be bound.
 pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::Result<()> {
+    // First, so that a signal during a slow start (a huge first config) is handled too.
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let shutdown = CancellationToken::new();
     let cell = Arc::new(SnapshotCell::new());
     // systemd's watchdog: every runtime that serves listeners gets a heart (below).
@@ -145,6 +150,7 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             origin_http_port: args.origin_http_port,
             origin_https_port: args.origin_https_port,
             origin_timeout: args.origin_timeout,
+            tunnel_idle_timeout: args.tunnel_idle_timeout,
             access_log: args.access_log,
             access_log_max_per_second: args.access_log_max_per_second,
             record_clients: reporting,
@@ -253,7 +259,13 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         spawn(
             "health",
             Box::pin(async move {
-                health::serve(listener, observability, token).await;
+                health::serve(
+                    listener,
+                    observability,
+                    health::HealthLimits::default(),
+                    token,
+                )
+                .await;
                 Ok(())
             }),
         );
@@ -311,7 +323,12 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
     }
 
     // The first config before the data plane starts answering, so the first queries see it.
-    let loaded = config.start().await;
+    // Compiling and reloading run on the blocking pool; a signal meanwhile ends the agent.
+    let loaded = tokio::select! {
+        loaded = config.start() => loaded,
+        _ = terminate.recv() => return stop_early(shutdown, tasks, args.shutdown_grace).await,
+        _ = interrupt.recv() => return stop_early(shutdown, tasks, args.shutdown_grace).await,
+    };
     if loaded {
         info!(
             version = cell.load().map_or(0, |snapshot| snapshot.version),
@@ -453,10 +470,6 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
         });
     }
 
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     info!("agent running");
     let failure = loop {
         tokio::select! {
@@ -504,6 +517,19 @@ pub(crate) async fn run(args: RunArgs, source_choice: SourceChoice) -> anyhow::R
             Ok(())
         }
     }
+}
+
+/// A signal before the first config was loaded: the few tasks started so far get the
+/// grace period.
+async fn stop_early(
+    shutdown: CancellationToken,
+    mut tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    info!("signal while loading the first config: shutting down");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    Ok(())
 }
 
 async fn bind_tcp(name: &'static str, listen: Listen) -> anyhow::Result<Option<TcpListener>> {

@@ -352,3 +352,75 @@ fn the_systemd_watchdog_is_pinged_at_half_its_interval_while_the_agent_runs() {
     let _ = other.kill();
     let _ = other.wait();
 }
+
+/// A config document whose domain has `n_records` proxied A records.
+fn many_records(n_records: usize) -> String {
+    let mut records = String::from(r#"{"name":"@","type":"A","value":"192.0.2.1"}"#);
+    for index in 0..n_records {
+        records.push_str(&format!(
+            r#",{{"name":"r{index}","type":"A","value":"192.0.2.1","httpProxyEnabled":true}}"#
+        ));
+    }
+    format!(
+        r#"{{"domains":[{{"domain":"example.com","httpProxy":{{"enabled":true,"type":"both"}},"dnsRecords":[{records}]}}]}}"#
+    )
+}
+
+#[test]
+fn sigterm_during_a_slow_reload_exits_within_the_grace_period_and_health_answers_meanwhile() {
+    // Issue 17 finding 9: the reload ran on a runtime worker; the health endpoint could
+    // stall behind it and SIGTERM waited for it to finish.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    write(&path, &doc("192.0.2.1"));
+    let mut agent = Agent::start(&["--config", path.to_str().unwrap(), "--shutdown-grace", "1s"]);
+    let health = agent.addr("health");
+    eventually("config loads", || get_json(health, "/health").0 == 200);
+
+    // 400,000 records: seconds of compiling and reloading in a debug build, and still
+    // more than the 300 ms below in a release build (`cargo xtask e2e`).
+    write(&path, &many_records(400_000));
+    agent.signal("HUP");
+    let reloading = Instant::now();
+    while reloading.elapsed() < Duration::from_millis(300) {
+        let asked = Instant::now();
+        assert_eq!(get(health, "/health").0, 200);
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "/health took {:?} during the reload",
+            asked.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let signalled = Instant::now();
+    agent.signal("TERM");
+    let status = loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            break status;
+        }
+        // Grace (1 s), the runtime's shutdown margin (1 s), and slack for a loaded machine.
+        assert!(
+            signalled.elapsed() < Duration::from_secs(4),
+            "SIGTERM during a reload must end the agent within the grace period"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+
+    // The scenario held: the large document was still being loaded when SIGTERM came.
+    let mut lines = Vec::new();
+    while let Ok(line) = agent.logs.recv_timeout(Duration::from_secs(5)) {
+        lines.push(line);
+    }
+    let term_at = lines
+        .iter()
+        .position(|line| line["message"] == "SIGTERM: shutting down")
+        .expect("SIGTERM is logged");
+    assert!(
+        !lines[..term_at]
+            .iter()
+            .any(|line| line["message"] == "config published" && line["records"] == 400_001),
+        "the reload finished before SIGTERM: the test did not test a reload in progress"
+    );
+}

@@ -27,6 +27,12 @@ use crate::{Issue, Rejected};
 pub const DEFAULT_TTL: u32 = 300;
 /// RFC 2181 §8: TTLs are 31-bit.
 const MAX_TTL: u32 = i32::MAX as u32;
+/// Range of a GeoDNS pool member's weight (0 drains it). Ratios up to a billion are more
+/// than any pool needs; weights beyond are clamped, so that extreme values cannot defeat
+/// the weighted choice.
+pub const MIN_POOL_WEIGHT: f64 = 0.001;
+/// See [`MIN_POOL_WEIGHT`].
+pub const MAX_POOL_WEIGHT: f64 = 1_000_000.0;
 
 /// The result of compiling a document that was not rejected.
 #[derive(Debug, Clone)]
@@ -226,6 +232,16 @@ fn compile_domain(raw: &wire::Domain, path: &str, issues: &mut Vec<Issue>) -> Op
                 // A zero weight drains the agent: it is configured but gets no traffic.
                 continue;
             }
+            let clamped = weight.clamp(MIN_POOL_WEIGHT, MAX_POOL_WEIGHT);
+            if clamped != weight {
+                issues.push(Issue::new(
+                    format!("{member_path}.weight"),
+                    format!(
+                        "{weight:e} is outside {MIN_POOL_WEIGHT}-{MAX_POOL_WEIGHT}; {clamped} used"
+                    ),
+                ));
+            }
+            let weight = clamped;
             pool.push(PoolAgent {
                 ip,
                 weight,

@@ -42,7 +42,10 @@ pub use enrol::{ConnectError, ConnectUrl, Enrolment};
 pub use model::*;
 pub use report::{CoreReporter, ReportError, ReporterOptions};
 pub use runner::{ConfigLoop, ConfigStats, IntervalPolicy, PollOutcome};
-pub use source::{ConfigSource, CoreSource, CoreSourceOptions, FileSource, SourceError};
+pub use source::{
+    ConfigSource, CoreSource, CoreSourceOptions, FileSource, MAX_DOCUMENT_BYTES, SourceError,
+    read_document,
+};
 pub use state::StateDir;
 
 /// One problem found while compiling: the JSON path of the item and what is wrong.
@@ -85,8 +88,10 @@ pub enum Rejected {
 
 /// Implemented by every data-plane service; called after each publish.
 pub trait Reload: Send + Sync {
-    /// Builds this service's read-side view of `snapshot` and swaps it in. Runs on the
-    /// config task, never on a request path, and never blocks on I/O. Problems only this
+    /// Builds this service's read-side view of `snapshot` and swaps it in. Runs on a
+    /// blocking-pool thread of the config loop (it may take seconds for a large snapshot,
+    /// and no runtime worker waits for it), never on a request path, and never blocks on
+    /// I/O. Problems only this
     /// service can see (a Lua syntax error, a port that cannot be bound) are pushed to
     /// `issues` with their JSON path.
     fn reload(&self, snapshot: &Arc<Snapshot>, issues: &mut Vec<Issue>);

@@ -148,24 +148,52 @@ impl StatsSource for ConfigStats {
 }
 
 /// Fetches, compiles, publishes and persists configuration, and reloads every service.
+///
+/// Fetching is async; compiling, saving, publishing and the services' reloads are
+/// synchronous and can take seconds for a large document, so they run on the blocking
+/// pool (`Publisher`): a slow reload never holds a runtime worker, so the health
+/// endpoint keeps answering, and shutdown never waits for it (the binary bounds the
+/// runtime's shutdown).
 pub struct ConfigLoop {
     source: Box<dyn ConfigSource>,
-    cell: Arc<SnapshotCell>,
-    services: Vec<Arc<dyn Reload>>,
-    state: Option<StateDir>,
+    /// The synchronous half, locked by the one blocking task working for this loop.
+    publisher: Arc<Mutex<Publisher>>,
     policy: IntervalPolicy,
     stats: Arc<ConfigStats>,
     reload_now: Arc<Notify>,
-    /// Fingerprint of the published content, to skip republishing identical polls.
-    fingerprint: Option<u64>,
     /// Core's latest `nextPollInterval`.
     core_interval: Option<Duration>,
     /// Failures in a row, for the backoff.
     failures: u32,
-    /// Issues already logged, so a problem that persists is logged once, not every poll.
-    logged: HashSet<Issue>,
+    /// The source's current document was rejected: a fetch that finds it unchanged keeps
+    /// that error reported (a file that stays broken must not look fixed a poll later).
+    rejected: bool,
     /// Successful fetches so far; the reports to Core follow each one.
     successes: watch::Sender<u64>,
+}
+
+/// Compiles documents, saves the last good one, publishes snapshots and reloads the
+/// services: everything the loop does that blocks. Called on the blocking pool only.
+struct Publisher {
+    cell: Arc<SnapshotCell>,
+    services: Vec<Arc<dyn Reload>>,
+    state: Option<StateDir>,
+    stats: Arc<ConfigStats>,
+    /// Fingerprint of the published content, to skip republishing identical polls.
+    fingerprint: Option<u64>,
+    /// Issues already logged, so a problem that persists is logged once, not every poll.
+    logged: HashSet<Issue>,
+}
+
+/// What compiling (and perhaps publishing) one fetched document did.
+enum Applied {
+    Rejected(crate::Rejected),
+    Unchanged {
+        next_poll_interval: Option<Duration>,
+    },
+    Published {
+        next_poll_interval: Option<Duration>,
+    },
 }
 
 /// What one fetch did.
@@ -182,31 +210,36 @@ impl ConfigLoop {
         cell: Arc<SnapshotCell>,
         policy: IntervalPolicy,
     ) -> Self {
+        let stats = Arc::new(ConfigStats::default());
         ConfigLoop {
             source,
-            cell,
-            services: Vec::new(),
-            state: None,
+            publisher: Arc::new(Mutex::new(Publisher {
+                cell,
+                services: Vec::new(),
+                state: None,
+                stats: Arc::clone(&stats),
+                fingerprint: None,
+                logged: HashSet::new(),
+            })),
             policy,
-            stats: Arc::new(ConfigStats::default()),
+            stats,
             reload_now: Arc::new(Notify::new()),
-            fingerprint: None,
             core_interval: None,
             failures: 0,
-            logged: HashSet::new(),
+            rejected: false,
             successes: watch::Sender::new(0),
         }
     }
 
     /// Persist the last good document here, and fall back to it at startup.
-    pub fn with_state_dir(mut self, state: StateDir) -> Self {
-        self.state = Some(state);
+    pub fn with_state_dir(self, state: StateDir) -> Self {
+        self.publisher.lock().state = Some(state);
         self
     }
 
     /// Reload `service` after every publish, in the order added.
-    pub fn with_service(mut self, service: Arc<dyn Reload>) -> Self {
-        self.services.push(service);
+    pub fn with_service(self, service: Arc<dyn Reload>) -> Self {
+        self.publisher.lock().services.push(service);
         self
     }
 
@@ -229,31 +262,17 @@ impl ConfigLoop {
     /// document is published instead, so the agent serves the last known config.
     /// Returns whether a snapshot is now published.
     pub async fn start(&mut self) -> bool {
-        if self.poll_once().await != PollOutcome::Failed {
-            return self.cell.load().is_some();
+        let outcome = self.poll_once().await;
+        let publisher = Arc::clone(&self.publisher);
+        if outcome != PollOutcome::Failed {
+            return publisher.lock().cell.load().is_some();
         }
-        let Some(state) = &self.state else {
-            return false;
-        };
-        // The document is dropped before the services build their views from it.
-        match state.load().map(|doc| doc.map(|doc| compile(&doc))) {
-            Ok(Some(compiled)) => match compiled {
-                Ok(compiled) => {
-                    warn!(path = %state.last_good_path().display(), "serving the last good config from the state dir");
-                    self.apply(compiled, None, "state");
-                    true
-                }
-                Err(error) => {
-                    warn!(path = %state.last_good_path().display(), %error, "saved config is corrupt; ignored");
-                    false
-                }
-            },
-            Ok(None) => false,
-            Err(error) => {
-                warn!(path = %state.last_good_path().display(), %error, "cannot read the saved config; ignored");
+        tokio::task::spawn_blocking(move || publisher.lock().publish_saved())
+            .await
+            .unwrap_or_else(|join_error| {
+                warn!(%join_error, "loading the saved config failed");
                 false
-            }
-        }
+            })
     }
 
     /// Polls until `shutdown`, waiting the poll interval between fetches, a backoff after
@@ -272,7 +291,12 @@ impl ConfigLoop {
                     self.source.invalidate();
                 }
             }
-            self.poll_once().await;
+            // A fetch (or a reload on the blocking pool) in progress does not hold
+            // shutdown up.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = self.poll_once() => {}
+            }
         }
     }
 
@@ -294,6 +318,11 @@ impl ConfigLoop {
         let kind = self.source.kind();
         let doc = match self.source.fetch().await {
             Ok(Some(doc)) => doc,
+            Ok(None) if self.rejected => {
+                // The same rejected document: no new failure (no backoff), same error.
+                self.failures = 0;
+                return PollOutcome::Unchanged;
+            }
             Ok(None) => {
                 self.succeeded();
                 return PollOutcome::Unchanged;
@@ -303,22 +332,113 @@ impl ConfigLoop {
                 return self.failed(error.to_string());
             }
         };
-        let compiled = match compile(&doc) {
-            Ok(compiled) => compiled,
-            Err(rejected) => {
+        let publisher = Arc::clone(&self.publisher);
+        let applied =
+            tokio::task::spawn_blocking(move || publisher.lock().compile_and_apply(doc, kind))
+                .await;
+        match applied {
+            Ok(Applied::Rejected(rejected)) => {
                 warn!(source = kind, error = %rejected, "config document rejected; keeping the current config");
                 self.stats.documents_rejected_total.fetch_add(1, Relaxed);
-                return self.failed(rejected.to_string());
+                self.rejected = true;
+                self.failed(rejected.to_string())
             }
+            Ok(Applied::Unchanged { next_poll_interval }) => {
+                self.succeeded();
+                self.core_interval = next_poll_interval;
+                PollOutcome::Unchanged
+            }
+            Ok(Applied::Published { next_poll_interval }) => {
+                self.succeeded();
+                self.core_interval = next_poll_interval;
+                PollOutcome::Published
+            }
+            Err(join_error) => {
+                warn!(source = kind, %join_error, "config reload failed");
+                self.failed(format!("config reload failed: {join_error}"))
+            }
+        }
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.rejected = false;
+        self.stats.last_success_unix.store(unix_now(), Relaxed);
+        *self.stats.last_error.lock() = None;
+    }
+
+    fn failed(&mut self, error: String) -> PollOutcome {
+        self.failures = self.failures.saturating_add(1);
+        self.stats.polls_failed_total.fetch_add(1, Relaxed);
+        *self.stats.last_error.lock() = Some(error);
+        PollOutcome::Failed
+    }
+
+    /// The poll interval in force.
+    pub fn interval(&self) -> Duration {
+        match self.policy {
+            IntervalPolicy::Fixed(interval) => interval,
+            IntervalPolicy::CoreDecides { default } => self.core_interval.unwrap_or(default),
+        }
+    }
+
+    fn next_delay(&self) -> Duration {
+        let interval = self.interval();
+        if self.failures == 0 {
+            return interval;
+        }
+        // Exponential backoff with ±25 % jitter, capped at the interval.
+        let exponent = (self.failures - 1).min(16);
+        let backoff = FIRST_BACKOFF.saturating_mul(1 << exponent).min(interval);
+        let jitter = 0.75 + 0.5 * pseudo_random_unit();
+        backoff
+            .mul_f64(jitter)
+            .min(interval)
+            .max(Duration::from_millis(100))
+    }
+}
+
+impl Publisher {
+    /// Compiles `doc` and, when its content changed, saves, publishes and reloads.
+    fn compile_and_apply(&mut self, doc: Bytes, kind: &'static str) -> Applied {
+        let compiled = match compile(&doc) {
+            Ok(compiled) => compiled,
+            Err(rejected) => return Applied::Rejected(rejected),
         };
-        self.succeeded();
-        self.core_interval = compiled.next_poll_interval;
+        let next_poll_interval = compiled.next_poll_interval;
         if self.fingerprint == Some(compiled.fingerprint) {
             debug!(source = kind, "config unchanged");
-            return PollOutcome::Unchanged;
+            return Applied::Unchanged { next_poll_interval };
         }
         self.apply(compiled, Some(doc), kind);
-        PollOutcome::Published
+        Applied::Published { next_poll_interval }
+    }
+
+    /// Publishes the state dir's saved document; whether there was a usable one.
+    fn publish_saved(&mut self) -> bool {
+        let Some(state) = &self.state else {
+            return false;
+        };
+        let path = state.last_good_path();
+        // The document is dropped before the services build their views from it.
+        match state.load().map(|doc| doc.map(|doc| compile(&doc))) {
+            Ok(Some(compiled)) => match compiled {
+                Ok(compiled) => {
+                    warn!(path = %path.display(), "serving the last good config from the state dir");
+                    self.apply(compiled, None, "state");
+                    true
+                }
+                Err(error) => {
+                    warn!(path = %path.display(), %error, "saved config is corrupt; ignored");
+                    false
+                }
+            },
+            Ok(None) => false,
+            Err(error) => {
+                warn!(path = %path.display(), %error, "cannot read the saved config; ignored");
+                false
+            }
+        }
     }
 
     fn apply(&mut self, compiled: Compiled, doc: Option<Bytes>, origin: &'static str) {
@@ -365,42 +485,6 @@ impl ConfigLoop {
         *self.stats.origin.lock() = origin;
         self.stats.version.store(snapshot.version, Relaxed);
         self.stats.snapshots_published_total.fetch_add(1, Relaxed);
-    }
-
-    fn succeeded(&mut self) {
-        self.failures = 0;
-        self.stats.last_success_unix.store(unix_now(), Relaxed);
-        *self.stats.last_error.lock() = None;
-    }
-
-    fn failed(&mut self, error: String) -> PollOutcome {
-        self.failures = self.failures.saturating_add(1);
-        self.stats.polls_failed_total.fetch_add(1, Relaxed);
-        *self.stats.last_error.lock() = Some(error);
-        PollOutcome::Failed
-    }
-
-    /// The poll interval in force.
-    pub fn interval(&self) -> Duration {
-        match self.policy {
-            IntervalPolicy::Fixed(interval) => interval,
-            IntervalPolicy::CoreDecides { default } => self.core_interval.unwrap_or(default),
-        }
-    }
-
-    fn next_delay(&self) -> Duration {
-        let interval = self.interval();
-        if self.failures == 0 {
-            return interval;
-        }
-        // Exponential backoff with ±25 % jitter, capped at the interval.
-        let exponent = (self.failures - 1).min(16);
-        let backoff = FIRST_BACKOFF.saturating_mul(1 << exponent).min(interval);
-        let jitter = 0.75 + 0.5 * pseudo_random_unit();
-        backoff
-            .mul_f64(jitter)
-            .min(interval)
-            .max(Duration::from_millis(100))
     }
 }
 

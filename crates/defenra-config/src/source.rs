@@ -3,7 +3,8 @@
 //! A source fetches bytes; it never interprets them. Both go through the same
 //! [`crate::compile`], so file and Core config cannot drift apart.
 
-use std::io::Read;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -46,9 +47,75 @@ pub enum SourceError {
     Transport { url: String, message: String },
 }
 
+/// Largest configuration document read from a file (`--config`, the state dir's last good
+/// copy), the same as Core's default body limit ([`CoreSourceOptions::max_body`]). A
+/// million-record document is about 100 MB of JSON.
+pub const MAX_DOCUMENT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Reads a configuration document from `path`, blocking: a regular file (symbolic links
+/// followed) of at most `max_bytes`. Anything else is refused before it is read: a FIFO
+/// would block the reader until a writer comes, a device such as `/dev/zero` never ends.
+/// The file is opened without blocking and checked again through the open handle, so a
+/// path swapped between the two checks is refused too.
+///
+/// # Errors
+///
+/// `InvalidInput` for a file that is not regular or is too large (the message says which),
+/// and any I/O error.
+pub fn read_document(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
+    check_document_file(&std::fs::metadata(path)?, max_bytes)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    check_document_file(&metadata, max_bytes)?;
+    let mut doc = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut doc)?;
+    if doc.len() as u64 > max_bytes {
+        return Err(too_large(doc.len() as u64, max_bytes));
+    }
+    Ok(doc)
+}
+
+fn check_document_file(metadata: &std::fs::Metadata, max_bytes: u64) -> io::Result<()> {
+    let file_type = metadata.file_type();
+    if !file_type.is_file() {
+        let kind = if file_type.is_dir() {
+            "a directory"
+        } else if file_type.is_fifo() {
+            "a FIFO"
+        } else if file_type.is_char_device() || file_type.is_block_device() {
+            "a device"
+        } else if file_type.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{kind}, not a regular file"),
+        ));
+    }
+    if metadata.len() > max_bytes {
+        return Err(too_large(metadata.len(), max_bytes));
+    }
+    Ok(())
+}
+
+fn too_large(length: u64, max_bytes: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{length} bytes or more, over the limit of {max_bytes}"),
+    )
+}
+
 /// `--config FILE`: the same JSON schema Core sends, re-read when the file changes.
 pub struct FileSource {
     path: PathBuf,
+    /// Largest document read; larger files and files that are not regular are refused.
+    max_bytes: u64,
     /// Modification time and length of the last document returned, so an unchanged file
     /// is not re-read on every check.
     last: Mutex<Option<(SystemTime, u64)>>,
@@ -58,8 +125,15 @@ impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         FileSource {
             path: path.into(),
+            max_bytes: MAX_DOCUMENT_BYTES,
             last: Mutex::new(None),
         }
+    }
+
+    /// Refuses documents larger than `max_bytes` (default [`MAX_DOCUMENT_BYTES`]).
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -86,7 +160,13 @@ impl ConfigSource for FileSource {
         if *self.last.lock() == Some(stamp) {
             return Ok(None);
         }
-        let bytes = tokio::fs::read(&self.path).await.map_err(file_error)?;
+        // On the blocking pool: a large file must not hold a runtime worker.
+        let path = self.path.clone();
+        let max_bytes = self.max_bytes;
+        let bytes = tokio::task::spawn_blocking(move || read_document(&path, max_bytes))
+            .await
+            .unwrap_or_else(|join_error| Err(io::Error::other(join_error)))
+            .map_err(file_error)?;
         *self.last.lock() = Some(stamp);
         Ok(Some(Bytes::from(bytes)))
     }

@@ -42,13 +42,15 @@ impl StateDir {
         sync_dir(&self.dir)
     }
 
-    /// Reads the saved document, if there is one.
+    /// Reads the saved document, if there is one: a regular file of at most
+    /// [`MAX_DOCUMENT_BYTES`](crate::MAX_DOCUMENT_BYTES) (see [`crate::read_document`]).
     ///
     /// # Errors
     ///
-    /// Any I/O error other than the file not existing.
+    /// Any I/O error other than the file not existing; a file that is not regular or too
+    /// large is an `InvalidInput` error.
     pub fn load(&self) -> io::Result<Option<Vec<u8>>> {
-        match fs::read(self.last_good_path()) {
+        match crate::read_document(&self.last_good_path(), crate::MAX_DOCUMENT_BYTES) {
             Ok(doc) => Ok(Some(doc)),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(error) => Err(error),
@@ -81,5 +83,20 @@ mod tests {
             .map(|entry| entry.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, vec![LAST_GOOD.to_owned()]);
+    }
+
+    #[test]
+    fn a_state_file_that_is_not_regular_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        // A FIFO would block a plain read until a writer came (issue 17 finding 12).
+        let made = std::process::Command::new("mkfifo")
+            .arg(state.last_good_path())
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let error = state.load().unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        assert!(error.to_string().contains("FIFO"), "{error}");
     }
 }

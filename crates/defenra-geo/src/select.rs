@@ -187,6 +187,14 @@ impl FamilyPlan {
                 ips.push(member.ip);
                 weights.push(member.weight);
             }
+            // Scores are weight / -ln(u), and -ln(u) can be as small as 5.6e-17: a weight
+            // near f64::MAX would score infinity for most clients, and the first infinite
+            // member would win them all. Dividing by the largest weight keeps every score
+            // finite (at most 1.8e16) and changes no choice (the order of scores is kept).
+            let largest = weights.iter().copied().fold(0.0_f64, f64::max);
+            for weight in &mut weights {
+                *weight /= largest;
+            }
             (!ips.is_empty()).then(|| Pool {
                 keys: ips.iter().map(|ip| mix(address_bits(*ip))).collect(),
                 members: ips.into_boxed_slice(),

@@ -20,6 +20,7 @@ mod origin;
 mod proxy;
 mod route;
 mod server;
+mod slots;
 mod slow;
 mod stats;
 mod tls;
@@ -76,7 +77,27 @@ pub struct HttpOptions {
     pub pool_max_idle_per_origin: usize,
     /// Requests in flight to one origin address (each holds one origin connection); more
     /// wait for a free one, within `origin_timeout`. Bounds origin connections and memory.
+    /// A request takes its slot only once it can progress: after the start of its body
+    /// (`request_buffer_bytes`) has arrived.
     pub origin_max_connections: usize,
+    /// Origin exchanges one client address (after `proxyIpHeaders`) may have in flight at
+    /// once, over all origins; also the most one HTTP/2 connection may have. More wait for
+    /// one of their own within `origin_timeout` (then 429), so a client that holds its
+    /// exchanges without progressing costs itself, not the origin's other clients. Keep it
+    /// below `origin_max_connections`. 0: no cap.
+    pub origin_max_connections_per_client: usize,
+    /// Request body bytes read from the client before the request takes an origin slot
+    /// (the whole body when it is smaller): a body that trickles or never comes holds no
+    /// origin connection. nginx reads whole bodies first (`proxy_request_buffering`,
+    /// spilling to disk); this proxy never buffers more than this. At most
+    /// `max_header_bytes` for HTTP/1.
+    pub request_buffer_bytes: usize,
+    /// Streams one HTTP/2 connection may have open at once (nginx's
+    /// `http2_max_concurrent_streams`).
+    pub http2_max_concurrent_streams: u32,
+    /// An upgraded connection (WebSocket) in which no byte moved either way for this long
+    /// is closed (nginx's `proxy_read_timeout`, 60 s, applies to WebSocket proxying alike).
+    pub tunnel_idle_timeout: Duration,
     /// Longest time a CNAME origin's addresses are cached. The system resolver exposes no
     /// TTL, so the cache time is the CNAME record's TTL capped by this value.
     pub origin_dns_max_ttl: Duration,
@@ -107,6 +128,10 @@ impl Default for HttpOptions {
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_origin: 256,
             origin_max_connections: 256,
+            origin_max_connections_per_client: 128,
+            request_buffer_bytes: 16 * 1024,
+            http2_max_concurrent_streams: 128,
+            tunnel_idle_timeout: Duration::from_secs(60),
             origin_dns_max_ttl: Duration::from_secs(300),
             access_log: false,
             access_log_max_per_second: 1000,
@@ -142,7 +167,7 @@ pub struct HttpService {
     /// not reset the count. Locked only by `reload`.
     origin_limits: parking_lot::Mutex<route::OriginLimits>,
     origins: Arc<origin::OriginPool>,
-    tls_acceptor: tokio_rustls::TlsAcceptor,
+    tls_acceptor: tls::Acceptor,
     stats: Arc<HttpStats>,
     access_log: access::AccessLog,
     /// Per-domain counters, kept across reloads; routes carry their domain's.
@@ -150,6 +175,8 @@ pub struct HttpService {
     clients: traffic::ClientLog,
     /// The edge's own pages (errors, 429, the browser challenge) and their request ids.
     edge: edge::EdgePages,
+    /// Origin exchanges in flight per client address.
+    client_slots: Arc<slots::ClientSlots>,
 }
 
 /// Clients queued for reports at most; the oldest is dropped first.
@@ -174,6 +201,9 @@ impl HttpService {
         let access_log =
             access::AccessLog::new(options.access_log, options.access_log_max_per_second);
         let clients = traffic::ClientLog::new(options.record_clients, CLIENT_QUEUE);
+        let client_slots = Arc::new(slots::ClientSlots::new(
+            options.origin_max_connections_per_client,
+        ));
         HttpService {
             waf,
             shield,
@@ -187,6 +217,7 @@ impl HttpService {
             traffic: traffic::TrafficRegistry::default(),
             clients,
             edge: edge::EdgePages::new(),
+            client_slots,
         }
     }
 

@@ -28,6 +28,7 @@ use crate::headers;
 use crate::origin::{ExchangeError, PoolKey};
 use crate::route::{Origin, OriginKind, Route, strip_port, with_lower_host};
 use crate::server::Listener;
+use crate::slots::{ClientRef, ClientSlot};
 use crate::slow::BodyRate;
 use crate::stats::Event;
 
@@ -61,6 +62,8 @@ pub enum ProxyError {
     ClientTimeout { timeout: Duration },
     #[error("client sent fewer than {min_bytes} body bytes in {period:?}")]
     SlowBody { min_bytes: u64, period: Duration },
+    #[error("client has {limit} origin exchanges in flight already")]
+    ClientBusy { limit: usize },
     #[error("cannot connect to origin {origin}: {reason}")]
     OriginConnect { origin: String, reason: String },
     #[error("origin {origin} sent no response within {timeout:?}")]
@@ -85,7 +88,8 @@ pub enum ErrorSource {
 impl ProxyError {
     /// The status the client gets: 404 unknown host, 403 not proxied (or not on this
     /// listener), 502 no or unreachable origin, 504 origin timeout, 413 body too large, 408
-    /// a request body that stopped coming or came too slowly.
+    /// a request body that stopped coming or came too slowly, 429 a client whose origin
+    /// exchanges in flight stayed at its cap for the origin timeout.
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::MissingHost | ProxyError::Client(_) => StatusCode::BAD_REQUEST,
@@ -100,6 +104,7 @@ impl ProxyError {
             ProxyError::ClientTimeout { .. } | ProxyError::SlowBody { .. } => {
                 StatusCode::REQUEST_TIMEOUT
             }
+            ProxyError::ClientBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Agent(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,6 +117,7 @@ impl ProxyError {
             | ProxyError::Client(_)
             | ProxyError::ClientTimeout { .. }
             | ProxyError::SlowBody { .. }
+            | ProxyError::ClientBusy { .. }
             | ProxyError::BodyTooLarge { .. } => ErrorSource::Client,
             ProxyError::OriginConnect { .. }
             | ProxyError::OriginTimeout { .. }
@@ -243,9 +249,31 @@ pub(crate) struct Conn {
     pub(crate) raw_pool: Arc<crate::origin::RawPool>,
     /// Bytes moved on this connection, and the domain they are counted for.
     pub(crate) meter: Arc<crate::server::Meter>,
+    /// The origin slots of the client address of this connection's latest request, kept
+    /// so that a keep-alive client looks its address up once. Locked briefly per request.
+    pub(crate) client_slots: parking_lot::Mutex<Option<ClientRef>>,
+    /// HTTP/2: origin exchanges this connection may still start (at most
+    /// `origin_max_connections_per_client` at once, like one client address).
+    pub(crate) stream_slots: tokio::sync::Semaphore,
 }
 
 impl Conn {
+    /// The origin slots of `client` (the connection's cached ones when it is the same
+    /// address), or `None` without a cap per client.
+    pub(crate) fn client_ref(&self, client: IpAddr) -> Option<ClientRef> {
+        let slots = &self.service.client_slots;
+        if slots.cap() == 0 {
+            return None;
+        }
+        let mut cached = self.client_slots.lock();
+        if let Some(known) = cached.as_ref().filter(|known| known.client() == client) {
+            return Some(known.clone());
+        }
+        let found = slots.of(client)?;
+        *cached = Some(found.clone());
+        Some(found)
+    }
+
     /// Answers one request. Never fails: errors become short pages.
     pub(crate) async fn handle(
         self: Arc<Self>,
@@ -476,23 +504,39 @@ impl Conn {
     /// The HTTP/2 path (hyper's server and client): decide, then proxy with the request's
     /// `HeaderMap` as hyper parsed it.
     async fn route_and_proxy(
-        &self,
+        self: &Arc<Self>,
         request: Request<Incoming>,
         entry: &mut Option<Box<AccessEntry>>,
         visitor: &mut Visitor,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        // RFC 9113 §8.3.1: :authority (the URI's authority here) wins over Host.
+        // RFC 9113 §8.3.1: :authority (the URI's authority here) wins over Host. Without
+        // it, several Host fields are as ambiguous as over HTTP/1.1 (RFC 9112 §3.2): 400.
         let host_value = match request.uri().authority() {
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => request.headers().get(header::HOST).cloned(),
+            None => {
+                let mut hosts = request.headers().get_all(header::HOST).iter();
+                let first = hosts.next().cloned();
+                if hosts.next().is_some() {
+                    return Err(ProxyError::Client("more than one Host".to_owned()));
+                }
+                first
+            }
         }
         .ok_or(ProxyError::MissingHost)?;
         let host_text = host_value.to_str().map_err(|_| ProxyError::MissingHost)?;
         let host = strip_port(host_text);
+        // The origin and the WAF get this same origin-form target (a fragment never gets
+        // here: the URI parser drops it). An encoded NUL in the path is refused as over
+        // HTTP/1.
         let target = request
             .uri()
             .path_and_query()
             .map_or("/", PathAndQuery::as_str);
+        if crate::h1::encoded_nul_in_path(target.as_bytes()) {
+            return Err(ProxyError::Client(
+                "encoded NUL in the request path".to_owned(),
+            ));
+        }
         let asked = Asked {
             method: request.method(),
             host,
@@ -570,12 +614,38 @@ impl Conn {
         parts.uri = origin_form(parts.uri);
         // Origins speak HTTP/1.1 (docs/http.md).
         parts.version = Version::HTTP_11;
-        let body = RequestBody::new(body, limit);
+        // The proxy has the start of the body before the origin sees the request (below),
+        // so the origin gets no `Expect` (as over HTTP/1).
+        parts.headers.remove(header::EXPECT);
+        let mut body = RequestBody::new(body, limit);
         let uploaded = body.progress();
+        let timeout = self.service.options.origin_timeout;
+        // A protected domain's slow-body rule is checked at the end of each of its windows.
+        let mut rate = BodyRate::for_route(&route);
+        // No slot before the request can progress: the start of its body (all of a small
+        // one) is read first, so a stream whose body trickles or never comes holds nothing
+        // of the origin's.
+        if !hyper::body::Body::is_end_stream(&body) {
+            self.read_body_start(&mut body, &uploaded, &mut rate)
+                .await?;
+        }
+        // Then one of the connection's slots and one of the client's: waiting for those
+        // is the client's own doing (429 when it lasts the origin timeout).
+        let busy = || ProxyError::ClientBusy {
+            limit: self.service.client_slots.cap(),
+        };
+        let stream_slot = StreamSlot::acquire(self, timeout).await.ok_or_else(busy)?;
+        let client_slot = match self.client_ref(client) {
+            None => None,
+            Some(client) => Some(
+                tokio::time::timeout(timeout, client.acquire())
+                    .await
+                    .map_err(|_| busy())?,
+            ),
+        };
         let origin_request = Request::from_parts(parts, body);
 
         let pool = &self.service.origins;
-        let timeout = self.service.options.origin_timeout;
         let started = Instant::now();
         let exchange = async {
             // Waiting for a free origin connection counts against the origin timeout.
@@ -590,9 +660,7 @@ impl Conn {
             Ok((permit, response, conn))
         };
         // The timeout starts over while body bytes move (checked each time it runs out, so
-        // a stalled upload ends between one and two timeouts after its last byte). A
-        // protected domain's slow-body rule is checked at the end of each of its windows.
-        let mut rate = BodyRate::for_route(&route);
+        // a stalled upload ends between one and two timeouts after its last byte).
         let exchanged = {
             tokio::pin!(exchange);
             let mut seen = 0;
@@ -666,7 +734,72 @@ impl Conn {
             key,
             pool: Arc::clone(pool),
         };
-        Ok(response.map(|body| http_body_util::Either::Left(OriginBody::new(body, lease, permit))))
+        let slots = ExchangeSlots {
+            _origin: permit,
+            _client: client_slot,
+            _stream: stream_slot,
+        };
+        Ok(response.map(|body| http_body_util::Either::Left(OriginBody::new(body, lease, slots))))
+    }
+
+    /// HTTP/2's half of h1's `read_body_start`: reads the start of the request body (all of
+    /// it when it is at most `request_buffer_bytes`) into `body` before the request takes
+    /// any slot. A body that stops coming for the origin timeout gets 408, as does one too
+    /// slow for a protected domain's rule.
+    async fn read_body_start(
+        &self,
+        body: &mut RequestBody,
+        uploaded: &std::sync::atomic::AtomicU64,
+        rate: &mut Option<BodyRate>,
+    ) -> Result<(), ProxyError> {
+        let options = &self.service.options;
+        let timeout = options.origin_timeout;
+        let fill = body.fill(options.request_buffer_bytes);
+        tokio::pin!(fill);
+        let mut seen = 0;
+        let mut last_move = tokio::time::Instant::now();
+        loop {
+            let progress = uploaded.load(Ordering::Relaxed) & !BODY_DONE;
+            let now = tokio::time::Instant::now();
+            if progress != seen {
+                seen = progress;
+                last_move = now;
+            }
+            let wake = match rate.as_mut() {
+                Some(rate) => match rate.check(progress, now) {
+                    Ok(window_end) => window_end.min(last_move + timeout),
+                    Err(slow) => {
+                        self.service
+                            .shield
+                            .counters()
+                            .slow_bodies
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Err(ProxyError::SlowBody {
+                            min_bytes: slow.min_bytes,
+                            period: slow.period,
+                        });
+                    }
+                },
+                None => last_move + timeout,
+            };
+            match tokio::time::timeout_at(wake, &mut fill).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(BodyError::TooLarge)) => {
+                    return Err(ProxyError::BodyTooLarge {
+                        limit: options.max_request_body,
+                    });
+                }
+                Ok(Err(BodyError::Client(error))) => {
+                    return Err(ProxyError::Client(error.to_string()));
+                }
+                Err(_) => {
+                    let now = uploaded.load(Ordering::Relaxed) & !BODY_DONE;
+                    if now == seen && last_move.elapsed() >= timeout {
+                        return Err(ProxyError::ClientTimeout { timeout });
+                    }
+                }
+            }
+        }
     }
 
     /// Logs a failure once and counts it.
@@ -685,6 +818,37 @@ impl Conn {
             }
         }
     }
+}
+
+/// One of an HTTP/2 connection's origin slots (`Conn::stream_slots`), given back when
+/// dropped.
+pub(crate) struct StreamSlot(Arc<Conn>);
+
+impl StreamSlot {
+    /// Waits up to `timeout` for one of `conn`'s slots; `None` when none came free.
+    async fn acquire(conn: &Arc<Conn>, timeout: Duration) -> Option<StreamSlot> {
+        let permit = tokio::time::timeout(timeout, conn.stream_slots.acquire())
+            .await
+            .ok()?
+            .ok()?;
+        // Given back by `Drop`, which owns the connection (the permit borrows it).
+        permit.forget();
+        Some(StreamSlot(Arc::clone(conn)))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.stream_slots.add_permits(1);
+    }
+}
+
+/// The slots an origin exchange holds until its response body is done: the origin's, its
+/// client's and (HTTP/2) its connection's. Held for their `Drop`, which gives them back.
+pub(crate) struct ExchangeSlots {
+    pub(crate) _origin: tokio::sync::OwnedSemaphorePermit,
+    pub(crate) _client: Option<ClientSlot>,
+    pub(crate) _stream: StreamSlot,
 }
 
 /// The path of a request target, without its query.

@@ -68,6 +68,11 @@ pub(crate) async fn serve(
     let builders = Arc::new(Builders::new(&service.options));
     let raw_pool = Arc::new(crate::origin::RawPool::new(&service.options));
     let limit = Arc::new(Semaphore::new(service.options.max_connections.max(1)));
+    // Origin exchanges one HTTP/2 connection may start at once (0: no cap).
+    let stream_slots = match service.options.origin_max_connections_per_client {
+        0 => Semaphore::MAX_PERMITS,
+        cap => cap.min(Semaphore::MAX_PERMITS),
+    };
     let tracker = TaskTracker::new();
     tracing::info!(listener = kind.name(), address = %local, "listening");
     // Closes idle origin connections past the pool's idle timeout.
@@ -125,6 +130,8 @@ pub(crate) async fn serve(
             shutdown: shutdown.clone(),
             raw_pool: Arc::clone(&raw_pool),
             meter: Arc::new(Meter::default()),
+            client_slots: parking_lot::Mutex::new(None),
+            stream_slots: Semaphore::new(stream_slots),
         });
         tracker.spawn(serve_connection(
             conn,
@@ -153,7 +160,7 @@ impl Builders {
         http2
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
-            .max_concurrent_streams(256);
+            .max_concurrent_streams(options.http2_max_concurrent_streams);
         Builders { http2 }
     }
 }

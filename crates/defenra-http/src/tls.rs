@@ -2,6 +2,7 @@
 //! the two client configs for HTTPS origins.
 
 use std::fmt;
+use std::io;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -11,6 +12,9 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use crate::route::RouteTable;
 
@@ -22,10 +26,45 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The acceptor for the HTTPS listener. Its resolver reads the route table each handshake,
-/// so a reload changes certificates for new handshakes only; established connections keep
-/// the session they negotiated.
-pub(crate) fn acceptor(routes: Arc<ArcSwap<RouteTable>>) -> tokio_rustls::TlsAcceptor {
+/// The ALPN protocols the HTTPS listener speaks, preferred first.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// The HTTPS listener's handshakes. Its resolver reads the route table each handshake, so
+/// a reload changes certificates for new handshakes only; established connections keep the
+/// session they negotiated.
+///
+/// A client that offers ALPN but none of our protocols would get rustls' fatal
+/// `no_application_protocol` alert (RFC 7301 §3.2 allows it); nginx carries on without ALPN
+/// and speaks HTTP/1.1, and so does this acceptor: it reads the ClientHello first and picks
+/// a config without ALPN for such clients. Both configs share the resolver, the ticket key
+/// and the session cache.
+pub(crate) struct Acceptor {
+    standard: Arc<ServerConfig>,
+    without_alpn: Arc<ServerConfig>,
+}
+
+impl Acceptor {
+    /// Runs the handshake on `io`.
+    pub(crate) async fn accept<IO>(&self, io: IO) -> io::Result<TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+        let offers_none_of_ours = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| !offered.any(|protocol| ALPN.contains(&protocol)));
+        let config = if offers_none_of_ours {
+            &self.without_alpn
+        } else {
+            &self.standard
+        };
+        start.into_stream(Arc::clone(config)).await
+    }
+}
+
+/// The acceptor for the HTTPS listener, certificates from `routes`.
+pub(crate) fn acceptor(routes: Arc<ArcSwap<RouteTable>>) -> Acceptor {
     let resolver = Arc::new(CertResolver { routes });
     let builder = match ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
@@ -39,13 +78,17 @@ pub(crate) fn acceptor(routes: Arc<ArcSwap<RouteTable>>) -> tokio_rustls::TlsAcc
         }
     };
     let mut config = builder.with_no_client_auth().with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // Stateless resumption: the ticket key rotates every few hours inside rustls.
     match rustls::crypto::ring::Ticketer::new() {
         Ok(ticketer) => config.ticketer = ticketer,
         Err(error) => tracing::warn!(%error, "TLS session tickets disabled"),
     }
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    let without_alpn = Arc::new(config.clone());
+    config.alpn_protocols = ALPN.iter().map(|protocol| protocol.to_vec()).collect();
+    Acceptor {
+        standard: Arc::new(config),
+        without_alpn,
+    }
 }
 
 /// Picks the certificate of the domain that owns the SNI name: the exact host first, then

@@ -368,6 +368,36 @@ fn forwards_to_the_agents_own_forwards_are_loops_and_skipped() {
 }
 
 #[test]
+fn pool_weights_out_of_range_are_clamped_with_an_issue() {
+    // Issue 17 finding 12: weights of 1.7e308 and 5e-324 were taken as they came.
+    let doc = r#"{"domains":[{"domain":"example.com","dnsRecords":[],
+        "geoDnsAgentPools":{"fr":[{"ip":"192.0.2.5","weight":5e-324},
+            {"ip":"192.0.2.6","weight":1.7e308},{"ip":"192.0.2.7","weight":25}]}}]}"#;
+    let compiled = check(doc);
+    let issues: Vec<_> = compiled
+        .issues
+        .iter()
+        .map(|issue| (issue.path.as_str(), issue.message.as_str()))
+        .collect();
+    assert_eq!(
+        issues,
+        vec![
+            (
+                "domains[0].geoDnsAgentPools.fr[0].weight",
+                "5e-324 is outside 0.001-1000000; 0.001 used"
+            ),
+            (
+                "domains[0].geoDnsAgentPools.fr[1].weight",
+                "1.7e308 is outside 0.001-1000000; 1000000 used"
+            ),
+        ]
+    );
+    let geo = compiled.snapshot.domains[0].geo.as_deref().unwrap();
+    let weights: Vec<f64> = geo.pools["fr"].iter().map(|member| member.weight).collect();
+    assert_eq!(weights, [0.001, 1_000_000.0, 25.0]);
+}
+
+#[test]
 fn geo_entries_with_bad_addresses_are_reported() {
     let doc = r#"{"domains":[{"domain":"example.com",
         "dnsRecords":[{"name":"asia","type":"A","value":"nope","locationCode":"asia"},

@@ -271,6 +271,24 @@ fn pool_choice_follows_weights_and_skips_overloaded_members() {
 }
 
 #[test]
+fn extreme_weights_still_split_clients_by_weight() {
+    // Issue 17 finding 12: two weights of 1.7e308 scored infinity for most clients, and
+    // the first such member took them all.
+    let plan = pool_plan(vec![
+        member("10.4.0.1", 5e-324, None),
+        member("10.4.0.2", 1.7e308, None),
+        member("10.4.0.3", 1.7e308, None),
+    ]);
+    let mut counts = BTreeMap::new();
+    for client in subnets(4000) {
+        *counts.entry(chosen(&plan, client)).or_insert(0) += 1;
+    }
+    assert_eq!(counts.get("10.4.0.1"), None, "{counts:?}");
+    assert!((1800..2200).contains(&counts["10.4.0.2"]), "{counts:?}");
+    assert!((1800..2200).contains(&counts["10.4.0.3"]), "{counts:?}");
+}
+
+#[test]
 fn a_client_subnet_keeps_its_agent() {
     let members = || {
         vec![

@@ -49,6 +49,9 @@ pub(crate) enum Kind {
     /// `Keep-Alive`, `TE`, `Trailer`, `Proxy-*`: hop-by-hop, never passed on.
     HopByHop,
     XForwardedFor,
+    /// `Expect`: the proxy answers `100-continue` itself (it reads the start of a body
+    /// before the origin sees the request), so the origin never gets it.
+    Expect,
     /// `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`: set by the proxy on requests.
     Forwarding,
     Date,
@@ -60,12 +63,15 @@ fn kind_of(name: &[u8]) -> Kind {
         2 if is("te") => Kind::HopByHop,
         4 if is("host") => Kind::Host,
         4 if is("date") => Kind::Date,
+        6 if is("expect") => Kind::Expect,
         7 if is("upgrade") => Kind::Upgrade,
         7 if is("trailer") => Kind::HopByHop,
         9 if is("x-real-ip") => Kind::Forwarding,
         10 if is("connection") => Kind::Connection,
         10 if is("keep-alive") => Kind::HopByHop,
         14 if is("content-length") => Kind::ContentLength,
+        // RFC 9113 §3.1 / RFC 7540 §3.2.1: connection-specific, for an h2c upgrade.
+        14 if is("http2-settings") => Kind::HopByHop,
         15 if is("x-forwarded-for") => Kind::XForwardedFor,
         16 if is("x-forwarded-host") => Kind::Forwarding,
         17 if is("transfer-encoding") => Kind::TransferEncoding,
@@ -129,6 +135,8 @@ pub(crate) struct Fields {
     pub(crate) connection_upgrade: bool,
     pub(crate) upgrade: Option<Span>,
     pub(crate) has_date: bool,
+    /// `Expect: 100-continue` (RFC 9110 §10.1.1).
+    pub(crate) expect_continue: bool,
     content_length: Option<Result<u64, ()>>,
     transfer_encoding: Option<Result<(), ()>>,
     transfer_encoding_count: u8,
@@ -143,6 +151,7 @@ impl Fields {
         self.connection_upgrade = false;
         self.upgrade = None;
         self.has_date = false;
+        self.expect_continue = false;
         self.content_length = None;
         self.transfer_encoding = None;
         self.transfer_encoding_count = 0;
@@ -156,6 +165,9 @@ impl Fields {
                 Kind::ContentLength => self.content_length(header.value),
                 Kind::TransferEncoding => self.transfer_encoding(header.value),
                 Kind::Date => self.has_date = true,
+                Kind::Expect => {
+                    self.expect_continue = header.value.eq_ignore_ascii_case(b"100-continue");
+                }
                 _ => {}
             }
             self.list.push(Field { name, value, kind });
@@ -249,6 +261,12 @@ pub(crate) struct RequestHead {
     pub(crate) len: usize,
     pub(crate) method: Span,
     pub(crate) target: Span,
+    /// The authority of an absolute-form target (`http://host/path`), which routes the
+    /// request instead of `Host` (RFC 9112 §3.2.2).
+    pub(crate) authority: Option<Span>,
+    /// The target in origin-form (`/path?query`, or `*`): what the origin and the WAF get.
+    /// Empty for an absolute-form target without a path (sent as `/`).
+    pub(crate) path: Span,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub(crate) minor: u8,
     pub(crate) fields: Fields,
@@ -273,6 +291,9 @@ impl RequestHead {
         self.len = len;
         self.method = Span::of(buf, method.as_bytes());
         self.target = Span::of(buf, target.as_bytes());
+        let (authority, path) = request_target(method.as_bytes(), target.as_bytes())?;
+        self.authority = authority.map(|authority| Span::of(buf, authority));
+        self.path = Span::of(buf, path);
         self.minor = minor;
         self.fields.fill(buf, request.headers);
         self.framing = self.request_framing()?;
@@ -321,9 +342,20 @@ impl RequestHead {
     }
 
     /// Whether this is an HTTP/1.1 upgrade request (`Connection: upgrade` and `Upgrade`).
+    /// An upgrade to `h2c` is not one: the proxy never speaks HTTP/2 to origins, and an
+    /// origin that switched would get this hop's connection (RFC 9113 §3.1 removed the
+    /// upgrade); the request goes on as plain HTTP/1.1, its `Upgrade` dropped like every
+    /// hop-by-hop field (nginx never passes `Upgrade` on unless told to).
     pub(crate) fn upgrade<'a>(&self, buf: &'a [u8]) -> Option<&'a [u8]> {
         if self.minor == 1 && self.fields.connection_upgrade {
-            self.fields.upgrade.map(|span| span.get(buf))
+            self.fields
+                .upgrade
+                .map(|span| span.get(buf))
+                .filter(|protocols| {
+                    !protocols
+                        .split(|&byte| byte == b',')
+                        .any(|protocol| protocol.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+                })
         } else {
             None
         }
@@ -344,6 +376,69 @@ impl RequestHead {
             )
         })
     }
+}
+
+/// Checks a request target and splits it into the authority of an absolute-form target
+/// (if any) and the origin-form path and query. Accepted (RFC 9112 §3.2): origin-form,
+/// `http`/`https` absolute-form, `*` for OPTIONS; CONNECT's authority-form passes here and
+/// is refused with 405 by routing. Anything else (another scheme, a bare authority) is
+/// malformed, as is a fragment (`#`, never sent by clients, RFC 9112 §3.2) or an encoded
+/// NUL in the path (nginx answers both with 400): either would show the WAF a path other
+/// than the one the origin acts on. Raw control bytes never get here (`httparse`).
+fn request_target<'a>(
+    method: &[u8],
+    target: &'a [u8],
+) -> Result<(Option<&'a [u8]>, &'a [u8]), HeadError> {
+    let (authority, path) = if target.first() == Some(&b'/') {
+        (None, target)
+    } else if (target == b"*" && method == b"OPTIONS") || method == b"CONNECT" {
+        return Ok((None, target));
+    } else {
+        let rest = if target.len() >= 7 && target[..7].eq_ignore_ascii_case(b"http://") {
+            &target[7..]
+        } else if target.len() >= 8 && target[..8].eq_ignore_ascii_case(b"https://") {
+            &target[8..]
+        } else {
+            return Err(HeadError::Malformed(
+                "request target is not origin or http(s) form",
+            ));
+        };
+        let end = rest
+            .iter()
+            .position(|&byte| matches!(byte, b'/' | b'?' | b'#'))
+            .unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        // User-info is no part of the host (RFC 9110 §4.2.4 deprecates it).
+        let authority = match authority.iter().rposition(|&byte| byte == b'@') {
+            Some(at) => &authority[at + 1..],
+            None => authority,
+        };
+        (Some(authority), path)
+    };
+    if target.contains(&b'#') {
+        return Err(HeadError::Malformed("fragment in the request target"));
+    }
+    if encoded_nul_in_path(path) {
+        return Err(HeadError::Malformed("encoded NUL in the request path"));
+    }
+    Ok((authority, path))
+}
+
+/// Whether the path of `target` (the part before `?`) holds `%00`, which nginx refuses
+/// with 400 (a NUL in a decoded path cuts it short for some origins). The query is the
+/// application's business and passes.
+pub(crate) fn encoded_nul_in_path(target: &[u8]) -> bool {
+    let mut rest = target;
+    while let Some(at) = rest.iter().position(|&byte| byte == b'%' || byte == b'?') {
+        if rest[at] == b'?' {
+            return false;
+        }
+        rest = &rest[at + 1..];
+        if rest.starts_with(b"00") {
+            return true;
+        }
+    }
+    false
 }
 
 /// A request head's fields over the buffer it was parsed from.
@@ -764,6 +859,58 @@ mod tests {
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert_eq!(request(unsupported).unwrap_err(), HeadError::Coding);
+        }
+    }
+
+    #[test]
+    fn targets_split_into_authority_and_path_and_odd_forms_are_refused() {
+        let split = |method: &str, target: &str| {
+            let text = format!("{method} {target} HTTP/1.1\r\nHost: a\r\n\r\n");
+            request(&text).map(|head| {
+                let buf = text.as_bytes();
+                let authority = head.authority.map(|span| span.get(buf).to_vec());
+                (authority, head.path.get(buf).to_vec())
+            })
+        };
+        let ok = |authority: Option<&str>, path: &str| {
+            Ok((
+                authority.map(|a| a.as_bytes().to_vec()),
+                path.as_bytes().to_vec(),
+            ))
+        };
+        assert_eq!(split("GET", "/a?b"), ok(None, "/a?b"));
+        assert_eq!(
+            split("GET", "http://Example.com:8080/x?y"),
+            ok(Some("Example.com:8080"), "/x?y")
+        );
+        assert_eq!(
+            split("GET", "https://user@example.com"),
+            ok(Some("example.com"), "")
+        );
+        assert_eq!(
+            split("GET", "http://example.com?q"),
+            ok(Some("example.com"), "?q")
+        );
+        assert_eq!(split("OPTIONS", "*"), ok(None, "*"));
+        assert_eq!(
+            split("CONNECT", "example.com:443"),
+            ok(None, "example.com:443")
+        );
+        assert_eq!(split("GET", "/a?b=%00"), ok(None, "/a?b=%00"));
+        for bad in [
+            "*",
+            "example.com/admin",
+            "ftp://example.com/admin",
+            "/admin#x",
+            "http://example.com/admin#x",
+            "http://example.com#x",
+            "/admin%00",
+            "/a%00b?c",
+        ] {
+            assert!(
+                matches!(split("GET", bad), Err(HeadError::Malformed(_))),
+                "{bad}"
+            );
         }
     }
 

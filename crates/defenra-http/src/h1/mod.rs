@@ -16,11 +16,15 @@ mod form;
 mod head;
 mod timer;
 
+pub(crate) use head::encoded_nul_in_path;
+
+use std::borrow::Cow;
 use std::future::poll_fn;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -205,8 +209,10 @@ where
         let method_bytes = head.method.get(buf);
         let is_head = method_bytes == b"HEAD";
         let method = Method::from_bytes(method_bytes).unwrap_or(Method::GET);
-        // Origin-form, or absolute-form whose authority wins over Host (RFC 9112 §3.2.3).
-        let (authority, path) = split_target(head.target.get(buf));
+        // Origin-form, or absolute-form whose authority wins over Host (RFC 9112 §3.2.3);
+        // the parser refused every other form.
+        let authority = head.authority.map(|span| span.get(buf));
+        let path = head.path.get(buf);
         let mut entry = conn.service.access_log.start(
             &conn.service.stats,
             conn.peer.ip().to_canonical(),
@@ -227,6 +233,16 @@ where
             .and_then(|host_value| {
                 let host = strip_port(host_value);
                 let target = std::str::from_utf8(path).map_err(|_| ProxyError::MissingHost)?;
+                // `http://host?q` goes to the origin as `/?q`: the WAF sees the same.
+                let target = if path
+                    .first()
+                    .is_some_and(|&byte| byte == b'/' || byte == b'*')
+                {
+                    Cow::Borrowed(target)
+                } else {
+                    Cow::Owned(format!("/{target}"))
+                };
+                let target = &*target;
                 let asked = Asked {
                     method: &method,
                     host,
@@ -335,6 +351,7 @@ where
         let upgrade = head.upgrade(buf).map(Bytes::copy_from_slice);
         let framing = head.framing;
         let minor = head.minor;
+        let expects_continue = head.fields.expect_continue;
         let idempotent = !matches!(method_bytes, b"POST" | b"PATCH" | b"LOCK" | b"CONNECT");
         self.inbuf.consume(head_len);
 
@@ -343,6 +360,7 @@ where
             is_head,
             keep_alive,
             minor,
+            expects_continue,
             retryable: idempotent && !has_body,
             upgrade: upgrade.is_some(),
             visitor,
@@ -442,20 +460,44 @@ where
             BodyRate::for_route(route)
         };
         let origin_label = || origin.address.to_string();
+
+        // No slot before the request can progress: the start of its body (all of a small
+        // one) is read first, so a body that trickles or never comes holds nothing of the
+        // origin's. A client that stops sending gets 408 after the origin timeout.
+        timer.set(Instant::now() + options.origin_timeout);
+        if !upload.done {
+            self.read_body_start(request, timer, &mut rate).await?;
+        }
         let started = Instant::now();
 
-        // Waiting for a free origin connection, connecting and each stretch of the upload
-        // and of the wait for the response head count against the origin timeout: it
-        // starts over whenever body bytes move, so a slow but steady upload (nginx's
-        // `proxy_send_timeout` between two writes) is not cut off.
+        // Then one of the client's own slots, then one of the origin's. Waiting for them,
+        // connecting and each stretch of the upload and of the wait for the response head
+        // count against the origin timeout: it starts over whenever body bytes move, so a
+        // slow but steady upload (nginx's `proxy_send_timeout` between two writes) is not
+        // cut off.
         timer.set(Instant::now() + options.origin_timeout);
+        let client_slot = match self.conn.client_ref(request.visitor.client) {
+            None => None,
+            Some(client) => Some(match client.try_acquire() {
+                Some(slot) => slot,
+                None => tokio::select! {
+                    biased;
+                    slot = client.acquire() => slot,
+                    () = timer.expired() => {
+                        return Err(ExchangeError::Proxy(ProxyError::ClientBusy {
+                            limit: service.client_slots.cap(),
+                        }));
+                    }
+                },
+            }),
+        };
         let timed_out = || {
             ExchangeError::Proxy(ProxyError::OriginTimeout {
                 origin: origin_label(),
                 timeout: options.origin_timeout,
             })
         };
-        let _permit = tokio::select! {
+        let origin_slot = tokio::select! {
             biased;
             permit = Arc::clone(&origin.limit).acquire_owned() => permit.map_err(|_| {
                 ExchangeError::Proxy(ProxyError::Agent("origin limit closed".to_owned()))
@@ -514,6 +556,10 @@ where
         self.conn.meter.responded(status);
         route.traffic.responded_after(started.elapsed());
         if response.status == 101 {
+            // A tunnel lives as long as its two peers want: it holds no origin slot (the
+            // origin cap is for exchanges) and none of its client's; it is bounded by the
+            // connection caps and its idle timeout.
+            drop((origin_slot, client_slot));
             return Ok(self.tunnel(origin_conn, request).await);
         }
         // An origin that answered before the whole body was sent: this exchange is the
@@ -559,6 +605,90 @@ where
             self.conn.raw_pool.release(key.clone(), origin_conn);
         }
         Ok(!close)
+    }
+
+    /// Reads the start of the request body into the client buffer: all of it when it is
+    /// at most `request_buffer_bytes` (capped by the head limit), else that much. Only then
+    /// does the request take slots, so a body that trickles or never comes holds nothing
+    /// of the origin's (nginx reads whole bodies first: `proxy_request_buffering`). The
+    /// origin will not see the request before this, so `Expect: 100-continue` is answered
+    /// here, as nginx does (RFC 9110 §10.1.1), and not passed on.
+    async fn read_body_start(
+        &mut self,
+        request: &Request,
+        timer: &mut Timer,
+        rate: &mut Option<BodyRate>,
+    ) -> Result<(), ExchangeError> {
+        let options = &self.conn.service.options;
+        let most = options.request_buffer_bytes.min(self.max_head).max(1);
+        let wanted = match request.framing {
+            Framing::Length(length) => usize::try_from(length).map_or(most, |n| n.min(most)),
+            Framing::Chunked => most,
+            Framing::None | Framing::UntilClose => return Ok(()),
+        };
+        // For a chunked body: where its end is, if it is in the buffer already.
+        let mut probe = ChunkedScanner::default();
+        let mut scanned = 0;
+        let mut continued = false;
+        loop {
+            let buffered = self.inbuf.filled();
+            let enough = match request.framing {
+                Framing::Chunked => match probe.scan(&buffered[scanned..], |_| {}) {
+                    Ok(used) => {
+                        scanned += used;
+                        probe.is_done() || buffered.len() >= wanted
+                    }
+                    // A malformed body: the upload finds it again and answers 400.
+                    Err(_) => true,
+                },
+                _ => buffered.len() >= wanted,
+            };
+            if enough {
+                return Ok(());
+            }
+            if request.expects_continue && request.minor == 1 && !continued {
+                continued = true;
+                write_all_within(
+                    &mut self.io,
+                    b"HTTP/1.1 100 Continue\r\n\r\n",
+                    options.keepalive_timeout,
+                )
+                .await
+                .map_err(|_| ExchangeError::ClientGone)?;
+            }
+            if !self.inbuf.has_room() && !self.inbuf.grow(self.max_head) {
+                return Ok(());
+            }
+            let received = self.inbuf.len() as u64;
+            let read = tokio::select! {
+                biased;
+                read = self.inbuf.read_from(&mut self.io) => read,
+                slow = poll_fn(|cx| match rate.as_mut() {
+                    Some(rate) => rate.poll_slow(cx, received),
+                    None => Poll::Pending,
+                }) => {
+                    self.conn
+                        .service
+                        .shield
+                        .counters()
+                        .slow_bodies
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Err(ExchangeError::Proxy(ProxyError::SlowBody {
+                        min_bytes: slow.min_bytes,
+                        period: slow.period,
+                    }));
+                }
+                () = timer.expired() => {
+                    return Err(ExchangeError::Proxy(ProxyError::ClientTimeout {
+                        timeout: options.origin_timeout,
+                    }));
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => return Err(ExchangeError::ClientGone),
+                Ok(_) => timer.set(Instant::now() + options.origin_timeout),
+            }
+        }
     }
 
     /// Writes the request head (and what the client sent of the body) to the origin, then
@@ -813,15 +943,84 @@ where
         }
         let peer = self.conn.peer;
         let shutdown = self.conn.shutdown.clone();
+        // Bytes read on either side; a tunnel in which none move for the idle timeout is
+        // closed (nginx's `proxy_read_timeout`), checked every quarter of it.
+        let moved = AtomicU64::new(0);
+        let idle_timeout = self.conn.service.options.tunnel_idle_timeout;
+        let idle = async {
+            let step = (idle_timeout / 4).max(Duration::from_millis(1));
+            let mut seen = 0;
+            let mut last_move = Instant::now();
+            loop {
+                tokio::time::sleep(step).await;
+                let now = moved.load(Relaxed);
+                if now != seen {
+                    seen = now;
+                    last_move = Instant::now();
+                } else if last_move.elapsed() >= idle_timeout {
+                    return;
+                }
+            }
+        };
+        let mut client = Counting {
+            inner: &mut self.io,
+            moved: &moved,
+        };
+        let mut origin_side = Counting {
+            inner: &mut origin.stream,
+            moved: &moved,
+        };
         tokio::select! {
-            result = tokio::io::copy_bidirectional(&mut self.io, &mut origin.stream) => {
+            result = tokio::io::copy_bidirectional(&mut client, &mut origin_side) => {
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "tunnel ended with an error");
                 }
             }
+            () = idle => tracing::debug!(%peer, timeout = ?idle_timeout, "idle tunnel closed"),
             () = shutdown.cancelled() => {}
         }
         false
+    }
+}
+
+/// One side of a tunnel, counting the bytes read from it into `moved`.
+struct Counting<'a, T> {
+    inner: &'a mut T,
+    moved: &'a AtomicU64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counting<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let read = buf.filled().len().saturating_sub(before);
+        if read > 0 {
+            this.moved.fetch_add(read as u64, Relaxed);
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -831,6 +1030,8 @@ struct Request {
     is_head: bool,
     keep_alive: bool,
     minor: u8,
+    /// `Expect: 100-continue`: answered by the proxy before it reads the body.
+    expects_continue: bool,
     /// A request that may go again on a new connection when a pooled one turns out closed.
     retryable: bool,
     upgrade: bool,
@@ -1194,31 +1395,6 @@ fn prepare(
     Ok(key)
 }
 
-/// Splits a request target into the authority of an absolute-form target (if any) and
-/// the origin-form path and query.
-fn split_target(target: &[u8]) -> (Option<&[u8]>, &[u8]) {
-    if target.first() == Some(&b'/') || target == b"*" {
-        return (None, target);
-    }
-    let rest = if target.len() > 7 && target[..7].eq_ignore_ascii_case(b"http://") {
-        &target[7..]
-    } else if target.len() > 8 && target[..8].eq_ignore_ascii_case(b"https://") {
-        &target[8..]
-    } else {
-        return (None, target);
-    };
-    let end = rest
-        .iter()
-        .position(|&byte| matches!(byte, b'/' | b'?'))
-        .unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let authority = match authority.iter().rposition(|&byte| byte == b'@') {
-        Some(at) => &authority[at + 1..],
-        None => authority,
-    };
-    (Some(authority), if path.is_empty() { b"/" } else { path })
-}
-
 /// Writes `bytes` and flushes (TLS records go out on flush).
 async fn write_all_flush<W: AsyncWrite + Unpin>(io: &mut W, bytes: &[u8]) -> io::Result<()> {
     io.write_all(bytes).await?;
@@ -1256,28 +1432,5 @@ async fn write_all_within<W: AsyncWrite + Unpin>(
         None => tokio::time::timeout(limit, write_all_flush(io, rest))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading"))?,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets_split_into_authority_and_path() {
-        assert_eq!(split_target(b"/a?b"), (None, b"/a?b".as_slice()));
-        assert_eq!(
-            split_target(b"http://Example.com:8080/x?y"),
-            (Some(b"Example.com:8080".as_slice()), b"/x?y".as_slice())
-        );
-        assert_eq!(
-            split_target(b"https://user@example.com"),
-            (Some(b"example.com".as_slice()), b"/".as_slice())
-        );
-        assert_eq!(
-            split_target(b"http://example.com?q"),
-            (Some(b"example.com".as_slice()), b"?q".as_slice())
-        );
-        assert_eq!(split_target(b"*"), (None, b"*".as_slice()));
     }
 }

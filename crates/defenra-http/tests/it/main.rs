@@ -3,6 +3,7 @@
 mod access;
 mod bodies;
 mod challenge;
+mod fairness;
 mod headers;
 mod limits;
 mod pages;

@@ -1,5 +1,6 @@
 //! HTTP/2 (ALPN and prior knowledge) and upgraded (WebSocket) tunnels.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -129,4 +130,55 @@ async fn websocket_upgrade_is_tunneled_both_ways() {
         stream.read_exact(&mut echoed).await.unwrap();
         assert_eq!(echoed, frame);
     }
+}
+
+#[tokio::test]
+async fn http2_refuses_an_encoded_nul_in_the_path() {
+    // Issue 17 finding 7: the same rule as HTTP/1.1.
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(
+        &config(vec![proxied_domain("example.com")]),
+        origin.addr.port(),
+    )
+    .await;
+    let stream = TcpStream::connect(proxy.http).await.unwrap();
+    let mut sender = http2_over(stream).await;
+    let reply = collect(
+        sender
+            .send_request(h2_request("http://example.com/admin%00"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(origin.accepted_connections.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn http2_without_authority_and_with_two_hosts_is_400() {
+    // Issue 17 finding 12: HTTP/1.1 answers 400 to two Host fields, so does HTTP/2.
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(
+        &config(vec![proxied_domain("example.com")]),
+        origin.addr.port(),
+    )
+    .await;
+    let stream = TcpStream::connect(proxy.http).await.unwrap();
+    let mut sender = http2_over(stream).await;
+    let two_hosts = Request::builder()
+        .uri("/x")
+        .header("host", "example.com")
+        .header("host", "other.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = collect(sender.send_request(two_hosts).await.unwrap()).await;
+    assert_eq!(reply.status, 400, "{reply:?}");
+    let one_host = Request::builder()
+        .uri("/x")
+        .header("host", "example.com")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = collect(sender.send_request(one_host).await.unwrap()).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(origin.accepted_connections.load(Ordering::SeqCst), 1);
 }

@@ -51,7 +51,7 @@ where
 
 /// A test origin on 127.0.0.1. Every path echoes method, path and headers, except:
 /// `/slow` answers after 10 s, `/body` streams the request body back, `/chunked` sends
-/// 100,000 pattern bytes chunked, `/drain` reads the whole body and answers its length, `/ws` switches protocols and echoes bytes, `/hop`
+/// 100,000 pattern bytes chunked, `/big` 64 MiB, `/drain` reads the whole body and answers its length, `/ws` switches protocols and echoes bytes, `/hop`
 /// answers with hop-by-hop and repeated headers.
 pub(crate) struct Origin {
     pub(crate) addr: SocketAddr,
@@ -148,6 +148,8 @@ async fn origin_handler(mut request: Request<Incoming>) -> Result<Response<TestB
         "/body" => Response::new(Either::Left(request.into_body())),
         // A body of unknown length: hyper sends it chunked.
         "/chunked" => Response::new(Either::Right(Either::Right(PatternBody::new(100_000)))),
+        // More than the socket buffers hold: a client that does not read stalls it.
+        "/big" => Response::new(Either::Right(Either::Right(PatternBody::new(64 << 20)))),
         "/drain" => {
             let length = request
                 .into_body()

@@ -228,3 +228,39 @@ fn tls11_client_hello(server_name: &str) -> Vec<u8> {
     record.extend_from_slice(&handshake);
     record
 }
+
+#[tokio::test]
+async fn a_client_offering_only_unknown_alpn_protocols_gets_http11() {
+    // Issue 17 finding 12: rustls answered with a fatal no_application_protocol alert;
+    // nginx carries on without ALPN and speaks HTTP/1.1.
+    let origin = Origin::start().await;
+    let cert = TestCert::new(&["example.com"]);
+    let proxy = Proxy::start(
+        &config(vec![tls_domain("example.com", &cert)]),
+        origin.addr.port(),
+    )
+    .await;
+    let stream = tls_connect(
+        proxy.https,
+        "example.com",
+        &[b"spdy/3", b"acme-tls/1"],
+        TLS_ALL,
+    )
+    .await
+    .expect("handshake without a common ALPN protocol");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), None);
+    let mut sender = http1_over(stream).await;
+    let reply = collect(
+        sender
+            .send_request(get_request("example.com"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    // Clients that offer ours still get them.
+    let stream = tls_connect(proxy.https, "example.com", &[b"spdy/3", b"h2"], TLS_ALL)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+}

@@ -378,3 +378,84 @@ async fn a_slow_steady_upload_is_not_cut_off_by_the_origin_timeout_but_a_stalled
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert!(closes(&mut stream).await);
 }
+
+#[tokio::test]
+async fn targets_the_waf_would_misread_are_refused_and_absolute_form_is_rewritten() {
+    // Issue 17 finding 7: each of these reached the origin as /admin while the WAF saw
+    // another path.
+    let origin = Origin::start().await;
+    let mut domain = proxied_domain("example.com");
+    domain["luaCode"] =
+        serde_json::json!(r#"if ngx.var.uri == "/admin" then return ngx.exit(403) end"#);
+    let proxy = Proxy::start(&config(vec![domain]), origin.addr.port()).await;
+    for (target, status) in [
+        ("/admin", 403),
+        ("http://example.com/admin", 403),
+        ("HTTPS://example.com/admin?x=1", 403),
+        ("/admin#x", 400),
+        ("/admin?x#y", 400),
+        ("ftp://example.com/admin", 400),
+        ("example.com/admin", 400),
+        ("/admin%00", 400),
+        ("/admin%00.php?x=1", 400),
+        ("*", 400),
+    ] {
+        let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+        let request = format!("GET {target} HTTP/1.1\r\nHost: example.com\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let response = read_response(&mut stream, false).await;
+        assert_eq!(response.status(), status, "{target}: {}", response.head);
+    }
+    assert_eq!(origin.accepted_connections.load(Ordering::SeqCst), 0);
+
+    // What is accepted reaches the origin in origin-form: absolute-form rewritten, a NUL
+    // in the query (not the path) passed on, as nginx does.
+    for (target, path) in [
+        ("http://example.com?q=1", "/?q=1"),
+        ("http://example.com/a/b", "/a/b"),
+        ("/a?b=%00", "/a?b=%00"),
+    ] {
+        let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+        let request = format!("GET {target} HTTP/1.1\r\nHost: example.com\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let response = read_response(&mut stream, false).await;
+        assert_eq!(response.status(), 200, "{target}: {}", response.head);
+        assert_eq!(response.header("x-echo-path"), Some(path), "{target}");
+    }
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(b"OPTIONS * HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream, false).await.status(), 200);
+}
+
+#[tokio::test]
+async fn an_upgrade_to_h2c_is_not_passed_to_the_origin() {
+    // Issue 17 finding 12: `Upgrade: h2c` reached origins; the proxy never upgrades to h2c.
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    stream
+        .write_all(
+            b"GET /u HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let response = read_response(&mut stream, false).await;
+    assert_eq!(response.status(), 200, "{}", response.head);
+    for name in ["upgrade", "connection", "http2-settings"] {
+        assert!(
+            response.echoed(name).is_empty(),
+            "{name} reached the origin"
+        );
+    }
+    // The connection goes on as HTTP/1.1.
+    stream
+        .write_all(b"GET /next HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let next = read_response(&mut stream, false).await;
+    assert_eq!(next.header("x-echo-path"), Some("/next"));
+}
