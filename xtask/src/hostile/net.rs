@@ -289,7 +289,11 @@ pub(crate) fn fate_of(stream: &mut TcpStream, request: &[u8], wait: Duration) ->
         }
         Err(_) => return Fate::ClosedSilently,
     };
-    if closes_within(stream, deadline.saturating_duration_since(Instant::now())) {
+    // A server that closes after an error response does so at once.
+    let close_wait = deadline
+        .saturating_duration_since(Instant::now())
+        .min(Duration::from_millis(500));
+    if closes_within(stream, close_wait) {
         Fate::AnsweredThenClosed(status)
     } else {
         Fate::AnsweredKeptOpen(status)
