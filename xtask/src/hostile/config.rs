@@ -82,9 +82,9 @@ pub(crate) fn attacks() -> Vec<Attack> {
         Attack {
             name: "config-state-unwritable",
             fast: true,
-            setup: Setup::CoreUnwritableState,
-            expected: "a state directory that cannot be created or written does not stop the agent: it serves Core's config, warns that it cannot save the last good copy, and applies later changes",
-            peers: "knot: a journal or timer DB it cannot write is an error for that zone, the server keeps serving others",
+            setup: Setup::Core,
+            expected: "a state directory that stops taking writes does not stop the agent: it applies Core's changes and warns that it cannot save the last good copy; a state directory that cannot be created at start is refused at once with a message naming it",
+            peers: "nginx refuses to start when it cannot create its paths ([emerg] mkdir() failed) and logs write errors at run time; knot: a journal it cannot write is an error for that zone, the others keep serving",
             limits: Limits::DEFAULT,
             run: state_unwritable,
         },
@@ -113,6 +113,7 @@ fn hostile_then_good(
         .core()
         .ok_or_else(|| anyhow::anyhow!("no fake Core"))?;
     let polls_before = core.polls();
+    let streamed_before = core.streamed();
     core.set(answer);
     let started = Instant::now();
     while started.elapsed() < limit && core.polls() < polls_before + polls {
@@ -121,7 +122,7 @@ fn hostile_then_good(
     // One more second for the last poll to be read and judged.
     std::thread::sleep(Duration::from_secs(1));
     let error = last_error(ctx);
-    let streamed = core.streamed();
+    let streamed = core.streamed() - streamed_before;
     let kept = ctx.agent().config_version() == version_before;
     let document = ctx.lab.document().to_string().into_bytes();
     let recovery = ctx.lab.apply_document(document, Duration::from_secs(60));
@@ -300,30 +301,74 @@ fn million_records(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
 }
 
 fn state_unwritable(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
+    // 1. The running agent's state directory stops taking writes: the temporary file the
+    // last good copy is written through cannot be created (a directory holds its name).
+    let blocker = ctx.lab.core_state_dir().join(".last-good.json.tmp");
+    std::fs::create_dir_all(blocker.join("blocked"))?;
     let document = ctx.lab.document().to_string().into_bytes();
     let applied = ctx.lab.apply_document(document, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
     let warned = ctx
         .agent()
         .log
-        .recent_contains("cannot save the last good config")
-        || ctx.agent().log.recent_contains("state");
-    let health = ctx
-        .agent()
-        .health()
-        .map(|health| health["status"].to_string())
-        .unwrap_or_default();
+        .recent_contains("cannot save the last good config");
+    let _ = std::fs::remove_dir_all(&blocker);
+
+    // 2. An agent started with a state directory that cannot be created.
+    let config = ctx.lab.dir.join("state-probe.json");
+    std::fs::write(&config, br#"{"success":true,"domains":[]}"#)?;
+    let not_a_directory = ctx.lab.dir.join("state-probe-file");
+    std::fs::write(&not_a_directory, b"a file where a directory should be")?;
+    let started = Instant::now();
+    let output = std::process::Command::new(ctx.lab.binary())
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--dns-listen",
+            "off",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--https-listen",
+            "off",
+        ])
+        .args(["--health-listen", "off", "--log-format", "json"])
+        .arg("--state-dir")
+        .arg(not_a_directory.join("state"))
+        .stdin(std::process::Stdio::null())
+        .output();
+    let start_outcome = match output {
+        Ok(output) if !output.status.success() => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let message = stderr
+                .lines()
+                .rev()
+                .find(|line| line.contains("state"))
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            format!(
+                "refuses to start in {:.1} s ({}): {}",
+                started.elapsed().as_secs_f64(),
+                output.status,
+                truncate(&message, 120)
+            )
+        }
+        Ok(output) => format!("exited {} (expected a refusal)", output.status),
+        Err(error) => format!("could not be run: {error}"),
+    };
     Ok(Check::new(
-        applied.is_ok(),
+        applied.is_ok() && warned && start_outcome.starts_with("refuses"),
         format!(
-            "started and served; a changed config {}; /health status {health}; {}",
+            "running agent, state directory unwritable: the changed config {}, {}; \
+             new agent with an uncreatable state directory {start_outcome}",
             match &applied {
                 Ok(after) => format!("applied in {:.1} s", after.as_secs_f64()),
                 Err(error) => format!("NOT applied: {error:#}"),
             },
             if warned {
-                "the log warns about the state directory"
+                "with a warning that the last good copy cannot be saved"
             } else {
-                "no warning about the state directory in the log"
+                "WITHOUT a warning about the last good copy"
             }
         ),
     ))

@@ -37,8 +37,6 @@ pub(crate) enum Setup {
     File,
     /// `--core-url` pointing at the suite's fake Core, polled every second.
     Core,
-    /// As `Core`, with a `--state-dir` the agent cannot create (its parent is a file).
-    CoreUnwritableState,
 }
 
 /// The running test environment; one per suite run.
@@ -162,7 +160,7 @@ impl Lab {
                     self.dir.join("state").display().to_string(),
                 ]);
             }
-            Setup::Core | Setup::CoreUnwritableState => {
+            Setup::Core => {
                 let core = FakeCore::start(CoreAnswer::document(document.to_string()))?;
                 args.extend([
                     "--core-url".into(),
@@ -175,19 +173,8 @@ impl Lab {
                     "1".into(),
                     "--no-report".into(),
                 ]);
-                let state = if setup == Setup::Core {
-                    self.dir.join("core-state")
-                } else {
-                    // A directory below a regular file can be neither created nor written,
-                    // even by root.
-                    let blocker = self.dir.join("not-a-directory");
-                    fs::write(
-                        &blocker,
-                        b"a file where the state directory's parent should be",
-                    )?;
-                    blocker.join("state")
-                };
-                let _ = fs::remove_dir_all(self.dir.join("core-state"));
+                let state = self.core_state_dir();
+                let _ = fs::remove_dir_all(&state);
                 args.extend(["--state-dir".into(), state.display().to_string()]);
                 self.core = Some(core);
             }
@@ -201,6 +188,16 @@ impl Lab {
         let log_path = self.dir.join(format!("agent-{}.log", self.generation));
         self.agent = Some(Agent::start(&self.binary, setup, &args, &log_path)?);
         Ok(())
+    }
+
+    /// The state directory of an agent behind the fake Core.
+    pub(crate) fn core_state_dir(&self) -> PathBuf {
+        self.dir.join("core-state")
+    }
+
+    /// The agent binary under test.
+    pub(crate) fn binary(&self) -> &Path {
+        &self.binary
     }
 
     /// Stops the agent (SIGTERM, then SIGKILL after 5 s) and the fake Core.
@@ -244,7 +241,7 @@ impl Lab {
                 write_atomically(&self.dir.join("agent.json"), &document)?;
                 agent.signal("-HUP");
             }
-            Setup::Core | Setup::CoreUnwritableState => {
+            Setup::Core => {
                 self.core
                     .as_ref()
                     .context("no fake Core runs")?

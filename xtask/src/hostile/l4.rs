@@ -223,7 +223,7 @@ fn self_loop(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     let issues = ctx
         .agent()
         .stats()
-        .map(|stats| stats["config"]["issues"].to_string())
+        .map(|stats| stats["config"]["rejected_items"].to_string())
         .unwrap_or_default();
     let flagged =
         issues.contains("self") || issues.contains("loop") || issues.contains(&port.to_string());
@@ -241,8 +241,15 @@ fn self_loop(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     Ok(Check::new(
         peak_ok,
         format!(
-            "{outcome}; config issue {}",
-            if flagged { "reported" } else { "not reported" }
+            "{outcome}; {}",
+            if flagged {
+                format!(
+                    "config issue: {}",
+                    issues.chars().take(200).collect::<String>()
+                )
+            } else {
+                "no config issue reported".to_owned()
+            }
         ),
     ))
 }
