@@ -46,7 +46,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
         },
         Attack {
             name: "config-invalid-utf8",
-            fast: true,
+            fast: false,
             setup: Setup::Core,
             expected: "invalid UTF-8 in a domain name and in luaCode is rejected as a whole document; the last good config keeps serving",
             peers: "as above",
@@ -198,11 +198,12 @@ fn deep_nesting(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     objects.push_str("}]}");
     let mut results = Vec::new();
     let mut ok = true;
+    let polls = ctx.scale(1, 3) as u64;
     for (name, document) in [("arrays", arrays), ("objects", objects)] {
         let (observed, recovered) = hostile_then_good(
             ctx,
             CoreAnswer::document(document),
-            2,
+            polls,
             Duration::from_secs(10),
         )?;
         ok &= !recovered.starts_with("NOT") && !observed.contains("CHANGED");
@@ -221,11 +222,12 @@ fn invalid_utf8(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     in_lua.extend_from_slice(br#""}]}"#);
     let mut results = Vec::new();
     let mut ok = true;
+    let polls = ctx.scale(1, 3) as u64;
     for (name, document) in [("domain name", in_name), ("luaCode", in_lua)] {
         let (observed, recovered) = hostile_then_good(
             ctx,
             CoreAnswer::Document(std::sync::Arc::new(document)),
-            2,
+            polls,
             Duration::from_secs(10),
         )?;
         ok &= !recovered.starts_with("NOT") && !observed.contains("CHANGED");

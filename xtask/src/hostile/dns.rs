@@ -43,7 +43,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
         },
         Attack {
             name: "dns-bogus-edns",
-            fast: true,
+            fast: false,
             setup: Setup::File,
             expected: "two OPT records, OPT not at the root, option lengths past the RDATA, and bad ECS (family 3, /33, extra address bytes, bits past the prefix, scope ≠ 0, two ECS) get FORMERR (RFC 6891 §6.1.1, RFC 7871 §6, §7.1.2); EDNS version 1 gets BADVERS (RFC 6891 §6.1.3); payload size 0 is read as 512 (§6.2.5)",
             peers: "knot: FORMERR for a malformed OPT, BADVERS for version > 0, FORMERR for malformed ECS",
@@ -247,6 +247,8 @@ fn truncated(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
         if len >= 2 {
             packet[..2].copy_from_slice(&(0x1000 + len as u16).to_be_bytes());
         }
+        // A prefix too short for a header gets no answer: do not wait long for it.
+        socket.set_read_timeout(Some(Duration::from_millis(if len < 12 { 50 } else { 300 })))?;
         socket.send(&packet)?;
         let reply = loop {
             match socket.recv(&mut buffer) {
@@ -733,7 +735,9 @@ fn tcp_idle_hold(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     let (mut held, refused) = open_many(server, count, 10, 600);
     let mut max_active = 0f64;
     let mut all_closed_after = None;
-    while started.elapsed() < Duration::from_secs(14) {
+    // The fast run checks the caps for 3 s; the full run waits for the idle timeout.
+    let hold = Duration::from_secs(if ctx.fast { 3 } else { 14 });
+    while started.elapsed() < hold {
         max_active = max_active.max(ctx.agent().stat("dns", "tcp_active"));
         let closed = count_closed(&mut held);
         if closed == held.len() {
@@ -744,7 +748,7 @@ fn tcp_idle_hold(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     }
     let evicted = ctx.agent().stat("dns", "tcp_evicted_total");
     let closed = count_closed(&mut held);
-    let ok = greedy_closed == 5 && max_active <= 1000.0 && all_closed_after.is_some();
+    let ok = greedy_closed == 5 && max_active <= 1000.0 && (ctx.fast || all_closed_after.is_some());
     Ok(Check::new(
         ok,
         format!(
@@ -753,10 +757,10 @@ fn tcp_idle_hold(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
              {closed}/{} closed {}",
             count.div_ceil(10),
             held.len(),
-            all_closed_after.map_or("(not all within 14 s)".into(), |after| format!(
-                "within {:.1} s",
-                after.as_secs_f64()
-            ))
+            all_closed_after.map_or(
+                format!("(not all within {:.0} s)", hold.as_secs_f64()),
+                |after| format!("within {:.1} s", after.as_secs_f64())
+            )
         ),
     ))
 }

@@ -55,7 +55,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
         },
         Attack {
             name: "h2-zero-window",
-            fast: true,
+            fast: false,
             setup: Setup::File,
             expected: "100 streams of a 1 MiB response to a client that advertises a zero window hold at most the flow-control window and the origin buffer each; memory stays bounded; other clients are served",
             peers: "nginx: send_timeout 60s closes a client that reads nothing; HAProxy: timeout client",
@@ -602,7 +602,7 @@ fn hpack_bomb(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
 
 fn control_floods(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     let server = ctx.agent().http;
-    let limit = Duration::from_secs(if ctx.fast { 2 } else { 5 });
+    let limit = Duration::from_secs(if ctx.fast { 1 } else { 5 });
     let mut results = Vec::new();
     let mut ok = true;
     let floods: Vec<(&str, Vec<u8>, Option<Vec<u8>>)> = vec![
@@ -696,7 +696,7 @@ fn zero_window(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     let server = ctx.agent().http;
     let connections = ctx.scale(1, 2);
     let streams = 100;
-    let hold = Duration::from_secs(if ctx.fast { 5 } else { 20 });
+    let hold = Duration::from_secs(if ctx.fast { 3 } else { 20 });
     let mut clients = Vec::new();
     for connection in 0..connections {
         // SETTINGS_INITIAL_WINDOW_SIZE = 0: no stream may send a byte of DATA.

@@ -64,7 +64,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
         },
         Attack {
             name: "h1-keepalive-hoard",
-            fast: true,
+            fast: false,
             setup: Setup::File,
             expected: "thousands of idle keep-alive connections after one request each cost a descriptor and a few KiB; new clients are served; they close after keepalive_timeout (75 s)",
             peers: "nginx: keepalive_timeout 75s, worker_connections; HAProxy: timeout http-keep-alive, maxconn",
@@ -132,7 +132,7 @@ fn open_writing(
 fn slowloris(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     let server = ctx.agent().http;
     let count = ctx.scale(1000, 3000);
-    let hold = Duration::from_secs(if ctx.fast { 8 } else { 40 });
+    let hold = Duration::from_secs(if ctx.fast { 4 } else { 40 });
     let started = Instant::now();
     let head = format!("GET /slowloris HTTP/1.1\r\nHost: {LEGIT_HOST}\r\n");
     let (mut streams, refused) = open_writing(server, count, 100, 0, head.as_bytes());
@@ -164,7 +164,7 @@ fn slowloris(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
             after.as_secs_f64()
         ))
     );
-    // The fast run holds them for 8 s, well inside the 30 s timeout: only the legitimate
+    // The fast run holds them for 4 s, well inside the 30 s timeout: only the legitimate
     // clients and the resources are judged. The full run waits for the timeout.
     let ok = ctx.fast || all_closed_after.is_some_and(|after| after < Duration::from_secs(36));
     Ok(Check::new(ok, observed))
@@ -201,7 +201,7 @@ fn oversized_headers(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     ];
     let mut results = Vec::new();
     let mut ok = true;
-    let repeats = ctx.scale(20, 200);
+    let repeats = ctx.scale(5, 200);
     for (name, bytes, expected) in &cases {
         let mut fates = std::collections::BTreeMap::new();
         for n in 0..repeats {

@@ -367,7 +367,7 @@ fn run_one(lab: &mut Lab, attack: &Attack, fast: bool) -> Row {
         ));
     }
     let clients = Legit::start(targets);
-    clients.wait_for(Phase::Baseline, 5, Duration::from_secs(10));
+    clients.wait_for(Phase::Baseline, 3, Duration::from_secs(10));
     row.baseline = clients.result(Phase::Baseline);
     row.before = Usage::of(pid);
     let log_before = log.bytes.load(Relaxed);
@@ -394,7 +394,7 @@ fn run_one(lab: &mut Lab, attack: &Attack, fast: bool) -> Row {
         clients.set_phase(Phase::After);
         clients.wait_for(
             Phase::After,
-            if fast { 15 } else { 30 },
+            if fast { 10 } else { 30 },
             Duration::from_secs(20),
         );
     }

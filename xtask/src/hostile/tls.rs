@@ -27,7 +27,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
         },
         Attack {
             name: "tls-handshake-flood",
-            fast: true,
+            fast: false,
             setup: Setup::File,
             expected: "clients that send a ClientHello, take the server's flight (key exchange and signature done) and hang up cost CPU only while they come: legitimate HTTPS keeps ≥ 99 %, nothing stays allocated",
             peers: "nginx: no built-in handshake rate limit (limit_conn per address helps); HAProxy: maxsslrate / rate-limit sessions",
@@ -162,7 +162,7 @@ fn garbage(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
 fn handshake_flood(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     let server = ctx.agent().https;
     let threads = ctx.scale(2, 4);
-    let limit = Duration::from_secs(if ctx.fast { 4 } else { 10 });
+    let limit = Duration::from_secs(if ctx.fast { 3 } else { 10 });
     let stop = Arc::new(AtomicBool::new(false));
     let flights = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -229,7 +229,7 @@ fn handshake_flood(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
 fn half_handshake(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     let server = ctx.agent().https;
     let count = ctx.scale(500, 2000);
-    let hold = Duration::from_secs(if ctx.fast { 5 } else { 40 });
+    let hold = Duration::from_secs(if ctx.fast { 3 } else { 40 });
     let config = ctx.lab.tls_h1.clone();
     let hello = net::client_hello(&config, LEGIT_HOST);
     let started = Instant::now();

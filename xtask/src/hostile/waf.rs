@@ -560,7 +560,7 @@ print(string.rep('y', 100000))
     ctx.lab.set_scripts(Some(script), None)?;
     let server = ctx.agent().http;
     let log = ctx.agent().log.clone();
-    let duration = Duration::from_secs(if ctx.fast { 3 } else { 10 });
+    let duration = Duration::from_secs(if ctx.fast { 2 } else { 10 });
     let bytes_before = log.bytes.load(Relaxed);
     let lines_before = log.lines.load(Relaxed);
     let started = Instant::now();
