@@ -144,6 +144,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         "{} is missing: build it (`cargo build --release -p defenra-agent`) or pass --agent-bin",
         binary.display()
     );
+    check_descriptor_limit(if options.fast { 8192 } else { 16_384 })?;
     eprintln!(
         "hostile: {} attack(s) against {}{}",
         selected.len(),
@@ -183,6 +184,23 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         failed.join(", ")
     );
     Ok(())
+}
+
+/// The attacks hold thousands of sockets (and the agent, which inherits the limit, as many):
+/// refuse to start under a limit that would make them fail for the wrong reason.
+fn check_descriptor_limit(needed: u64) -> anyhow::Result<()> {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|soft| soft.parse::<u64>().ok());
+    match soft {
+        Some(soft) if soft < needed => anyhow::bail!(
+            "the open-file limit is {soft}; the attacks need {needed} (run `ulimit -n 65536` first)"
+        ),
+        _ => Ok(()),
+    }
 }
 
 struct Options {

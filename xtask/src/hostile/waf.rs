@@ -77,6 +77,15 @@ pub(crate) fn attacks() -> Vec<Attack> {
             run: header_injection,
         },
         Attack {
+            name: "waf-bypass-target",
+            fast: false,
+            setup: Setup::File,
+            expected: "a rule blocking /admin also holds for /admin#x, ftp://host/admin and /admin%00 (400: issue 17 finding 7), and for /%61dmin, //admin, /x/../admin, /./admin and http://host/admin (the WAF sees the path the origin gets); no request line naming admin reaches the origin",
+            peers: "nginx: 400 for # and NUL in the target and for non-http schemes, $uri is the decoded, merged, dot-segment-free path (merge_slashes on), so the rule holds",
+            limits: Limits::DEFAULT,
+            run: bypass_target,
+        },
+        Attack {
             name: "waf-log-flood",
             fast: true,
             setup: Setup::File,
@@ -550,6 +559,58 @@ end
     }
     ctx.lab.set_scripts(None, None)?;
     Ok(Check::new(ok, results.join("; ")))
+}
+
+fn bypass_target(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
+    let script = "if ngx.var.uri == '/admin' then return ngx.exit(403) end";
+    ctx.lab.set_scripts(Some(script), None)?;
+    let server = ctx.agent().http;
+    let targets: [(&str, &[u16]); 9] = [
+        ("/admin", &[403]),
+        ("/admin#x", &[400, 403]),
+        ("ftp://victim.test/admin", &[400, 403]),
+        ("/admin%00", &[400, 403]),
+        ("/%61dmin", &[400, 403]),
+        ("//admin", &[400, 403]),
+        ("/x/../admin", &[400, 403]),
+        ("/./admin", &[400, 403]),
+        ("http://victim.test/admin", &[403]),
+    ];
+    let mut results = Vec::new();
+    let mut ok = true;
+    let origin_saw_before = ctx.lab.origin.log.saw("admin");
+    for (n, (target, expected)) in targets.iter().enumerate() {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: {VICTIM_HOST}\r\nConnection: close\r\n\r\n");
+        let status = net::http_once(
+            attack_source(3100 + n),
+            server,
+            request.as_bytes(),
+            Duration::from_secs(5),
+        )
+        .map_or(0, |response| response.status);
+        let good = expected.contains(&status);
+        ok &= good;
+        results.push(format!(
+            "{target} {status}{}",
+            if good { "" } else { " (BYPASS)" }
+        ));
+    }
+    thread::sleep(Duration::from_millis(200));
+    let reached = !origin_saw_before && ctx.lab.origin.log.saw("admin");
+    ctx.lab.set_scripts(None, None)?;
+    Ok(Check::new(
+        ok && !reached,
+        format!(
+            "{}; {}",
+            results.join(", "),
+            if reached {
+                "a request line naming admin REACHED the origin"
+            } else {
+                "nothing naming admin reached the origin"
+            }
+        ),
+    ))
 }
 
 fn log_flood(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
