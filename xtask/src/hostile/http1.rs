@@ -201,7 +201,7 @@ fn oversized_headers(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     ];
     let mut results = Vec::new();
     let mut ok = true;
-    let repeats = ctx.scale(5, 200);
+    let repeats = ctx.scale(5, 50);
     for (name, bytes, expected) in &cases {
         let mut fates = std::collections::BTreeMap::new();
         for n in 0..repeats {
