@@ -605,7 +605,8 @@ fn control_floods(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     let limit = Duration::from_secs(if ctx.fast { 1 } else { 5 });
     let mut results = Vec::new();
     let mut ok = true;
-    let floods: Vec<(&str, Vec<u8>, Option<Vec<u8>>)> = vec![
+    // (name, the flood's frame, a frame opening the stream it needs)
+    let floods = [
         ("SETTINGS", settings(&[(0x4, 65_535)]), None),
         ("PING", frame(kind::PING, 0, 0, &[7; 8]), None),
         (

@@ -445,21 +445,17 @@ impl Agent {
 
     /// `GET /health` as JSON, when the endpoint answers.
     pub(crate) fn health(&self) -> Option<Value> {
-        let request =
-            format!("GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        let response = net::http_once(
-            Ipv4Addr::LOCALHOST,
-            self.health,
-            request.as_bytes(),
-            Duration::from_secs(2),
-        )
-        .ok()?;
-        serde_json::from_slice(&response.body).ok()
+        self.endpoint("/health")
     }
 
     /// `GET /stats` as JSON, when the endpoint answers.
     pub(crate) fn stats(&self) -> Option<Value> {
-        let request = "GET /stats HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        self.endpoint("/stats")
+    }
+
+    fn endpoint(&self, path: &str) -> Option<Value> {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         let response = net::http_once(
             Ipv4Addr::LOCALHOST,
             self.health,

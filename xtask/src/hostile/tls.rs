@@ -58,12 +58,15 @@ pub(crate) fn attacks() -> Vec<Attack> {
     ]
 }
 
+/// Makes the bytes one garbage connection sends.
+type Garbage = fn(&mut Rng) -> Vec<u8>;
+
 fn garbage(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     let server = ctx.agent().https;
     let failures_before = ctx.agent().stat("http", "tls_handshake_failures_total");
     let mut rng = Rng::new(0x71_5a);
     let rounds = ctx.scale(40, 400);
-    let variants: [(&str, fn(&mut Rng) -> Vec<u8>); 5] = [
+    let variants: [(&str, Garbage); 5] = [
         ("random", |rng| {
             let len = 1 + rng.below(2000) as usize;
             rng.bytes(len)
