@@ -22,7 +22,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
             fast: true,
             setup: Setup::File,
             expected: "streams opened and cancelled at once (HEADERS + RST_STREAM) are bounded: GOAWAY ENHANCE_YOUR_CALM (or close) after a small number, and only a small fraction reaches the origin",
-            peers: "nginx ≥ 1.25.3: keepalive_requests (1000) and http2_max_concurrent_streams (128) bound it, plus a limit on streams not yet processed; HAProxy: unaffected (tune.h2.fe.max-total-streams, glitches counting)",
+            peers: "nginx: keepalive_requests (1000) and http2_max_concurrent_streams (128) bound it, and 1.25.3 \"improved detection of misbehaving clients when using HTTP/2\"; HAProxy: not affected (streams count toward tune.h2.fe.max-total-streams; glitches are counted)",
             limits: Limits::DEFAULT,
             run: rapid_reset,
         },

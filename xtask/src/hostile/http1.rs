@@ -41,7 +41,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
             fast: true,
             setup: Setup::File,
             expected: "CL+TE, TE+CL, differing or listed Content-Length, a transfer coding on HTTP/1.0, space before the colon, bare CR, obs-fold, NUL and chunk-size overflow get 400 and close (RFC 9112 §6.1, §5.1, §5.2, §2.2); unknown codings 501; the request hidden in the body never reaches the origin",
-            peers: "nginx: 400 for CL+TE since 1.25 (earlier: TE wins), 400 for obs-fold in names, 501 for unknown codings; HAProxy: TE wins and CL is removed (RFC 9112 §6.3), 400 for duplicate CL",
+            peers: "nginx ≥ 1.21.1: 400 for CL+TE and for spaces or control characters in the request line and header names, 501 for unknown codings; HAProxy: 400 for differing or invalid Content-Length, and for CL+TE lets TE win, drops CL and closes after the response (RFC 9112 §6.3)",
             limits: Limits::DEFAULT,
             run: smuggling,
         },

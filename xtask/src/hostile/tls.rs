@@ -39,7 +39,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
             fast: true,
             setup: Setup::File,
             expected: "connections that send a ClientHello (or three bytes of one) and stop are closed 30 s (header_read_timeout, which covers the handshake) after accept",
-            peers: "nginx: client_header_timeout 60s also bounds the handshake (ssl_handshake_timeout 60s since 1.25.3); HAProxy: timeout client / timeout http-request",
+            peers: "nginx: client_header_timeout 60s also bounds the handshake (stream module: ssl_handshake_timeout 60s); HAProxy: timeout client / timeout http-request",
             limits: Limits {
                 settle: Duration::from_secs(8),
                 ..Limits::DEFAULT

@@ -72,7 +72,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
             fast: true,
             setup: Setup::File,
             expected: "CR/LF in a script's header names, values or redirect target never reach the wire (no injected field); Content-Length, Transfer-Encoding and Connection set by a script are overridden or dropped so the next response on the connection (HTTP/1.1) and the stream (HTTP/2) stay intact (issue 17 finding 8); a status of 1000 is refused",
-            peers: "OpenResty: ngx.header values with CR/LF are escaped (%0D%0A) since 1.19.3; Content-Length/Transfer-Encoding are taken as the response's framing by nginx",
+            peers: "OpenResty escapes CR, LF and NUL in ngx.header names and values (lua-nginx-module, 2020); nginx frames the response by its own Content-Length / Transfer-Encoding",
             limits: Limits::DEFAULT,
             run: header_injection,
         },
