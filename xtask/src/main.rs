@@ -7,6 +7,8 @@
 //! - `soak --minutes N`: long mixed load with config swaps (not in CI);
 //! - `bench <dns|dns-rrl|http|waf|l4|challenge>`: the agent beside its peer (knot, nginx,
 //!   nginx+lua, HAProxy; for the challenge, nginx's static page);
+//! - `hostile [--fast] [--only NAME,...] [--agent-bin PATH]`: the attack suite against the
+//!   agent binary, beside legitimate clients (docs/reliability.md, "Attack suite");
 //! - `tidy`: checks that every crate root and module opens with a `//!` doc comment.
 
 mod bench;
@@ -14,6 +16,7 @@ mod chromium;
 mod ci;
 mod demo;
 mod e2e;
+mod hostile;
 mod packages;
 mod soak;
 mod tidy;
@@ -36,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         "e2e" => e2e::run(rest),
         "soak" => soak::run(rest),
         "bench" => bench::run(rest),
+        "hostile" => hostile::run(rest),
         "tidy" => tidy::run(),
         "help" | "--help" | "-h" => {
             print_usage();
@@ -59,6 +63,7 @@ fn print_usage() {
          e2e                black-box tests of the release binary (fake Core, all services)\n  \
          soak [--minutes N] mixed load while the config changes; checks RSS and descriptors\n  \
          bench <area>       benchmark against the peer: dns and dns-rrl (knot), http (nginx), waf (nginx+lua), l4 (haproxy), challenge (nginx static)\n  \
+         hostile [--fast]   attacks on the release agent beside legitimate clients [--only NAME,...] [--agent-bin PATH] [--list]\n  \
          tidy               check doc comments on crate roots and modules"
     );
 }

@@ -1,5 +1,5 @@
-//! Helpers the nginx-based benchmarks (`http`, `waf`) share: tool lookup, ports, nginx
-//! configuration fragments, stopping processes.
+//! Helpers the benchmarks (and `xtask hostile`) share: tool lookup, ports, nginx
+//! configuration fragments, stopping processes, a process's CPU, memory and descriptors.
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -154,6 +154,24 @@ pub(crate) fn rss_kib(pid: u32) -> u64 {
                 .find_map(|line| line.strip_prefix("VmRSS:"))
                 .and_then(|value| value.split_whitespace().next())
                 .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Number of open file descriptors of `pid` (entries of `/proc/PID/fd`), 0 when unreadable.
+pub(crate) fn open_fds(pid: u32) -> u64 {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |entries| entries.count() as u64)
+}
+
+/// Number of threads of `pid` (`Threads:` of `/proc/PID/status`), 0 when unreadable.
+pub(crate) fn threads(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Threads:"))
+                .and_then(|value| value.trim().parse().ok())
         })
         .unwrap_or(0)
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask bench <area>`: runs the agent beside its peer under the same load.
 
 mod challenge;
-mod common;
+pub(crate) mod common;
 mod dns;
 mod dns_rrl;
 mod fleet;
