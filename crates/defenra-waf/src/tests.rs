@@ -415,6 +415,31 @@ fn runaway_loops_are_aborted_within_100ms() {
     }
 }
 
+#[test]
+fn loops_of_long_library_calls_are_aborted_by_the_time_budget() {
+    // Few Lua instructions, each a long C call: 1,000 instructions take longer than the
+    // watchdog's tick, so an armed count hook never reached zero before (1.4-120 s).
+    for script in [
+        "local s = string.rep('a', 1000000) for i = 1, 100000 do local u = s:upper() end",
+        "for i = 1, 100000 do local r = string.rep('ab', 500000) end",
+        "local s = string.rep('x', 1000000) for i = 1, 100000 do local m = ngx.md5(s) end",
+    ] {
+        let engine = engine(script);
+        let started = Instant::now();
+        assert_eq!(render(&request("/").check(&engine)), "allow", "{script}");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_millis(500),
+            "{script}: took {elapsed:?}"
+        );
+        assert_eq!(
+            engine.stats().domain_totals(DOMAIN),
+            Some((1, 0, 0, 1)),
+            "{script}"
+        );
+    }
+}
+
 /// Runs `f` on a thread with a 2 MiB stack, the size tokio and most thread pools give
 /// their threads: a recursion that overflows it kills the whole test binary.
 fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -25,8 +25,9 @@
 //!
 //! Each run has a generation number beside its phase in one atomic word, so the watchdog
 //! only arms the run it saw, and a signal that arrives late (after its run ended) finds
-//! nothing to do. A hook whose setting was lost anyway (the VM rewrote the byte in the same
-//! instant) is noticed at the next tick, because the hook did not fire, and armed again.
+//! nothing to do. An armed run whose hook did not fire within a tick (its setting was lost,
+//! or its instructions are few and slow: long library calls) is armed again with a count
+//! of one, so its next instruction checks the budget.
 
 use std::cell::Cell;
 use std::ffi::c_int;
@@ -58,6 +59,13 @@ pub(crate) struct Slot {
     /// The watchdog is between arming this run and its `pthread_kill` returning: the run's
     /// end waits for it, so the thread cannot exit before the signal is sent.
     sending: AtomicBool,
+    /// The run was armed but made no hook call for a whole tick: its instructions are few
+    /// and slow (long library calls: `s:upper()` of a megabyte, `ngx.md5`, ...), so the
+    /// countdown of [`HOOK_INTERVAL`](crate::sandbox::HOOK_INTERVAL) instructions would
+    /// not reach zero before the next re-arm restarted it. The handler then arms a count of
+    /// one, so the very next instruction checks the budget, and that hook call puts the
+    /// usual interval back ([`Slot::fired`]).
+    urgent: AtomicBool,
 }
 
 /// What the signal handler needs: all of it only used on the state's own thread.
@@ -95,9 +103,25 @@ impl Slot {
         });
     }
 
-    /// Counts a hook call (called by the hook).
+    /// Counts a hook call (called by the hook, on the state's thread). After an urgent
+    /// arming (a count of one), sets the usual interval again.
     pub(crate) fn fired(&self) {
         self.fired.fetch_add(1, Ordering::Relaxed);
+        if self.urgent.swap(false, Ordering::Relaxed)
+            && let Some(target) = self.target.get()
+        {
+            // SAFETY: called from the hook, on the thread inside the state's VM; setting a
+            // hook from within a hook is ordinary API use (Lua's own debug.sethook does it).
+            #[allow(unsafe_code)]
+            unsafe {
+                ffi::lua_sethook(
+                    target.lua,
+                    Some(target.hook),
+                    ffi::LUA_MASKCOUNT,
+                    target.interval,
+                );
+            }
+        }
     }
 
     /// Hook calls so far.
@@ -177,12 +201,12 @@ extern "C" fn on_signal(_: c_int) {
     // re-reads at every instruction (the pattern of LuaJIT's own SIGINT handler).
     #[allow(unsafe_code)]
     unsafe {
-        ffi::lua_sethook(
-            target.lua,
-            Some(target.hook),
-            ffi::LUA_MASKCOUNT,
-            target.interval,
-        );
+        let count = if slot.urgent.load(Ordering::Relaxed) {
+            1
+        } else {
+            target.interval
+        };
+        ffi::lua_sethook(target.lua, Some(target.hook), ffi::LUA_MASKCOUNT, count);
     }
     let _ = slot.state.compare_exchange(
         state,
@@ -268,6 +292,7 @@ impl Watchdog {
         let slot = Arc::new(Slot {
             state: AtomicU64::new(IDLE),
             fired: AtomicU64::new(0),
+            urgent: AtomicBool::new(false),
             target: OnceLock::new(),
             sending: AtomicBool::new(false),
         });
@@ -313,6 +338,9 @@ fn watch(inner: &Weak<Inner>) {
                 _ => false,
             };
             if stalled {
+                if state & PHASE == ARMED {
+                    slot.urgent.store(true, Ordering::Relaxed);
+                }
                 arm(slot, state);
             }
             now.push((address, slot.state.load(Ordering::Acquire), fired));
