@@ -12,6 +12,7 @@
 pub(crate) mod buffer;
 mod chunked;
 mod date;
+pub(crate) mod fuzzing;
 mod head;
 mod timer;
 
