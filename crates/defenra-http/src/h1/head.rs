@@ -451,7 +451,12 @@ impl ResponseHead {
         };
         self.len = len;
         self.status = status;
-        self.reason = Span::of(buf, response.reason.unwrap_or("").as_bytes());
+        // httparse hands back a static "" (not a slice of `buf`) for a status line without
+        // a reason and for a reason with obs-text: either way there is none to pass on.
+        self.reason = match response.reason {
+            Some(reason) if !reason.is_empty() => Span::of(buf, reason.as_bytes()),
+            _ => Span::default(),
+        };
         self.minor = minor;
         self.fields.fill(buf, response.headers);
         self.framing = self.response_framing(head_request)?;
