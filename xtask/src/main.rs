@@ -4,6 +4,7 @@
 //! - `ci`: the checks CI runs (fmt, clippy, tests, tidy, and cargo-deny when installed);
 //! - `demo`: runs the agent on `examples/demo.json` on unprivileged loopback ports;
 //! - `e2e`: the binary's black-box tests against its release build;
+//! - `fuzz [TARGET] (--minutes N | --replay)`: the fuzz targets in `fuzz/` (cargo-fuzz);
 //! - `soak --minutes N`: long mixed load with config swaps (not in CI);
 //! - `bench <dns|dns-rrl|http|waf|l4>`: the agent beside its peer (knot, nginx, nginx+lua, HAProxy);
 //! - `tidy`: checks that every crate root and module opens with a `//!` doc comment.
@@ -13,6 +14,7 @@ mod chromium;
 mod ci;
 mod demo;
 mod e2e;
+mod fuzz;
 mod soak;
 mod tidy;
 
@@ -32,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         "chromium" => chromium::run(rest),
         "demo" => demo::run(rest),
         "e2e" => e2e::run(rest),
+        "fuzz" => fuzz::run(rest),
         "soak" => soak::run(rest),
         "bench" => bench::run(rest),
         "tidy" => tidy::run(),
@@ -55,6 +58,8 @@ fn print_usage() {
          ci                 fmt check, clippy -D warnings, tests, tidy (+ cargo-deny when installed)\n  \
          demo               run the agent on examples/demo.json on loopback ports\n  \
          e2e                black-box tests of the release binary (fake Core, all services)\n  \
+         fuzz [TARGET] --minutes N   fuzz each target (all in turn) for N minutes (--seconds, --runs too)\n  \
+         fuzz [TARGET] --replay      run the committed seed corpora once\n  \
          soak [--minutes N] mixed load while the config changes; checks RSS and descriptors\n  \
          bench <area>       benchmark against the peer: dns and dns-rrl (knot), http (nginx), waf (nginx+lua), l4 (haproxy)\n  \
          tidy               check doc comments on crate roots and modules"
