@@ -449,6 +449,11 @@ impl ResponseHead {
         let (Some(status), Some(minor)) = (response.code, response.version) else {
             return Err(HeadError::Malformed("incomplete status line"));
         };
+        // httparse takes any three digits; RFC 9110 §15 codes start at 100 (a `099` would
+        // be framed like a 1xx and written back as a two-digit status).
+        if status < 100 {
+            return Err(HeadError::Malformed("status code below 100"));
+        }
         self.len = len;
         self.status = status;
         // httparse hands back a static "" (not a slice of `buf`) for a status line without

@@ -427,3 +427,39 @@ async fn status_lines_without_a_usable_reason_are_passed_on() {
         assert_eq!(response.body, b"ok", "{shown:?}");
     }
 }
+
+/// Found by the `h1_response` fuzz target: httparse accepts any three digits, and a status
+/// under 100 (`099`) was taken as a final response without a body (the rule for 1xx) and
+/// sent on as a two-digit status line (`HTTP/1.1 99 Continue`) that no client can read.
+/// RFC 9110 §15: status codes are three digits from 100; such a head is now an origin
+/// error (502), also for the next request (the origin's leftover bytes are never served).
+#[tokio::test]
+async fn a_status_below_100_is_an_origin_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                while matches!(stream.read(&mut buffer).await, Ok(1..)) {
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 099 Continue\r\n\r\n\
+                              HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED",
+                        )
+                        .await;
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&config(vec![proxied_domain("example.com")]), port).await;
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    }
+}
