@@ -497,6 +497,45 @@ fn garbage_of_an_aborted_run_does_not_starve_the_next_script() {
     }
 }
 
+/// Found by the `waf_ngx` fuzz target: `ngx.re.gsub` built its result in the host's
+/// memory without a bound, outside the state's cap: a 64 KiB subject and a 100 KB
+/// replacement asked for 6.5 GB (the fuzz run stopped at its 2 GiB limit after 24 s). The
+/// result now stops at the memory limit with a memory error, as a Lua string would; here
+/// the replacement function is called until the result passes 8 MiB, not for all 4096
+/// matches.
+#[test]
+fn re_gsub_stops_building_its_result_at_the_memory_limit() {
+    let options = WafOptions {
+        memory_limit: 8 << 20,
+        time_budget: Duration::from_secs(5),
+        ..WafOptions::default()
+    };
+    let engine = engine_with(
+        options,
+        r#"
+        local calls = 0
+        local big = string.rep("b", 16384)
+        local subject = string.rep("A", 4096)
+        local by_function = pcall(ngx.re.gsub, subject, "A", function() calls = calls + 1 return big end)
+        local by_template = pcall(ngx.re.gsub, subject, "A", big)
+        local by_captures = pcall(ngx.re.gsub, string.rep("A", 65536), "A+", string.rep("$0", 200))
+        ngx.say(tostring(by_function), " ", tostring(by_template), " ", tostring(by_captures), " ", calls)
+        "#,
+    );
+    let rendered = render(&request("/").check(&engine));
+    let calls: u32 = rendered
+        .trim_end_matches("\\n\"")
+        .rsplit(' ')
+        .next()
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or_else(|| panic!("{rendered}"));
+    assert!(
+        rendered.starts_with("200 | content-type: text/plain | \"false false false "),
+        "{rendered}"
+    );
+    assert!(calls <= (8 << 20) / 16384 + 1, "{calls} calls");
+}
+
 // ---- sandbox --------------------------------------------------------------------------
 
 #[test]
