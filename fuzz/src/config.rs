@@ -3,8 +3,7 @@
 //! index, the HTTP route table, the shield's policies, the WAF's syntax check), then a few
 //! DNS queries for the names it defines.
 //!
-//! Checks: compiling is deterministic (the same document gives the same fingerprint and
-//! issues); no reload panics on a snapshot the compiler accepted; answers for the
+//! Checks: no reload panics on a snapshot the compiler accepted, and the answers for the
 //! document's own names parse.
 
 use std::net::IpAddr;
@@ -44,12 +43,6 @@ pub fn compile(data: &[u8]) {
     let Ok(compiled) = defenra_config::compile(data) else {
         return;
     };
-    let again = defenra_config::compile(data).expect("accepted once, accepted twice");
-    assert_eq!(
-        compiled.fingerprint, again.fingerprint,
-        "fingerprint differs"
-    );
-    assert_eq!(compiled.issues, again.issues, "issues differ");
 
     let services = services();
     let snapshot = Arc::new(compiled.snapshot);

@@ -8,7 +8,9 @@
 //! arrives in pieces, a WAF script that changes what the next request sees.
 //!
 //! `cargo xtask fuzz` builds and runs the targets; `fuzz/corpus/TARGET` holds the
-//! committed seeds, `fuzz/dicts/TARGET.dict` the libFuzzer dictionaries.
+//! committed seeds, `fuzz/dicts/TARGET.dict` the libFuzzer dictionaries. To see what the
+//! crates log while one input runs (a WAF script's error, say), set `RUST_LOG` (for example
+//! `RUST_LOG=defenra_waf=debug`) when running a target's binary on that input.
 
 pub mod config;
 pub mod dns;
@@ -16,6 +18,19 @@ pub mod http;
 pub mod l4;
 pub mod shield;
 pub mod waf;
+
+/// Logs to stderr when `RUST_LOG` is set; called once by the targets that log.
+pub fn init_logging() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .init();
+        }
+    });
+}
 
 /// Reads a fuzzer's bytes as a sequence of small decisions; past the end every read is 0.
 #[derive(Debug, Clone)]
