@@ -536,6 +536,27 @@ fn re_gsub_stops_building_its_result_at_the_memory_limit() {
     assert!(calls <= (8 << 20) / 16384 + 1, "{calls} calls");
 }
 
+/// Found by the `waf_ngx` fuzz target: `ngx.status = 161` (or 101) and a printed body made
+/// a block with a 1xx status, which is interim by definition (RFC 9110 §15.2): a client
+/// reads it as "more to come" and the body as the start of the next response. A printed
+/// body goes out with `ngx.status` only when that is a final status, else with 200.
+#[test]
+fn a_printed_body_never_goes_out_with_an_interim_status() {
+    for status in ["101", "161", "199"] {
+        let engine = engine(&format!("ngx.say('hi') ngx.status = {status}"));
+        assert_eq!(
+            render(&request("/").check(&engine)),
+            "200 | content-type: text/plain | \"hi\\n\"",
+            "ngx.status = {status}"
+        );
+    }
+    let engine = engine("ngx.status = 299 ngx.say('hi')");
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "299 | content-type: text/plain | \"hi\\n\""
+    );
+}
+
 // ---- sandbox --------------------------------------------------------------------------
 
 #[test]
