@@ -8,7 +8,7 @@
 //! Name value`, `#method POST`, `#host h`, `#addr 192.0.2.7`). Arguments are `"strings"`
 //! (with `\n`, `\r`, `\0`, `\"`, `\\` and `\xNN`), numbers (`nan`, `inf`, `-0`, `huge`),
 //! `nil`, `true`, `false`, `null` (`ngx.null`), `$N` (the first result of call N), tables
-//! `{ a b k=v }`, and `@names` for functions, API objects, big or binary strings and
+//! `{ a b k=v }`, and `@names` for functions, API objects, big (4 and 64 KiB) or binary strings and
 //! tables with hostile metatables (see `special`); any other word is a string.
 //!
 //! Every call runs in `pcall`, so one failing call does not end the script; `ngx.exit` does,
@@ -270,9 +270,9 @@ fn special(name: &str) -> &'static str {
         "string" => "string",
         "G" => "_G",
         "dict" => "ngx.shared.cache",
-        "big" => "string.rep('A', 65536)",
-        "bigpct" => "string.rep('%41', 20000)",
-        "huge" => "string.rep('a', 524288)",
+        "big" => "string.rep('A', 4096)",
+        "bigpct" => "string.rep('%41', 1400)",
+        "huge" => "string.rep('a', 65536)",
         "bin" => "'\\0\\255\\r\\n\\t '",
         "utf8" => "'\\195\\169\\226\\130\\172\\240\\157\\132\\158'",
         "crlf" => "'a\\r\\nSet-Cookie: x=1'",

@@ -134,10 +134,43 @@ fn ensure_cargo_fuzz() -> anyhow::Result<()> {
 }
 
 fn build() -> anyhow::Result<()> {
-    run_command(
-        &cargo(),
-        &["fuzz", "build", "--fuzz-dir", "fuzz", "-s", "none"],
-    )
+    run_cargo_fuzz(&["build", "--fuzz-dir", "fuzz", "-s", "none"])
+}
+
+/// `cargo fuzz ARGS` in the project root, failing if it fails.
+fn run_cargo_fuzz(args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("$ cargo fuzz {}", args.join(" "));
+    let status = cargo_fuzz(args)
+        .status()
+        .context("cannot start cargo fuzz")?;
+    anyhow::ensure!(
+        status.success(),
+        "`cargo fuzz {}` failed with {status}",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// A `cargo fuzz ARGS` command without the variables `cargo run` set for xtask itself:
+/// `CARGO_MANIFEST_DIR` pointing at xtask/ makes ring's build script, and everything
+/// above it, rebuild whenever the fuzz targets are built once from xtask and once by hand.
+fn cargo_fuzz(args: &[&str]) -> Command {
+    let mut command = Command::new(cargo());
+    command.arg("fuzz").args(args).current_dir(project_root());
+    for (name, _) in std::env::vars_os() {
+        let inherited = name.to_str().is_some_and(|name| {
+            name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    name,
+                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+                )
+        });
+        if inherited {
+            command.env_remove(name);
+        }
+    }
+    command
 }
 
 /// Runs every committed seed of each target once.
@@ -148,21 +181,17 @@ fn replay_corpora(targets: &[String]) -> anyhow::Result<()> {
             project_root().join(&corpus).is_dir(),
             "fuzz target {target} has no seed corpus in {corpus}"
         );
-        run_command(
-            &cargo(),
-            &[
-                "fuzz",
-                "run",
-                "--fuzz-dir",
-                "fuzz",
-                "-s",
-                "none",
-                target,
-                &corpus,
-                "--",
-                "-runs=0",
-            ],
-        )
+        run_cargo_fuzz(&[
+            "run",
+            "--fuzz-dir",
+            "fuzz",
+            "-s",
+            "none",
+            target,
+            &corpus,
+            "--",
+            "-runs=0",
+        ])
         .with_context(|| format!("replaying the seeds of {target}"))?;
     }
     Ok(())
@@ -175,6 +204,8 @@ struct Report {
     coverage: u64,
     features: u64,
     corpus: String,
+    /// RSS once the seeds have run, and the highest: a leak shows as a growing gap.
+    start_rss_mb: u64,
     peak_rss_mb: u64,
     seconds: u64,
     outcome: String,
@@ -187,17 +218,18 @@ fn fuzz(targets: &[String], budget: Budget) -> anyhow::Result<()> {
         reports.push((target.clone(), fuzz_one(target, budget)?));
     }
     let mut table = String::from(
-        "| target | executions | cov | ft | corpus | peak RSS | seconds | result |\n\
+        "| target | executions | cov | ft | corpus | RSS after seeds, peak | seconds | result |\n\
          |---|---:|---:|---:|---|---:|---:|---|\n",
     );
     for (target, report) in &reports {
         let _ = writeln!(
             table,
-            "| {target} | {} | {} | {} | {} | {} MB | {} | {} |",
+            "| {target} | {} | {} | {} | {} | {} MB, {} MB | {} | {} |",
             report.executions,
             report.coverage,
             report.features,
             report.corpus,
+            report.start_rss_mb,
             report.peak_rss_mb,
             report.seconds,
             report.outcome
@@ -241,7 +273,6 @@ fn fuzz_one(target: &str, budget: Budget) -> anyhow::Result<Report> {
         options.push(format!("-dict={dict}"));
     }
     let mut args = vec![
-        "fuzz",
         "run",
         "--fuzz-dir",
         "fuzz",
@@ -253,11 +284,9 @@ fn fuzz_one(target: &str, budget: Budget) -> anyhow::Result<Report> {
         "--",
     ];
     args.extend(options.iter().map(String::as_str));
-    eprintln!("$ cargo {}", args.join(" "));
+    eprintln!("$ cargo fuzz {}", args.join(" "));
     let started = Instant::now();
-    let mut child = Command::new(cargo())
-        .args(&args)
-        .current_dir(&root)
+    let mut child = cargo_fuzz(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -315,6 +344,12 @@ fn read_line(line: &str, report: &mut Report) {
         }
         if let Some(corp) = field("corp: ") {
             report.corpus = corp.to_owned();
+        }
+        if line.contains("INITED")
+            && let Some(rss) =
+                field("rss: ").and_then(|text| text.trim_end_matches("Mb").parse().ok())
+        {
+            report.start_rss_mb = rss;
         }
     }
     if let Some(runs) = field("stat::number_of_executed_units:") {
