@@ -295,8 +295,10 @@ fn fuzz_one(target: &str, budget: Budget) -> anyhow::Result<Report> {
     let mut log =
         fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut report = Report::default();
-    for line in BufReader::new(stderr).lines() {
+    // Lines as bytes: a crash report may quote an input that is not UTF-8.
+    for line in BufReader::new(stderr).split(b'\n') {
         let line = line.context("reading cargo fuzz's output")?;
+        let line = String::from_utf8_lossy(&line);
         let _ = writeln!(log, "{line}");
         read_line(&line, &mut report);
         // Progress lines for every new input would drown the rest.
