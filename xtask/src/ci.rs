@@ -1,6 +1,13 @@
 //! `cargo xtask ci`: the same checks locally and in CI.
+//!
+//! The fuzz package (`fuzz/`) is a workspace of its own: it gets its own fmt and clippy
+//! runs here (clippy shares the main target directory, so only the fuzz crate and the few
+//! dependencies whose features differ are checked again), then its seeds are replayed and
+//! each target fuzzed briefly (`fuzz::ci`).
 
 use std::process::Command;
+
+use anyhow::Context;
 
 use crate::{cargo, run_command};
 
@@ -9,9 +16,31 @@ pub(crate) fn run(_args: &[String]) -> anyhow::Result<()> {
     run_command(&cargo, &["fmt", "--all", "--", "--check"])?;
     run_command(
         &cargo,
+        &["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"],
+    )?;
+    run_command(
+        &cargo,
         &[
             "clippy",
             "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    let target_dir = crate::target_dir();
+    let target_dir = target_dir
+        .to_str()
+        .context("target directory path is not UTF-8")?;
+    run_command(
+        &cargo,
+        &[
+            "clippy",
+            "--manifest-path",
+            "fuzz/Cargo.toml",
+            "--target-dir",
+            target_dir,
             "--all-targets",
             "--",
             "-D",
@@ -35,5 +64,8 @@ pub(crate) fn run(_args: &[String]) -> anyhow::Result<()> {
             "cargo-deny is not installed; skipping `cargo deny check` (cargo install --locked cargo-deny)"
         );
     }
+    // Last: it needs the fuzz build (a few minutes), and fails loudly if cargo-fuzz cannot
+    // be installed.
+    crate::fuzz::ci()?;
     Ok(())
 }

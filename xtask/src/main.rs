@@ -4,6 +4,7 @@
 //! - `ci`: the checks CI runs (fmt, clippy, tests, tidy, and cargo-deny when installed);
 //! - `demo`: runs the agent on `examples/demo.json` on unprivileged loopback ports;
 //! - `e2e`: the binary's black-box tests against its release build;
+//! - `fuzz [TARGET] (--minutes N | --replay)`: the fuzz targets in `fuzz/` (cargo-fuzz);
 //! - `soak --minutes N`: long mixed load with config swaps (not in CI);
 //! - `bench <dns|dns-rrl|http|waf|l4|challenge>`: the agent beside its peer (knot, nginx,
 //!   nginx+lua, HAProxy; for the challenge, nginx's static page);
@@ -18,6 +19,7 @@ mod demo;
 mod e2e;
 mod hostile;
 mod packages;
+mod fuzz;
 mod soak;
 mod tidy;
 
@@ -37,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         "chromium" => chromium::run(rest),
         "demo" => demo::run(rest),
         "e2e" => e2e::run(rest),
+        "fuzz" => fuzz::run(rest),
         "soak" => soak::run(rest),
         "bench" => bench::run(rest),
         "hostile" => hostile::run(rest),
@@ -61,6 +64,8 @@ fn print_usage() {
          ci                 fmt check, clippy -D warnings, tests, tidy (+ cargo-deny when installed)\n  \
          demo               run the agent on examples/demo.json on loopback ports\n  \
          e2e                black-box tests of the release binary (fake Core, all services)\n  \
+         fuzz [TARGET] --minutes N   fuzz each target (all in turn) for N minutes (--seconds, --runs too)\n  \
+         fuzz [TARGET] --replay      run the committed seed corpora once\n  \
          soak [--minutes N] mixed load while the config changes; checks RSS and descriptors\n  \
          bench <area>       benchmark against the peer: dns and dns-rrl (knot), http (nginx), waf (nginx+lua), l4 (haproxy), challenge (nginx static)\n  \
          hostile [--fast]   attacks on the release agent beside legitimate clients [--only NAME,...] [--agent-bin PATH] [--list]\n  \

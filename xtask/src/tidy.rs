@@ -10,13 +10,21 @@ use crate::project_root;
 pub(crate) fn run() -> anyhow::Result<()> {
     let root = project_root();
     let mut files = Vec::new();
-    for dir in ["crates", "agent-bin/src", "xtask/src"] {
+    for dir in [
+        "crates",
+        "agent-bin/src",
+        "xtask/src",
+        "fuzz/src",
+        "fuzz/fuzz_targets",
+    ] {
         collect_rust_files(&root.join(dir), &mut files)?;
     }
     let mut missing = Vec::new();
     for file in &files {
         let relative = file.strip_prefix(&root).unwrap_or(file);
-        let in_src = relative.components().any(|part| part.as_os_str() == "src");
+        let in_src = relative
+            .components()
+            .any(|part| part.as_os_str() == "src" || part.as_os_str() == "fuzz_targets");
         // Test modules (`tests.rs`, `tests/`) and integration tests are exempt.
         let is_test = relative
             .components()

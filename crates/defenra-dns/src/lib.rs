@@ -13,6 +13,8 @@
 mod answer;
 #[cfg(target_os = "linux")]
 mod batch;
+#[doc(hidden)]
+pub mod fuzzing;
 mod rrl;
 mod server;
 mod stats;

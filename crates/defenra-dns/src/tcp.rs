@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -211,9 +211,26 @@ impl DnsService {
         self.stats.tcp_closed();
     }
 
-    async fn serve_tcp(
+    /// [`DnsService::serve_tcp`] over any byte stream, as one connection from `peer` in a
+    /// table of its own; for the fuzz targets (`fuzzing::answer_tcp_stream`).
+    pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut S,
+        peer: SocketAddr,
+    ) {
+        let table = Arc::new(ConnTable::new(1, 1));
+        let stats = DnsStats::default();
+        if let Admission::Admitted { guard, .. } = table.admit(canonical(peer.ip()), &stats) {
+            let shutdown = CancellationToken::new();
+            let _ = self.serve_tcp(stream, peer, &shutdown, &guard).await;
+        }
+    }
+
+    /// The connection loop, over a `TcpStream` in the agent and over scripted reads in the
+    /// fuzz targets.
+    async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
         peer: SocketAddr,
         shutdown: &CancellationToken,
         guard: &ConnGuard,
@@ -294,8 +311,8 @@ impl DnsService {
 
 /// Writes `bytes` whole within `limit`; `Ok(false)` when the client did not take them in
 /// time (a client that does not read must not hold the connection).
-async fn write_by(
-    stream: &mut TcpStream,
+async fn write_by<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     bytes: &[u8],
     limit: std::time::Duration,
 ) -> std::io::Result<bool> {

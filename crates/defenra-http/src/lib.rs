@@ -26,6 +26,13 @@ mod stats;
 mod tls;
 mod traffic;
 
+/// Entry points for the fuzz targets in `fuzz/`: the HTTP/1 engine's head parsers and
+/// writers and its chunked scanner. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::h1::fuzzing::*;
+}
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -18,6 +18,20 @@ mod supervisor;
 mod tcp;
 mod udp;
 
+/// Entry points for the fuzz targets in `fuzz/`. Not a stable API. The forwarders parse
+/// no bytes of their own (payloads pass through untouched); the one byte format they make
+/// is the PROXY protocol v2 header sent to destinations.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::net::SocketAddr;
+
+    /// The PROXY protocol v2 header a destination gets for a connection from `source` to
+    /// `destination` (HAProxy's proxy-protocol.txt, section 2.2).
+    pub fn proxy_header_v2(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+        crate::proxy_protocol::header_v2(source, destination)
+    }
+}
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -471,15 +471,19 @@ fn allow() -> Verdict {
 ///   status the proxy then answers with the edge's page).
 /// - `ngx.exit(ngx.ERROR)` answers 500.
 /// - Otherwise (no exit, `ngx.OK`, `ngx.DONE`, `ngx.DECLINED`), a script that printed a
-///   body answers with it and `ngx.status` (default 200); one that did not lets the request
-///   through, adding `ngx.header` values to the proxied response.
+///   body answers with it and `ngx.status` (200 when unset or a 1xx); one that did not lets
+///   the request through, adding `ngx.header` values to the proxied response.
 fn finish(exit: Option<i64>, response: &mut crate::api::ResponseData) -> Verdict {
     let headers = std::mem::take(&mut response.headers);
     let body = std::mem::take(&mut response.body);
     let status = match exit {
         Some(code) if code >= 200 => code as u16,
         Some(-1) => 500,
-        _ if !body.is_empty() => response.status.unwrap_or(200),
+        // A 1xx is interim (RFC 9110 §15.2): it cannot carry the script's page.
+        _ if !body.is_empty() => response
+            .status
+            .filter(|status| *status >= 200)
+            .unwrap_or(200),
         _ => {
             return Verdict::Allow {
                 extra_headers: headers,

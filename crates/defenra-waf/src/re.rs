@@ -263,7 +263,8 @@ pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()
                         out.extend_from_slice(&subject[last..whole.start()]);
                         match (&template, &replace) {
                             (Some(template), _) => {
-                                if let Err(message) = expand(template, &regex, &captures, &mut out)
+                                if let Err(message) =
+                                    expand(template, &regex, &captures, c.memory_limit, &mut out)
                                 {
                                     return (Value::Nil, Value::Nil, message).into_lua_multi(lua);
                                 }
@@ -290,6 +291,7 @@ pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()
                             }
                             (None, _) => return Err(mlua::Error::runtime("bad replace argument")),
                         }
+                        too_large(&out, c.memory_limit)?;
                         last = whole.end();
                         count += 1;
                         if !global {
@@ -355,11 +357,25 @@ fn captures_table(lua: &Lua, regex: &Regex, captures: &Captures<'_>) -> mlua::Re
     Ok(table)
 }
 
+/// A `ngx.re.sub`/`gsub` result larger than the state's memory cap could never become a
+/// Lua string: stop building it in the host's memory, with the memory error Lua raises for
+/// a string that outgrows the cap.
+fn too_large(out: &[u8], memory_limit: usize) -> mlua::Result<()> {
+    if out.len() > memory_limit {
+        return Err(mlua::Error::MemoryError(
+            "ngx.re: the result exceeds the memory limit".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// Expands a `ngx.re.sub` template: `$0`, `$1`, `${1}`, `${name}`, and `$$` for a dollar.
+/// Stops once `out` is longer than `limit` (the caller then fails with [`too_large`]).
 fn expand(
     template: &[u8],
     regex: &Regex,
     captures: &Captures<'_>,
+    limit: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
     let group = |name: &[u8]| -> Result<Option<&[u8]>, String> {
@@ -376,7 +392,7 @@ fn expand(
         Ok(found.map(|m| m.as_bytes()))
     };
     let mut index = 0;
-    while index < template.len() {
+    while index < template.len() && out.len() <= limit {
         let byte = template[index];
         if byte != b'$' {
             out.push(byte);

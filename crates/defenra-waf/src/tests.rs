@@ -729,6 +729,66 @@ fn garbage_of_an_aborted_run_does_not_starve_the_next_script() {
     }
 }
 
+/// Found by the `waf_ngx` fuzz target: `ngx.re.gsub` built its result in the host's
+/// memory without a bound, outside the state's cap: a 64 KiB subject and a 100 KB
+/// replacement asked for 6.5 GB (the fuzz run stopped at its 2 GiB limit after 24 s). The
+/// result now stops at the memory limit with a memory error, as a Lua string would; here
+/// the replacement function is called until the result passes 8 MiB, not for all 4096
+/// matches.
+#[test]
+fn re_gsub_stops_building_its_result_at_the_memory_limit() {
+    let options = WafOptions {
+        memory_limit: 8 << 20,
+        time_budget: Duration::from_secs(5),
+        ..WafOptions::default()
+    };
+    let engine = engine_with(
+        options,
+        r#"
+        local calls = 0
+        local big = string.rep("b", 16384)
+        local subject = string.rep("A", 4096)
+        local by_function = pcall(ngx.re.gsub, subject, "A", function() calls = calls + 1 return big end)
+        local by_template = pcall(ngx.re.gsub, subject, "A", big)
+        local by_captures = pcall(ngx.re.gsub, string.rep("A", 65536), "A+", string.rep("$0", 200))
+        ngx.say(tostring(by_function), " ", tostring(by_template), " ", tostring(by_captures), " ", calls)
+        "#,
+    );
+    let rendered = render(&request("/").check(&engine));
+    let calls: u32 = rendered
+        .trim_end_matches("\\n\"")
+        .rsplit(' ')
+        .next()
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or_else(|| panic!("{rendered}"));
+    assert!(
+        rendered.starts_with("200 | content-type: text/plain | \"false false false "),
+        "{rendered}"
+    );
+    assert!(calls <= (8 << 20) / 16384 + 1, "{calls} calls");
+}
+
+/// Found by the `waf_ngx` fuzz target: `ngx.status = 161` (or 101) and a printed body made
+/// a block with a 1xx status, which is interim by definition (RFC 9110 §15.2): a client
+/// reads it as "more to come" and the body as the start of the next response. A printed
+/// body goes out with `ngx.status` only when that is a final status, else with 200.
+#[test]
+fn a_printed_body_never_goes_out_with_an_interim_status() {
+    for status in ["101", "161", "199"] {
+        let engine = engine(&format!("ngx.say('hi') ngx.status = {status}"));
+        assert_eq!(
+            render(&request("/").check(&engine)),
+            "200 | content-type: text/plain | \"hi\\n\"",
+            "ngx.status = {status}"
+        );
+    }
+    let engine = engine("ngx.status = 299 ngx.say('hi')");
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "299 | content-type: text/plain | \"hi\\n\""
+    );
+}
+
 // ---- sandbox --------------------------------------------------------------------------
 
 #[test]

@@ -218,3 +218,35 @@ async fn a_connection_is_closed_after_its_query_budget() {
     }
     assert!(closed_by_server(&mut stream).await, "no fourth answer");
 }
+
+/// The fuzz targets' entry point runs the same connection loop: pipelined queries cut at
+/// every byte are answered in order, one framed response each, and a zero length ends the
+/// connection (what follows it is never answered).
+#[tokio::test]
+async fn the_fuzzing_stream_entry_answers_like_a_connection() {
+    let service = defenra_dns::DnsService::new(None, DnsOptions::default());
+    let compiled = defenra_config::compile(ZONE.as_bytes()).unwrap();
+    defenra_config::Reload::reload(
+        &service,
+        &std::sync::Arc::new(compiled.snapshot),
+        &mut Vec::new(),
+    );
+    let mut stream = framed("www.example.com.", 1);
+    stream.extend(framed("mail.example.com.", 2));
+    stream.extend([0, 0]);
+    stream.extend(framed("example.com.", 3));
+    let reads: Vec<Vec<u8>> = stream.iter().map(|&byte| vec![byte]).collect();
+    let peer: SocketAddr = "192.0.2.1:5353".parse().unwrap();
+    let written = defenra_dns::fuzzing::answer_tcp_stream(&service, peer, reads).await;
+
+    let mut ids = Vec::new();
+    let mut rest = &written[..];
+    while let [hi, lo, body @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+        let message = hickory_proto::op::Message::from_vec(&body[..len]).unwrap();
+        assert_eq!(message.answers.len(), if ids.is_empty() { 2 } else { 1 });
+        ids.push(message.metadata.id);
+        rest = &body[len..];
+    }
+    assert_eq!(ids, [1, 2]);
+}

@@ -579,9 +579,19 @@ impl ResponseHead {
         let (Some(status), Some(minor)) = (response.code, response.version) else {
             return Err(HeadError::Malformed("incomplete status line"));
         };
+        // httparse takes any three digits; RFC 9110 §15 codes start at 100 (a `099` would
+        // be framed like a 1xx and written back as a two-digit status).
+        if status < 100 {
+            return Err(HeadError::Malformed("status code below 100"));
+        }
         self.len = len;
         self.status = status;
-        self.reason = Span::of(buf, response.reason.unwrap_or("").as_bytes());
+        // httparse hands back a static "" (not a slice of `buf`) for a status line without
+        // a reason and for a reason with obs-text: either way there is none to pass on.
+        self.reason = match response.reason {
+            Some(reason) if !reason.is_empty() => Span::of(buf, reason.as_bytes()),
+            _ => Span::default(),
+        };
         self.minor = minor;
         self.fields.fill(buf, response.headers);
         self.framing = self.response_framing(head_request)?;

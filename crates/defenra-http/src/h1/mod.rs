@@ -13,6 +13,7 @@ pub(crate) mod buffer;
 mod chunked;
 mod date;
 mod form;
+pub(crate) mod fuzzing;
 mod head;
 mod timer;
 

@@ -459,3 +459,88 @@ async fn an_upgrade_to_h2c_is_not_passed_to_the_origin() {
     let next = read_response(&mut stream, false).await;
     assert_eq!(next.header("x-echo-path"), Some("/next"));
 }
+
+/// Found by the `h1_response` fuzz target: for a status line without a reason phrase, or
+/// with one holding obs-text (RFC 9112 §4 allows both), httparse returns a static `""`
+/// rather than a slice of the read buffer, and the engine took its offset in the buffer
+/// from that pointer: an overflow, then a panic slicing the buffer, so the client lost
+/// the response. Each such response now reaches the client with the standard reason.
+#[tokio::test]
+async fn status_lines_without_a_usable_reason_are_passed_on() {
+    for status_line in [
+        &b"HTTP/1.1 200\r\n"[..],
+        b"HTTP/1.1 200 \r\n",
+        b"HTTP/1.1 200 D\xe9j\xe0 vu\r\n",
+        b"HTTP/1.0 404 \xff\r\n",
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut response = status_line.to_vec();
+        response.extend_from_slice(b"Content-Length: 2\r\n\r\nok");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let response = response.clone();
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    let _ = stream.read(&mut buffer).await;
+                    let _ = stream.write_all(&response).await;
+                });
+            }
+        });
+        let proxy = Proxy::start(&config(vec![proxied_domain("example.com")]), port).await;
+        let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            .await
+            .unwrap();
+        let response = read_response(&mut stream, false).await;
+        let shown = String::from_utf8_lossy(status_line);
+        let expected = if shown.contains("404") {
+            "HTTP/1.1 404 Not Found\r\n"
+        } else {
+            "HTTP/1.1 200 OK\r\n"
+        };
+        assert!(
+            response.head.starts_with(expected),
+            "{shown:?}: {}",
+            response.head
+        );
+        assert_eq!(response.body, b"ok", "{shown:?}");
+    }
+}
+
+/// Found by the `h1_response` fuzz target: httparse accepts any three digits, and a status
+/// under 100 (`099`) was taken as a final response without a body (the rule for 1xx) and
+/// sent on as a two-digit status line (`HTTP/1.1 99 Continue`) that no client can read.
+/// RFC 9110 §15: status codes are three digits from 100; such a head is now an origin
+/// error (502), also for the next request (the origin's leftover bytes are never served).
+#[tokio::test]
+async fn a_status_below_100_is_an_origin_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                while matches!(stream.read(&mut buffer).await, Ok(1..)) {
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 099 Continue\r\n\r\n\
+                              HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED",
+                        )
+                        .await;
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&config(vec![proxied_domain("example.com")]), port).await;
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    }
+}
