@@ -17,9 +17,9 @@ mod chromium;
 mod ci;
 mod demo;
 mod e2e;
+mod fuzz;
 mod hostile;
 mod packages;
-mod fuzz;
 mod soak;
 mod tidy;
 
