@@ -213,6 +213,7 @@ impl Sandbox {
             });
         let exit = self.ctx.exit.get();
         if exit.is_some() {
+            self.collect_if_crowded();
             return Outcome::Finished { exit };
         }
         if let Some(abort) = self.ctx.abort.get() {
@@ -223,13 +224,19 @@ impl Sandbox {
             return Outcome::Aborted(abort);
         }
         match result {
-            Ok(()) => Outcome::Finished { exit: None },
+            Ok(()) => {
+                self.collect_if_crowded();
+                Outcome::Finished { exit: None }
+            }
             Err(error) if is_memory_error(&error) => {
                 // The state stays usable once the garbage is gone.
                 self.collect_garbage();
                 Outcome::OutOfMemory
             }
-            Err(error) => Outcome::Error(first_line(&error)),
+            Err(error) => {
+                self.collect_if_crowded();
+                Outcome::Error(first_line(&error))
+            }
         }
     }
 
@@ -253,6 +260,16 @@ impl Sandbox {
             }
             Ok(values)
         })
+    }
+
+    /// A run that finishes may leave garbage too (one that caught its own memory error
+    /// with `pcall`, say); without an emergency collection in LuaJIT, the next script,
+    /// maybe another domain's, would fail for lack of memory. Over half the cap, collect
+    /// now. Reading the counter is a load, so this costs nothing on the usual run.
+    fn collect_if_crowded(&self) {
+        if self.lua.used_memory() > self.limits.memory / 2 {
+            self.collect_garbage();
+        }
     }
 
     /// Two full cycles: the first may only finish a cycle that began while the data was
