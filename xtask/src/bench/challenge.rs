@@ -17,7 +17,8 @@
 //! Reach (issue 13): a challenge costs no more CPU than nginx's static page; a request with
 //! a valid cookie at most 2 µs more than the same request without the challenge.
 //!
-//! Options: `--duration SECS` (10) per run, `--connections N` (50), `--threads N` (2),
+//! Options: `--duration SECS` (10) per run, `--rounds N` (5; the runs take turns and each
+//! shows its median round by CPU per request), `--connections N` (50), `--threads N` (2),
 //! `--skip-build`, `--agent PATH` (a built agent binary instead of the release build).
 
 use std::fmt::Write as _;
@@ -135,29 +136,60 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             vec![format!("Host: {CHALLENGE}"), format!("Cookie: {cookie}")],
         ),
     ];
-    let mut rows = Vec::new();
-    for (name, port, pid, headers) in &runs {
-        eprintln!("{name}");
-        // Warm pools and caches, then measure.
-        wrk(
-            &url(*port),
-            &settings,
-            settings.duration.min(Duration::from_secs(2)),
-            headers,
-        )?;
-        let (user_before, system_before) = process_tree_cpu_ticks(*pid);
-        let result = wrk(&url(*port), &settings, settings.duration, headers)?;
-        let (user_after, system_after) = process_tree_cpu_ticks(*pid);
-        let ticks =
-            user_after.saturating_sub(user_before) + system_after.saturating_sub(system_before);
-        rows.push(Row {
-            name,
-            result,
-            // Linux reports CPU time in clock ticks of 10 ms (USER_HZ = 100).
-            cpu_seconds: ticks as f64 / 100.0,
-        });
+    // The runs take turns, round after round, and each keeps its median round: the CPU a
+    // proxied request costs moves by a microsecond or two with what else the two cores do
+    // (wrk, the origin), as much as the difference measured here.
+    let mut rounds: Vec<Vec<Row<'_>>> = runs.iter().map(|_| Vec::new()).collect();
+    for round in 1..=settings.rounds {
+        for ((name, port, pid, headers), measured) in runs.iter().zip(&mut rounds) {
+            eprintln!("round {round}/{}: {name}", settings.rounds);
+            // Warm pools and caches, then measure.
+            wrk(
+                &url(*port),
+                &settings,
+                settings.duration.min(Duration::from_secs(2)),
+                headers,
+            )?;
+            let (user_before, system_before) = process_tree_cpu_ticks(*pid);
+            let result = wrk(&url(*port), &settings, settings.duration, headers)?;
+            let (user_after, system_after) = process_tree_cpu_ticks(*pid);
+            let ticks =
+                user_after.saturating_sub(user_before) + system_after.saturating_sub(system_before);
+            measured.push(Row {
+                name,
+                result,
+                // Linux reports CPU time in clock ticks of 10 ms (USER_HZ = 100).
+                cpu_seconds: ticks as f64 / 100.0,
+            });
+        }
     }
+    // The cookie run against the rate-limit-only run of the same round, which ran just
+    // before it: the median of those differences.
+    let mut paired: Vec<f64> = rounds[4]
+        .iter()
+        .zip(&rounds[2])
+        .map(|(verified, shield)| verified.cpu_us_per_request() - shield.cpu_us_per_request())
+        .collect();
+    paired.sort_by(f64::total_cmp);
+    let paired_median = paired[paired.len() / 2];
+    let rows: Vec<Row<'_>> = rounds
+        .into_iter()
+        .map(|mut measured| {
+            measured.sort_by(|a, b| a.cpu_us_per_request().total_cmp(&b.cpu_us_per_request()));
+            let median = measured.len() / 2;
+            measured.swap_remove(median)
+        })
+        .collect();
     println!("{}", render(&rows, &settings));
+    println!(
+        "the same, paired by round (median of {} rounds: {}): {paired_median:+.2} µs",
+        paired.len(),
+        paired
+            .iter()
+            .map(|delta| format!("{delta:+.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     drop(agent);
     drop(origin);
     let _ = fs::remove_dir_all(&dir);
@@ -168,6 +200,7 @@ struct Settings {
     duration: Duration,
     connections: u32,
     threads: u32,
+    rounds: u32,
     skip_build: bool,
     agent: Option<PathBuf>,
 }
@@ -178,6 +211,7 @@ impl Settings {
             duration: Duration::from_secs(10),
             connections: 50,
             threads: 2,
+            rounds: 5,
             skip_build: false,
             agent: None,
         };
@@ -202,6 +236,7 @@ impl Settings {
                 "--duration" => settings.duration = Duration::from_secs(u64::from(number.min(60))),
                 "--connections" => settings.connections = number,
                 "--threads" => settings.threads = number,
+                "--rounds" => settings.rounds = number.min(9),
                 other => anyhow::bail!("unknown option {other:?}"),
             }
         }
@@ -380,11 +415,12 @@ fn render(rows: &[Row<'_>], settings: &Settings) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nwrk -t{} -c{} -d{}s over HTTP on loopback; CPU is user + system time of the serving \
-         processes (nginx: master + worker; agent: all its threads)\n",
+        "\nwrk -t{} -c{} -d{}s over HTTP on loopback, median of {} rounds; CPU is user + system \
+         time of the serving processes (nginx: master + worker; agent: all its threads)\n",
         settings.threads,
         settings.connections,
-        settings.duration.as_secs()
+        settings.duration.as_secs(),
+        settings.rounds
     );
     let _ = writeln!(
         out,
