@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::access::AccessEntry;
@@ -51,6 +51,13 @@ use timer::Timer;
 
 /// First size of a client connection's read buffer; it grows up to the head limit.
 const CLIENT_BUFFER: usize = 8 * 1024;
+/// Lingering close (nginx's `lingering_time` and `lingering_timeout`, shorter, and a cap
+/// nginx does not have): how long, at most, a connection the proxy closes while the client
+/// may still be sending keeps reading and dropping what comes, the longest pause it waits
+/// through, and the most it reads (a client still sending then is not listening).
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_GAP: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
 /// Body bytes appended to a head so both go out in one write, at most.
 const COALESCE: usize = 32 * 1024;
 
@@ -122,6 +129,8 @@ where
         // Every wait's deadline: next head, origin answer, an exchange's idle limit.
         let mut timer = Timer::new(Instant::now() + self.conn.header_timeout);
         let mut first = true;
+        // Whether the client may still be sending when the proxy closes.
+        let mut linger = false;
         loop {
             match self.read_head(first, cancelled.as_mut(), &mut timer).await {
                 Ok(()) => {}
@@ -130,7 +139,7 @@ where
                     tracing::debug!(peer = %self.conn.peer, %error, "bad request head");
                     let visitor = Visitor::new([], self.conn.peer.ip().to_canonical());
                     let local = self.conn.service.edge.for_status(error.status(), visitor);
-                    let _ = self.respond_local(&local, true, false, false).await;
+                    linger = self.respond_local(&local, true, false, false).await;
                     break;
                 }
             }
@@ -138,13 +147,38 @@ where
             let keep = self.exchange(&mut timer).await;
             self.meter.flush_into(self.stats);
             if !keep || shutdown.is_cancelled() {
+                linger = !shutdown.is_cancelled();
                 break;
             }
         }
         // FIN (and TLS close_notify) after the last response; a peer that stopped reading
         // cannot hold the task.
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
+        let shut = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
+        if linger && matches!(shut, Ok(Ok(()))) {
+            self.linger().await;
+        }
         self.meter.flush_into(self.stats);
+    }
+
+    /// Reads and drops what the client still sends, until it closes, pauses for
+    /// [`LINGER_GAP`], [`LINGER_TIME`] is over or [`LINGER_BYTES`] have come. Closing a socket with unread input makes
+    /// the kernel send a reset, which can destroy responses the client has not read yet
+    /// (pipelined requests answered before a bad head, a refused upload): nginx's lingering
+    /// close, for the same reason.
+    async fn linger(&mut self) {
+        let deadline = Instant::now() + LINGER_TIME;
+        let mut scratch = [0u8; 4096];
+        let mut dropped = 0;
+        while dropped < LINGER_BYTES {
+            let gap = LINGER_GAP.min(deadline.saturating_duration_since(Instant::now()));
+            if gap.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(gap, self.io.read(&mut scratch)).await {
+                Ok(Ok(read)) if read > 0 => dropped += read,
+                _ => break,
+            }
+        }
     }
 
     /// Reads until `self.head` holds a complete request head. The first head of a
