@@ -78,7 +78,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
         },
         Attack {
             name: "waf-bypass-target",
-            fast: false,
+            fast: true,
             setup: Setup::File,
             expected: "a rule blocking /admin also holds for /admin#x, ftp://host/admin and /admin%00 (400: issue 17 finding 7), and for /%61dmin, //admin, /x/../admin, /./admin and http://host/admin (the WAF sees the path the origin gets); no request line naming admin reaches the origin",
             peers: "nginx: 400 for # and NUL in the target and for non-http schemes, $uri is the decoded, merged, dot-segment-free path (merge_slashes on), so the rule holds",
