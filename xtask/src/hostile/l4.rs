@@ -20,7 +20,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
             name: "l4-udp-flood",
             fast: true,
             setup: Setup::File,
-            expected: "datagrams from thousands of source ports make at most 4096 sessions (one socket each); when the table is full a new source takes the idlest session idle over 1 s or is dropped, so a steady client keeps its session and its echoes (≥ 99 %)",
+            expected: "datagrams from thousands of source ports make at most 4096 sessions (one socket each); when the table is full a new source takes the idlest session idle over 1 s or is dropped, so a steady client keeps its session and its echoes (≥ 99 %; one datagram may be lost in the fast run's 50)",
             peers: "HAProxy has no UDP forwarding (dgram only for logs); nginx stream: proxy_timeout 10m, udp sessions bounded by worker_connections; proxy_responses",
             limits: Limits {
                 // Sessions idle out after 60 s: until then each holds a socket.
@@ -122,7 +122,9 @@ fn udp_flood(ctx: &mut Ctx<'_>) -> anyhow::Result<Check> {
     let fds = Usage::of(ctx.agent().pid()).fds;
     let success = echoed as f64 * 100.0 / steady_sent.max(1) as f64;
     Ok(Check::new(
-        max_sessions <= 4096.0 && success >= 99.0,
+        // UDP may lose a datagram under a flood: 1 % of the steady client's, and at least
+        // one in the fast run's 50.
+        max_sessions <= 4096.0 && (success >= 99.0 || steady_sent.saturating_sub(echoed) <= 1),
         format!(
             "{sent} datagrams from {sources} source ports: at most {max_sessions} sessions, \
              {evicted} evicted, {rejected} datagrams of new sources dropped, {fds} descriptors \
