@@ -704,48 +704,16 @@ fn memory_cap_stops_a_greedy_script_and_the_state_recovers() {
     );
 }
 
-#[test]
-fn garbage_of_an_aborted_run_does_not_starve_the_next_script() {
+/// A hoarding script of one domain, then a script of another that needs 2 MB of an 8 MiB
+/// state, three times: the second must never fail for the first one's garbage.
+fn next_script_gets_its_memory_after(hoarding: &str, time_budget: Duration) {
     let engine = WafEngine::new(WafOptions {
         memory_limit: 8 << 20,
+        time_budget,
         ..WafOptions::default()
     });
     let (snapshot, _) = config(&[
-        (
-            "hoarder.com",
-            "local t = {} for i = 1, 40000 do t[i] = string.rep('x', 100) .. i end while true do end",
-        ),
-        (DOMAIN, "local s = string.rep('y', 2000000) ngx.say(#s)"),
-    ]);
-    engine.reload(&snapshot, &mut Vec::new());
-    let mut hoarder = request("/");
-    hoarder.domain = "hoarder.com";
-    for _ in 0..3 {
-        assert_eq!(render(&hoarder.check(&engine)), "allow");
-        assert_eq!(
-            render(&request("/").check(&engine)),
-            "200 | content-type: text/plain | \"2000000\\n\""
-        );
-    }
-}
-
-/// Found by the `waf_ngx` fuzz target (a sentinel script, run after 194,000 fuzzed ones,
-/// was aborted for memory): a run that *finishes* may leave its garbage too, e.g. one
-/// that catches its own memory error with `pcall`. LuaJIT has no emergency collection,
-/// so the next script, of another domain, failed for lack of memory (fail open). A run
-/// that leaves the state over half its cap is followed by a full collection.
-#[test]
-fn garbage_of_a_finished_run_does_not_starve_the_next_script() {
-    let engine = WafEngine::new(WafOptions {
-        memory_limit: 8 << 20,
-        time_budget: Duration::from_secs(5),
-        ..WafOptions::default()
-    });
-    let (snapshot, _) = config(&[
-        (
-            "hoarder.com",
-            "pcall(function() local t = {} for i = 1, 1e6 do t[i] = string.rep('x', 100) .. i end end)",
-        ),
+        ("hoarder.com", hoarding),
         (DOMAIN, "local s = string.rep('y', 2000000) ngx.say(#s)"),
     ]);
     engine.reload(&snapshot, &mut Vec::new());
@@ -759,6 +727,27 @@ fn garbage_of_a_finished_run_does_not_starve_the_next_script() {
         );
     }
     assert_eq!(engine.stats().domain_totals(DOMAIN), Some((3, 3, 0, 0)));
+}
+
+#[test]
+fn garbage_of_an_aborted_run_does_not_starve_the_next_script() {
+    next_script_gets_its_memory_after(
+        "local t = {} for i = 1, 40000 do t[i] = string.rep('x', 100) .. i end while true do end",
+        WafOptions::default().time_budget,
+    );
+}
+
+/// Found by the `waf_ngx` fuzz target (a sentinel script, run after 194,000 fuzzed ones,
+/// was aborted for memory): a run that *finishes* may leave its garbage too, e.g. one
+/// that catches its own memory error with `pcall`. LuaJIT has no emergency collection,
+/// so the next script, of another domain, failed for lack of memory (fail open). A run
+/// that leaves the state over half its cap is followed by a full collection.
+#[test]
+fn garbage_of_a_finished_run_does_not_starve_the_next_script() {
+    next_script_gets_its_memory_after(
+        "pcall(function() local t = {} for i = 1, 1e6 do t[i] = string.rep('x', 100) .. i end end)",
+        Duration::from_secs(5),
+    );
 }
 
 /// Found by the `waf_ngx` fuzz target: `ngx.re.gsub` built its result in the host's
