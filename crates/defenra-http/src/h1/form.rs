@@ -47,6 +47,10 @@ where
         entry: &mut Option<Box<AccessEntry>>,
         timer: &mut Timer,
     ) -> bool {
+        // Answers to earlier pipelined requests go out before this one's body is read.
+        if !self.flush_held().await {
+            return false;
+        }
         let read = self.read_form(&framed, timer).await;
         let (local, close) = match &read {
             Read::Body(body) => (

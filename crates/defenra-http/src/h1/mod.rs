@@ -60,6 +60,9 @@ const LINGER_GAP: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 /// Body bytes appended to a head so both go out in one write, at most.
 const COALESCE: usize = 32 * 1024;
+/// Bytes of the proxy's own responses to pipelined requests held back to go out in one
+/// write, at most (see `Session::held`).
+const HOLD: usize = 16 * 1024;
 
 /// Serves HTTP/1.x requests on `io` until the client closes, a limit is hit, or the
 /// listener shuts down (an exchange in flight finishes first).
@@ -75,6 +78,7 @@ where
         io,
         inbuf: Buffer::new(CLIENT_BUFFER.min(options.max_header_bytes.max(1024))),
         out: Vec::with_capacity(1024),
+        held: Vec::new(),
         head: RequestHead::default(),
         response: ResponseHead::default(),
         max_head: options.max_header_bytes.max(1024),
@@ -91,6 +95,13 @@ struct Session<'c, S> {
     inbuf: Buffer,
     /// The next bytes for a peer: a head, perhaps with the start of a body.
     out: Vec<u8>,
+    /// The proxy's own responses (a 429, a challenge, an error page) to requests the client
+    /// pipelined, not written yet: answered together in one write, where one write each
+    /// would wake the client once per response. Written before the engine waits for the
+    /// client (`read_head`), before anything else goes to the client or the origin, when
+    /// it reaches [`HOLD`] bytes, and at the end of the connection, so responses keep their
+    /// order and none waits for more input.
+    held: Vec<u8>,
     head: RequestHead,
     response: ResponseHead,
     max_head: usize,
@@ -150,6 +161,9 @@ where
                 linger = !shutdown.is_cancelled();
                 break;
             }
+        }
+        if !self.flush_held().await {
+            linger = false;
         }
         // FIN (and TLS close_notify) after the last response; a peer that stopped reading
         // cannot hold the task.
@@ -216,6 +230,10 @@ where
                 if !self.inbuf.has_room() && !self.inbuf.grow(self.max_head) {
                     return Err(NoHead::Bad(HeadError::TooLarge));
                 }
+            }
+            // Nothing more to answer without reading: what is held goes out first.
+            if !self.held.is_empty() && !self.flush_held().await {
+                return Err(NoHead::Quiet);
             }
             let idle = self.inbuf.is_empty();
             let read = tokio::select! {
@@ -449,9 +467,8 @@ where
     ) -> bool {
         self.stats.response(local.status);
         self.conn.meter.responded(local.status);
-        self.out.clear();
         head::write_local_response(
-            &mut self.out,
+            &mut self.held,
             local.status,
             &local.headers,
             local.body.len(),
@@ -459,12 +476,28 @@ where
             keep_alive_10,
         );
         if !is_head {
-            self.out.extend_from_slice(&local.body);
+            self.held.extend_from_slice(&local.body);
+        }
+        // More pipelined bytes: their answers may join this one (see `held`).
+        if !close && !self.inbuf.is_empty() && self.held.len() < HOLD {
+            return true;
+        }
+        self.flush_held().await
+    }
+
+    /// Writes the held responses. False when the client is gone.
+    async fn flush_held(&mut self) -> bool {
+        if self.held.is_empty() {
+            return true;
         }
         let limit = self.conn.service.options.keepalive_timeout;
-        write_all_within(&mut self.io, &self.out, limit)
-            .await
-            .is_ok()
+        let written = write_all_within(&mut self.io, &self.held, limit).await;
+        self.held.clear();
+        if self.held.capacity() > 4 * HOLD {
+            // One large page (a challenge with a big template) does not stay allocated.
+            self.held = Vec::new();
+        }
+        written.is_ok()
     }
 
     /// Sends the request (head in `self.out`, body from the client) to the origin, passes
@@ -478,6 +511,10 @@ where
         entry: &mut Option<Box<AccessEntry>>,
         timer: &mut Timer,
     ) -> Result<bool, ExchangeError> {
+        // Answers to earlier pipelined requests go out before this one's exchange starts.
+        if !self.flush_held().await {
+            return Err(ExchangeError::ClientGone);
+        }
         let Some(origin) = route.origin.as_ref() else {
             return Err(ExchangeError::Proxy(ProxyError::NoOrigin(
                 route.domain.name.to_string(),

@@ -105,6 +105,116 @@ async fn closes(stream: &mut TcpStream) -> bool {
     )
 }
 
+/// The proxy's own answers (here 404 for a name it does not serve) to pipelined requests
+/// keep their places among proxied ones: held answers go out before an exchange with the
+/// origin starts.
+#[tokio::test]
+async fn pipelined_local_answers_keep_their_order_around_proxied_ones() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    let sequence = [
+        ("nope.example", "/a"),
+        ("example.com", "/b"),
+        ("nope.example", "/c"),
+        ("nope.example", "/d"),
+        ("example.com", "/e"),
+        ("nope.example", "/f"),
+        ("nope.example", "/g"),
+    ];
+    let mut requests = String::new();
+    for (host, path) in sequence {
+        requests.push_str(&format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    }
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    for (host, path) in sequence {
+        let response = read_response(&mut stream, false).await;
+        if host == "example.com" {
+            assert_eq!(response.status(), 200, "{path}: {}", response.head);
+            assert_eq!(
+                response.header("x-echo-path"),
+                Some(path),
+                "{}",
+                response.head
+            );
+        } else {
+            assert_eq!(response.status(), 404, "{path}: {}", response.head);
+        }
+    }
+    // And the connection goes on.
+    stream
+        .write_all(b"GET /h HTTP/1.1\r\nHost: nope.example\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream, false).await.status(), 404);
+}
+
+/// Answers held for a pipelined batch go out as soon as the rest of the buffer is not a
+/// complete request: they never wait for the client to finish its next one.
+#[tokio::test]
+async fn held_answers_do_not_wait_for_an_unfinished_next_request() {
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    let one = "GET /x HTTP/1.1\r\nHost: nope.example\r\n\r\n";
+    stream
+        .write_all(format!("{one}{one}{one}GET /half HTTP/1.1\r\nHost: nope").as_bytes())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let response =
+            tokio::time::timeout(Duration::from_secs(2), read_response(&mut stream, false))
+                .await
+                .expect("an answer held back for the unfinished request");
+        assert_eq!(response.status(), 404, "{}", response.head);
+    }
+    stream.write_all(b".example\r\n\r\n").await.unwrap();
+    assert_eq!(read_response(&mut stream, false).await.status(), 404);
+}
+
+/// Sixteen pipelined requests the proxy answers itself (a flood of refused requests looks
+/// like this) are answered in one write: the client's first read gets every answer, where
+/// one write each would wake it up to sixteen times. The client is a blocking socket on a
+/// thread of its own, so that it can read while the proxy still writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn pipelined_local_answers_go_out_in_one_write() {
+    use std::io::{Read, Write};
+    let origin = Origin::start().await;
+    let proxy = proxy_for(&origin).await;
+    let address = proxy.http;
+    let first_reads = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let requests = "GET /x HTTP/1.1\r\nHost: nope.example\r\n\r\n".repeat(16);
+        let mut buffer = vec![0u8; 256 * 1024];
+        let mut first_reads = Vec::new();
+        for _ in 0..20 {
+            stream.write_all(requests.as_bytes()).unwrap();
+            let mut answers = 0;
+            let mut reads = 0;
+            while answers < 16 {
+                let read = stream.read(&mut buffer).unwrap();
+                assert!(read > 0, "closed");
+                let count = String::from_utf8_lossy(&buffer[..read])
+                    .matches("HTTP/1.1 404 ")
+                    .count();
+                if reads == 0 {
+                    first_reads.push(count);
+                }
+                answers += count;
+                reads += 1;
+            }
+        }
+        first_reads
+    })
+    .await
+    .unwrap();
+    assert!(
+        first_reads.iter().all(|&count| count == 16),
+        "answers in the first read of each batch: {first_reads:?}"
+    );
+}
+
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     let origin = Origin::start().await;
