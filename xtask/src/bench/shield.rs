@@ -11,7 +11,12 @@
 //! after `--million` distinct sources sent one request each (proportional set size of the
 //! whole process tree, so shared memory is not counted twice).
 //!
-//! Options: `--seconds N` flood length (10), `--sources N` flood sources (100),
+//! The servers take turns for `--rounds` rounds, each on a fresh process; counters and CPU
+//! seconds add up over the rounds and the legitimate client's latencies pool (20 a second
+//! gives 200 samples per 10 s round: one round's p99 is its second-worst sample, which
+//! moves by milliseconds with what else the two cores ran at that moment).
+//!
+//! Options: `--seconds N` flood length (10), `--rounds N` (3), `--sources N` flood sources (100),
 //! `--threads N` flood threads (4), `--million N` distinct sources of the memory phase
 //! (1,000,000; 0 skips it), `--only agent|nginx|haproxy`, `--skip-build`, `--agent-bin PATH`
 //! (another build of the agent, e.g. a debug one for a smoke run).
@@ -73,52 +78,56 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let origin = Server::nginx(&dir, "origin", &origin_conf(&dir, origin_port))?;
     wait_for_port(origin_port)?;
 
-    let mut results = Vec::new();
-    for kind in [Kind::Nginx, Kind::Haproxy, Kind::Agent] {
-        if settings.only.is_some_and(|only| only != kind) {
-            continue;
+    let kinds: Vec<Kind> = [Kind::Nginx, Kind::Haproxy, Kind::Agent]
+        .into_iter()
+        .filter(|kind| settings.only.is_none_or(|only| only == *kind))
+        .collect();
+    let mut results: Vec<Row> = kinds.iter().map(|&kind| Row::new(kind)).collect();
+    // The servers take turns, round after round, each round on a fresh process (no block
+    // or ban carried over): what the machine does besides moves every server alike, and
+    // the legitimate client's p99 comes from all rounds' samples together.
+    for round in 1..=settings.rounds {
+        for row in &mut results {
+            let kind = row.kind;
+            let name = format!("{} (round {round}/{})", kind.name(), settings.rounds);
+            let port = free_port()?;
+            let server = match kind {
+                Kind::Nginx => {
+                    Server::nginx(&dir, "limited", &nginx_conf(&dir, origin_port, port))?
+                }
+                Kind::Haproxy => Server::haproxy(&dir, origin_port, port)?,
+                Kind::Agent => Server::agent(&dir, &agent_binary, origin_port, port)?,
+            };
+            wait_for_port(port)?;
+            let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let probe = one_request(Ipv4Addr::new(127, 0, 0, 3), address, false)
+                .with_context(|| format!("{name} does not answer"))?;
+            anyhow::ensure!(probe == 200, "{name} answered {probe} to a first request");
+            eprintln!("{name}: idle legitimate client");
+            let idle = legit_client(
+                address,
+                Duration::from_secs(settings.seconds),
+                &AtomicBool::new(false),
+            );
+            eprintln!(
+                "{name}: flood from {} sources for {} s",
+                settings.sources, settings.seconds
+            );
+            let flood = flood(address, server.pid(), &settings, None);
+            let equal = (settings.equal_rate > 0).then(|| {
+                eprintln!(
+                    "{name}: flood paced to {} requests/s for {} s",
+                    settings.equal_rate, settings.seconds
+                );
+                self::flood(address, server.pid(), &settings, Some(settings.equal_rate))
+            });
+            row.add_round(idle, flood, equal);
+            if round == settings.rounds && settings.million > 0 {
+                eprintln!("{name}: {} distinct sources", settings.million);
+                row.memory = Some(memory_per_address(address, server.pid(), settings.million));
+            }
+            drop(server);
         }
-        let port = free_port()?;
-        let server = match kind {
-            Kind::Nginx => Server::nginx(&dir, "limited", &nginx_conf(&dir, origin_port, port))?,
-            Kind::Haproxy => Server::haproxy(&dir, origin_port, port)?,
-            Kind::Agent => Server::agent(&dir, &agent_binary, origin_port, port)?,
-        };
-        wait_for_port(port)?;
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let probe = one_request(Ipv4Addr::new(127, 0, 0, 3), address, false)
-            .with_context(|| format!("{} does not answer", kind.name()))?;
-        anyhow::ensure!(
-            probe == 200,
-            "{} answered {probe} to a first request",
-            kind.name()
-        );
-        eprintln!("{}: idle legitimate client", kind.name());
-        let idle = legit_client(
-            address,
-            Duration::from_secs(settings.seconds),
-            &AtomicBool::new(false),
-        );
-        eprintln!(
-            "{}: flood from {} sources for {} s",
-            kind.name(),
-            settings.sources,
-            settings.seconds
-        );
-        let flood = flood(address, server.pid(), &settings);
-        let memory = if settings.million > 0 {
-            eprintln!("{}: {} distinct sources", kind.name(), settings.million);
-            Some(memory_per_address(address, server.pid(), settings.million))
-        } else {
-            None
-        };
-        results.push(Row {
-            kind,
-            idle,
-            flood,
-            memory,
-        });
-        drop(server);
     }
     drop(origin);
     println!("{}", render(&results, &settings));
@@ -128,6 +137,9 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 
 struct Settings {
     seconds: u64,
+    rounds: u32,
+    /// Requests a second of the paced flood (0: no paced flood).
+    equal_rate: u32,
     sources: u32,
     threads: usize,
     million: u32,
@@ -141,6 +153,8 @@ impl Settings {
     fn parse(args: &[String]) -> anyhow::Result<Settings> {
         let mut settings = Settings {
             seconds: 10,
+            rounds: 3,
+            equal_rate: 75_000,
             sources: 100,
             threads: 4,
             million: 1_000_000,
@@ -157,6 +171,8 @@ impl Settings {
             };
             match arg.as_str() {
                 "--seconds" => settings.seconds = value()?.parse()?,
+                "--rounds" => settings.rounds = value()?.parse::<u32>()?.clamp(1, 9),
+                "--equal-rate" => settings.equal_rate = value()?.parse()?,
                 "--sources" => settings.sources = value()?.parse()?,
                 "--threads" => settings.threads = value()?.parse()?,
                 "--million" => settings.million = value()?.parse()?,
@@ -171,7 +187,7 @@ impl Settings {
                 "--skip-build" => settings.skip_build = true,
                 "--agent-bin" => settings.agent_bin = Some(PathBuf::from(value()?)),
                 other => anyhow::bail!(
-                    "unknown option {other:?} (expected --seconds, --sources, --threads, --million, --only, --skip-build, --agent-bin)"
+                    "unknown option {other:?} (expected --seconds, --rounds, --equal-rate, --sources, --threads, --million, --only, --skip-build, --agent-bin)"
                 ),
             }
         }
@@ -357,7 +373,13 @@ fn connect_from(source: Ipv4Addr, address: SocketAddr) -> std::io::Result<TcpStr
 }
 
 fn request() -> String {
-    format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nUser-Agent: defenra-bench\r\n\r\n")
+    request_for("/")
+}
+
+/// A request for `path` (the legitimate client asks for `/legit`, so that a packet capture
+/// tells its requests from the flood's).
+fn request_for(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\nUser-Agent: defenra-bench\r\n\r\n")
 }
 
 /// Reads complete responses from `stream` into `buffer` until `count` have come; returns
@@ -435,6 +457,12 @@ struct Legit {
 }
 
 impl Legit {
+    fn absorb(&mut self, other: Legit) {
+        self.sent += other.sent;
+        self.ok += other.ok;
+        self.latencies_us.extend(other.latencies_us);
+    }
+
     fn success(&self) -> f64 {
         if self.sent == 0 {
             0.0
@@ -478,7 +506,7 @@ fn legit_client(address: SocketAddr, duration: Duration, stop: &AtomicBool) -> L
                 stream = Some(connect_from(LEGIT_SOURCE, address)?);
             }
             let connection = stream.as_mut().expect("connected above");
-            connection.write_all(request().as_bytes())?;
+            connection.write_all(request_for("/legit").as_bytes())?;
             let mut statuses = Vec::new();
             let close = read_responses(connection, &mut buffer, 1, &mut statuses)?;
             Ok((statuses[0], close))
@@ -506,18 +534,25 @@ struct Flood {
     refused: u64,
     passed: u64,
     reconnects: u64,
+    /// Responses neither 429 nor 2xx (errors of the server or the origin).
+    other: u64,
     seconds: f64,
     cpu_seconds: f64,
     legit: Legit,
 }
 
-fn flood(address: SocketAddr, pid: u32, settings: &Settings) -> Flood {
+/// Floods `address` for `settings.seconds`: at full speed (each thread sends its next batch
+/// as soon as the last one is answered) when `rate` is `None`, else paced to `rate`
+/// requests a second in all (each thread sends a batch on a schedule, never catching up
+/// more than a few batches it fell behind).
+fn flood(address: SocketAddr, pid: u32, settings: &Settings, rate: Option<u32>) -> Flood {
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new([
         AtomicU64::new(0), // responses
         AtomicU64::new(0), // 429
         AtomicU64::new(0), // 2xx
         AtomicU64::new(0), // reconnects
+        AtomicU64::new(0), // other statuses
     ]);
     let sources: Vec<Ipv4Addr> = (0..settings.sources)
         .map(|n| Ipv4Addr::new(127, 1, (n / 250) as u8, (n % 250 + 1) as u8))
@@ -533,7 +568,12 @@ fn flood(address: SocketAddr, pid: u32, settings: &Settings) -> Flood {
                 Arc::clone(&sources),
             );
             let threads = settings.threads;
+            // Time between two batches of this thread.
+            let gap = rate.map(|rate| {
+                Duration::from_secs_f64((DEPTH * threads) as f64 / f64::from(rate.max(1)))
+            });
             thread::spawn(move || {
+                let mut next = Instant::now();
                 let mine: Vec<Ipv4Addr> = sources
                     .iter()
                     .copied()
@@ -556,6 +596,15 @@ fn flood(address: SocketAddr, pid: u32, settings: &Settings) -> Flood {
                         let Some(stream) = slot.as_mut() else {
                             continue;
                         };
+                        if let Some(gap) = gap {
+                            let now = Instant::now();
+                            if next > now {
+                                thread::sleep(next - now);
+                            } else if now - next > gap * 4 {
+                                next = now;
+                            }
+                            next += gap;
+                        }
                         buffer.clear();
                         statuses.clear();
                         let outcome = stream.write_all(&batch).and_then(|()| {
@@ -566,7 +615,7 @@ fn flood(address: SocketAddr, pid: u32, settings: &Settings) -> Flood {
                             match status {
                                 429 => counters[1].fetch_add(1, Relaxed),
                                 200..=299 => counters[2].fetch_add(1, Relaxed),
-                                _ => 0,
+                                _ => counters[4].fetch_add(1, Relaxed),
                             };
                         }
                         // Closed by the server, or responses still owed: start afresh.
@@ -594,6 +643,7 @@ fn flood(address: SocketAddr, pid: u32, settings: &Settings) -> Flood {
         refused: counters[1].load(Relaxed),
         passed: counters[2].load(Relaxed),
         reconnects: counters[3].load(Relaxed),
+        other: counters[4].load(Relaxed),
         seconds,
         // USER_HZ is 100: a tick is 10 ms.
         cpu_seconds: ticks as f64 / 100.0,
@@ -676,11 +726,55 @@ fn tree_pss_kib(pid: u32) -> u64 {
         .sum()
 }
 
+/// One server's figures over all rounds.
 struct Row {
     kind: Kind,
     idle: Legit,
     flood: Flood,
+    /// The legitimate client's p99 during each round's flood (ms).
+    round_p99s: Vec<f64>,
+    /// The paced flood's figures and p99s, when there is one.
+    equal: Flood,
+    equal_p99s: Vec<f64>,
     memory: Option<Memory>,
+}
+
+impl Row {
+    fn new(kind: Kind) -> Row {
+        Row {
+            kind,
+            idle: Legit::default(),
+            flood: Flood::default(),
+            round_p99s: Vec::new(),
+            equal: Flood::default(),
+            equal_p99s: Vec::new(),
+            memory: None,
+        }
+    }
+
+    /// Adds one round: counters and CPU seconds add up, latency samples pool.
+    fn add_round(&mut self, idle: Legit, flood: Flood, equal: Option<Flood>) {
+        self.round_p99s.push(flood.legit.p99_ms());
+        self.idle.absorb(idle);
+        self.flood.absorb(flood);
+        if let Some(equal) = equal {
+            self.equal_p99s.push(equal.legit.p99_ms());
+            self.equal.absorb(equal);
+        }
+    }
+}
+
+impl Flood {
+    fn absorb(&mut self, other: Flood) {
+        self.responses += other.responses;
+        self.refused += other.refused;
+        self.passed += other.passed;
+        self.reconnects += other.reconnects;
+        self.other += other.other;
+        self.seconds += other.seconds;
+        self.cpu_seconds += other.cpu_seconds;
+        self.legit.absorb(other.legit);
+    }
 }
 
 fn render(rows: &[Row], settings: &Settings) -> String {
@@ -688,8 +782,9 @@ fn render(rows: &[Row], settings: &Settings) -> String {
     let _ = writeln!(
         out,
         "\nshield bench: {} sources flooding for {} s ({} threads, {DEPTH} pipelined), limit {RATE}/s \
-         burst {RATE} per address, {MAX_CONNECTIONS} connections per address; legitimate client {LEGIT_RATE}/s",
-        settings.sources, settings.seconds, settings.threads
+         burst {RATE} per address, {MAX_CONNECTIONS} connections per address; legitimate client {LEGIT_RATE}/s; \
+         {} rounds (counters summed, latencies pooled)",
+        settings.sources, settings.seconds, settings.threads, settings.rounds
     );
     let _ = write!(out, "\n{:<44}", "metric");
     for row in rows {
@@ -697,7 +792,7 @@ fn render(rows: &[Row], settings: &Settings) -> String {
     }
     out.push('\n');
     type Metric = (&'static str, fn(&Row) -> f64);
-    let metrics: [Metric; 12] = [
+    let metrics: [Metric; 17] = [
         ("refused requests per server CPU-second", |r| {
             r.flood.refused as f64 / r.flood.cpu_seconds.max(0.01)
         }),
@@ -708,6 +803,9 @@ fn render(rows: &[Row], settings: &Settings) -> String {
             100.0 * r.flood.passed as f64 / r.flood.responses.max(1) as f64
         }),
         ("flood reconnects", |r| r.flood.reconnects as f64),
+        ("flood responses neither 429 nor 2xx", |r| {
+            r.flood.other as f64
+        }),
         ("server CPU seconds during flood", |r| r.flood.cpu_seconds),
         ("legit success idle (%)", |r| 100.0 * r.idle.success()),
         ("legit p50 idle (ms)", |r| r.idle.quantile_ms(0.5)),
@@ -719,6 +817,14 @@ fn render(rows: &[Row], settings: &Settings) -> String {
             r.flood.legit.quantile_ms(0.5)
         }),
         ("legit p99 during flood (ms)", |r| r.flood.legit.p99_ms()),
+        ("paced flood: responses per second", |r| {
+            r.equal.responses as f64 / r.equal.seconds
+        }),
+        ("paced flood: server CPU seconds", |r| r.equal.cpu_seconds),
+        ("paced flood: legit p50 (ms)", |r| {
+            r.equal.legit.quantile_ms(0.5)
+        }),
+        ("paced flood: legit p99 (ms)", |r| r.equal.legit.p99_ms()),
         ("bytes per tracked address (PSS)", |r| {
             r.memory.map_or(f64::NAN, |m| m.bytes_per_address())
         }),
@@ -730,17 +836,35 @@ fn render(rows: &[Row], settings: &Settings) -> String {
         }
         out.push('\n');
     }
+    let list = |p99s: &[f64]| {
+        p99s.iter()
+            .map(|p99| format!("{p99:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "{}: legit p99 by round (ms): full-speed flood {}; paced flood {}",
+            row.kind.name(),
+            list(&row.round_p99s),
+            list(&row.equal_p99s)
+        );
+    }
     if let Some(agent) = rows.iter().find(|row| row.kind == Kind::Agent) {
         out.push('\n');
         let refused = |row: &Row| row.flood.refused as f64 / row.flood.cpu_seconds.max(0.01);
         for peer in rows.iter().filter(|row| row.kind != Kind::Agent) {
             let _ = writeln!(
                 out,
-                "agent/{}: refused per CPU-second {:.2}x (target >= 1.2 vs nginx), legit p99 during flood {:.2}x (target <= 1), legit refused {}",
+                "agent/{}: refused per CPU-second {:.2}x (target >= 1.2 vs nginx), legit p99 during flood {:.2}x, \
+                 during the paced flood {:.2}x (target <= 1), legit refused {}",
                 peer.kind.name(),
                 refused(agent) / refused(peer).max(0.01),
                 agent.flood.legit.p99_ms() / peer.flood.legit.p99_ms(),
-                agent.flood.legit.sent - agent.flood.legit.ok,
+                agent.equal.legit.p99_ms() / peer.equal.legit.p99_ms(),
+                (agent.flood.legit.sent - agent.flood.legit.ok)
+                    + (agent.equal.legit.sent - agent.equal.legit.ok),
             );
         }
         if let Some(memory) = agent.memory {
