@@ -304,9 +304,9 @@ const KINDS: [KindText; 7] = [
         status_text: "Too Many Requests",
         heading: "Too many requests",
         html_reason: "Too many requests came from your address. \
-                      Try again in {{retry_after}} seconds.",
+                      Try again in {{retry_after}}.",
         text_reason: "Too many requests came from your address. \
-                      Try again in {{retry_after}} seconds.",
+                      Try again in {{retry_after}}.",
     },
     KindText {
         kind: Kind::BadGateway,
@@ -339,6 +339,7 @@ const KINDS: [KindText; 7] = [
 enum Hole {
     Client,
     RequestId,
+    /// The seconds left, with their unit: "1 second", "37 seconds".
     RetryAfter,
     Challenge,
     Difficulty,
@@ -440,6 +441,11 @@ fn fill(out: &mut Vec<u8>, hole: Hole, page: &Page<'_>, client: IpAddr, request_
                 u64::from(*retry_after),
                 &mut digits,
             ));
+            out.extend_from_slice(if *retry_after == 1 {
+                b" second"
+            } else {
+                b" seconds"
+            });
         }
         (Hole::Challenge, Page::Challenge(form)) => {
             escape_html(out, form.challenge.as_str().as_bytes());

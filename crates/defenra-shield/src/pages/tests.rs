@@ -39,6 +39,11 @@ fn error_pages() -> Vec<(Page<'static>, u16, &'static str)> {
             429,
             "Try again in 37 seconds.",
         ),
+        (
+            Page::TooManyRequests { retry_after: 1 },
+            429,
+            "Try again in 1 second.",
+        ),
         (Page::BadGateway, 502, "could not be reached"),
         (Page::ServiceUnavailable, 503, "cannot answer right now"),
         (Page::GatewayTimeout, 504, "did not answer in time"),
