@@ -373,6 +373,9 @@ struct Request {
 /// Target `waf_ngx`: `data` is a call sequence in the language described above.
 pub fn ngx_calls(data: &[u8]) {
     let (script, request) = generate(data);
+    if std::env::var_os("DEFENRA_FUZZ_PRINT").is_some() {
+        eprintln!("{script}");
+    }
     check_script(&script, &request);
 }
 

@@ -18,6 +18,13 @@ use crate::api::Ctx;
 const CACHE_CAPACITY: usize = 512;
 /// Compiled-program size cap per pattern, so one pattern cannot take much memory.
 const SIZE_LIMIT: usize = 2 << 20;
+/// Longest pattern compiled. Parsing and translating a pattern takes memory and time in
+/// proportion to its length before `SIZE_LIMIT` can refuse it: a 10 MB pattern made of
+/// `string.rep` took 1 GB and 2 s of one worker (found by the `waf_ngx` fuzz target).
+/// The longest rules of the OWASP Core Rule Set are a few KiB.
+const MAX_PATTERN: usize = 32 * 1024;
+/// Bytes of a pattern quoted in a compile error.
+const QUOTED: usize = 200;
 
 const CASELESS: u16 = 1;
 const MULTILINE: u16 = 1 << 1;
@@ -61,6 +68,12 @@ impl RegexCache {
     /// The compiled `pattern` under OpenResty `options` (`"ijo"`), or an error message.
     pub(crate) fn compile(&mut self, pattern: &[u8], options: &[u8]) -> Result<Regex, String> {
         let flags = parse_flags(options)?;
+        if pattern.len() > MAX_PATTERN {
+            return Err(format!(
+                "failed to compile regex: pattern of {} bytes is too long (at most {MAX_PATTERN})",
+                pattern.len()
+            ));
+        }
         let key = KeyRef { pattern, flags };
         if let Some(regex) = self.cache.get(&key) {
             return Ok(regex.clone());
@@ -83,7 +96,19 @@ impl RegexCache {
             .swap_greed(flags & UNGREEDY != 0)
             .size_limit(SIZE_LIMIT)
             .build()
-            .map_err(|error| format!("failed to compile regex \"{text}\": {error}"))?;
+            .map_err(|error| match error {
+                // The crate's message quotes the whole pattern, with a caret line under it.
+                regex::Error::Syntax(_) if text.len() > QUOTED => format!(
+                    "failed to compile regex \"{}...\": syntax error",
+                    prefix(text, QUOTED)
+                ),
+                regex::Error::Syntax(_) => format!("failed to compile regex \"{text}\": {error}"),
+                error => format!(
+                    "failed to compile regex \"{}{}\": {error}",
+                    prefix(text, QUOTED),
+                    if text.len() > QUOTED { "..." } else { "" }
+                ),
+            })?;
         self.cache.insert(
             Key {
                 pattern: pattern.into(),
@@ -93,6 +118,15 @@ impl RegexCache {
         );
         Ok(regex)
     }
+}
+
+/// At most `most` bytes of `text`, cut at a character boundary.
+fn prefix(text: &str, most: usize) -> &str {
+    let mut end = most.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// OpenResty's option letters. Those that only tune PCRE (`j`, `o`, `d`, `D`, `J`) are

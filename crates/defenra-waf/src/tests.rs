@@ -789,6 +789,31 @@ fn re_gsub_stops_building_its_result_at_the_memory_limit() {
     assert!(calls <= (8 << 20) / 16384 + 1, "{calls} calls");
 }
 
+/// Found by the `waf_ngx` fuzz target: a 10 MB pattern (`string.rep` of a short string)
+/// given to `ngx.re.gsub` took 1 GB of memory and 2 s of the worker while the regex crate
+/// parsed it, before its size limit could refuse it; the error message then quoted all of
+/// it. Patterns over 32 KiB are refused before parsing, and errors quote 200 bytes.
+#[test]
+fn an_enormous_regex_is_refused_before_it_is_parsed() {
+    let engine = engine(
+        r#"
+        local huge = string.rep("a|b", 400000)
+        local from, _, err = ngx.re.find("xyz", huge)
+        local long_bad = string.rep("a", 1000) .. "("
+        local _, _, bad_err = ngx.re.find("xyz", long_bad)
+        local fine = ngx.re.find("needle", string.rep("x|", 5000) .. "needle")
+        ngx.say(tostring(from), " ", #err, " ", err:sub(1, 60), " | ", #bad_err, " | ", tostring(fine))
+        "#,
+    );
+    let rendered = render(&request("/").check(&engine));
+    assert!(
+        rendered.contains("nil 77 failed to compile regex: pattern of 1200000 bytes is too lon"),
+        "{rendered}"
+    );
+    // The long bad pattern's message is cut; a 15 KB pattern still compiles and matches.
+    assert!(rendered.contains("| 243 | 1"), "{rendered}");
+}
+
 /// Found by the `waf_ngx` fuzz target: `ngx.status = 161` (or 101) and a printed body made
 /// a block with a 1xx status, which is interim by definition (RFC 9110 §15.2): a client
 /// reads it as "more to come" and the body as the start of the next response. A printed
