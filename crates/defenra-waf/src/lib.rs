@@ -162,3 +162,12 @@ pub enum WafError {
 
 #[cfg(test)]
 mod tests;
+
+/// At most `most` bytes of `text`, cut at a character boundary.
+pub(crate) fn prefix(text: &str, most: usize) -> &str {
+    let mut end = most.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

@@ -96,18 +96,18 @@ impl RegexCache {
             .swap_greed(flags & UNGREEDY != 0)
             .size_limit(SIZE_LIMIT)
             .build()
-            .map_err(|error| match error {
-                // The crate's message quotes the whole pattern, with a caret line under it.
-                regex::Error::Syntax(_) if text.len() > QUOTED => format!(
-                    "failed to compile regex \"{}...\": syntax error",
-                    prefix(text, QUOTED)
-                ),
-                regex::Error::Syntax(_) => format!("failed to compile regex \"{text}\": {error}"),
-                error => format!(
-                    "failed to compile regex \"{}{}\": {error}",
-                    prefix(text, QUOTED),
-                    if text.len() > QUOTED { "..." } else { "" }
-                ),
+            .map_err(|error| {
+                if text.len() <= QUOTED {
+                    return format!("failed to compile regex \"{text}\": {error}");
+                }
+                let quoted = crate::prefix(text, QUOTED);
+                match error {
+                    // The crate's message quotes the whole pattern, with a caret line.
+                    regex::Error::Syntax(_) => {
+                        format!("failed to compile regex \"{quoted}...\": syntax error")
+                    }
+                    error => format!("failed to compile regex \"{quoted}...\": {error}"),
+                }
             })?;
         self.cache.insert(
             Key {
@@ -118,15 +118,6 @@ impl RegexCache {
         );
         Ok(regex)
     }
-}
-
-/// At most `most` bytes of `text`, cut at a character boundary.
-fn prefix(text: &str, most: usize) -> &str {
-    let mut end = most.min(text.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// OpenResty's option letters. Those that only tune PCRE (`j`, `o`, `d`, `D`, `J`) are

@@ -300,12 +300,7 @@ fn first_line(error: &mlua::Error) -> String {
         mlua::Error::SyntaxError { message, .. } => message.clone(),
         other => other.to_string(),
     };
-    let line = text.lines().next().unwrap_or_default();
-    let mut end = line.len().min(300);
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    line[..end].to_owned()
+    crate::prefix(text.lines().next().unwrap_or_default(), 300).to_owned()
 }
 
 /// Checks that `source` compiles, without running it. `Err` carries Lua's message.

@@ -232,7 +232,7 @@ where
                 }
             }
             // Nothing more to answer without reading: what is held goes out first.
-            if !self.held.is_empty() && !self.flush_held().await {
+            if !self.flush_held().await {
                 return Err(NoHead::Quiet);
             }
             let idle = self.inbuf.is_empty();
