@@ -26,14 +26,16 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use super::common::process_tree_cpu_ticks;
-use super::common::{free_port, stop, wait_for_port};
-use super::http::{Nginx, WrkResult, ensure_tools, origin_conf, parse_wrk};
+use super::common::{
+    Server, agent_command, free_port, process_tree_cpu_ticks, wait_for_port, write_agent_config,
+};
+use super::http::{ensure_tools, origin_conf};
+use super::wrk::{WrkResult, wrk_with};
 use crate::{cargo, run_command};
 
 const PLAIN: &str = "plain.test";
@@ -68,8 +70,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 
     let origin_port = free_port()?;
     let agent_port = free_port()?;
-    let origin = Nginx::start(&dir, "origin", &origin_conf(&dir, origin_port))?;
-    let agent = Agent::start(&dir, &agent_binary, origin_port, agent_port)?;
+    let origin = Server::nginx(&dir, "origin", &origin_conf(&dir, origin_port), None)?;
+    let agent = start_agent(&dir, &agent_binary, origin_port, agent_port)?;
     wait_for_port(origin_port)?;
     wait_for_port(agent_port)?;
 
@@ -244,65 +246,39 @@ impl Settings {
     }
 }
 
-/// The agent on a config with the three names; stopped with SIGTERM on drop.
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    fn start(dir: &Path, binary: &Path, origin_port: u16, port: u16) -> anyhow::Result<Agent> {
-        let domain = |name: &str, anti_ddos: &str| {
-            format!(
-                r#"{{"domain": "{name}", "httpProxy": {{"enabled": true, "antiDDoS": {anti_ddos}}},
+/// The agent on a config with the three names.
+fn start_agent(dir: &Path, binary: &Path, origin_port: u16, port: u16) -> anyhow::Result<Server> {
+    let domain = |name: &str, anti_ddos: &str| {
+        format!(
+            r#"{{"domain": "{name}", "httpProxy": {{"enabled": true, "antiDDoS": {anti_ddos}}},
                     "dnsRecords": [{{"name": "@", "type": "A", "value": "127.0.0.1", "httpProxyEnabled": true}}]}}"#
+        )
+    };
+    // A rate limit nothing here reaches, so every request is measured, not refused.
+    let unlimited = r#""rateLimit": {"windowSeconds": 1, "maxRequests": 1000000000}"#;
+    let config = format!(
+        r#"{{"success": true, "domains": [{}, {}, {}]}}"#,
+        domain(PLAIN, "null"),
+        domain(SHIELD, &format!(r#"{{"enabled": true, {unlimited}}}"#)),
+        domain(
+            CHALLENGE,
+            &format!(
+                r#"{{"enabled": true, {unlimited}, "jsChallenge": {{"enabled": true, "cookieName": "{COOKIE}", "ttlSeconds": 3600}}}}"#
             )
-        };
-        // A rate limit nothing here reaches, so every request is measured, not refused.
-        let unlimited = r#""rateLimit": {"windowSeconds": 1, "maxRequests": 1000000000}"#;
-        let config = format!(
-            r#"{{"success": true, "domains": [{}, {}, {}]}}"#,
-            domain(PLAIN, "null"),
-            domain(SHIELD, &format!(r#"{{"enabled": true, {unlimited}}}"#)),
-            domain(
-                CHALLENGE,
-                &format!(
-                    r#"{{"enabled": true, {unlimited}, "jsChallenge": {{"enabled": true, "cookieName": "{COOKIE}", "ttlSeconds": 3600}}}}"#
-                )
-            ),
-        );
-        let config_path = dir.join("agent.json");
-        fs::write(&config_path, config)?;
-        let state_dir = dir.join("agent-state");
-        fs::create_dir_all(&state_dir)?;
-        let child = Command::new(binary)
-            .arg("--config")
-            .arg(&config_path)
-            .args(["--dns-listen", "off", "--health-listen", "off"])
-            .args(["--https-listen", "off"])
-            .args(["--http-listen", &format!("127.0.0.1:{port}")])
-            .args(["--origin-http-port", &origin_port.to_string()])
-            // Verification costs one HMAC and one SHA-256 whatever the difficulty; 0 lets
-            // this bench pass the challenge without doing the browser's work.
-            .args(["--challenge-difficulty", "0"])
-            .args(["--log-level", "warn"])
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        Ok(Agent { child })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        stop(&mut self.child, "-TERM");
-    }
+        ),
+    );
+    let mut command = agent_command(
+        Command::new(binary),
+        dir,
+        &write_agent_config(dir, &config)?,
+        "agent-state",
+        origin_port,
+        &[("http", port)],
+    )?;
+    // Verification costs one HMAC and one SHA-256 whatever the difficulty; 0 lets
+    // this bench pass the challenge without doing the browser's work.
+    command.args(["--challenge-difficulty", "0"]);
+    Server::spawn(&mut command, "-TERM")
 }
 
 /// Passes the challenge as a browser would (at difficulty 0 every nonce solves it) and
@@ -375,23 +351,14 @@ fn wrk(
     duration: Duration,
     headers: &[String],
 ) -> anyhow::Result<WrkResult> {
-    let mut command = Command::new("wrk");
-    command
-        .args(["--latency", "-t", &settings.threads.to_string()])
-        .args(["-c", &settings.connections.to_string()])
-        .args(["-d", &format!("{}s", duration.as_secs().max(1))])
-        .args(["--timeout", "5s"]);
-    for header in headers {
-        command.args(["-H", header]);
-    }
-    let output = command.arg(url).output().context("cannot run wrk")?;
-    let raw = String::from_utf8_lossy(&output.stdout).into_owned();
-    anyhow::ensure!(
-        output.status.success(),
-        "wrk {url} failed: {raw}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    parse_wrk(&raw).with_context(|| format!("cannot read wrk's output:\n{raw}"))
+    wrk_with(
+        url,
+        settings.threads,
+        settings.connections,
+        duration,
+        headers,
+        None,
+    )
 }
 
 struct Row<'a> {

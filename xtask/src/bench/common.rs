@@ -3,10 +3,12 @@
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
 
 pub(crate) fn on_path(binary: &str) -> bool {
     ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"]
@@ -72,6 +74,102 @@ pub(crate) fn json_string(text: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// `program`, run on `cpus` (taskset's list syntax) when given. taskset execs the program,
+/// so the child's pid is the program's.
+pub(crate) fn pinned(program: impl AsRef<std::ffi::OsStr>, cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(cpus) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", cpus]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
+/// A server a bench started (the agent, a peer, an origin); stopped with its signal on drop.
+pub(crate) struct Server {
+    child: Child,
+    signal: &'static str,
+}
+
+impl Server {
+    /// Starts `command` with its output to /dev/null and its errors to the bench's; `signal`
+    /// (`-TERM`, `-QUIT`, ...) stops it gracefully.
+    pub(crate) fn spawn(command: &mut Command, signal: &'static str) -> anyhow::Result<Server> {
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+        Ok(Server { child, signal })
+    }
+
+    /// An nginx master on `conf`, written to `DIR/NAME.conf`, under `taskset` when `cpus` is
+    /// given; stopped with SIGQUIT.
+    pub(crate) fn nginx(
+        dir: &Path,
+        name: &str,
+        conf: &str,
+        cpus: Option<&str>,
+    ) -> anyhow::Result<Server> {
+        let path = dir.join(format!("{name}.conf"));
+        fs::write(&path, conf)?;
+        let mut command = pinned(nginx_binary(), cpus);
+        command.arg("-p").arg(dir).arg("-c").arg(&path);
+        Server::spawn(&mut command, "-QUIT")
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        stop(&mut self.child, self.signal);
+    }
+}
+
+/// Writes the Core answer `config` to `DIR/agent.json` for [`agent_command`].
+pub(crate) fn write_agent_config(dir: &Path, config: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join("agent.json");
+    fs::write(&path, config)?;
+    Ok(path)
+}
+
+/// The agent as the benches run it: on the config file `config`, with a fresh state directory
+/// `DIR/STATE`, origins on `origin`, warnings only, and each listener in `listen` (`"http"`,
+/// `"https"`, `"health"`, `"dns"`) on 127.0.0.1 at its port, the others off. `command` is the
+/// agent binary's command (see [`pinned`]); add options to the result, then
+/// [`Server::spawn`] it with `-TERM`.
+pub(crate) fn agent_command(
+    mut command: Command,
+    dir: &Path,
+    config: &Path,
+    state: &str,
+    origin: u16,
+    listen: &[(&str, u16)],
+) -> anyhow::Result<Command> {
+    let state: PathBuf = dir.join(state);
+    let _ = fs::remove_dir_all(&state);
+    fs::create_dir_all(&state)?;
+    command.arg("--config").arg(config);
+    for name in ["dns", "health", "https", "http"] {
+        let value = listen
+            .iter()
+            .find(|(listener, _)| *listener == name)
+            .map_or_else(|| "off".to_owned(), |(_, port)| format!("127.0.0.1:{port}"));
+        command.arg(format!("--{name}-listen")).arg(value);
+    }
+    command
+        .args(["--origin-http-port", &origin.to_string()])
+        .args(["--log-level", "warn"])
+        .arg("--state-dir")
+        .arg(&state);
+    Ok(command)
 }
 
 pub(crate) fn stop(child: &mut Child, signal: &str) {

@@ -24,13 +24,14 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::common::{common_conf, free_port, http_common, nginx_binary, stop, wait_for_port};
-use super::http::{WrkResult, wrk};
+use super::common::{Server, agent_command, free_port, wait_for_port, write_agent_config};
+use super::shield::origin_conf;
+use super::wrk::{WrkResult, wrk};
 use crate::{cargo, run_command};
 
 /// The unlimited domain of the HTTP measurement (wrk resolves it).
@@ -55,10 +56,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     let origin_port = free_port()?;
-    let origin = Process::nginx(&dir, origin_port)?;
+    let origin = Server::nginx(&dir, "origin", &origin_conf(&dir, origin_port), None)?;
     wait_for_port(origin_port)?;
-    let redis = Process::redis(&dir)?;
-    let redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    let (redis, redis_port) = redis(&dir)?;
+    let redis_url = format!("redis://127.0.0.1:{redis_port}");
     let config = write_config(&dir, settings.limit)?;
 
     // Three agents of one fleet.
@@ -200,75 +201,29 @@ fn write_config(dir: &Path, limit: u32) -> anyhow::Result<PathBuf> {
         domain("limited.bench.test", limit),
         domain(HOST, 1_000_000_000)
     );
-    let path = dir.join("agent.json");
-    fs::write(&path, config)?;
-    Ok(path)
+    write_agent_config(dir, &config)
 }
 
-/// nginx or redis-server, stopped on drop.
-struct Process {
-    child: Child,
-    port: u16,
-    signal: &'static str,
-}
-
-impl Process {
-    fn nginx(dir: &Path, port: u16) -> anyhow::Result<Process> {
-        let conf = format!(
-            "{}http {{\n{}server {{ listen 127.0.0.1:{port} reuseport backlog=4096; \
-             location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-            common_conf(dir, "origin", "1"),
-            http_common(dir, "origin")
-        );
-        let path = dir.join("origin.conf");
-        fs::write(&path, conf)?;
-        let child = Command::new(nginx_binary())
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start nginx")?;
-        Ok(Process {
-            child,
-            port,
-            signal: "-QUIT",
-        })
-    }
-
-    fn redis(dir: &Path) -> anyhow::Result<Process> {
-        let port = free_port()?;
-        let redis_dir = dir.join("redis");
-        fs::create_dir_all(&redis_dir)?;
-        let child = Command::new("/usr/bin/redis-server")
+/// redis-server on a free port, without persistence; stopped with SIGTERM on drop.
+fn redis(dir: &Path) -> anyhow::Result<(Server, u16)> {
+    let port = free_port()?;
+    let redis_dir = dir.join("redis");
+    fs::create_dir_all(&redis_dir)?;
+    let server = Server::spawn(
+        Command::new("/usr/bin/redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&redis_dir)
-            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start redis-server")?;
-        wait_for_port(port)?;
-        Ok(Process {
-            child,
-            port,
-            signal: "-TERM",
-        })
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        stop(&mut self.child, self.signal);
-    }
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"]),
+        "-TERM",
+    )?;
+    wait_for_port(port)?;
+    Ok((server, port))
 }
 
 /// An agent with its own state directory (for the control socket) and health port.
 struct Agent {
-    child: Child,
+    _server: Server,
     http: u16,
     health: u16,
     state: PathBuf,
@@ -284,30 +239,24 @@ impl Agent {
         extra: &[&str],
     ) -> anyhow::Result<Agent> {
         let (http, health) = (free_port()?, free_port()?);
-        let state = dir.join(format!("state-{name}"));
-        fs::create_dir_all(&state)?;
-        let child = Command::new(binary)
-            .arg("--config")
-            .arg(config)
-            .args(["--dns-listen", "off", "--https-listen", "off"])
-            .args(["--http-listen", &format!("127.0.0.1:{http}")])
-            .args(["--health-listen", &format!("127.0.0.1:{health}")])
-            .args(["--origin-http-port", &origin.to_string()])
-            .args(["--log-level", "warn", "--fleet-sync-interval", "100ms"])
-            .arg("--state-dir")
-            .arg(&state)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let state_name = format!("state-{name}");
+        let mut command = agent_command(
+            Command::new(binary),
+            dir,
+            config,
+            &state_name,
+            origin,
+            &[("http", http), ("health", health)],
+        )?;
+        command.args(["--fleet-sync-interval", "100ms"]).args(extra);
+        let server = Server::spawn(&mut command, "-TERM")?;
         wait_for_port(http)?;
         wait_for_port(health)?;
         Ok(Agent {
-            child,
+            _server: server,
             http,
             health,
-            state,
+            state: dir.join(state_name),
         })
     }
 
@@ -335,12 +284,6 @@ impl Agent {
         BufReader::new(stream).read_line(&mut answer)?;
         anyhow::ensure!(answer.contains(r#""ok":true"#), "ban refused: {answer}");
         Ok(())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        stop(&mut self.child, "-TERM");
     }
 }
 

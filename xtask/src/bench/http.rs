@@ -8,17 +8,18 @@
 use std::fmt::Write as _;
 use std::fs;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use super::common::{
-    common_conf, free_port, http_common, json_string, nginx_binary, on_path,
-    process_tree_cpu_ticks, process_tree_rss_kib, stop, wait_for_port,
+    Server, agent_command, common_conf, free_port, http_common, json_string, on_path,
+    process_tree_cpu_ticks, process_tree_rss_kib, wait_for_port, write_agent_config,
 };
+use super::wrk::{WrkResult, wrk};
 use crate::{cargo, run_command};
 
 /// The name both proxies serve. It is in `/etc/hosts` everywhere, so wrk's URL resolves to
@@ -50,11 +51,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let agent_http = free_port()?;
     let agent_https = free_port()?;
 
-    let origin = Nginx::start(&dir, "origin", &origin_conf(&dir, origin_port))?;
-    let nginx = Nginx::start(
+    let origin = Server::nginx(&dir, "origin", &origin_conf(&dir, origin_port), None)?;
+    let nginx = Server::nginx(
         &dir,
         "proxy",
         &proxy_conf(&dir, origin_port, nginx_http, nginx_https),
+        None,
     )?;
     let agent = start_agent(&dir, &agent_binary, origin_port, agent_http, agent_https)?;
     for port in [
@@ -107,7 +109,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                 settings.connections,
                 Duration::from_secs(2),
             )?;
-            let result = measured(&agent_url, &settings, agent.id())?;
+            let result = measured(&agent_url, &settings, agent.pid())?;
             best_agent = Some(better(best_agent, result));
         }
         if let (Some(nginx_result), Some(agent_result)) = (best_nginx, best_agent) {
@@ -121,13 +123,13 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         &format!("http://{HOST}:{nginx_http}/index.html"),
         &settings,
         rss_duration,
-        || nginx.rss_kib(),
+        || process_tree_rss_kib(nginx.pid()),
     )?;
     let agent_rss = rss_under_load(
         &format!("http://{HOST}:{agent_http}/index.html"),
         &settings,
         rss_duration,
-        || process_tree_rss_kib(agent.id()),
+        || process_tree_rss_kib(agent.pid()),
     )?;
 
     let report = render(&rows, nginx_rss, agent_rss, &settings);
@@ -270,67 +272,13 @@ fn proxy_conf(dir: &Path, origin: u16, http: u16, https: u16) -> String {
     )
 }
 
-/// An nginx master started with `daemon off`; stopped with SIGQUIT on drop.
-pub(super) struct Nginx {
-    child: Child,
-}
-
-impl Nginx {
-    pub(super) fn start(dir: &Path, name: &str, conf: &str) -> anyhow::Result<Self> {
-        let conf_path = dir.join(format!("{name}.conf"));
-        fs::write(&conf_path, conf)?;
-        let child = Command::new(nginx_binary())
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start nginx")?;
-        Ok(Nginx { child })
-    }
-
-    pub(super) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Master plus workers.
-    fn rss_kib(&self) -> u64 {
-        process_tree_rss_kib(self.child.id())
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        stop(&mut self.child, "-QUIT");
-    }
-}
-
-/// The agent on the generated config; stopped with SIGTERM on drop.
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    fn id(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        stop(&mut self.child, "-TERM");
-    }
-}
-
 fn start_agent(
     dir: &Path,
     binary: &Path,
     origin_port: u16,
     http: u16,
     https: u16,
-) -> anyhow::Result<Agent> {
+) -> anyhow::Result<Server> {
     let certificate = fs::read_to_string(dir.join("cert.pem"))?;
     let key = fs::read_to_string(dir.join("key.pem"))?;
     let config = format!(
@@ -343,25 +291,15 @@ fn start_agent(
         json_string(&certificate),
         json_string(&key)
     );
-    let config_path = dir.join("agent.json");
-    fs::write(&config_path, config)?;
-    let state_dir: PathBuf = dir.join("agent-state");
-    fs::create_dir_all(&state_dir)?;
-    let child = Command::new(binary)
-        .arg("--config")
-        .arg(&config_path)
-        .args(["--dns-listen", "off", "--health-listen", "off"])
-        .args(["--http-listen", &format!("127.0.0.1:{http}")])
-        .args(["--https-listen", &format!("127.0.0.1:{https}")])
-        .args(["--origin-http-port", &origin_port.to_string()])
-        .args(["--log-level", "warn"])
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))?;
-    Ok(Agent { child })
+    let mut command = agent_command(
+        Command::new(binary),
+        dir,
+        &write_agent_config(dir, &config)?,
+        "agent-state",
+        origin_port,
+        &[("http", http), ("https", https)],
+    )?;
+    Server::spawn(&mut command, "-TERM")
 }
 
 /// A measured wrk run that also reads the CPU time the proxy (`pid` and its children) used,
@@ -407,105 +345,11 @@ fn rss_under_load(
     Ok((peak, result))
 }
 
-#[derive(Debug, Clone)]
-pub(super) struct WrkResult {
-    pub(super) requests: u64,
-    pub(super) requests_per_second: f64,
-    /// CPU time the proxy used per request, when measured.
-    cpu_us_per_request: Option<f64>,
-    /// The user-space part of `cpu_us_per_request`.
-    user_us_per_request: Option<f64>,
-    p50_ms: f64,
-    pub(super) p99_ms: f64,
-    pub(super) errors: u64,
-    pub(super) raw: String,
-}
-
 fn better(best: Option<WrkResult>, candidate: WrkResult) -> WrkResult {
     match best {
         Some(best) if best.requests_per_second >= candidate.requests_per_second => best,
         _ => candidate,
     }
-}
-
-pub(super) fn wrk(
-    url: &str,
-    threads: u32,
-    connections: u32,
-    duration: Duration,
-) -> anyhow::Result<WrkResult> {
-    let output = Command::new("wrk")
-        .args([
-            "--latency",
-            "-t",
-            &threads.to_string(),
-            "-c",
-            &connections.to_string(),
-        ])
-        .args(["-d", &format!("{}s", duration.as_secs().max(1))])
-        .args(["--timeout", "5s"])
-        .arg(url)
-        .output()
-        .context("cannot run wrk")?;
-    let raw = String::from_utf8_lossy(&output.stdout).into_owned();
-    anyhow::ensure!(
-        output.status.success(),
-        "wrk {url} failed: {raw}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    parse_wrk(&raw).with_context(|| format!("cannot read wrk's output:\n{raw}"))
-}
-
-pub(super) fn parse_wrk(raw: &str) -> Option<WrkResult> {
-    let mut requests = 0;
-    let mut requests_per_second = None;
-    let mut p50_ms = None;
-    let mut p99_ms = None;
-    let mut errors = 0;
-    for line in raw.lines() {
-        let line = line.trim();
-        if let Some((count, _)) = line.split_once(" requests in ") {
-            requests = count.trim().parse().unwrap_or(0);
-        } else if let Some(value) = line.strip_prefix("Requests/sec:") {
-            requests_per_second = value.trim().parse::<f64>().ok();
-        } else if let Some(value) = line.strip_prefix("50%") {
-            p50_ms = duration_ms(value.trim());
-        } else if let Some(value) = line.strip_prefix("99%") {
-            p99_ms = duration_ms(value.trim());
-        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
-            // "connect 0, read 0, write 0, timeout 0"
-            errors += rest
-                .split(',')
-                .filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>();
-        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
-            errors += rest.trim().parse::<u64>().unwrap_or(0);
-        }
-    }
-    Some(WrkResult {
-        requests,
-        requests_per_second: requests_per_second?,
-        cpu_us_per_request: None,
-        user_us_per_request: None,
-        p50_ms: p50_ms?,
-        p99_ms: p99_ms?,
-        errors,
-        raw: raw.to_owned(),
-    })
-}
-
-/// `812.00us`, `1.23ms`, `2.00s` → milliseconds.
-fn duration_ms(text: &str) -> Option<f64> {
-    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    Some(match unit {
-        "us" => number / 1000.0,
-        "ms" => number,
-        "s" => number * 1000.0,
-        "m" => number * 60_000.0,
-        _ => return None,
-    })
 }
 
 fn render(
@@ -587,23 +431,4 @@ fn render(
         );
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wrk_output_is_parsed() {
-        let raw = "Running 1s test @ http://localhost:1/\n  2 threads and 10 connections\n\
-                   \x20 12346 requests in 1.00s, 1.00MB read\n\x20 Latency Distribution\n     50%  812.00us\n     75%    1.00ms\n\
-                   \x20    99%    2.50ms\n  Socket errors: connect 0, read 2, write 0, timeout 1\n\
-                   Requests/sec:  12345.67\nTransfer/sec:      1.00MB\n";
-        let result = parse_wrk(raw).unwrap();
-        assert_eq!(result.requests, 12346);
-        assert_eq!(result.requests_per_second, 12345.67);
-        assert!((result.p50_ms - 0.812).abs() < 1e-9);
-        assert_eq!(result.p99_ms, 2.5);
-        assert_eq!(result.errors, 3);
-    }
 }

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use super::common::free_port;
+
 /// Bytes each short connection sends and gets back.
 const MESSAGE: &[u8; 32] = b"defenra-l4-connection-rate-test!";
 
@@ -560,12 +562,6 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
 }
 
 /// Waits up to 10 s for a socket in LISTEN state on `port` (read from /proc, so nothing

@@ -9,6 +9,7 @@ mod http;
 mod l4;
 mod shield;
 mod waf;
+pub(crate) mod wrk;
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let Some((area, rest)) = args.split_first() else {

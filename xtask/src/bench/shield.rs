@@ -26,7 +26,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::thread;
@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::common::{
-    children, common_conf, free_port, http_common, nginx_binary, process_tree_cpu_ticks, stop,
-    wait_for_port,
+    Server, agent_command, children, common_conf, free_port, http_common, process_tree_cpu_ticks,
+    wait_for_port, write_agent_config,
 };
 use crate::{cargo, run_command};
 
@@ -75,7 +75,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     let origin_port = free_port()?;
-    let origin = Server::nginx(&dir, "origin", &origin_conf(&dir, origin_port))?;
+    let origin = Server::nginx(&dir, "origin", &origin_conf(&dir, origin_port), None)?;
     wait_for_port(origin_port)?;
 
     let kinds: Vec<Kind> = [Kind::Nginx, Kind::Haproxy, Kind::Agent]
@@ -93,10 +93,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             let port = free_port()?;
             let server = match kind {
                 Kind::Nginx => {
-                    Server::nginx(&dir, "limited", &nginx_conf(&dir, origin_port, port))?
+                    Server::nginx(&dir, "limited", &nginx_conf(&dir, origin_port, port), None)?
                 }
-                Kind::Haproxy => Server::haproxy(&dir, origin_port, port)?,
-                Kind::Agent => Server::agent(&dir, &agent_binary, origin_port, port)?,
+                Kind::Haproxy => haproxy(&dir, origin_port, port)?,
+                Kind::Agent => agent(&dir, &agent_binary, origin_port, port)?,
             };
             wait_for_port(port)?;
             let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
@@ -221,54 +221,17 @@ impl Kind {
     }
 }
 
-/// A server process; stopped on drop.
-struct Server {
-    child: Child,
-    signal: &'static str,
+/// HAProxy with the same limits ([`haproxy_conf`]); stopped with SIGUSR1 (soft stop).
+fn haproxy(dir: &Path, origin: u16, port: u16) -> anyhow::Result<Server> {
+    let path = dir.join("haproxy.cfg");
+    fs::write(&path, haproxy_conf(origin, port))?;
+    Server::spawn(Command::new("haproxy").arg("-f").arg(&path), "-USR1")
 }
 
-impl Server {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn nginx(dir: &Path, name: &str, conf: &str) -> anyhow::Result<Server> {
-        let path = dir.join(format!("{name}.conf"));
-        fs::write(&path, conf)?;
-        let child = Command::new(nginx_binary())
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start nginx")?;
-        Ok(Server {
-            child,
-            signal: "-QUIT",
-        })
-    }
-
-    fn haproxy(dir: &Path, origin: u16, port: u16) -> anyhow::Result<Server> {
-        let path = dir.join("haproxy.cfg");
-        fs::write(&path, haproxy_conf(origin, port))?;
-        let child = Command::new("haproxy")
-            .arg("-f")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start haproxy")?;
-        Ok(Server {
-            child,
-            signal: "-USR1",
-        })
-    }
-
-    fn agent(dir: &Path, binary: &Path, origin: u16, port: u16) -> anyhow::Result<Server> {
-        let config = format!(
-            r#"{{"success": true, "domains": [{{
+/// The agent with Anti-DDoS on `HOST` at the same limits.
+fn agent(dir: &Path, binary: &Path, origin: u16, port: u16) -> anyhow::Result<Server> {
+    let config = format!(
+        r#"{{"success": true, "domains": [{{
                 "domain": "{HOST}",
                 "httpProxy": {{ "type": "both", "enabled": true, "antiDDoS": {{
                     "enabled": true,
@@ -278,45 +241,20 @@ impl Server {
                     "logging": {{ "enabled": false }} }} }},
                 "dnsRecords": [{{ "name": "@", "type": "A", "value": "127.0.0.1", "httpProxyEnabled": true }}]
             }}]}}"#
-        );
-        let config_path = dir.join("agent.json");
-        fs::write(&config_path, config)?;
-        let state: PathBuf = dir.join("agent-state");
-        let _ = fs::remove_dir_all(&state);
-        let child = Command::new(binary)
-            .arg("--config")
-            .arg(&config_path)
-            .args([
-                "--dns-listen",
-                "off",
-                "--health-listen",
-                "off",
-                "--https-listen",
-                "off",
-            ])
-            .args(["--http-listen", &format!("127.0.0.1:{port}")])
-            .args(["--origin-http-port", &origin.to_string()])
-            .args(["--log-level", "warn"])
-            .arg("--state-dir")
-            .arg(&state)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        Ok(Server {
-            child,
-            signal: "-TERM",
-        })
-    }
+    );
+    let mut command = agent_command(
+        Command::new(binary),
+        dir,
+        &write_agent_config(dir, &config)?,
+        "agent-state",
+        origin,
+        &[("http", port)],
+    )?;
+    Server::spawn(&mut command, "-TERM")
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        stop(&mut self.child, self.signal);
-    }
-}
-
-fn origin_conf(dir: &Path, port: u16) -> String {
+/// An nginx origin answering `ok` to everything.
+pub(super) fn origin_conf(dir: &Path, port: u16) -> String {
     format!(
         "{}http {{\n{}\
          server {{ listen 127.0.0.1:{port} reuseport backlog=4096; \

@@ -28,15 +28,17 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use std::time::Duration;
 
 use anyhow::Context;
 
 use super::common::{
-    common_conf, free_port, http_common, json_string, nginx_binary, on_path, stop, wait_for_port,
+    Server, agent_command, common_conf, free_port, http_common, json_string, on_path, pinned,
+    wait_for_port, write_agent_config,
 };
+use super::wrk::{WrkResult, wrk_with};
 use crate::{cargo, run_command};
 
 /// The rule script both proxies run: an IP list, a shared-dict rate limit (high enough
@@ -82,8 +84,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let pin = settings.pin.as_ref();
     let server_cpus = pin.map(|pin| pin.server.as_str());
     let proxy_workers = if pin.is_some() { "1" } else { "auto" };
-    let origin = Nginx::start(&dir, "origin", &origin_conf(&dir, origin_port), server_cpus)?;
-    let nginx = Nginx::start(
+    let origin = Server::nginx(&dir, "origin", &origin_conf(&dir, origin_port), server_cpus)?;
+    let nginx = Server::nginx(
         &dir,
         "proxy",
         &proxy_conf(&dir, origin_port, nginx_port, proxy_workers),
@@ -139,19 +141,19 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         Proxy {
             name: "nginx + lua".to_owned(),
             port: nginx_port,
-            pid: nginx.child.id(),
+            pid: nginx.pid(),
         },
         Proxy {
             name: "agent".to_owned(),
             port: agent_port,
-            pid: agent.child.id(),
+            pid: agent.pid(),
         },
     ];
     if let Some(baseline) = &baseline {
         proxies.push(Proxy {
             name: "agent (baseline)".to_owned(),
             port: baseline_port,
-            pid: baseline.child.id(),
+            pid: baseline.pid(),
         });
     }
     // Warm-up: connection pools, the agent's Lua state and LuaJIT's string table, nginx's
@@ -694,19 +696,6 @@ fn ensure_tools() -> anyhow::Result<()> {
 const NDK_MODULE: &str = "/usr/lib/nginx/modules/ndk_http_module.so";
 const LUA_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_lua_module.so";
 
-/// `program`, run on `cpus` (taskset's list syntax) when given. taskset execs the program,
-/// so the child's pid is the program's.
-fn pinned(program: impl AsRef<std::ffi::OsStr>, cpus: Option<&str>) -> Command {
-    match cpus {
-        Some(cpus) => {
-            let mut command = Command::new("taskset");
-            command.args(["-c", cpus]).arg(program);
-            command
-        }
-        None => Command::new(program),
-    }
-}
-
 /// One `GET` with `Connection: close`; returns the response head and body as text.
 fn get(port: u16, host: &str, path: &str, user_agent: &str) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
@@ -760,52 +749,14 @@ fn proxy_conf(dir: &Path, origin: u16, port: u16, workers: &str) -> String {
     )
 }
 
-/// An nginx master started with `daemon off`; stopped with SIGQUIT on drop.
-struct Nginx {
-    child: Child,
-}
-
-impl Nginx {
-    fn start(dir: &Path, name: &str, conf: &str, cpus: Option<&str>) -> anyhow::Result<Self> {
-        let conf_path = dir.join(format!("{name}.conf"));
-        fs::write(&conf_path, conf)?;
-        let child = pinned(nginx_binary(), cpus)
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start nginx")?;
-        Ok(Nginx { child })
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        stop(&mut self.child, "-QUIT");
-    }
-}
-
-/// The agent on the generated config; stopped with SIGTERM on drop.
-struct Agent {
-    child: Child,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        stop(&mut self.child, "-TERM");
-    }
-}
-
+/// The agent on the two-name config, one worker when pinned.
 fn start_agent(
     dir: &Path,
     binary: &Path,
     origin_port: u16,
     port: u16,
     cpus: Option<&str>,
-) -> anyhow::Result<Agent> {
+) -> anyhow::Result<Server> {
     let domain = |name: &str, script: Option<&str>| {
         let lua = script.map_or(String::new(), |code| {
             format!(r#", "luaCode": {}"#, json_string(code))
@@ -821,46 +772,19 @@ fn start_agent(
         domain(PLAIN_HOST, None),
         domain(WAF_HOST, Some(SCRIPT))
     );
-    let config_path = dir.join("agent.json");
-    fs::write(&config_path, config)?;
-    let state_dir: PathBuf = dir.join("agent-state");
-    fs::create_dir_all(&state_dir)?;
-    let mut command = pinned(binary, cpus);
+    let mut command = agent_command(
+        pinned(binary, cpus),
+        dir,
+        &write_agent_config(dir, &config)?,
+        "agent-state",
+        origin_port,
+        &[("http", port)],
+    )?;
     if cpus.is_some() {
         // One worker, as nginx gets when pinned.
         command.args(["--http-workers", "1"]);
     }
-    let child = command
-        .arg("--config")
-        .arg(&config_path)
-        .args([
-            "--dns-listen",
-            "off",
-            "--health-listen",
-            "off",
-            "--https-listen",
-            "off",
-        ])
-        .args(["--http-listen", &format!("127.0.0.1:{port}")])
-        .args(["--origin-http-port", &origin_port.to_string()])
-        .args(["--log-level", "warn"])
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))?;
-    Ok(Agent { child })
-}
-
-#[derive(Debug, Clone)]
-struct WrkResult {
-    /// Requests completed in the run.
-    requests: u64,
-    requests_per_second: f64,
-    p50_ms: f64,
-    errors: u64,
-    raw: String,
+    Server::spawn(&mut command, "-TERM")
 }
 
 fn wrk(
@@ -871,91 +795,13 @@ fn wrk(
     duration: Duration,
     cpus: Option<&str>,
 ) -> anyhow::Result<WrkResult> {
-    let output = pinned("wrk", cpus)
-        .args([
-            "--latency",
-            "-t",
-            &threads.to_string(),
-            "-c",
-            &connections.to_string(),
-        ])
-        .args(["-d", &format!("{}s", duration.as_secs().max(1))])
-        .args(["--timeout", "5s"])
-        .args(["-H", &format!("Host: {host}")])
-        .args(["-H", "User-Agent: wrk-bench"])
-        .arg(url)
-        .output()
-        .context("cannot run wrk")?;
-    let raw = String::from_utf8_lossy(&output.stdout).into_owned();
-    anyhow::ensure!(
-        output.status.success(),
-        "wrk {url} failed: {raw}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    parse_wrk(&raw).with_context(|| format!("cannot read wrk's output:\n{raw}"))
-}
-
-fn parse_wrk(raw: &str) -> Option<WrkResult> {
-    let mut requests = None;
-    let mut requests_per_second = None;
-    let mut p50_ms = None;
-    let mut errors = 0;
-    for line in raw.lines() {
-        let line = line.trim();
-        if line.contains(" requests in ") {
-            requests = line.split_whitespace().next().and_then(|n| n.parse().ok());
-        } else if let Some(value) = line.strip_prefix("Requests/sec:") {
-            requests_per_second = value.trim().parse::<f64>().ok();
-        } else if let Some(value) = line.strip_prefix("50%") {
-            p50_ms = duration_ms(value.trim());
-        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
-            errors += rest
-                .split(',')
-                .filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>();
-        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
-            errors += rest.trim().parse::<u64>().unwrap_or(0);
-        }
-    }
-    Some(WrkResult {
-        requests: requests?,
-        requests_per_second: requests_per_second?,
-        p50_ms: p50_ms?,
-        errors,
-        raw: raw.to_owned(),
-    })
-}
-
-/// `812.00us`, `1.23ms`, `2.00s` → milliseconds.
-fn duration_ms(text: &str) -> Option<f64> {
-    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    Some(match unit {
-        "us" => number / 1000.0,
-        "ms" => number,
-        "s" => number * 1000.0,
-        "m" => number * 60_000.0,
-        _ => return None,
-    })
+    let headers = [format!("Host: {host}"), "User-Agent: wrk-bench".to_owned()];
+    wrk_with(url, threads, connections, duration, &headers, cpus)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wrk_output_is_parsed() {
-        let raw = "Running 1s test @ http://127.0.0.1:1/\n  1 threads and 1 connections\n\
-                   \x20 Latency Distribution\n     50%   81.00us\n     99%    2.50ms\n\
-                   \x20 98765 requests in 8.00s, 1.00MB read\n\
-                   \x20 Non-2xx or 3xx responses: 2\nRequests/sec:  12345.67\n";
-        let result = parse_wrk(raw).unwrap();
-        assert_eq!(result.requests_per_second, 12345.67);
-        assert_eq!(result.requests, 98765);
-        assert!((result.p50_ms - 0.081).abs() < 1e-9);
-        assert_eq!(result.errors, 2);
-    }
 
     #[test]
     fn report_compares_the_agent_with_nginx_round_by_round() {
