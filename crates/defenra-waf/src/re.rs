@@ -1,16 +1,27 @@
 //! `ngx.re.*` on the `regex` crate, with a bounded per-thread cache of compiled patterns.
 //!
-//! The regex crate runs in linear time (no backtracking), so a hostile pattern or subject
-//! cannot stall a worker; the price is that PCRE-only syntax (look-around, backreferences)
-//! fails to compile and the call returns `nil, err`, as OpenResty does for a bad pattern.
+//! The regex crate never backtracks: a search costs at most about the pattern's NFA states
+//! times the subject's bytes. PCRE-only syntax (look-around, backreferences) fails to
+//! compile and the call returns `nil, err`, as OpenResty does for a bad pattern.
+//!
+//! That product can still be large: 10,000 `a`s searched for in 10,000 `a`s took half a
+//! second, out of reach of the run's budget (one search is not interrupted). A search whose
+//! worst case exceeds [`MAX_WORK`] goes through a gate first, a lazy DFA that gives up the
+//! first time its cache fills instead of slowing down; when it gives up, or when groups
+//! would have to be found in a match too long for the pattern, the call answers
+//! `nil, err` ("regex search too costly"), as OpenResty does when PCRE's match limit is hit.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::hash::Hash;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use mlua::{IntoLuaMulti as _, Lua, Table, Value};
 use quick_cache::Equivalent;
 use regex::bytes::{Captures, Regex, RegexBuilder};
+use regex_automata::hybrid;
+use regex_automata::nfa::thompson;
+use regex_automata::util::syntax;
 
 use crate::api::Ctx;
 
@@ -25,6 +36,14 @@ const SIZE_LIMIT: usize = 2 << 20;
 const MAX_PATTERN: usize = 32 * 1024;
 /// Bytes of a pattern quoted in a compile error.
 const QUOTED: usize = 200;
+/// Largest worst case, NFA states times subject bytes, searched without the gate. The regex
+/// crate's worst case costs 1.5 to 5.5 ns per unit here (a lazy DFA making a state per byte,
+/// or its fallback, the PikeVM), so about 50 ms: the default time budget of a whole run.
+const MAX_WORK: usize = 10_000_000;
+/// The gate's DFA cache. The gate gives up the first time the cache fills, so its own work
+/// is bounded by what fits in it: 10 ms for the 10,000 `a`s, where 2 MiB took 22 ms. An
+/// alternation of 2,000 words needs 20 µs on 8 KB, 350 µs on 200 KB, without filling it.
+const GATE_CACHE: usize = 1 << 20;
 
 const CASELESS: u16 = 1;
 const MULTILINE: u16 = 1 << 1;
@@ -36,7 +55,15 @@ const UNGREEDY: u16 = 1 << 6;
 
 /// Compiled patterns keyed by `(pattern, flags)`; the least useful are evicted when full.
 pub(crate) struct RegexCache {
-    cache: quick_cache::unsync::Cache<Key, Regex>,
+    cache: quick_cache::unsync::Cache<Key, Compiled>,
+}
+
+/// A compiled pattern: the regex, and for the cost gate its NFA's size and a lazy DFA.
+#[derive(Clone)]
+pub(crate) struct Compiled {
+    regex: Regex,
+    states: usize,
+    gate: Arc<hybrid::regex::Regex>,
 }
 
 #[derive(Hash, PartialEq, Eq)]
@@ -66,7 +93,7 @@ impl RegexCache {
     }
 
     /// The compiled `pattern` under OpenResty `options` (`"ijo"`), or an error message.
-    pub(crate) fn compile(&mut self, pattern: &[u8], options: &[u8]) -> Result<Regex, String> {
+    pub(crate) fn compile(&mut self, pattern: &[u8], options: &[u8]) -> Result<Compiled, String> {
         let flags = parse_flags(options)?;
         if pattern.len() > MAX_PATTERN {
             return Err(format!(
@@ -109,15 +136,117 @@ impl RegexCache {
                     error => format!("failed to compile regex \"{quoted}...\": {error}"),
                 }
             })?;
+        let gate = gate(text, flags).map_err(|error| {
+            let quoted = crate::prefix(text, QUOTED);
+            format!("failed to compile regex \"{quoted}\": {error}")
+        })?;
+        let compiled = Compiled {
+            regex,
+            states: gate.forward().get_nfa().states().len(),
+            gate: Arc::new(gate),
+        };
         self.cache.insert(
             Key {
                 pattern: pattern.into(),
                 flags,
             },
-            regex.clone(),
+            compiled.clone(),
         );
-        Ok(regex)
+        Ok(compiled)
     }
+}
+
+/// The gate of `text`: a lazy DFA under the same flags as the regex, which gives up the
+/// first time its cache fills.
+fn gate(text: &str, flags: u16) -> Result<hybrid::regex::Regex, String> {
+    hybrid::regex::Regex::builder()
+        .syntax(
+            syntax::Config::new()
+                .case_insensitive(flags & CASELESS != 0)
+                .multi_line(flags & MULTILINE != 0)
+                .dot_matches_new_line(flags & DOTALL != 0)
+                .ignore_whitespace(flags & EXTENDED != 0)
+                .unicode(flags & UNICODE != 0)
+                .swap_greed(flags & UNGREEDY != 0)
+                .utf8(false),
+        )
+        .thompson(
+            thompson::Config::new()
+                .utf8(false)
+                .nfa_size_limit(Some(SIZE_LIMIT))
+                .which_captures(thompson::WhichCaptures::Implicit),
+        )
+        .dfa(
+            hybrid::dfa::Config::new()
+                .cache_capacity(GATE_CACHE)
+                .skip_cache_capacity_check(true)
+                .minimum_cache_clear_count(Some(0))
+                .unicode_word_boundary(true),
+        )
+        .build(text)
+        .map_err(|error| error.to_string())
+}
+
+/// Searches one pattern, keeping the gate's DFA cache between the searches of one call.
+struct Searcher {
+    compiled: Compiled,
+    cache: Option<hybrid::regex::Cache>,
+}
+
+impl Searcher {
+    fn new(compiled: Compiled) -> Self {
+        Searcher {
+            compiled,
+            cache: None,
+        }
+    }
+
+    fn regex(&self) -> &Regex {
+        &self.compiled.regex
+    }
+
+    /// The first match at or after `start` (at most `subject.len()`), with its groups;
+    /// `Err` when the search would cost more than [`MAX_WORK`] allows.
+    fn captures_at<'h>(
+        &mut self,
+        subject: &'h [u8],
+        start: usize,
+    ) -> Result<Option<Captures<'h>>, String> {
+        let Compiled {
+            regex,
+            states,
+            gate,
+        } = &self.compiled;
+        let rest = subject.len().saturating_sub(start);
+        if states.saturating_mul(rest) <= MAX_WORK {
+            return Ok(regex.captures_at(subject, start));
+        }
+        let cache = self.cache.get_or_insert_with(|| gate.create_cache());
+        let input = regex_automata::Input::new(subject).range(start..);
+        let found = match gate.try_search(cache, &input) {
+            Ok(Some(found)) => found,
+            Ok(None) => return Ok(None),
+            Err(_) => return Err(too_costly(*states, rest)),
+        };
+        // The groups: the regex on the subject cut 4 bytes past the match, which keeps every
+        // assertion at the match's end as it was (a word boundary reads one character). A
+        // match that is too long for the pattern is refused.
+        let end = subject.len().min(found.end() + 4);
+        if states.saturating_mul(end - found.start()) > MAX_WORK {
+            return Err(too_costly(*states, found.end() - found.start()));
+        }
+        match regex.captures_at(&subject[..end], found.start()) {
+            Some(captures) if captures.get(0).map(|m| m.range()) == Some(found.range()) => {
+                Ok(Some(captures))
+            }
+            // Cannot happen (both run the same pattern); refused rather than guessed.
+            _ => Err(too_costly(*states, rest)),
+        }
+    }
+}
+
+fn too_costly(states: usize, bytes: usize) -> String {
+    format!("regex search too costly: {states} states on {bytes} bytes")
 }
 
 /// OpenResty's option letters. Those that only tune PCRE (`j`, `o`, `d`, `D`, `J`) are
@@ -153,23 +282,24 @@ pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()
                 Option<mlua::LuaString>,
                 Option<Table>,
             )| {
-                let regex = match compile(&c, &pattern, options.as_ref()) {
-                    Ok(regex) => regex,
+                let mut searcher = match compile(&c, &pattern, options.as_ref()) {
+                    Ok(searcher) => searcher,
                     Err(message) => return (Value::Nil, message).into_lua_multi(lua),
                 };
                 let subject = subject.as_bytes();
                 let Some(start) = start_position(pos_ctx.as_ref(), subject.len())? else {
                     return (Value::Nil,).into_lua_multi(lua);
                 };
-                match regex.captures_at(&subject, start) {
-                    Some(captures) => {
+                match searcher.captures_at(&subject, start) {
+                    Ok(Some(captures)) => {
                         if let Some(pos_ctx) = &pos_ctx {
                             let end = captures.get(0).map_or(start, |m| m.end());
                             pos_ctx.raw_set("pos", end + 1)?;
                         }
-                        (captures_table(lua, &regex, &captures)?,).into_lua_multi(lua)
+                        (captures_table(lua, searcher.regex(), &captures)?,).into_lua_multi(lua)
                     }
-                    None => (Value::Nil,).into_lua_multi(lua),
+                    Ok(None) => (Value::Nil,).into_lua_multi(lua),
+                    Err(message) => (Value::Nil, message).into_lua_multi(lua),
                 }
             },
         )?,
@@ -187,16 +317,18 @@ pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()
                 Option<Table>,
                 Option<usize>,
             )| {
-                let regex = match compile(&c, &pattern, options.as_ref()) {
-                    Ok(regex) => regex,
+                let mut searcher = match compile(&c, &pattern, options.as_ref()) {
+                    Ok(searcher) => searcher,
                     Err(message) => return (Value::Nil, Value::Nil, message).into_lua_multi(lua),
                 };
                 let subject = subject.as_bytes();
                 let Some(start) = start_position(pos_ctx.as_ref(), subject.len())? else {
                     return (Value::Nil,).into_lua_multi(lua);
                 };
-                let Some(captures) = regex.captures_at(&subject, start) else {
-                    return (Value::Nil,).into_lua_multi(lua);
+                let captures = match searcher.captures_at(&subject, start) {
+                    Ok(Some(captures)) => captures,
+                    Ok(None) => return (Value::Nil,).into_lua_multi(lua),
+                    Err(message) => return (Value::Nil, Value::Nil, message).into_lua_multi(lua),
                 };
                 if let Some(pos_ctx) = &pos_ctx {
                     let end = captures.get(0).map_or(start, |m| m.end());
@@ -221,19 +353,27 @@ pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()
                 mlua::LuaString,
                 Option<mlua::LuaString>,
             )| {
-                let regex = match compile(&c, &pattern, options.as_ref()) {
-                    Ok(regex) => regex,
+                let searcher = match compile(&c, &pattern, options.as_ref()) {
+                    Ok(searcher) => RefCell::new(searcher),
                     Err(message) => return (Value::Nil, message).into_lua_multi(lua),
                 };
                 let subject = subject.as_bytes().to_vec();
                 let position = Cell::new(Some(0usize));
                 let iterator = lua.create_function(move |lua, ()| {
                     let Some(start) = position.get() else {
-                        return Ok(Value::Nil);
+                        return (Value::Nil,).into_lua_multi(lua);
                     };
-                    let Some(captures) = regex.captures_at(&subject, start) else {
-                        position.set(None);
-                        return Ok(Value::Nil);
+                    let mut searcher = searcher.borrow_mut();
+                    let captures = match searcher.captures_at(&subject, start) {
+                        Ok(Some(captures)) => captures,
+                        Ok(None) => {
+                            position.set(None);
+                            return (Value::Nil,).into_lua_multi(lua);
+                        }
+                        Err(message) => {
+                            position.set(None);
+                            return (Value::Nil, message).into_lua_multi(lua);
+                        }
                     };
                     let whole = captures.get(0).map_or(start..start, |m| m.range());
                     // An empty match must still move forward, or the loop never ends.
@@ -243,7 +383,7 @@ pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()
                         whole.end
                     };
                     position.set((next <= subject.len()).then_some(next));
-                    captures_table(lua, &regex, &captures).map(Value::Table)
+                    (captures_table(lua, searcher.regex(), &captures)?,).into_lua_multi(lua)
                 })?;
                 (iterator,).into_lua_multi(lua)
             },
@@ -262,8 +402,8 @@ pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()
                     Value,
                     Option<mlua::LuaString>,
                 )| {
-                    let regex = match compile(&c, &pattern, options.as_ref()) {
-                        Ok(regex) => regex,
+                    let mut searcher = match compile(&c, &pattern, options.as_ref()) {
+                        Ok(searcher) => searcher,
                         Err(message) => {
                             return (Value::Nil, Value::Nil, message).into_lua_multi(lua);
                         }
@@ -281,23 +421,44 @@ pub(crate) fn install(lua: &Lua, host: &Table, ctx: &Rc<Ctx>) -> mlua::Result<()
                     let mut out = Vec::with_capacity(subject.len());
                     let mut last = 0;
                     let mut count = 0;
-                    for captures in regex.captures_iter(&subject) {
-                        let Some(whole) = captures.get(0) else {
-                            continue;
+                    let mut at = 0;
+                    let mut previous_end = None;
+                    while at <= subject.len() {
+                        let captures = match searcher.captures_at(&subject, at) {
+                            Ok(Some(captures)) => captures,
+                            Ok(None) => break,
+                            Err(message) => {
+                                return (Value::Nil, Value::Nil, message).into_lua_multi(lua);
+                            }
                         };
+                        let Some(whole) = captures.get(0) else {
+                            break;
+                        };
+                        // As the regex crate's iterator does: an empty match where the
+                        // previous match ended is skipped, and the search moves one byte on.
+                        if whole.is_empty() && previous_end == Some(whole.end()) {
+                            at = whole.end() + 1;
+                            continue;
+                        }
+                        previous_end = Some(whole.end());
+                        at = whole.end();
                         out.extend_from_slice(&subject[last..whole.start()]);
                         match (&template, &replace) {
                             (Some(template), _) => {
-                                if let Err(message) =
-                                    expand(template, &regex, &captures, c.memory_limit, &mut out)
-                                {
+                                if let Err(message) = expand(
+                                    template,
+                                    searcher.regex(),
+                                    &captures,
+                                    c.memory_limit,
+                                    &mut out,
+                                ) {
                                     return (Value::Nil, Value::Nil, message).into_lua_multi(lua);
                                 }
                             }
                             (None, Value::Function(function)) => {
                                 // A callback nests C frames: see `api::MAX_C_STACK`.
                                 c.check_c_stack().map_err(mlua::Error::runtime)?;
-                                let table = captures_table(lua, &regex, &captures)?;
+                                let table = captures_table(lua, searcher.regex(), &captures)?;
                                 let replaced = function.call::<Value>(table).map_err(innermost)?;
                                 match replaced {
                                     Value::String(text) => out.extend_from_slice(&text.as_bytes()),
@@ -345,13 +506,14 @@ fn compile(
     ctx: &Ctx,
     pattern: &mlua::LuaString,
     options: Option<&mlua::LuaString>,
-) -> Result<Regex, String> {
+) -> Result<Searcher, String> {
     let options = options
         .map(|options| options.as_bytes().to_vec())
         .unwrap_or_default();
     ctx.regexes
         .borrow_mut()
         .compile(&pattern.as_bytes(), &options)
+        .map(Searcher::new)
 }
 
 /// The 0-based byte offset to search from: `ctx.pos` (1-based) when given. `None` when it

@@ -2047,3 +2047,71 @@ fn stats_report_per_domain_counters_and_dicts() {
         ))
     );
 }
+
+/// Found by the `waf_ngx` fuzz target: `ngx.re.match(s, s)` with `s` 10,000 `a`s took
+/// 0.5 s of the worker (32 KiB on 100 KB: 5 s), out of reach of the run's budget: the
+/// search's cost grows with the pattern's states times the subject's bytes. A search whose
+/// worst case is large runs first on a lazy DFA that gives up instead of slowing down; when
+/// it gives up, the call gets `nil, err`, as OpenResty's PCRE match limit does.
+#[test]
+fn a_regex_search_too_costly_for_its_subject_is_refused() {
+    // Generous: an unoptimised build is slow, and the test is about the answer.
+    let options = WafOptions {
+        time_budget: Duration::from_secs(5),
+        ..WafOptions::default()
+    };
+    let engine = engine_with(
+        options,
+        r#"
+        local s = string.rep("a", 10000)
+        local m, err = ngx.re.match(s, s)
+        local from, to, find_err = ngx.re.find(s, s)
+        local new, n, gsub_err = ngx.re.gsub(s, s, "x")
+        local it = ngx.re.gmatch(s, s)
+        local g, gmatch_err = it()
+        local long = string.rep("a", 100000)
+        local _, _, long_err = ngx.re.find(long, string.rep("a", 32768))
+        ngx.say(tostring(m), " ", tostring(from), " ", tostring(new), " ", tostring(g))
+        for _, e in ipairs({ err, find_err, gsub_err, gmatch_err, long_err }) do ngx.say(e) end
+        "#,
+    );
+    let rendered = render(&request("/").check(&engine));
+    assert!(rendered.contains(r#""nil nil nil nil\n"#), "{rendered}");
+    assert_eq!(
+        rendered.matches("regex search too costly").count(),
+        5,
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("10003 states on 10000 bytes"),
+        "{rendered}"
+    );
+}
+
+/// A large pattern on a large subject that the DFA handles (an alternation of 2,000 words
+/// on 40 KB) takes the same path and answers exactly what the regex crate answers.
+#[test]
+fn a_large_pattern_on_a_large_subject_still_matches() {
+    let engine = engine(
+        r#"
+        local words = {}
+        for i = 1, 2000 do words[i] = "w" .. i .. "x" .. (i * 7) end
+        local pattern = [[\b(?<word>]] .. table.concat(words, "|") .. [[)\b]]
+        local subject = string.rep("hello world ", 3000) .. "w1999x13993 and w5x35 end"
+        local from, to, err = ngx.re.find(subject, pattern, "jo")
+        local m = ngx.re.match(subject, pattern, "jo")
+        local new, n = ngx.re.gsub(subject, pattern, "<$1>", "jo")
+        local seen = {}
+        for found in ngx.re.gmatch(subject, pattern, "jo") do seen[#seen + 1] = found.word end
+        ngx.say(tostring(from), " ", tostring(to), " ", tostring(err), " ", m[0], " ", m.word,
+            " ", n, " ", new:sub(-29), " ", table.concat(seen, ","))
+        ngx.say(ngx.re.gsub("baaa", "a*", "X"), " ", ngx.re.gsub("abc", "", "-"))
+        "#,
+    );
+    assert_eq!(
+        render(&request("/").check(&engine)),
+        "200 | content-type: text/plain | \
+         \"36001 36011 nil w1999x13993 w1999x13993 2 <w1999x13993> and <w5x35> end \
+         w1999x13993,w5x35\\nXbX -a-b-c-4\\n\""
+    );
+}
