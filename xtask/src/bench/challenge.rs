@@ -26,14 +26,11 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use super::common::{
-    Server, agent_command, free_port, process_tree_cpu_ticks, wait_for_port, write_agent_config,
-};
+use super::common::{Server, agent_on, free_port, process_tree_cpu_ticks, wait_for_port};
 use super::http::{ensure_tools, origin_conf};
 use super::wrk::{WrkResult, wrk_with};
 use crate::{cargo, run_command};
@@ -267,14 +264,7 @@ fn start_agent(dir: &Path, binary: &Path, origin_port: u16, port: u16) -> anyhow
             )
         ),
     );
-    let mut command = agent_command(
-        Command::new(binary),
-        dir,
-        &write_agent_config(dir, &config)?,
-        "agent-state",
-        origin_port,
-        &[("http", port)],
-    )?;
+    let mut command = agent_on(binary, dir, &config, origin_port, &[("http", port)])?;
     // Verification costs one HMAC and one SHA-256 whatever the difficulty; 0 lets
     // this bench pass the challenge without doing the browser's work.
     command.args(["--challenge-difficulty", "0"]);

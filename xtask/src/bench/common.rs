@@ -172,6 +172,26 @@ pub(crate) fn agent_command(
     Ok(command)
 }
 
+/// [`agent_command`] for the usual case: `binary` on the Core answer `config`, written to
+/// `DIR/agent.json`, with its state in `DIR/agent-state`.
+pub(crate) fn agent_on(
+    binary: &Path,
+    dir: &Path,
+    config: &str,
+    origin: u16,
+    listen: &[(&str, u16)],
+) -> anyhow::Result<Command> {
+    let config = write_agent_config(dir, config)?;
+    agent_command(
+        Command::new(binary),
+        dir,
+        &config,
+        "agent-state",
+        origin,
+        listen,
+    )
+}
+
 pub(crate) fn stop(child: &mut Child, signal: &str) {
     let _ = Command::new("kill")
         .arg(signal)

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::common::{
-    Server, agent_command, common_conf, free_port, http_common, json_string, on_path,
-    process_tree_cpu_ticks, process_tree_rss_kib, wait_for_port, write_agent_config,
+    Server, agent_on, common_conf, free_port, http_common, json_string, on_path,
+    process_tree_cpu_ticks, process_tree_rss_kib, wait_for_port,
 };
 use super::wrk::{WrkResult, wrk};
 use crate::{cargo, run_command};
@@ -291,11 +291,10 @@ fn start_agent(
         json_string(&certificate),
         json_string(&key)
     );
-    let mut command = agent_command(
-        Command::new(binary),
+    let mut command = agent_on(
+        binary,
         dir,
-        &write_agent_config(dir, &config)?,
-        "agent-state",
+        &config,
         origin_port,
         &[("http", http), ("https", https)],
     )?;

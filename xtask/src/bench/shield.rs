@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::common::{
-    Server, agent_command, children, common_conf, free_port, http_common, process_tree_cpu_ticks,
-    wait_for_port, write_agent_config,
+    Server, agent_on, children, common_conf, free_port, http_common, process_tree_cpu_ticks,
+    wait_for_port,
 };
 use crate::{cargo, run_command};
 
@@ -242,14 +242,7 @@ fn agent(dir: &Path, binary: &Path, origin: u16, port: u16) -> anyhow::Result<Se
                 "dnsRecords": [{{ "name": "@", "type": "A", "value": "127.0.0.1", "httpProxyEnabled": true }}]
             }}]}}"#
     );
-    let mut command = agent_command(
-        Command::new(binary),
-        dir,
-        &write_agent_config(dir, &config)?,
-        "agent-state",
-        origin,
-        &[("http", port)],
-    )?;
+    let mut command = agent_on(binary, dir, &config, origin, &[("http", port)])?;
     Server::spawn(&mut command, "-TERM")
 }
 
