@@ -2048,6 +2048,15 @@ fn stats_report_per_domain_counters_and_dicts() {
     );
 }
 
+/// A time budget generous enough for large searches in an unoptimised build: these tests
+/// are about the answers.
+fn regex_test_options() -> WafOptions {
+    WafOptions {
+        time_budget: Duration::from_secs(5),
+        ..WafOptions::default()
+    }
+}
+
 /// Found by the `waf_ngx` fuzz target: `ngx.re.match(s, s)` with `s` 10,000 `a`s took
 /// 0.5 s of the worker (32 KiB on 100 KB: 5 s), out of reach of the run's budget: the
 /// search's cost grows with the pattern's states times the subject's bytes. A search whose
@@ -2055,13 +2064,8 @@ fn stats_report_per_domain_counters_and_dicts() {
 /// it gives up, the call gets `nil, err`, as OpenResty's PCRE match limit does.
 #[test]
 fn a_regex_search_too_costly_for_its_subject_is_refused() {
-    // Generous: an unoptimised build is slow, and the test is about the answer.
-    let options = WafOptions {
-        time_budget: Duration::from_secs(5),
-        ..WafOptions::default()
-    };
     let engine = engine_with(
-        options,
+        regex_test_options(),
         r#"
         local s = string.rep("a", 10000)
         local m, err = ngx.re.match(s, s)
@@ -2092,7 +2096,8 @@ fn a_regex_search_too_costly_for_its_subject_is_refused() {
 /// on 40 KB) takes the same path and answers exactly what the regex crate answers.
 #[test]
 fn a_large_pattern_on_a_large_subject_still_matches() {
-    let engine = engine(
+    let engine = engine_with(
+        regex_test_options(),
         r#"
         local words = {}
         for i = 1, 2000 do words[i] = "w" .. i .. "x" .. (i * 7) end
@@ -2106,12 +2111,18 @@ fn a_large_pattern_on_a_large_subject_still_matches() {
         ngx.say(tostring(from), " ", tostring(to), " ", tostring(err), " ", m[0], " ", m.word,
             " ", n, " ", new:sub(-29), " ", table.concat(seen, ","))
         ngx.say(ngx.re.gsub("baaa", "a*", "X"), " ", ngx.re.gsub("abc", "", "-"))
+        -- 180 KB of near misses fill the gate's cache more than once.
+        local near = {}
+        for i = 1, 20000 do near[i] = "W" .. (i % 2000) .. "X" .. (i % 89) end
+        local text = table.concat(near, " ")
+        local at, last, near_err = ngx.re.find(text, pattern, "i")
+        ngx.say(#text, " ", at, " ", text:sub(at, last), " ", tostring(near_err))
         "#,
     );
     assert_eq!(
         render(&request("/").check(&engine)),
         "200 | content-type: text/plain | \
          \"36001 36011 nil w1999x13993 w1999x13993 2 <w1999x13993> and <w5x35> end \
-         w1999x13993,w5x35\\nXbX -a-b-c-4\\n\""
+         w1999x13993,w5x35\\nXbX -a-b-c-4\\n166650 16698 W7X49 nil\\n\""
     );
 }
