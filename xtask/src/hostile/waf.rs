@@ -32,7 +32,7 @@ pub(crate) fn attacks() -> Vec<Attack> {
             name: "waf-cpu-bombs",
             fast: true,
             setup: Setup::File,
-            expected: "endless loops, backtracking Lua patterns on a 400-byte User-Agent (issue 17 finding 3), quadratic gmatch/gsub, a regex compile bomb, 5,000 distinct regexes, and loops whose time goes into library calls (string.upper and string.rep on 1 MB, 1.6 and 1.5 s of work) are stopped by the run budget (10M instructions, 50 ms) within about 100 ms: fail open, no worker frozen",
+            expected: "endless loops, backtracking Lua patterns on a 400-byte User-Agent (issue 17 finding 3), quadratic gmatch/gsub, a regex compile bomb, 5,000 distinct regexes, a regex search whose worst case is 30,000 NFA states on 100 KB (seconds of the regex crate, which no budget interrupts: refused with nil, err), and loops whose time goes into library calls (string.upper and string.rep on 1 MB, 1.6 and 1.5 s of work) are stopped by the run budget (10M instructions, 50 ms) within about 100 ms: fail open, no worker frozen",
             peers: "OpenResty: none: a loop or a catastrophic pattern freezes the nginx worker (lua_code_cache on, no instruction limit); PCRE's match limit (pcre_match_limit) bounds ngx.re only",
             limits: Limits::DEFAULT,
             run: cpu_bombs,
@@ -266,6 +266,9 @@ elseif uri == '/regex-compile' then
   if not err then return ngx.exit(418) end
 elseif uri == '/regex-churn' then
   for i = 1, 5000 do ngx.re.match('x', 'a' .. i .. 'b+') end
+elseif uri == '/regex-search' then
+  local m = ngx.re.match(string.rep('a', 100000), string.rep('a', 30000))
+  if m then return ngx.exit(418) end
 elseif uri == '/upper-loop' then
   local s = string.rep('x', 1000000)
   for i = 1, 1000 do local u = s:upper() end
@@ -283,6 +286,7 @@ end
         ("/regex", String::new()),
         ("/regex-compile", String::new()),
         ("/regex-churn", String::new()),
+        ("/regex-search", String::new()),
         ("/upper-loop", String::new()),
         ("/rep-loop", String::new()),
     ];
