@@ -25,8 +25,14 @@ use regex_automata::util::syntax;
 
 use crate::api::Ctx;
 
-/// Compiled patterns kept per worker thread.
+/// Compiled patterns expected per worker thread (sizes the cache's table).
 const CACHE_CAPACITY: usize = 512;
+/// Memory of the compiled patterns kept per worker thread, as [`Compiled::weight`] counts
+/// it. A pattern can compile to about 2.4 MiB (and its gate as much again), so a count alone
+/// let a script that cycles through distinct patterns pin gigabytes outside its Lua state.
+const CACHE_BYTES: u64 = 32 << 20;
+/// The least a cached pattern counts for, so the number of entries stays bounded too.
+const MIN_WEIGHT: u64 = 4 << 10;
 /// Compiled-program size cap per pattern, so one pattern cannot take much memory.
 const SIZE_LIMIT: usize = 2 << 20;
 /// Longest pattern compiled. Parsing and translating a pattern takes memory and time in
@@ -57,7 +63,17 @@ const UNGREEDY: u16 = 1 << 6;
 
 /// Compiled patterns keyed by `(pattern, flags)`; the least useful are evicted when full.
 pub(crate) struct RegexCache {
-    cache: quick_cache::unsync::Cache<Key, Compiled>,
+    cache: quick_cache::unsync::Cache<Key, Compiled, ByMemory>,
+}
+
+/// Weighs a cached pattern by [`Compiled::weight`].
+#[derive(Clone)]
+struct ByMemory;
+
+impl quick_cache::Weighter<Key, Compiled> for ByMemory {
+    fn weight(&self, _key: &Key, compiled: &Compiled) -> u64 {
+        compiled.weight
+    }
 }
 
 /// A compiled pattern: the regex, and for the cost gate its NFA's size and a lazy DFA.
@@ -66,6 +82,9 @@ pub(crate) struct Compiled {
     regex: Regex,
     states: usize,
     gate: Arc<hybrid::regex::Regex>,
+    /// Bytes it holds, estimated: the gate's NFAs twice (the regex builds the same ones) and
+    /// the key, at least [`MIN_WEIGHT`].
+    weight: u64,
 }
 
 #[derive(Hash, PartialEq, Eq)]
@@ -90,7 +109,7 @@ impl Equivalent<Key> for KeyRef<'_> {
 impl RegexCache {
     pub(crate) fn new() -> Self {
         RegexCache {
-            cache: quick_cache::unsync::Cache::new(CACHE_CAPACITY),
+            cache: quick_cache::unsync::Cache::with_weighter(CACHE_CAPACITY, CACHE_BYTES, ByMemory),
         }
     }
 
@@ -142,10 +161,13 @@ impl RegexCache {
             let quoted = crate::prefix(text, QUOTED);
             format!("failed to compile regex \"{quoted}\": {error}")
         })?;
+        let nfas =
+            gate.forward().get_nfa().memory_usage() + gate.reverse().get_nfa().memory_usage();
         let compiled = Compiled {
             regex,
             states: gate.forward().get_nfa().states().len(),
             gate: Arc::new(gate),
+            weight: ((2 * nfas + pattern.len()) as u64).max(MIN_WEIGHT),
         };
         self.cache.insert(
             Key {
@@ -219,6 +241,7 @@ impl Searcher {
             regex,
             states,
             gate,
+            ..
         } = &self.compiled;
         let rest = subject.len().saturating_sub(start);
         if states.saturating_mul(rest) <= MAX_WORK {
@@ -617,4 +640,32 @@ fn expand(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A script cycling through distinct large patterns (`\w{40}` under `u` compiles to about
+    /// 2.3 MiB, its gate as much again) pins at most the cache's budget, not 512 of them.
+    #[test]
+    fn cached_patterns_stay_within_their_memory_budget() {
+        let mut cache = RegexCache::new();
+        let mut compiled_bytes = 0;
+        for i in 0..30 {
+            let pattern = format!(r"\w{{40}}x{i}");
+            let compiled = cache.compile(pattern.as_bytes(), b"u").unwrap();
+            compiled_bytes += compiled.weight;
+            let subject = format!("{}x{i}", "é".repeat(40));
+            assert!(compiled.regex.is_match(subject.as_bytes()));
+        }
+        assert!(compiled_bytes > 3 * CACHE_BYTES, "{compiled_bytes}");
+        let held: u64 = cache
+            .cache
+            .iter()
+            .map(|(_, compiled)| compiled.weight)
+            .sum();
+        assert!(held <= CACHE_BYTES, "{held} bytes held");
+        assert!(cache.cache.len() >= 2, "{}", cache.cache.len());
+    }
 }
