@@ -31,8 +31,10 @@ const CACHE_CAPACITY: usize = 512;
 /// it. A pattern can compile to about 2.4 MiB (and its gate as much again), so a count alone
 /// let a script that cycles through distinct patterns pin gigabytes outside its Lua state.
 const CACHE_BYTES: u64 = 32 << 20;
-/// The least a cached pattern counts for, so the number of entries stays bounded too.
-const MIN_WEIGHT: u64 = 4 << 10;
+/// The least a cached pattern counts for, so that at most [`CACHE_CAPACITY`] are kept: a
+/// small pattern holds more than its NFAs once searched (the regex crate's search caches),
+/// and 5,000 of them kept 135 MiB more after the `waf-cpu-bombs` attack.
+const MIN_WEIGHT: u64 = CACHE_BYTES / CACHE_CAPACITY as u64;
 /// Compiled-program size cap per pattern, so one pattern cannot take much memory.
 const SIZE_LIMIT: usize = 2 << 20;
 /// Longest pattern compiled. Parsing and translating a pattern takes memory and time in
